@@ -1,0 +1,111 @@
+"""The statescale demo: a small Flask app whose session shows which worker served it.
+
+Run it with ``gunicorn -w 4 demo_app:app`` from the repository root (the root's
+``gunicorn.conf.py`` starts one embedded Redis that all workers share when no
+``STATESCALE_REDIS_URL`` is set). ``STATESCALE_STORE=memory`` shows what goes wrong
+without a shared store. Every JSON body carries ``pid``, the process that served it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flask import Flask, Response, jsonify, request, session
+
+from statescale import get_session
+from statescale.flask import StateScale
+
+from .page import PAGE
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # The demo is served over plain HTTP on loopback; a Secure cookie would not come back
+    # from HTTP clients there. Production keeps the secure default.
+    env.setdefault("STATESCALE_COOKIE_SECURE", "0")
+    return env
+
+
+def _key() -> str:
+    key = request.args.get("key", "")
+    if not key:
+        raise _BadRequest("give the session key as ?key=NAME")
+    return key
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def create_app(env: dict[str, str] | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config.update(
+        {k: v for k, v in (env or _environment()).items() if k.startswith("STATESCALE_")}
+    )
+    ext = StateScale(app)
+    assert ext.middleware is not None
+    store_name = ext.middleware.store.name
+
+    def reply(**body: object) -> Response:
+        return jsonify(pid=os.getpid(), **body)
+
+    @app.errorhandler(_BadRequest)
+    def bad_request(exc: _BadRequest) -> tuple[Response, int]:
+        return reply(error=str(exc)), 400
+
+    @app.get("/")
+    def index() -> str:
+        return PAGE.render(
+            data=dict(session),
+            pid=os.getpid(),
+            store=store_name,
+            session_id=(get_session(request.environ).id or "")[:8],
+        )
+
+    @app.get("/health")
+    def health() -> Response:
+        return reply(ok=True)
+
+    @app.get("/api/session")
+    def read() -> Response:
+        return reply(data=dict(session), store=store_name)
+
+    @app.post("/api/incr")
+    def incr() -> Response | tuple[Response, int]:
+        key = _key()
+        current = session.get(key, 0)
+        if not isinstance(current, int) or isinstance(current, bool):
+            return reply(error=f"session[{key!r}] is not an integer"), 409
+        session[key] = current + 1
+        return reply(key=key, value=current + 1)
+
+    @app.post("/api/set")
+    def set_value() -> Response:
+        key = _key()
+        session[key] = request.args.get("value", "")
+        return reply(key=key, value=session[key])
+
+    @app.post("/api/delete")
+    def delete() -> Response:
+        key = _key()
+        existed = session.pop(key, None) is not None
+        return reply(key=key, deleted=existed)
+
+    @app.post("/api/login")
+    def login() -> Response:
+        user = request.args.get("user", "")
+        if not user:
+            raise _BadRequest("give the user as ?user=NAME")
+        get_session(request.environ).regenerate()
+        session["user"] = user
+        return reply(user=user)
+
+    @app.post("/api/logout")
+    def logout() -> Response:
+        get_session(request.environ).invalidate()
+        return reply(logged_out=True)
+
+    return app
+
+
+app = create_app()

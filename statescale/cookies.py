@@ -1,0 +1,48 @@
+"""Reading the session cookie and writing ``Set-Cookie``. Pure; werkzeug does the parsing."""
+
+from __future__ import annotations
+
+from werkzeug.http import dump_cookie, parse_cookie
+
+from .config import CookieOptions
+
+_PLACEHOLDER = "statescalePLACEHOLDER"
+
+
+def read_cookie(cookie_header: str | None, name: str) -> str | None:
+    """The first value of cookie ``name`` in a ``Cookie`` header, or ``None``."""
+    if not cookie_header or name not in cookie_header:
+        return None
+    return parse_cookie(cookie_header).get(name)
+
+
+class CookieWriter:
+    """Builds ``Set-Cookie`` values. The attributes are rendered once, here."""
+
+    def __init__(self, options: CookieOptions) -> None:
+        rendered = dump_cookie(
+            options.name,
+            _PLACEHOLDER,
+            max_age=options.max_age,
+            path=options.path,
+            domain=options.domain,
+            secure=options.secure,
+            httponly=options.httponly,
+            samesite=options.samesite,
+        )
+        self._head, self._tail = rendered.split(_PLACEHOLDER, 1)
+        self.clear = dump_cookie(
+            options.name,
+            "",
+            max_age=0,
+            expires=0,
+            path=options.path,
+            domain=options.domain,
+            secure=options.secure,
+            httponly=options.httponly,
+            samesite=options.samesite,
+        )
+
+    def set(self, value: str) -> str:
+        """``Set-Cookie`` for a signed session ID (URL-safe text: needs no quoting)."""
+        return f"{self._head}{value}{self._tail}"

@@ -1,0 +1,282 @@
+"""``StateScaleMiddleware``: server-side sessions for any WSGI application.
+
+It reads the signed session cookie, puts a lazy :class:`~statescale.session.Session` in
+``environ["statescale.session"]``, and when the application starts its response writes
+what changed to the store and adds ``Set-Cookie`` and ``Vary: Cookie`` where needed.
+
+* A request that never touches the session costs no store round trip and gets no cookie.
+* A forged, garbage or unknown cookie gives a fresh, empty session; never an error, and a
+  validly signed ID the store does not know is never adopted.
+* A store failure (:class:`~statescale.StoreError`) becomes ``503`` with ``Retry-After``
+  and one log line that says why; no cookie is cleared or rotated because of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from werkzeug.wsgi import ClosingIterator
+
+from .config import CookieOptions, Settings
+from .cookies import CookieWriter, read_cookie
+from .exceptions import ConfigError, StoreError
+from .session import Record, Session
+from .signing import SessionSigner, new_session_id
+from .stores.base import Store
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+log = logging.getLogger("statescale")
+
+ENVIRON_KEY = "statescale.session"
+UNAVAILABLE_BODY = b"503 Service Unavailable: the session store is unavailable; retry shortly.\n"
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
+
+MULTIPROCESS_WARNING = (
+    "statescale: %s keeps sessions in each worker process's memory, and this server runs "
+    "several worker processes (wsgi.multiprocess) without sticky routing. A user's next "
+    "request will often reach a worker that has never seen their session, so sessions "
+    "will seem to reset and values will jump between workers. Use the Redis store "
+    "(STATESCALE_STORE=redis) or sticky routing (STATESCALE_MODE=sticky)."
+)
+
+
+def get_session(environ: WSGIEnvironment) -> Session:
+    """The session of the request ``environ`` belongs to."""
+    session: Session = environ[ENVIRON_KEY]
+    return session
+
+
+class _Throttle:
+    """At most one log line per ``interval`` seconds, counting the ones held back."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self._held = 0
+
+    def log(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        held, self._held, self._next = self._held, 0, now + self.interval
+        suffix = f" (and {held} more since the last such line)" if held else ""
+        log.error(msg + suffix, *args)
+
+
+class StateScaleMiddleware:
+    """Wrap ``app`` so that every request has a session kept in ``store``.
+
+    Options (keyword-only):
+
+    * ``secret_keys``: a list of keys, oldest first; the newest signs, all verify.
+    * ``cookie``: :class:`~statescale.config.CookieOptions` (secure defaults).
+    * ``max_size``: the largest encoded session in bytes.
+    * ``locking``: serialize the requests of one session with the store's lock, so
+      read-modify-write updates are never lost (costs two round trips).
+    * ``id_factory``: mints session IDs (sticky routing mints IDs its node owns).
+    * ``sticky``: say so when a per-process store sits behind sticky routing, which
+      silences the several-workers warning.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        store: Store,
+        *,
+        secret_keys: Sequence[str | bytes],
+        cookie: CookieOptions | None = None,
+        max_size: int = 64 * 1024,
+        locking: bool = False,
+        id_factory: Callable[[], str] = new_session_id,
+        sticky: bool = False,
+    ) -> None:
+        if not isinstance(store, Store):
+            raise ConfigError(f"store must be a statescale store, not {type(store).__name__}")
+        self.app = app
+        self.store = store
+        self.cookie = cookie or CookieOptions()
+        self.max_size = max_size
+        self.locking = locking
+        self.sticky = sticky
+        self.signer = SessionSigner(secret_keys, id_factory=id_factory)
+        self._cookies = CookieWriter(self.cookie)
+        self._refresh_cookie = self.cookie.max_age is not None
+        self._check_processes = store.per_process and not sticky
+        self._outage_log = _Throttle()
+
+    @classmethod
+    def from_settings(
+        cls, app: WSGIApplication, settings: Settings, store: Store | None = None, **options: Any
+    ) -> StateScaleMiddleware:
+        """The middleware ``settings`` describe (see :meth:`Settings.from_env`)."""
+        from .stores import build_store
+
+        if settings.development_secret:
+            log.warning(
+                "statescale: STATESCALE_SECRET_KEYS is not set; signing session cookies with "
+                "a PUBLIC development key. Anyone can forge sessions. Set it in production."
+            )
+        session = settings.session
+        return cls(
+            app,
+            store or build_store(settings),
+            secret_keys=session.secret_keys,
+            cookie=session.cookie,
+            max_size=session.max_size,
+            locking=session.locking,
+            sticky=settings.mode == "sticky",
+            **options,
+        )
+
+    def log_outage(self, exc: StoreError) -> None:
+        """One log line (at most one a second) saying why a request got a 503."""
+        self._outage_log.log("statescale: answering 503: %s", exc)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self._check_processes and environ.get("wsgi.multiprocess"):
+            self._check_processes = False
+            log.warning(MULTIPROCESS_WARNING, type(self.store).__name__)
+        request = _Request(self, environ, start_response)
+        try:
+            app_iter = self.app(environ, request.start_response)
+            if not request.started:  # a generator app starts its response lazily
+                app_iter = request.prime(app_iter)
+        except StoreError as exc:
+            request.release()
+            return request.unavailable(exc)
+        except BaseException:
+            request.release()
+            raise
+        if request.failed:
+            close = getattr(app_iter, "close", None)
+            if close is not None:
+                close()
+            return [UNAVAILABLE_BODY]
+        return app_iter
+
+    def _open(self, environ: WSGIEnvironment, request: _Request) -> Session:
+        value = read_cookie(environ.get("HTTP_COOKIE"), self.cookie.name)
+        verified = self.signer.unsign(value) if value is not None else None
+        if verified is None:
+            return Session(None, request.load, max_size=self.max_size)
+        return Session(
+            verified.session_id, request.load, max_size=self.max_size, stale=verified.stale
+        )
+
+    def _commit(self, session: Session) -> list[tuple[str, str]]:
+        """Save what the request changed; the headers that go with it."""
+        plan = session.plan()
+        headers = [("Vary", "Cookie")] if session.accessed else []
+        session_id = plan.session_id
+        if plan.create is not None:
+            session_id = self.signer.new_id()
+            created = self.store.create(
+                session_id, plan.create, created=session.created, replaces=plan.drop
+            )
+            session.bind(session_id, created)
+        elif plan.update is not None and session_id is not None:
+            self.store.save(session_id, plan.update, created=session.created or 0.0)
+        elif plan.drop is not None:
+            self.store.delete(plan.drop)
+        cookie = plan.cookie
+        if cookie is None and self._refresh_cookie and session_id is not None:
+            cookie = "set"  # a Max-Age cookie slides with the session
+        if cookie == "set" and session_id is not None:
+            headers.append(("Set-Cookie", self._cookies.set(self.signer.sign(session_id))))
+        elif cookie == "clear":
+            headers.append(("Set-Cookie", self._cookies.clear))
+        return headers
+
+
+class _Request:
+    """One request's state: its session, its lock, whether the response has started."""
+
+    __slots__ = ("_committed", "_lock", "_start", "failed", "mw", "session", "started")
+
+    def __init__(
+        self, mw: StateScaleMiddleware, environ: WSGIEnvironment, start: StartResponse
+    ) -> None:
+        self.mw = mw
+        self._start = start
+        self._lock: AbstractContextManager[None] | None = None
+        self._committed = False
+        self.started = False
+        self.failed = False
+        self.session = mw._open(environ, self)
+        environ[ENVIRON_KEY] = self.session
+
+    def load(self, session_id: str) -> Record | None:
+        if self.mw.locking and self._lock is None:
+            lock = self.mw.store.lock(session_id)
+            lock.__enter__()
+            self._lock = lock
+        return self.mw.store.load(session_id)
+
+    def release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: _ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        self.started = True
+        if not self._committed:
+            self._committed = True
+            try:
+                headers = headers + self.mw._commit(self.session)
+            except StoreError as exc:
+                self.failed = True
+                self._log(exc)
+                return self._start(*_unavailable_response(exc), exc_info)
+            finally:
+                self.release()
+        return self._start(status, headers, exc_info)
+
+    def prime(self, app_iter: Iterable[bytes]) -> Iterable[bytes]:
+        """Run a lazy app up to its first chunk, so the response has started (and been
+        committed) before the server sees anything."""
+        iterator: Iterator[bytes] = iter(app_iter)
+        try:
+            first = next(iterator)
+        except StopIteration:
+            first = b""
+        except BaseException:
+            _close(app_iter)
+            raise
+        return ClosingIterator(itertools.chain((first,), iterator), [lambda: _close(app_iter)])
+
+    def unavailable(self, exc: StoreError) -> Iterable[bytes]:
+        self._log(exc)
+        if self.started:  # the response went out already; nothing better to do
+            raise exc
+        self.started = self.failed = True
+        self._start(*_unavailable_response(exc))
+        return [UNAVAILABLE_BODY]
+
+    def _log(self, exc: StoreError) -> None:
+        self.mw.log_outage(exc)
+
+
+def _unavailable_response(exc: StoreError) -> tuple[str, list[tuple[str, str]]]:
+    return "503 Service Unavailable", [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(UNAVAILABLE_BODY))),
+        ("Retry-After", str(exc.retry_after)),
+        ("Cache-Control", "no-store"),
+    ]
+
+
+def _close(iterable: Any) -> None:
+    close = getattr(iterable, "close", None)
+    if close is not None:
+        close()

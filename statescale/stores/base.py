@@ -1,0 +1,80 @@
+"""The contract every session store keeps.
+
+A store holds records: a session ID maps to its JSON-encoded fields and its creation
+time. Two timeouts bound a record's life:
+
+* ``idle_timeout``: a record unused for this long is gone (sliding: each load and each
+  save starts it again);
+* ``absolute_lifetime``: a record older than this is gone, however busy it is.
+
+Load refreshes the idle timeout; save applies only the changed fields, so two requests
+that change different keys of one session do not overwrite each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Protocol, runtime_checkable
+
+from ..exceptions import ConfigError
+from ..session import Changes, Record
+
+CREATED_FIELD = "\x00created"  # the stores' own field; the session forbids keys with NUL
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where sessions live. Every method may raise :class:`~statescale.StoreError`."""
+
+    name: str
+    #: True when every process has its own copy (correct only with one process or
+    #: behind sticky routing); the middleware warns when it runs under several workers.
+    per_process: bool
+
+    def load(self, session_id: str) -> Record | None:
+        """The record, refreshing its idle timeout; ``None`` if unknown or expired."""
+
+    def save(self, session_id: str, changes: Changes, *, created: float) -> None:
+        """Apply ``changes`` to an existing record, all or nothing."""
+
+    def create(
+        self,
+        session_id: str,
+        fields: Mapping[str, bytes],
+        *,
+        created: float | None = None,
+        replaces: str | None = None,
+    ) -> float:
+        """Write a whole record and delete ``replaces`` in the same step; returns the
+        creation time it stored (``created``, or now)."""
+
+    def delete(self, session_id: str) -> None:
+        """Remove a record; unknown IDs are fine."""
+
+    def lock(self, session_id: str) -> AbstractContextManager[None]:
+        """Hold off other requests of this session until the context exits."""
+
+
+class Lifetime:
+    """The two timeouts, checked once at construction."""
+
+    __slots__ = ("absolute", "idle")
+
+    def __init__(self, idle_timeout: float, absolute_lifetime: float | None) -> None:
+        if idle_timeout <= 0:
+            raise ConfigError(f"idle_timeout must be > 0 seconds, not {idle_timeout!r}")
+        if absolute_lifetime is not None and absolute_lifetime < idle_timeout:
+            raise ConfigError(
+                f"absolute_lifetime ({absolute_lifetime}s) is shorter than idle_timeout "
+                f"({idle_timeout}s); raise it or set it to None"
+            )
+        self.idle = float(idle_timeout)
+        self.absolute = None if absolute_lifetime is None else float(absolute_lifetime)
+
+    def remaining(self, created: float, now: float) -> float:
+        """Seconds a record created at ``created`` may still live, from ``now``
+        (``<= 0``: it is over)."""
+        if self.absolute is None:
+            return self.idle
+        return min(self.idle, created + self.absolute - now)
