@@ -13,7 +13,10 @@ def read_cookie(cookie_header: str | None, name: str) -> str | None:
     """The first value of cookie ``name`` in a ``Cookie`` header, or ``None``."""
     if not cookie_header or name not in cookie_header:
         return None
-    return parse_cookie(cookie_header).get(name)
+    try:
+        return parse_cookie(cookie_header).get(name)
+    except UnicodeDecodeError:  # werkzeug raises on non-UTF-8 bytes: treat as no cookie
+        return None
 
 
 class CookieWriter:

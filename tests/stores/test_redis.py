@@ -1,0 +1,179 @@
+"""RedisStore on a real redis-server: keys, round trips, corrupt data, outages."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from statescale.embedded import EmbeddedRedis
+from statescale.exceptions import ConfigError, StoreUnavailable
+from statescale.session import Changes
+from statescale.stores.redis import RedisStore, client_from_url
+
+
+def test_key_is_a_hash_of_the_id_with_a_cluster_hash_tag(
+    redis_url: str, raw_redis: redis.Redis
+) -> None:
+    store = RedisStore.from_url(redis_url)
+    store.create("the-session-id-0123456789", {"a": b"1"})
+    (key,) = raw_redis.keys("*")
+    assert b"the-session-id" not in key
+    assert key.startswith(b"statescale:{") and key.endswith(b"}")
+
+
+def test_ttls_idle_and_absolute(redis_url: str, raw_redis: redis.Redis) -> None:
+    store = RedisStore.from_url(redis_url, idle_timeout=60, absolute_lifetime=3600)
+    store.create("s", {"a": b"1"}, created=time.time() - 3590)  # 10 s of life left
+    assert 0 < raw_redis.pttl(store.key("s")) <= 10_000
+    store.create("t", {"a": b"1"})
+    raw_redis.pexpire(store.key("t"), 5_000)
+    store.load("t")  # a load slides the idle timeout back to 60 s
+    assert 55_000 < raw_redis.pttl(store.key("t")) <= 60_000
+
+
+def test_load_is_one_round_trip_of_two_commands(redis_url: str, raw_redis: redis.Redis) -> None:
+    store = RedisStore.from_url(redis_url)
+    store.create("s", {"a": b"1"})
+    raw_redis.config_resetstat()
+    store.load("s")
+    stats = raw_redis.info("commandstats")
+    ours = {
+        k: v["calls"]
+        for k, v in stats.items()
+        if not k.startswith(("cmdstat_config", "cmdstat_info"))
+    }
+    assert ours == {"cmdstat_hgetall": 1, "cmdstat_pexpire": 1}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({b"a": b"\xff\xfe garbage"}, id="garbage-bytes"),
+        pytest.param({b"a": b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94."}, id="pickle"),
+        pytest.param({b"\xff": b"1"}, id="non-utf8-field-name"),
+    ],
+)
+def test_corrupt_hash_fields_never_unpickled(
+    redis_url: str, raw_redis: redis.Redis, fields: dict[bytes, bytes]
+) -> None:
+    from statescale.session import Session
+
+    store = RedisStore.from_url(redis_url)
+    store.create("s", {})
+    raw_redis.hset(store.key("s"), mapping=fields)
+    session = Session("s", store.load, max_size=65536)
+    assert dict(session) == {}
+    assert session.new
+
+
+def test_a_key_of_the_wrong_type_is_dropped(redis_url: str, raw_redis: redis.Redis) -> None:
+    store = RedisStore.from_url(redis_url)
+    raw_redis.set(store.key("s"), b"an old format")
+    assert store.load("s") is None
+    assert not raw_redis.exists(store.key("s"))
+
+
+def test_redis_down_is_store_unavailable_fast(own_redis: EmbeddedRedis) -> None:
+    store = RedisStore.from_url(own_redis.url)
+    own_redis.stop()
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="ConnectionError"):
+        store.load("s")
+    assert time.monotonic() - started < 1.5
+
+
+def test_redis_hung_fails_within_budget_then_recovers(own_redis: EmbeddedRedis) -> None:
+    store = RedisStore.from_url(own_redis.url, timeout=0.3)
+    store.create("s", {"a": b"1"})
+    own_redis.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="Timeout"):
+            store.load("s")
+        assert time.monotonic() - started < 1.5
+    finally:
+        own_redis.resume()
+    assert store.load("s") is not None
+
+
+def test_failed_commit_leaves_old_or_new_never_a_mix(own_redis: EmbeddedRedis) -> None:
+    store = RedisStore.from_url(own_redis.url)
+    created = store.create("s", {"a": b"1", "b": b"2"})
+    own_redis.stop()
+    with pytest.raises(StoreUnavailable):
+        store.save("s", Changes({"a": b"10"}, frozenset({"b"})), created=created)
+    own_redis.start()  # a fresh, empty server: "old" here is nothing at all
+    assert store.load("s") is None
+
+
+def test_save_is_one_multi_exec(redis_url: str, raw_redis: redis.Redis) -> None:
+    store = RedisStore.from_url(redis_url)
+    created = store.create("s", {"a": b"1", "b": b"2"})
+    raw_redis.config_resetstat()
+    store.save("s", Changes({"a": b"10"}, frozenset({"b"})), created=created)
+    stats = raw_redis.info("commandstats")
+    assert {"cmdstat_multi", "cmdstat_exec", "cmdstat_hset", "cmdstat_hdel"} <= set(stats)
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        pytest.param("redis://127.0.0.1:1/0", "Redis", id="redis"),
+        pytest.param("rediss://127.0.0.1:1/0", "Redis", id="rediss"),
+        pytest.param("unix:///tmp/nowhere.sock", "Redis", id="unix"),
+        pytest.param("redis+sentinel://127.0.0.1:1,127.0.0.1:2/mymaster/0", "Redis", id="sentinel"),
+        pytest.param("redis+cluster://127.0.0.1:1,127.0.0.1:2", "_LazyCluster", id="cluster"),
+    ],
+)
+def test_urls_make_clients_without_connecting(url: str, kind: str) -> None:
+    client = client_from_url(url)
+    assert type(client).__name__ == kind
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("http://localhost", id="http"),
+        pytest.param("redis+sentinel://127.0.0.1:26379", id="sentinel-without-service"),
+    ],
+)
+def test_bad_urls_say_what_to_change(url: str) -> None:
+    with pytest.raises(ConfigError):
+        client_from_url(url)
+
+
+def test_sentinel_url_finds_the_master(own_redis: EmbeddedRedis, tmp_path: object) -> None:
+    """A real redis-sentinel watching a real master."""
+    import pathlib
+    import subprocess
+
+    from statescale.embedded import free_port
+
+    port = free_port()
+    conf = pathlib.Path(str(tmp_path)) / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {own_redis.port} 1\n"
+    )
+    proc = subprocess.Popen(
+        [own_redis.executable, str(conf), "--sentinel"], stdout=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        store = RedisStore.from_url(f"redis+sentinel://127.0.0.1:{port}/mymaster/0")
+        while True:
+            try:
+                store.create("s", {"a": b"1"})
+                break
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        record = store.load("s")
+        assert record is not None and dict(record.fields) == {"a": b"1"}
+        direct = redis.Redis(port=own_redis.port)
+        assert direct.exists(store.key("s"))
+    finally:
+        proc.terminate()
+        proc.wait(5)

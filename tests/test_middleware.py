@@ -1,0 +1,290 @@
+"""The middleware in process (werkzeug's test client) against memory and real Redis.
+Numbers in the test names refer to shared/RELIABILITY.md."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+import redis
+from werkzeug.test import Client, TestResponse
+
+from statescale import CookieOptions, StateScaleMiddleware, get_session
+from statescale.embedded import EmbeddedRedis
+from statescale.signing import SessionSigner
+from statescale.stores.redis import RedisStore
+from tests.conftest import OLD_SECRET, SECRET, Clock, Counting, make_store
+
+COOKIE = CookieOptions(secure=False)
+
+
+def demo(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    session = get_session(environ)
+    path = environ["PATH_INFO"]
+    args = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+    body: object = {}
+    if path == "/read":
+        body = dict(session)
+    elif path == "/set":
+        session[args["k"]] = args.get("v", "")
+    elif path == "/del":
+        session.pop(args["k"], None)
+    elif path == "/incr":
+        session[args["k"]] = session.get(args["k"], 0) + 1
+        body = session[args["k"]]
+    elif path == "/login":
+        session.regenerate()
+        session["user"] = args["user"]
+    elif path == "/logout":
+        session.invalidate()
+    elif path == "/bad":
+        session["when"] = object()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps(body).encode()]
+
+
+def lazy_demo(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+    """A generator app: it touches the session and starts its response on first next()."""
+    get_session(environ)["lazy"] = True
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield b"ok"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest, clock: Clock) -> Counting:
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    return Counting(make_store(request.param, clock, url))
+
+
+def client_for(
+    store: Any, keys: list[str] | None = None, app: Any = demo, **options: Any
+) -> Client:
+    mw = StateScaleMiddleware(app, store, secret_keys=keys or [SECRET], cookie=COOKIE, **options)
+    return Client(mw, use_cookies=False)
+
+
+def cookie_value(response: TestResponse) -> str | None:
+    for header in response.headers.getlist("Set-Cookie"):
+        value = header.split(";", 1)[0].split("=", 1)[1]
+        return value or None
+    return None
+
+
+def call(client: Client, path: str, cookie: str | None = None) -> TestResponse:
+    headers = {"Cookie": f"statescale={cookie}"} if cookie is not None else {}
+    return client.get(path, headers=headers)
+
+
+def test_01_read_without_cookie_costs_nothing(store: Counting) -> None:
+    response = call(client_for(store), "/read")
+    assert response.status_code == 200 and response.json == {}
+    assert "Set-Cookie" not in response.headers
+    assert store.calls == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("tampered", id="tampered"),
+        pytest.param("garbage!!", id="garbage"),
+        pytest.param("", id="empty"),
+        pytest.param("x" * 8192, id="8kb"),
+        pytest.param("a\x00b", id="nul"),
+        pytest.param("\xff\xfe", id="non-utf8"),
+        pytest.param('"quoted"', id="quotes"),
+    ],
+)
+def test_02_bad_cookies_are_anonymous_without_a_round_trip(store: Counting, value: str) -> None:
+    if value == "tampered":
+        good = SessionSigner([SECRET]).sign("a" * 43)
+        value = good[:-2] + ("AA" if not good.endswith("AA") else "BB")
+    response = call(client_for(store), "/read", value)
+    assert response.status_code == 200 and response.json == {}
+    assert store.calls == []
+
+
+def test_03_unknown_signed_id_is_never_created(store: Counting) -> None:
+    presented = "u" * 43
+    cookie = SessionSigner([SECRET]).sign(presented)
+    client = client_for(store)
+    response = call(client, "/set?k=a&v=1", cookie)
+    new = cookie_value(response)
+    assert new is not None and not new.startswith(presented)
+    assert store.inner.load(presented) is None
+    assert call(client, "/read", new).json == {"a": "1"}
+
+
+def test_04_key_rotation(store: Counting) -> None:
+    old_client = client_for(store, [OLD_SECRET])
+    cookie = cookie_value(call(old_client, "/set?k=a&v=1"))
+    rotated = client_for(store, [OLD_SECRET, SECRET])
+    response = call(rotated, "/read", cookie)
+    assert response.json == {"a": "1"}
+    reissued = cookie_value(response)
+    assert reissued is not None and reissued != cookie
+    assert SessionSigner([SECRET]).unsign(reissued) is not None
+    assert call(client_for(store, [SECRET]), "/read", cookie).json == {}  # old key gone
+    assert call(client_for(store, [SECRET]), "/read", reissued).json == {"a": "1"}
+
+
+def test_06_cookie_attributes(store: Counting) -> None:
+    client = Client(StateScaleMiddleware(demo, store, secret_keys=[SECRET]), use_cookies=False)
+    header = call(client, "/set?k=a").headers["Set-Cookie"]
+    for attribute in ("HttpOnly", "Secure", "Path=/", "SameSite=Lax"):
+        assert attribute in header
+    assert call(client, "/set?k=a").headers["Vary"] == "Cookie"
+
+
+def test_07_logout_deletes_and_expires(store: Counting) -> None:
+    client = client_for(store)
+    cookie = cookie_value(call(client, "/set?k=a&v=1"))
+    response = call(client, "/logout", cookie)
+    assert "Max-Age=0" in response.headers["Set-Cookie"]
+    assert call(client, "/read", cookie).json == {}  # replaying the old cookie
+
+
+def test_08_login_regenerates(store: Counting) -> None:
+    client = client_for(store)
+    before = cookie_value(call(client, "/set?k=cart&v=3"))
+    after = cookie_value(call(client, "/login?user=ada", before))
+    assert after is not None and after != before
+    assert call(client, "/read", after).json == {"cart": "3", "user": "ada"}
+    assert call(client, "/read", before).json == {}  # the old record is gone
+
+
+def test_09_unserializable_value_names_the_key_store_unchanged(store: Counting) -> None:
+    client = client_for(store)
+    cookie = cookie_value(call(client, "/set?k=a&v=1"))
+    store.calls.clear()
+    with pytest.raises(TypeError, match="'when'"):
+        call(client, "/bad", cookie)
+    assert "save" not in store.calls and "create" not in store.calls
+    assert call(client, "/read", cookie).json == {"a": "1"}
+
+
+def test_10_corrupt_redis_data_is_dropped_and_logged(
+    redis_url: str, raw_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RedisStore.from_url(redis_url)
+    client = client_for(store)
+    cookie = cookie_value(call(client, "/set?k=a&v=1"))
+    assert cookie is not None
+    sid = SessionSigner([SECRET]).unsign(cookie)
+    assert sid is not None
+    pickled = b"\x80\x04\x95\x0b\x00\x00\x00\x00\x00\x00\x00\x8c\x07payload\x94."
+    raw_redis.hset(store.key(sid.session_id), "a", pickled)
+    with caplog.at_level(logging.WARNING, "statescale"):
+        response = call(client, "/read", cookie)
+    assert response.status_code == 200 and response.json == {}
+    assert "not valid JSON" in caplog.text
+
+
+def test_11_too_large_writes_nothing(store: Counting) -> None:
+    client = client_for(store, max_size=100)
+    with pytest.raises(Exception, match="over the limit"):
+        call(client, "/set?k=a&v=" + "x" * 200)
+    assert "create" not in store.calls
+
+
+def test_12_absolute_lifetime(clock: Clock) -> None:
+    store = make_store("memory", clock, idle_timeout=100, absolute_lifetime=200)
+    client = client_for(store)
+    cookie = cookie_value(call(client, "/set?k=a&v=1"))
+    for _ in range(3):
+        clock.now += 50
+        assert call(client, "/read", cookie).json == {"a": "1"}
+    clock.now += 55  # 205 s old, 55 s idle: past the absolute lifetime, however busy
+    assert call(client, "/read", cookie).json == {}
+
+
+def test_13_14_parallel_requests_keep_every_key(redis_url: str) -> None:
+    client = client_for(RedisStore.from_url(redis_url))
+    cookie = cookie_value(call(client, "/set?k=doomed&v=1"))
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(100):
+                call(client, f"/set?k=t{n}-{i}&v={i}", cookie)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    call(client, "/del?k=doomed", cookie)
+    for thread in threads:
+        thread.join()
+    data = call(client, "/read", cookie).json
+    assert not errors
+    assert len(data) == 400 and "doomed" not in data
+
+
+def test_locking_makes_increments_exact(redis_url: str) -> None:
+    client = client_for(RedisStore.from_url(redis_url), locking=True)
+    cookie = cookie_value(call(client, "/incr?k=n"))
+
+    def worker() -> None:
+        for _ in range(25):
+            call(client, "/incr?k=n", cookie)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert call(client, "/read", cookie).json == {"n": 101}
+
+
+@pytest.mark.parametrize(
+    "app", [pytest.param(demo, id="plain"), pytest.param(lazy_demo, id="generator")]
+)
+def test_16_store_down_is_503_then_recovers(
+    own_redis: EmbeddedRedis, app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = client_for(RedisStore.from_url(own_redis.url), app=app)
+    path = "/set?k=a&v=1"
+    cookie = cookie_value(call(client, path))
+    own_redis.stop()
+    with caplog.at_level(logging.ERROR, "statescale"):
+        response = call(client, path, cookie)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert "Set-Cookie" not in response.headers  # 18: no cookie cleared or rotated
+    assert "answering 503" in caplog.text and "ConnectionError" in caplog.text
+    own_redis.start()
+    response = call(client, path)
+    assert response.status_code == 200 and cookie_value(response)
+
+
+def test_17_store_hung_is_503_within_budget(own_redis: EmbeddedRedis) -> None:
+    client = client_for(RedisStore.from_url(own_redis.url, timeout=0.3))
+    cookie = cookie_value(call(client, "/set?k=a&v=1"))
+    own_redis.pause()
+    try:
+        assert call(client, "/read", cookie).status_code == 503
+    finally:
+        own_redis.resume()
+    assert call(client, "/read", cookie).json == {"a": "1"}
+
+
+def test_19_failed_commit_sends_no_cookie_for_an_unsaved_id(own_redis: EmbeddedRedis) -> None:
+    client = client_for(RedisStore.from_url(own_redis.url))
+    own_redis.stop()
+    response = call(client, "/set?k=a&v=1")  # a new session: the write is the first contact
+    assert response.status_code == 503
+    assert "Set-Cookie" not in response.headers
+
+
+def test_24_memory_store_under_several_workers_warns(
+    caplog: pytest.LogCaptureFixture, clock: Clock
+) -> None:
+    client = client_for(make_store("memory", clock))
+    with caplog.at_level(logging.WARNING, "statescale"):
+        client.get("/read", environ_overrides={"wsgi.multiprocess": True})
+    assert "several worker processes" in caplog.text
