@@ -1,0 +1,196 @@
+"""``gunicorn -w 4 demo_app:app`` as real processes, real HTTP, a real redis-server.
+Numbers refer to shared/RELIABILITY.md."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+
+from statescale.embedded import EmbeddedRedis
+from tests.integration.harness import Gunicorn, SessionClient
+
+pytestmark = pytest.mark.integration
+
+
+def test_shared_mode_on_the_embedded_redis_counts_across_workers() -> None:
+    # No STATESCALE_REDIS_URL: gunicorn.conf.py's hook starts one server for all workers.
+    env = {k: v for k, v in os.environ.items() if k != "STATESCALE_REDIS_URL"}
+    with Gunicorn(env={"STATESCALE_STORE": "redis"} | env) as server:
+        client = SessionClient(server.port)
+        replies = [client.post("/api/incr?key=c").json for _ in range(200)]
+        log = server.log()
+    assert [r["value"] for r in replies] == list(range(1, 201))
+    assert len({r["pid"] for r in replies}) >= 3
+    assert "embedded redis-server" in log and "shared by all workers" in log
+
+
+def test_memory_mode_shows_the_problem_and_warns() -> None:
+    with Gunicorn(env={"STATESCALE_STORE": "memory"}) as server:
+        client = SessionClient(server.port)
+        replies = [client.post("/api/incr?key=c").json for _ in range(60)]
+        log = server.log()
+    values = [r["value"] for r in replies]
+    assert values != list(range(1, 61))  # the counter jumps between workers
+    assert max(values) < 60
+    assert "several worker processes" in log and "STATESCALE_STORE=redis" in log
+
+
+def test_50_concurrent_sets_of_different_keys_all_survive(redis_url: str) -> None:
+    with Gunicorn(env={"STATESCALE_REDIS_URL": redis_url}) as server:
+        client = SessionClient(server.port)
+        client.post("/api/set?key=start&value=1")
+        cookie = client.cookie
+
+        def one(i: int) -> int:
+            other = SessionClient(server.port)
+            other.cookie = cookie
+            return other.post(f"/api/set?key=k{i}&value={i}").status
+
+        with ThreadPoolExecutor(50) as pool:
+            statuses = list(pool.map(one, range(50)))
+        data = client.get("/api/session").json["data"]
+    assert statuses == [200] * 50
+    assert {f"k{i}" for i in range(50)} <= set(data)
+
+
+def test_locking_makes_100_concurrent_increments_exact(redis_url: str) -> None:
+    with Gunicorn(env={"STATESCALE_REDIS_URL": redis_url, "STATESCALE_LOCKING": "1"}) as server:
+        client = SessionClient(server.port)
+        client.get("/api/session")
+        client.post("/api/set?key=init&value=1")
+        cookie = client.cookie
+
+        def one(_: int) -> int:
+            other = SessionClient(server.port)
+            other.cookie = cookie
+            return other.post("/api/incr?key=n").status
+
+        with ThreadPoolExecutor(20) as pool:
+            statuses = list(pool.map(one, range(100)))
+        data = client.get("/api/session").json["data"]
+    assert statuses == [200] * 100
+    assert data["n"] == 100
+
+
+def test_redis_commands_per_request(redis_url: str, raw_redis: redis.Redis) -> None:
+    def calls() -> dict[str, int]:
+        stats = raw_redis.info("commandstats")
+        skip = ("cmdstat_config", "cmdstat_info", "cmdstat_hello")  # the test's own; handshakes
+        return {k: v["calls"] for k, v in stats.items() if not k.startswith(skip)}
+
+    with Gunicorn(env={"STATESCALE_REDIS_URL": redis_url}) as server:
+        client = SessionClient(server.port)
+        client.post("/api/set?key=a&value=1")
+        raw_redis.config_resetstat()
+        for _ in range(40):
+            assert client.get("/health").status == 200
+        assert calls() == {}
+        raw_redis.config_resetstat()
+        for _ in range(40):
+            assert client.get("/api/session").json["data"] == {"a": "1"}
+        # Two commands a request, sent as one pipeline (one round trip).
+        assert calls() == {"cmdstat_hgetall": 40, "cmdstat_pexpire": 40}
+
+
+def test_16_redis_down_503_fast_workers_survive_and_recover(own_redis: EmbeddedRedis) -> None:
+    own_redis.stop()  # down before gunicorn boots: the workers must still boot
+    with Gunicorn(env={"STATESCALE_REDIS_URL": own_redis.url}) as server:
+        pids = server.worker_pids()
+        client = SessionClient(server.port)
+        reply = client.post("/api/incr?key=c")
+        assert reply.status == 503 and reply.headers["Retry-After"] == "1"
+        assert reply.elapsed < 1.5
+        assert client.get("/health").status == 200
+        own_redis.start()
+        assert client.post("/api/incr?key=c").json["value"] == 1
+        own_redis.stop()
+        for _ in range(8):
+            reply = client.post("/api/incr?key=c")
+            assert reply.status == 503 and reply.elapsed < 1.5
+            assert client.get("/health").status == 200
+        own_redis.start()  # a fresh, empty server: the session starts again
+        assert client.post("/api/incr?key=c").status == 200
+        assert server.worker_pids() == pids
+        assert "answering 503" in server.log()
+
+
+def test_17_redis_hung_503_within_budget_no_worker_timeout(own_redis: EmbeddedRedis) -> None:
+    with Gunicorn(env={"STATESCALE_REDIS_URL": own_redis.url}) as server:
+        client = SessionClient(server.port)
+        assert client.post("/api/incr?key=c").json["value"] == 1
+        own_redis.pause()
+        try:
+            replies = [client.post("/api/incr?key=c") for _ in range(6)]
+        finally:
+            own_redis.resume()
+        assert all(r.status == 503 and r.elapsed < 1.5 for r in replies)
+        assert client.post("/api/incr?key=c").json["value"] == 2
+        assert "WORKER TIMEOUT" not in server.log()
+
+
+def test_18_redis_restarted_under_traffic_keeps_the_cookie(own_redis: EmbeddedRedis) -> None:
+    with Gunicorn(env={"STATESCALE_REDIS_URL": own_redis.url}) as server:
+        client = SessionClient(server.port)
+        client.post("/api/incr?key=c")
+        cookie = client.cookie
+        own_redis.kill()
+        statuses = {client.post("/api/incr?key=c").status for _ in range(4)}
+        assert statuses == {503} and client.cookie == cookie
+        own_redis.start()
+        assert client.post("/api/incr?key=c").status == 200
+
+
+def test_22_kill9_of_a_worker_keeps_the_session(redis_url: str) -> None:
+    with Gunicorn(env={"STATESCALE_REDIS_URL": redis_url}) as server:
+        client = SessionClient(server.port)
+        for _ in range(5):
+            client.post("/api/incr?key=c")
+        victim = next(iter(server.worker_pids()))
+        os.kill(victim, signal.SIGKILL)
+        values = [client.post("/api/incr?key=c") for _ in range(20)]
+        deadline = time.monotonic() + 10
+        while len(server.worker_pids()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [r.status for r in values] == [200] * 20
+        assert [r.json["value"] for r in values] == list(range(6, 26))
+        assert victim not in server.worker_pids() and len(server.worker_pids()) == 4
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param((), id="hup-reload"),
+        pytest.param(("--max-requests", "40", "--max-requests-jitter", "10"), id="max-requests"),
+    ],
+)
+def test_23_reload_and_recycling_lose_nothing(redis_url: str, args: tuple[str, ...]) -> None:
+    with Gunicorn(env={"STATESCALE_REDIS_URL": redis_url}, args=args) as server:
+        failures: list[str] = []
+
+        def user() -> None:
+            client = SessionClient(server.port)
+            for expected in range(1, 61):
+                try:
+                    reply = client.post("/api/incr?key=c")
+                except OSError as exc:
+                    failures.append(repr(exc))
+                    return
+                if reply.status != 200 or reply.json["value"] != expected:
+                    failures.append(f"{reply.status} {reply.body[:80]!r} expected {expected}")
+                    return
+
+        threads = [threading.Thread(target=user) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        if not args:
+            time.sleep(0.3)
+            server.signal(signal.SIGHUP)
+        for thread in threads:
+            thread.join(60)
+    assert failures == []
