@@ -1,6 +1,8 @@
-"""Real processes for integration tests and benchmarks: gunicorn serving demo_app, and a
-small HTTP client that keeps one session cookie (a fresh connection per request, so
-gunicorn's workers share the requests out)."""
+"""Real processes for the demo, the benchmarks and the integration tests: gunicorn serving
+an app with statescale's hooks, and a small HTTP client that keeps one session cookie (a
+fresh connection per request, so gunicorn's workers share the requests out).
+
+Needs gunicorn (``pip install 'statescale[demo]'``). Not part of the library's API."""
 
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from typing import Any
 
 from statescale.embedded import free_port
 
-REPO = Path(__file__).resolve().parents[2]
-SECRET = "integration-secret-0123456789abcdef"
+ROOT = Path(__file__).resolve().parents[1]  # holds statescale/ and demo_app/
+SECRET = "integration-secret-0123456789abcdef"  # noqa: S105 - loopback test servers only
 
 
 class Reply:
@@ -35,16 +37,26 @@ class Reply:
 
 
 class SessionClient:
-    """One simulated user: remembers the cookie the server last set."""
+    """One simulated user: keeps the cookies the server sets, as a browser would."""
 
     def __init__(self, port: int, cookie_name: str = "statescale") -> None:
         self.port = port
         self.cookie_name = cookie_name
-        self.cookie: str | None = None
+        self.cookies: dict[str, str] = {}
+
+    @property
+    def cookie(self) -> str | None:
+        """The session cookie's value."""
+        return self.cookies.get(self.cookie_name)
+
+    @cookie.setter
+    def cookie(self, value: str | None) -> None:
+        self.cookies = {} if value is None else {self.cookie_name: value}
 
     def request(self, method: str, path: str, timeout: float = 10.0) -> Reply:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        headers = {"Cookie": f"{self.cookie_name}={self.cookie}"} if self.cookie else {}
+        jar = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        headers = {"Cookie": jar} if jar else {}
         started = time.monotonic()
         try:
             conn.request(method, path, headers=headers)
@@ -55,9 +67,11 @@ class SessionClient:
         elapsed = time.monotonic() - started
         for header in response.headers.get_all("Set-Cookie") or []:
             name, _, rest = header.partition("=")
-            if name == self.cookie_name:
-                value = rest.split(";", 1)[0]
-                self.cookie = value or None
+            value = rest.split(";", 1)[0]
+            if value and "Max-Age=0" not in header:
+                self.cookies[name] = value
+            else:
+                self.cookies.pop(name, None)
         return Reply(response.status, dict(response.headers), body, elapsed)
 
     def post(self, path: str) -> Reply:
@@ -68,10 +82,14 @@ class SessionClient:
 
 
 class Gunicorn:
-    """``gunicorn -w N demo_app:app`` from the repository root (so gunicorn.conf.py loads)."""
+    """``gunicorn -w N APP`` on a free loopback port, with statescale's hooks."""
 
     def __init__(
-        self, env: Mapping[str, str] | None = None, workers: int = 4, args: tuple[str, ...] = ()
+        self,
+        env: Mapping[str, str] | None = None,
+        workers: int = 4,
+        args: tuple[str, ...] = (),
+        app: str = "demo_app:app",
     ) -> None:
         self.port = free_port()
         self.workers = workers
@@ -82,7 +100,9 @@ class Gunicorn:
             **(env or {}),
         }
         self.args = args
-        self.log_file = tempfile.NamedTemporaryFile(prefix="gunicorn-", suffix=".log", delete=False)
+        self.app = app
+        fd, self.log_path = tempfile.mkstemp(prefix="gunicorn-", suffix=".log")
+        self.log_file = os.fdopen(fd, "wb")
         self.process: subprocess.Popen[bytes] | None = None
         self._final_log = ""
 
@@ -104,7 +124,7 @@ class Gunicorn:
             "demo_app:app",
         ]
         self.process = subprocess.Popen(
-            command, cwd=REPO, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT
+            command, cwd=ROOT, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -144,7 +164,7 @@ class Gunicorn:
     def log(self) -> str:
         if self.log_file.closed:
             return self._final_log
-        return Path(self.log_file.name).read_text(errors="replace")
+        return Path(self.log_path).read_text(errors="replace")
 
     def stop(self) -> None:
         if self.process is None:
@@ -158,7 +178,7 @@ class Gunicorn:
         self.process = None
         self._final_log = self.log()
         self.log_file.close()
-        Path(self.log_file.name).unlink(missing_ok=True)
+        Path(self.log_path).unlink(missing_ok=True)
 
     def __enter__(self) -> Gunicorn:
         return self.start()

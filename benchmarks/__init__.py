@@ -1,0 +1,1 @@
+"""statescale's benchmarks. Not collected by pytest; each prints tables and JSON."""

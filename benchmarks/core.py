@@ -1,0 +1,117 @@
+"""Requests per second of the session routes beside the session-less ceiling.
+
+    python -m benchmarks.core [--duration 5] [--rounds 3] [--connections 16]
+
+gunicorn -w 4 serves demo_app in shared mode (Redis store; an embedded redis-server
+unless STATESCALE_REDIS_URL is set). wrk drives, with one session cookie:
+
+* GET /health         the same app with no session work: the ceiling
+* GET /api/session    load the session (one Redis round trip)
+* POST /api/incr      load + save (two round trips)
+
+The three alternate round by round in one run (this machine is noisy), and the table
+gives each route's median with min-max and its ratio to the ceiling's median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from statescale.harness import Gunicorn, SessionClient
+
+ROUTES = [
+    ("GET /health (ceiling)", "GET", "/health"),
+    ("GET /api/session", "GET", "/api/session"),
+    ("POST /api/incr", "POST", "/api/incr?key=n"),
+]
+_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+_NON2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+
+
+def wrk(url: str, method: str, cookie: str, duration: float, connections: int) -> float:
+    """Requests per second; refuses a run with any non-2xx answer or socket error."""
+    script = f'wrk.method = "{method}"\nwrk.headers["Cookie"] = "statescale={cookie}"\n'
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
+        lua.write(script)
+        lua.flush()
+        out = subprocess.run(
+            ["wrk", "-t2", f"-c{connections}", f"-d{duration:g}s", "-s", lua.name, url],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=duration + 30,
+        ).stdout
+    bad = _NON2XX.search(out)
+    errors = _ERRORS.search(out)
+    if bad or (errors and any(int(n) for n in errors.groups())):
+        raise RuntimeError(f"wrk saw failures against {url}:\n{out}")
+    match = _RPS.search(out)
+    if match is None:
+        raise RuntimeError(f"no Requests/sec in wrk's output:\n{out}")
+    return float(match.group(1))
+
+
+def run(duration: float, rounds: int, connections: int) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {name: [] for name, _, _ in ROUTES}
+    with Gunicorn(env={"STATESCALE_STORE": "redis"}, workers=4) as server:
+        client = SessionClient(server.port)
+        client.post("/api/set?key=user&value=" + "x" * 64)  # a ~100 B session
+        assert client.cookie is not None
+        base = f"http://127.0.0.1:{server.port}"
+        for n in range(1, rounds + 1):
+            for name, method, path in ROUTES:
+                rps = wrk(base + path, method, client.cookie, duration, connections)
+                results[name].append(rps)
+                print(f"  round {n}/{rounds}  {name:<24} {rps:9.0f} req/s", flush=True)
+    return results
+
+
+def table(results: dict[str, list[float]]) -> str:
+    ceiling = statistics.median(results[ROUTES[0][0]])
+    lines = ["| route | req/s median | min-max | ratio to ceiling |", "|---|---|---|---|"]
+    for name, values in results.items():
+        median = statistics.median(values)
+        lines.append(
+            f"| {name} | {median:.0f} | {min(values):.0f}-{max(values):.0f} "
+            f"| {median / ceiling:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--duration", type=float, default=5.0, help="seconds per wrk run (default 5)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("benchmarks.core: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    print(
+        f"gunicorn -w 4 demo_app:app, shared mode; "
+        f"wrk -c{args.connections}, {args.duration:g}s runs"
+    )
+    results = run(args.duration, args.rounds, args.connections)
+    print()
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The ``statescale`` command line. ``main(argv)`` returns the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import __version__
+from .exceptions import StateScaleError
+
+DESCRIPTION = """\
+statescale keeps WSGI session state consistent across gunicorn workers and machines,
+with a shared Redis store or sticky routing. Commands:
+
+  demo    run demo_app under gunicorn -w N in each mode and show which keeps sessions
+  redis   run a private redis-server on a free loopback port until Ctrl-C
+"""
+
+
+@dataclass
+class DemoResult:
+    mode: str
+    values: list[int]
+    pids: set[int]
+    warning: str
+
+    @property
+    def matching(self) -> int:
+        return sum(v == i for i, v in enumerate(self.values, 1))
+
+
+def _demo_mode(mode: str, env: dict[str, str], workers: int, requests: int) -> DemoResult:
+    from .harness import Gunicorn, SessionClient
+
+    print(f"  {mode}: starting gunicorn -w {workers} demo_app:app ...", flush=True)
+    with Gunicorn(env=env, workers=workers) as server:
+        client = SessionClient(server.port)
+        values, pids = [], set()
+        for i in range(requests):
+            reply = client.post("/api/incr?key=c")
+            if reply.status != 200:
+                raise StateScaleError(f"{mode}: POST /api/incr answered {reply.status}")
+            body = reply.json
+            values.append(body["value"])
+            pids.add(body["pid"])
+            if (i + 1) % 50 == 0:
+                print(f"  {mode}: {i + 1}/{requests} requests", flush=True)
+        log = server.log().splitlines()
+    warning = next((line for line in log if "several worker processes" in line), "")
+    return DemoResult(mode, values, pids, warning)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    redis_env = {"STATESCALE_STORE": "redis"}
+    if args.redis_url:
+        redis_env["STATESCALE_REDIS_URL"] = args.redis_url
+    print(
+        f"statescale demo: {args.requests} x POST /api/incr?key=c with one cookie, "
+        f"gunicorn -w {args.workers}; a consistent session returns exactly 1..{args.requests}."
+    )
+    modes = [
+        ("shared (Redis)", redis_env),
+        ("memory, no sticky routing", {"STATESCALE_STORE": "memory"}),
+    ]
+    results = [_demo_mode(name, env, args.workers, args.requests) for name, env in modes]
+    print()
+    print("| mode | values as expected | distinct worker pids | last value | verdict |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        ok = r.matching == len(r.values)
+        verdict = "consistent" if ok else "split: the session resets on another worker"
+        print(
+            f"| {r.mode} | {r.matching}/{len(r.values)} | {len(r.pids)} | "
+            f"{r.values[-1]} | {verdict} |"
+        )
+    memory = results[1]
+    print(f"\nValues the memory mode returned: {sorted(set(memory.values))}")
+    if memory.warning:
+        print(f"Its start-up warning said why:\n  {memory.warning}")
+    shared_ok = results[0].matching == args.requests and len(results[0].pids) >= min(
+        3, args.workers
+    )
+    return 0 if shared_ok else 1
+
+
+def cmd_redis(args: argparse.Namespace) -> int:
+    from .embedded import EmbeddedRedis
+
+    with EmbeddedRedis(port=args.port) as server:
+        print(f"redis-server running: STATESCALE_REDIS_URL={server.url}  (Ctrl-C stops it)")
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="statescale",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("--version", action="version", version=f"statescale {__version__}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="compare shared and memory modes under gunicorn -w N",
+        description="Start demo_app under gunicorn -w N twice (Redis store, then memory store "
+        "without sticky routing), send the same session's increments to each, and print a "
+        "table of what came back. Uses an embedded redis-server unless --redis-url is given.",
+    )
+    demo.add_argument("--workers", type=int, default=4, help="gunicorn workers (default 4)")
+    demo.add_argument("--requests", type=int, default=200, help="increments per mode (default 200)")
+    demo.add_argument("--redis-url", help="use this Redis instead of an embedded one")
+    demo.set_defaults(func=cmd_demo)
+
+    redis = sub.add_parser(
+        "redis",
+        help="run a private redis-server on loopback",
+        description="Run redis-server on 127.0.0.1 (a free port unless --port) until Ctrl-C; "
+        "nothing is kept on disk.",
+    )
+    redis.add_argument("--port", type=int, help="port (default: a free one)")
+    redis.set_defaults(func=cmd_redis)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command is None:
+        parser().print_help()
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        status: int = args.func(args)
+    except StateScaleError as exc:
+        print(f"statescale: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return status
