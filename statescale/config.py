@@ -104,6 +104,7 @@ class Settings:
     idle_timeout: float = 1800.0
     absolute_lifetime: float | None = 7 * 86400.0
     redis_timeout: float = 0.4
+    local_cache: int = 10_000
     development_secret: bool = False
 
     def __post_init__(self) -> None:
@@ -138,5 +139,6 @@ class Settings:
             idle_timeout=1800.0 if idle is None else idle,
             absolute_lifetime=_number(env, "STATESCALE_ABSOLUTE_LIFETIME", 7 * 86400.0),
             redis_timeout=_number(env, "STATESCALE_REDIS_TIMEOUT", 0.4) or 0.4,
+            local_cache=int(_number(env, "STATESCALE_LOCAL_CACHE", 10_000) or 0),
             development_secret=not keys,
         )

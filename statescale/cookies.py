@@ -9,14 +9,21 @@ from .config import CookieOptions
 _PLACEHOLDER = "statescalePLACEHOLDER"
 
 
+def read_cookies(cookie_header: str | None, *names: str) -> list[str | None]:
+    """The first value of each cookie in ``names`` in a ``Cookie`` header (``None``
+    where absent), from one parse of the header."""
+    if not cookie_header or names[0] not in cookie_header:
+        return [None] * len(names)
+    try:
+        cookies = parse_cookie(cookie_header)
+    except UnicodeDecodeError:  # werkzeug raises on non-UTF-8 bytes: treat as no cookie
+        return [None] * len(names)
+    return [cookies.get(name) for name in names]
+
+
 def read_cookie(cookie_header: str | None, name: str) -> str | None:
     """The first value of cookie ``name`` in a ``Cookie`` header, or ``None``."""
-    if not cookie_header or name not in cookie_header:
-        return None
-    try:
-        return parse_cookie(cookie_header).get(name)
-    except UnicodeDecodeError:  # werkzeug raises on non-UTF-8 bytes: treat as no cookie
-        return None
+    return read_cookies(cookie_header, name)[0]
 
 
 class CookieWriter:

@@ -18,13 +18,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from werkzeug.wsgi import ClosingIterator
 
 from .config import CookieOptions, Settings
-from .cookies import CookieWriter, read_cookie
+from .cookies import CookieWriter, read_cookies
 from .exceptions import ConfigError, StoreError
 from .session import Record, Session
 from .signing import SessionSigner, new_session_id
@@ -109,6 +110,10 @@ class StateScaleMiddleware:
         self.sticky = sticky
         self.signer = SessionSigner(secret_keys, id_factory=id_factory)
         self._cookies = CookieWriter(self.cookie)
+        # The version cookie: the newest version of the record this client has written,
+        # so a store serving per-process copies never shows it an older one.
+        self.version_cookie = replace(self.cookie, name=self.cookie.name + "_v")
+        self._versions = CookieWriter(self.version_cookie)
         self._refresh_cookie = self.cookie.max_age is not None
         self._check_processes = store.per_process and not sticky
         self._outage_log = _Throttle()
@@ -164,10 +169,14 @@ class StateScaleMiddleware:
         return app_iter
 
     def _open(self, environ: WSGIEnvironment, request: _Request) -> Session:
-        value = read_cookie(environ.get("HTTP_COOKIE"), self.cookie.name)
+        value, version = read_cookies(
+            environ.get("HTTP_COOKIE"), self.cookie.name, self.version_cookie.name
+        )
         verified = self.signer.unsign(value) if value is not None else None
         if verified is None:
             return Session(None, request.load, max_size=self.max_size)
+        if version is not None and version.isdigit() and len(version) < 19:
+            request.min_version = int(version)
         return Session(
             verified.session_id, request.load, max_size=self.max_size, stale=verified.stale
         )
@@ -176,15 +185,16 @@ class StateScaleMiddleware:
         """Save what the request changed; the headers that go with it."""
         plan = session.plan()
         headers = [("Vary", "Cookie")] if session.accessed else []
-        session_id = plan.session_id
+        session_id, version = plan.session_id, 0
         if plan.create is not None:
             session_id = self.signer.new_id()
-            created = self.store.create(
+            written = self.store.create(
                 session_id, plan.create, created=session.created, replaces=plan.drop
             )
-            session.bind(session_id, created)
+            session.bind(session_id, written.created)
+            version = written.version
         elif plan.update is not None and session_id is not None:
-            self.store.save(session_id, plan.update, created=session.created or 0.0)
+            version = self.store.save(session_id, plan.update, created=session.created or 0.0)
         elif plan.drop is not None:
             self.store.delete(plan.drop)
         cookie = plan.cookie
@@ -194,13 +204,25 @@ class StateScaleMiddleware:
             headers.append(("Set-Cookie", self._cookies.set(self.signer.sign(session_id))))
         elif cookie == "clear":
             headers.append(("Set-Cookie", self._cookies.clear))
+            headers.append(("Set-Cookie", self._versions.clear))
+        if version:
+            headers.append(("Set-Cookie", self._versions.set(str(version))))
         return headers
 
 
 class _Request:
     """One request's state: its session, its lock, whether the response has started."""
 
-    __slots__ = ("_committed", "_lock", "_start", "failed", "mw", "session", "started")
+    __slots__ = (
+        "_committed",
+        "_lock",
+        "_start",
+        "failed",
+        "min_version",
+        "mw",
+        "session",
+        "started",
+    )
 
     def __init__(
         self, mw: StateScaleMiddleware, environ: WSGIEnvironment, start: StartResponse
@@ -211,6 +233,7 @@ class _Request:
         self._committed = False
         self.started = False
         self.failed = False
+        self.min_version = 0
         self.session = mw._open(environ, self)
         environ[ENVIRON_KEY] = self.session
 
@@ -219,7 +242,7 @@ class _Request:
             lock = self.mw.store.lock(session_id)
             lock.__enter__()
             self._lock = lock
-        return self.mw.store.load(session_id)
+        return self.mw.store.load(session_id, min_version=self.min_version)
 
     def release(self) -> None:
         lock, self._lock = self._lock, None

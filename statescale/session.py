@@ -42,6 +42,13 @@ class Record(NamedTuple):
     created: float
 
 
+class Written(NamedTuple):
+    """What a store reports of a record it created."""
+
+    created: float
+    version: int = 0  # 0: the store keeps no versions
+
+
 class Changes(NamedTuple):
     """What one request changed: fields to write and fields to remove."""
 

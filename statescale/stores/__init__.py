@@ -28,20 +28,16 @@ def build_store(settings: Settings) -> Store:
     from ..embedded import embedded_redis_url
     from .redis import RedisStore
 
-    if settings.redis_url:
-        return RedisStore.from_url(
-            settings.redis_url,
-            timeout=settings.redis_timeout,
-            idle_timeout=idle,
-            absolute_lifetime=absolute,
-        )
+    url = settings.redis_url or embedded_redis_url()
     store = RedisStore.from_url(
-        embedded_redis_url(),
+        url,
         timeout=settings.redis_timeout,
+        local_cache=settings.local_cache,
         idle_timeout=idle,
         absolute_lifetime=absolute,
     )
-    # This process's own server: other worker processes cannot see it (the middleware
-    # warns under several workers; statescale.gunicorn's hooks share one server instead).
-    store.per_process = True
+    if not settings.redis_url:
+        # This process's own server: other worker processes cannot see it (the middleware
+        # warns under several workers; statescale.gunicorn's hooks share one instead).
+        store.per_process = True
     return store

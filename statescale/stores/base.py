@@ -9,6 +9,11 @@ time. Two timeouts bound a record's life:
 
 Load refreshes the idle timeout; save applies only the changed fields, so two requests
 that change different keys of one session do not overwrite each other.
+
+Versions (optional): a store that numbers a record's states returns the new number from
+``save`` and ``create``; the middleware hands it back to the client in a cookie, and the
+client's next request asks ``load`` for at least that version, so a store that serves
+from per-process copies can tell a copy that lags the client's own last write.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
 from ..exceptions import ConfigError
-from ..session import Changes, Record
+from ..session import Changes, Record, Written
 
 CREATED_FIELD = "\x00created"  # the stores' own field; the session forbids keys with NUL
 
@@ -32,11 +37,13 @@ class Store(Protocol):
     #: behind sticky routing); the middleware warns when it runs under several workers.
     per_process: bool
 
-    def load(self, session_id: str) -> Record | None:
-        """The record, refreshing its idle timeout; ``None`` if unknown or expired."""
+    def load(self, session_id: str, *, min_version: int = 0) -> Record | None:
+        """The record, refreshing its idle timeout; ``None`` if unknown or expired.
+        ``min_version``: the newest version this client has seen written."""
 
-    def save(self, session_id: str, changes: Changes, *, created: float) -> None:
-        """Apply ``changes`` to an existing record, all or nothing."""
+    def save(self, session_id: str, changes: Changes, *, created: float) -> int:
+        """Apply ``changes`` to an existing record, all or nothing; the new version
+        (0: the store keeps none, or the record is gone)."""
 
     def create(
         self,
@@ -45,9 +52,9 @@ class Store(Protocol):
         *,
         created: float | None = None,
         replaces: str | None = None,
-    ) -> float:
+    ) -> Written:
         """Write a whole record and delete ``replaces`` in the same step; returns the
-        creation time it stored (``created``, or now)."""
+        creation time it stored (``created``, or now) and the record's version."""
 
     def delete(self, session_id: str) -> None:
         """Remove a record; unknown IDs are fine."""

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from ..exceptions import ConfigError, LockTimeout
-from ..session import Changes, Record
+from ..session import Changes, Record, Written
 from .base import Lifetime
 
 _STRIPES = 64
@@ -73,21 +73,22 @@ class MemoryStore:
         entry.expires = now + self.lifetime.remaining(entry.created, now)
         return entry
 
-    def load(self, session_id: str) -> Record | None:
+    def load(self, session_id: str, *, min_version: int = 0) -> Record | None:
         now = self._clock()
         with self._mutex:
             entry = self._live(session_id, now)
             return None if entry is None else Record(dict(entry.fields), entry.created)
 
-    def save(self, session_id: str, changes: Changes, *, created: float) -> None:
+    def save(self, session_id: str, changes: Changes, *, created: float) -> int:
         now = self._clock()
         with self._mutex:
             entry = self._live(session_id, now)
             if entry is None:  # expired since it was loaded: nothing to apply it to
-                return
+                return 0
             for key in changes.deleted:
                 entry.fields.pop(key, None)
             entry.fields.update(changes.set)
+        return 0  # one process, one copy: no versions needed
 
     def create(
         self,
@@ -96,7 +97,7 @@ class MemoryStore:
         *,
         created: float | None = None,
         replaces: str | None = None,
-    ) -> float:
+    ) -> Written:
         now = self._clock()
         created = now if created is None else created
         entry = _Entry(dict(fields), created, now + self.lifetime.remaining(created, now))
@@ -107,7 +108,7 @@ class MemoryStore:
             self._entries.move_to_end(session_id)
             while len(self._entries) > self.max_sessions:
                 self._entries.popitem(last=False)
-        return created
+        return Written(created)
 
     def delete(self, session_id: str) -> None:
         with self._mutex:

@@ -1,19 +1,30 @@
 """Sessions in Redis, shared by every worker on every machine.
 
 One Redis hash per session, under a key made from a hash of the session ID (someone who
-can list the keys learns no usable ID), with the stores' creation-time field beside the
-session's own fields. Round trips per request:
+can list the keys learns no usable ID), holding the session's fields beside two of the
+store's own: the creation time and a version. Round trips per request:
 
-* load: ``HGETALL`` + ``PEXPIRE`` (the sliding idle timeout) in one pipeline;
-* save: ``HDEL`` of the deleted keys + ``HSET`` of the set ones + ``PEXPIRE`` in one
-  ``MULTI``/``EXEC``, so a failed write leaves the old state or the new, never a mix;
-* a request that does not touch the session: none.
+* a request that does not touch the session: none;
+* load: ``HGETALL`` with ``PEXPIRE`` (the sliding idle timeout) in one pipeline; with
+  the per-process cache (below), none at all while this process's copy is current, and
+  ``PTTL`` with ``HGETALL`` when it is not;
+* save: one Lua script that applies the deleted and set fields, bumps the version, sets
+  the expiry and publishes the change, atomically (a failed write leaves the old state
+  or the new, never a mix). redis-py re-loads the script after ``SCRIPT FLUSH`` or a
+  restart.
+
+``from_url`` turns on the per-process cache (:mod:`statescale.stores._cache`): each
+process keeps copies of the sessions it has read and applies every published change to
+them, so a worker that reads a session again needs no round trip and a read-modify-write
+needs one. ``local_cache=0`` turns it off; every store publishes its changes either way,
+so processes with and without the cache can share one Redis.
 
 Timeouts are short on purpose: a dead or hung Redis must fail a request in about a
 second (``StoreUnavailable``, which the middleware answers with 503), long before
 gunicorn's worker timeout. redis-py retries once with a short backoff; statescale adds
-no retries of its own. Nothing connects until the first request, so workers boot while
-Redis is down and recover by themselves when it is back.
+no retries of its own (every write sets whole values, so a resent one does no harm).
+Nothing connects until the first request, so workers boot while Redis is down and
+recover by themselves when it is back.
 """
 
 from __future__ import annotations
@@ -28,7 +39,8 @@ from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from ..exceptions import ConfigError, LockTimeout, StoreUnavailable
-from ..session import Changes, Record
+from ..session import Changes, Record, Written
+from ._cache import SessionCache, encode_delta
 from .base import CREATED_FIELD, Lifetime
 
 try:
@@ -44,6 +56,37 @@ except ImportError as exc:  # pragma: no cover - exercised by the import test
 log = logging.getLogger("statescale")
 
 _CREATED = CREATED_FIELD.encode()
+VERSION_FIELD = "\x00v"
+_VERSION = VERSION_FIELD.encode()
+
+# KEYS[1]: the session; KEYS[2] (optional): a session to delete in the same step.
+# ARGV: mode ('u' updates an existing record, 'c' creates one afresh), expiry in ms,
+# channel, delta body, the number of fields to delete, those fields, then field/value
+# pairs to set. Returns the record's new version, or 0 when 'u' finds no record.
+WRITE_SCRIPT = """
+local key = KEYS[1]
+if ARGV[1] == 'u' then
+  if redis.call('EXISTS', key) == 0 then return 0 end
+else
+  redis.call('DEL', key)
+end
+local n = tonumber(ARGV[5])
+if n > 0 then redis.call('HDEL', key, unpack(ARGV, 6, 5 + n)) end
+if #ARGV > 5 + n then redis.call('HSET', key, unpack(ARGV, 6 + n, #ARGV)) end
+local v = redis.call('HINCRBY', key, '\\0v', 1)
+redis.call('PEXPIRE', key, ARGV[2])
+redis.call('PUBLISH', ARGV[3], key .. '\\n' .. v .. '\\n' .. ARGV[4])
+if KEYS[2] then
+  redis.call('DEL', KEYS[2])
+  redis.call('PUBLISH', ARGV[3], KEYS[2] .. '\\n0\\n{}')
+end
+return v
+"""
+DELETE_SCRIPT = """
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], KEYS[1] .. '\\n0\\n{}')
+return 1
+"""
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
 
@@ -55,6 +98,7 @@ def _key_hash(session_id: str) -> str:
 def client_options(timeout: float, retries: int) -> dict[str, Any]:
     """redis-py options that fail fast: ``timeout`` per attempt, ``retries`` retries."""
     return {
+        "protocol": 2,  # plain replies; the tracking cache reads RESP2 pub/sub messages
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "retry": Retry(ExponentialBackoff(cap=0.05, base=0.01), retries),
@@ -119,6 +163,10 @@ def client_from_url(url: str, *, timeout: float = 0.4, retries: int = 1) -> Any:
     )
 
 
+def _is_sentinel(client: Any) -> bool:
+    return type(client.connection_pool).__name__ == "SentinelConnectionPool"
+
+
 class _LazyCluster:
     """RedisCluster connects in its constructor; defer that to the first command."""
 
@@ -156,6 +204,7 @@ class RedisStore:
         lock_expiry: float = 10.0,
         lock_wait: float = 5.0,
         clock: Callable[[], float] = time.time,
+        cache: SessionCache | None = None,
     ) -> None:
         if isinstance(client, str):
             raise ConfigError("RedisStore takes a client; for a URL use RedisStore.from_url(url)")
@@ -166,13 +215,38 @@ class RedisStore:
         self.lock_wait = lock_wait
         self._clock = clock
         self._cluster = type(client).__name__ in ("RedisCluster", "_LazyCluster")
+        self.cache = cache
+        self.channel = f"{prefix}changes"
+        self._write = client.register_script(WRITE_SCRIPT)
+        self._delete = client.register_script(DELETE_SCRIPT)
 
     @classmethod
     def from_url(
-        cls, url: str, *, timeout: float = 0.4, retries: int = 1, **options: Any
+        cls,
+        url: str,
+        *,
+        timeout: float = 0.4,
+        retries: int = 1,
+        local_cache: int = 10_000,
+        **options: Any,
     ) -> RedisStore:
-        """A store on the server at ``url`` (see :func:`client_from_url`)."""
-        return cls(client_from_url(url, timeout=timeout, retries=retries), **options)
+        """A store on the server at ``url`` (see :func:`client_from_url`).
+
+        ``local_cache``: how many records each process may cache (0: none). Only for a
+        single server (``redis://``, ``rediss://``, ``unix://``); Sentinel and Cluster
+        URLs always read from Redis.
+        """
+        client = client_from_url(url, timeout=timeout, retries=retries)
+        store = cls(client, **options)
+        if local_cache > 0 and isinstance(client, redis.Redis) and not _is_sentinel(client):
+            store.cache = SessionCache(
+                client.connection_pool,
+                store.channel,
+                max_entries=local_cache,
+                touch_interval=min(60.0, store.lifetime.idle / 10),
+                clock=store._clock,
+            )
+        return store
 
     def key(self, session_id: str) -> str:
         # The hash tag keeps a session's keys (record, lock) in one Cluster slot.
@@ -185,50 +259,91 @@ class RedisStore:
         except RedisError as exc:
             raise StoreUnavailable("redis", f"{what}: {type(exc).__name__}: {exc}") from exc
 
-    def load(self, session_id: str) -> Record | None:
+    def load(self, session_id: str, *, min_version: int = 0) -> Record | None:
         key = self.key(session_id)
+        cache = self.cache
+        if cache is None:
+            with self._translated("load"):
+                pipe = self.client.pipeline(transaction=False)
+                pipe.hgetall(key)
+                pipe.pexpire(key, int(self.lifetime.idle * 1000))
+                raw, _ = self._execute_read(pipe, key)
+            return self._record(key, raw)[0]
+        now = self._clock()
+        cached = cache.get(key, now, min_version)
+        if cached is not None and self.lifetime.remaining(cached.created, now) > 0:
+            return cached
         with self._translated("load"):
+            cache.expect(key)
             pipe = self.client.pipeline(transaction=False)
             pipe.hgetall(key)
-            pipe.pexpire(key, int(self.lifetime.idle * 1000))
-            try:
-                raw = cast("dict[bytes, bytes]", pipe.execute()[0])
-            except ResponseError as exc:
-                if "WRONGTYPE" not in str(exc):
-                    raise
-                log.warning("statescale: session key %s is not a hash; dropped it", key)
-                self.client.delete(key)
-                return None
-        return self._record(key, raw)
+            pipe.pttl(key)
+            raw, pttl = self._execute_read(pipe, key)
+            record, version = self._record(key, raw)
+            if record is not None and pttl < (self.lifetime.idle - cache.touch_interval) * 1000:
+                # Slide the idle timeout through the script, which tells the other
+                # processes too (a bare PEXPIRE would leave their copies' expiry behind).
+                ttl_ms = self._ttl_ms(record.created)
+                version = int(
+                    self._write([key], ["u", ttl_ms, self.channel, f'{{"t":{ttl_ms}}}', 0])
+                )
+                pttl = ttl_ms
+        cache.fill(key, record, version, int(pttl), now)
+        return record
 
-    def _record(self, key: str, raw: dict[bytes, bytes]) -> Record | None:
+    def _execute_read(self, pipe: Any, key: str) -> tuple[dict[bytes, bytes], int]:
+        try:
+            raw, ttl = pipe.execute()
+        except ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            log.warning("statescale: session key %s is not a hash; dropped it", key)
+            self.client.delete(key)
+            return {}, -2
+        return cast("dict[bytes, bytes]", raw), int(ttl)
+
+    def _record(self, key: str, raw: dict[bytes, bytes]) -> tuple[Record | None, int]:
+        """The session in a ``HGETALL`` reply, and its version (0 if none)."""
         stamp = raw.pop(_CREATED, None)
-        if stamp is None:  # unknown, or a partial record left by a write after expiry
-            return None
+        version = raw.pop(_VERSION, b"0")
+        if stamp is None:  # unknown, or a partial record
+            return None, 0
         try:
             created = float(stamp)
             fields = {k.decode(): v for k, v in raw.items()}
+            number = int(version)
         except (ValueError, UnicodeDecodeError):
             log.warning("statescale: session key %s has an unreadable record; dropped it", key)
-            return None
+            return None, 0
         if self.lifetime.remaining(created, self._clock()) <= 0:
             self.delete_key(key)
-            return None
-        return Record(fields, created)
+            return None, 0
+        return Record(fields, created), number
 
     def _ttl_ms(self, created: float) -> int:
         return max(1, int(self.lifetime.remaining(created, self._clock()) * 1000))
 
-    def save(self, session_id: str, changes: Changes, *, created: float) -> None:
+    def _write_args(
+        self,
+        mode: str,
+        ttl_ms: int,
+        fields: Mapping[str, bytes],
+        deleted: frozenset[str],
+        created: float | None,
+    ) -> list[Any]:
+        body = encode_delta(dict(fields), sorted(deleted), ttl_ms, created)
+        args: list[Any] = [mode, ttl_ms, self.channel, body, len(deleted), *deleted]
+        for field, value in fields.items():
+            args += (field, value)
+        return args
+
+    def save(self, session_id: str, changes: Changes, *, created: float) -> int:
         key = self.key(session_id)
+        ttl_ms = self._ttl_ms(created)
+        args = self._write_args("u", ttl_ms, changes.set, changes.deleted, None)
         with self._translated("save"):
-            pipe = self.client.pipeline(transaction=True)
-            if changes.deleted:
-                pipe.hdel(key, *changes.deleted)
-            if changes.set:
-                pipe.hset(key, mapping=dict(changes.set))
-            pipe.pexpire(key, self._ttl_ms(created))
-            pipe.execute()
+            # This process's copy follows through the published change, like everyone's.
+            return int(self._write([key], args))
 
     def create(
         self,
@@ -237,26 +352,31 @@ class RedisStore:
         *,
         created: float | None = None,
         replaces: str | None = None,
-    ) -> float:
+    ) -> Written:
         created = self._clock() if created is None else created
         key = self.key(session_id)
-        record: dict[str, bytes | str] = {**fields, CREATED_FIELD: repr(created)}
+        ttl_ms = self._ttl_ms(created)
+        record = {**fields, CREATED_FIELD: repr(created).encode()}
+        args = self._write_args("c", ttl_ms, record, frozenset(), created)
+        keys = [key]
+        if replaces is not None and not self._cluster:
+            keys.append(self.key(replaces))  # dropped in the same step
         with self._translated("create"):
-            # Across Cluster slots MULTI is refused: write the new record, then drop the old.
-            pipe = self.client.pipeline(transaction=not self._cluster)
-            pipe.hset(key, mapping=record)
-            pipe.pexpire(key, self._ttl_ms(created))
-            if replaces is not None:
-                pipe.delete(self.key(replaces))
-            pipe.execute()
-        return created
+            version = int(self._write(keys, args))
+        if replaces is not None and self._cluster:  # another slot: a step of its own
+            self.delete(replaces)
+        if self.cache is not None:
+            self.cache.created(key, Record(dict(fields), created), version, ttl_ms, self._clock())
+        return Written(created, version)
 
     def delete(self, session_id: str) -> None:
         self.delete_key(self.key(session_id))
 
     def delete_key(self, key: str) -> None:
+        if self.cache is not None:
+            self.cache.discard(key)
         with self._translated("delete"):
-            self.client.delete(key)
+            self._delete([key], [self.channel])
 
     @contextmanager
     def lock(self, session_id: str) -> Iterator[None]:
@@ -269,6 +389,8 @@ class RedisStore:
         with self._translated("lock"):
             if not lock.acquire():
                 raise LockTimeout(self.lock_wait)
+        if self.cache is not None:  # under the lock, read what Redis holds
+            self.cache.discard(self.key(session_id))
         try:
             yield
         finally:

@@ -24,7 +24,7 @@ def test_unknown_id_loads_none(any_store: Any) -> None:
 
 
 def test_create_then_load(any_store: Any, clock: Clock) -> None:
-    created = any_store.create("s1", F)
+    created = any_store.create("s1", F).created
     assert created == clock.now
     record = any_store.load("s1")
     assert record is not None
@@ -33,7 +33,7 @@ def test_create_then_load(any_store: Any, clock: Clock) -> None:
 
 
 def test_save_writes_only_what_changed(any_store: Any) -> None:
-    created = any_store.create("s1", F)
+    created = any_store.create("s1", F).created
     # Two requests, each changing a different key, applied one after the other.
     any_store.save("s1", Changes({"c": b"3"}, frozenset()), created=created)
     any_store.save("s1", Changes({}, frozenset({"a"})), created=created)
@@ -68,9 +68,9 @@ def test_absolute_lifetime_is_not_extended_by_activity(any_store: Any, clock: Cl
 
 
 def test_regenerated_record_keeps_its_creation_time(any_store: Any, clock: Clock) -> None:
-    created = any_store.create("old", F)
+    created = any_store.create("old", F).created
     clock.now += 10
-    assert any_store.create("new", F, created=created, replaces="old") == created
+    assert any_store.create("new", F, created=created, replaces="old").created == created
     record = any_store.load("new")
     assert record is not None and record.created == created
 

@@ -24,7 +24,7 @@ def test_key_is_a_hash_of_the_id_with_a_cluster_hash_tag(
 
 
 def test_ttls_idle_and_absolute(redis_url: str, raw_redis: redis.Redis) -> None:
-    store = RedisStore.from_url(redis_url, idle_timeout=60, absolute_lifetime=3600)
+    store = RedisStore.from_url(redis_url, idle_timeout=60, absolute_lifetime=3600, local_cache=0)
     store.create("s", {"a": b"1"}, created=time.time() - 3590)  # 10 s of life left
     assert 0 < raw_redis.pttl(store.key("s")) <= 10_000
     store.create("t", {"a": b"1"})
@@ -34,7 +34,7 @@ def test_ttls_idle_and_absolute(redis_url: str, raw_redis: redis.Redis) -> None:
 
 
 def test_load_is_one_round_trip_of_two_commands(redis_url: str, raw_redis: redis.Redis) -> None:
-    store = RedisStore.from_url(redis_url)
+    store = RedisStore.from_url(redis_url, local_cache=0)
     store.create("s", {"a": b"1"})
     raw_redis.config_resetstat()
     store.load("s")
@@ -85,7 +85,7 @@ def test_redis_down_is_store_unavailable_fast(own_redis: EmbeddedRedis) -> None:
 
 
 def test_redis_hung_fails_within_budget_then_recovers(own_redis: EmbeddedRedis) -> None:
-    store = RedisStore.from_url(own_redis.url, timeout=0.3)
+    store = RedisStore.from_url(own_redis.url, timeout=0.3, local_cache=0)
     store.create("s", {"a": b"1"})
     own_redis.pause()
     try:
@@ -100,7 +100,7 @@ def test_redis_hung_fails_within_budget_then_recovers(own_redis: EmbeddedRedis) 
 
 def test_failed_commit_leaves_old_or_new_never_a_mix(own_redis: EmbeddedRedis) -> None:
     store = RedisStore.from_url(own_redis.url)
-    created = store.create("s", {"a": b"1", "b": b"2"})
+    created = store.create("s", {"a": b"1", "b": b"2"}).created
     own_redis.stop()
     with pytest.raises(StoreUnavailable):
         store.save("s", Changes({"a": b"10"}, frozenset({"b"})), created=created)
@@ -108,13 +108,36 @@ def test_failed_commit_leaves_old_or_new_never_a_mix(own_redis: EmbeddedRedis) -
     assert store.load("s") is None
 
 
-def test_save_is_one_multi_exec(redis_url: str, raw_redis: redis.Redis) -> None:
-    store = RedisStore.from_url(redis_url)
-    created = store.create("s", {"a": b"1", "b": b"2"})
+def test_save_is_one_script_call_that_publishes_the_change(
+    redis_url: str, raw_redis: redis.Redis
+) -> None:
+    store = RedisStore.from_url(redis_url, local_cache=0)
+    created = store.create("s", {"a": b"1", "b": b"2"}).created
     raw_redis.config_resetstat()
     store.save("s", Changes({"a": b"10"}, frozenset({"b"})), created=created)
     stats = raw_redis.info("commandstats")
-    assert {"cmdstat_multi", "cmdstat_exec", "cmdstat_hset", "cmdstat_hdel"} <= set(stats)
+    assert stats["cmdstat_evalsha"]["calls"] == 1  # one round trip
+    assert {"cmdstat_hset", "cmdstat_hdel", "cmdstat_hincrby", "cmdstat_publish"} <= set(stats)
+    assert "cmdstat_multi" not in stats  # the script is the transaction
+
+
+def test_scripts_survive_script_flush(redis_url: str, raw_redis: redis.Redis) -> None:
+    store = RedisStore.from_url(redis_url)
+    created = store.create("s", {"a": b"1"}).created
+    raw_redis.script_flush()
+    store.save("s", Changes({"a": b"2"}, frozenset()), created=created)  # NOSCRIPT handled
+    record = store.load("s")
+    assert record is not None and dict(record.fields) == {"a": b"2"}
+
+
+def test_saving_a_vanished_record_does_not_resurrect_it(
+    redis_url: str, raw_redis: redis.Redis
+) -> None:
+    store = RedisStore.from_url(redis_url)
+    created = store.create("s", {"a": b"1"}).created
+    raw_redis.delete(store.key("s"))
+    store.save("s", Changes({"a": b"2"}, frozenset()), created=created)
+    assert not raw_redis.exists(store.key("s"))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,300 @@
+"""A per-process copy of session records that every statescale write keeps current.
+
+Each write to a session (see :mod:`statescale.stores.redis`) runs as one Lua script that
+applies the change, bumps the record's version field, sets the expiry and ``PUBLISH``\\es
+the change (a *delta*: fields set, fields deleted, the new TTL) on the store's channel,
+tagged with the new version. Every process that caches subscribes to that channel on a
+connection of its own and, before each lookup, applies what has arrived without blocking.
+
+Why a copy served from here is current:
+
+* Versions make the deltas safe to receive late, twice, or out of order: delta ``v``
+  applies only on top of version ``v - 1``; an older one is ignored; a gap (a delta
+  lost to a reconnect, say) drops the copy, so the next read goes to Redis.
+* A record read from Redis is cached only if no newer delta for it arrived while the
+  read was in flight (the read-versus-message race the Redis client-side-caching docs
+  warn of).
+* Redis writes a delta to every subscriber in the same event-loop pass in which it
+  answers the writer, and the writer answers its HTTP client only after that. By the
+  time a client's next request reaches another worker, the delta is in that worker's
+  socket, and the lookup drains the socket first. (A subscriber whose socket Redis
+  cannot write to, because it is full, could lag: a drain that finds a backlog clears
+  the cache, and a broken subscription clears it and resubscribes.)
+* What is not a statescale write sends no delta: an eviction under ``maxmemory``, a
+  ``FLUSHDB``, a hand-typed ``DEL``. A copy is therefore re-read from Redis at least
+  every ``touch_interval`` seconds, which bounds how long such a change can go unseen.
+
+One instance per process and pool; thread-safe; a fork starts it afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import ssl
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from ..session import Record
+
+_HiredisReader: Any
+try:  # hiredis parses a drained buffer in C; without it redis-py reads message by message
+    from hiredis import Reader as _HiredisReader
+except ImportError:  # pragma: no cover - the redis extra installs hiredis
+    _HiredisReader = None
+
+log = logging.getLogger("statescale")
+
+#: Redis holds back a subscriber's messages only while the subscriber's socket buffer
+#: is full, so a drain that finds this much (far less than any socket buffer, far more
+#: than arrives between two requests of a busy worker) may be behind: clear everything.
+BACKLOG_BYTES = 16 * 1024
+BACKLOG_MESSAGES = 160  # the same, counted in messages, where redis-py does the reading
+
+
+def encode_delta(
+    set_fields: dict[str, bytes], deleted: list[str], ttl_ms: int, created: float | None
+) -> str:
+    """The body of a delta; the script prefixes ``key\\nversion\\n``."""
+    body: dict[str, Any] = {"t": ttl_ms}
+    if set_fields:
+        body["s"] = {k: v.decode() for k, v in set_fields.items()}
+    if deleted:
+        body["d"] = deleted
+    if created is not None:  # a whole new record
+        body["c"] = created
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+class _Entry:
+    __slots__ = ("created", "expires", "fields", "fresh_until", "version")
+
+    def __init__(
+        self, fields: dict[str, bytes], created: float, version: int, expires: float, fresh: float
+    ) -> None:
+        self.fields = fields
+        self.created = created
+        self.version = version
+        self.expires = expires  # when Redis will expire it (the store's clock)
+        self.fresh_until = fresh  # when to read it from Redis again regardless
+
+
+class SessionCache:
+    """Records by Redis key, kept current by the deltas on ``channel``."""
+
+    def __init__(
+        self,
+        pool: Any,
+        channel: str,
+        *,
+        max_entries: int,
+        touch_interval: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._pool = pool
+        self._clock = clock
+        self.channel = channel
+        self.max_entries = max_entries
+        self.touch_interval = touch_interval
+        self._lock = threading.RLock()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._pending: dict[str, int] = {}  # key -> newest version seen while reading it
+        self._sub: Any = None
+        self._raw: Any = None  # the subscription's socket, read directly when hiredis is here
+        self._reader: Any = None
+        self._pid = os.getpid()
+        self.hits = self.misses = self.resets = 0
+
+    # -- the subscription ------------------------------------------------------------
+    def _forked(self) -> None:
+        if self._pid != os.getpid():  # the parent's socket and copies are not ours
+            self._pid = os.getpid()
+            self._sub = None
+            self._entries.clear()
+            self._pending.clear()
+
+    def _subscribe(self) -> None:
+        """Subscribe, right after a read has shown that Redis answers (so a frozen
+        Redis never costs a request a second timeout). What was read before the
+        subscription existed is not cached: changes made meanwhile were not seen."""
+        try:
+            conn = self._pool.connection_class(**self._pool.connection_kwargs)
+            conn.connect()
+            conn.send_command("SUBSCRIBE", self.channel)
+            conn.read_response()
+        except (RedisError, OSError):
+            return
+        self._entries.clear()
+        self._sub = conn
+        self._raw = self._reader = None
+        sock = getattr(conn, "_sock", None)
+        if _HiredisReader is not None and sock is not None:
+            # Messages that arrived with the SUBSCRIBE reply sit in redis-py's parser:
+            # take those first, then read the socket ourselves, without blocking.
+            while conn.can_read(timeout=0):
+                self._on_message(conn.read_response())
+            sock.setblocking(False)
+            self._raw, self._reader = sock, _HiredisReader()
+
+    def _drop_subscription(self, why: str) -> None:
+        self.resets += 1
+        sub, self._sub = self._sub, None
+        self._raw = self._reader = None
+        self._entries.clear()
+        for key in self._pending:
+            self._pending[key] = 1 << 62  # nothing read in flight may be cached
+        if sub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                sub.disconnect()
+        log.warning("statescale: local session cache cleared: %s", why)
+
+    def _drain(self) -> bool:
+        """Apply the deltas that have arrived; False when no copy can be trusted."""
+        self._forked()
+        sub, seen = self._sub, 0
+        if sub is None:
+            return False
+        try:
+            if self._raw is not None:
+                seen = self._drain_socket()
+            else:
+                while sub.can_read(timeout=0):
+                    self._on_message(sub.read_response())
+                    seen += 1
+        except (RedisError, OSError, ValueError) as exc:
+            self._drop_subscription(f"the subscription failed ({type(exc).__name__})")
+            return False
+        if seen >= BACKLOG_MESSAGES if self._raw is None else seen >= BACKLOG_BYTES:
+            # Keep the subscription (it is in order), but trust no copy made before.
+            self._entries.clear()
+            for key in self._pending:
+                self._pending[key] = 1 << 62
+        return True
+
+    def _drain_socket(self) -> int:
+        """One ``recv`` of all that has arrived (usually), parsed in C; the bytes read."""
+        seen, reader = 0, self._reader
+        while True:
+            try:
+                data = self._raw.recv(262144)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                break
+            if not data:
+                raise ConnectionResetError("Redis closed the subscription")
+            reader.feed(data)
+            seen += len(data)
+            while (message := reader.gets()) is not False:
+                self._on_message(message)
+            if len(data) < 262144:
+                break
+        return seen
+
+    def _on_message(self, message: Any) -> None:
+        if isinstance(message, list) and message[0] == b"message":
+            self._apply(message[2])
+
+    def _apply(self, payload: bytes) -> None:
+        key_raw, version_raw, body = payload.split(b"\n", 2)
+        key = key_raw.decode()
+        version = int(version_raw)
+        if key in self._pending:
+            self._pending[key] = max(self._pending[key], version)
+        if version == 0:  # deleted
+            self._entries.pop(key, None)
+            return
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        if version <= entry.version:  # already in the copy (our own write, say)
+            return
+        if version != entry.version + 1:  # a delta went missing
+            del self._entries[key]
+            return
+        delta = json.loads(body)
+        if "c" in delta:  # a whole record under a key we hold: cannot be
+            del self._entries[key]
+            return
+        for field in delta.get("d", ()):
+            entry.fields.pop(field, None)
+        for field, value in delta.get("s", {}).items():
+            entry.fields[field] = value.encode()
+        entry.version = version
+        entry.expires = self._clock() + delta["t"] / 1000
+
+    # -- the cache -------------------------------------------------------------------
+    def get(self, key: str, now: float, min_version: int = 0) -> Record | None:
+        """The current record, or ``None``: then read from Redis and :meth:`fill`.
+        A copy older than ``min_version`` (the client's own last write) is not served:
+        the change may still be on its way here."""
+        with self._lock:
+            if not self._drain():
+                self.misses += 1
+                return None
+            entry = self._entries.get(key)
+            if (
+                entry is None
+                or entry.version < min_version
+                or now >= min(entry.fresh_until, entry.expires)
+            ):
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return Record(dict(entry.fields), entry.created)
+
+    def expect(self, key: str) -> None:
+        """Call before sending the read whose reply :meth:`fill` may cache."""
+        with self._lock:
+            self._pending[key] = 0
+
+    def fill(self, key: str, record: Record | None, version: int, ttl_ms: int, now: float) -> None:
+        """Cache what a read returned (record at ``version``), unless a newer change
+        arrived while it was in flight."""
+        with self._lock:
+            if not self._drain():
+                self._pending.pop(key, None)
+                self._subscribe()
+                return
+            newer = self._pending.pop(key, 1 << 62)
+            if record is None or newer > version or version <= 0:
+                self._entries.pop(key, None)
+                return
+            self._put(key, record, version, ttl_ms=ttl_ms, now=now)
+
+    def created(self, key: str, record: Record, version: int, ttl_ms: int, now: float) -> None:
+        """This process just wrote a whole new record (deltas of keys not held are
+        ignored, so its own would not bring it in)."""
+        with self._lock:
+            if self._drain():
+                self._put(key, record, version, ttl_ms=ttl_ms, now=now)
+            else:
+                self._subscribe()
+
+    def _put(self, key: str, record: Record, version: int, *, ttl_ms: int, now: float) -> None:
+        entry = _Entry(
+            dict(record.fields),
+            record.created,
+            version,
+            now + ttl_ms / 1000,
+            now + self.touch_interval,
+        )
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+            if key in self._pending:
+                self._pending[key] = 1 << 62
+
+    def __len__(self) -> int:
+        return len(self._entries)
