@@ -73,7 +73,6 @@ class Plan(NamedTuple):
 
 
 _NOTHING = Plan()
-RESERVED_PREFIX = "\x00"  # stores keep their own fields under it
 
 
 class Session(MutableMapping[str, Any]):
@@ -167,8 +166,9 @@ class Session(MutableMapping[str, Any]):
         return value
 
     def __setitem__(self, key: str, value: Any) -> None:
-        if not isinstance(key, str) or key.startswith(RESERVED_PREFIX):
-            raise SessionError(f"session keys must be str not starting with NUL, not {key!r}")
+        if not isinstance(key, str) or "\x00" in key:
+            # NUL: the stores' own fields start with it, and changes are NUL-separated
+            raise SessionError(f"session keys must be str without NUL characters, not {key!r}")
         raw = encode_value(key, value)
         self._ensure()
         old = self._raw.get(key)

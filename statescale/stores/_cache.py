@@ -14,12 +14,19 @@ Why a copy served from here is current:
 * A record read from Redis is cached only if no newer delta for it arrived while the
   read was in flight (the read-versus-message race the Redis client-side-caching docs
   warn of).
-* Redis writes a delta to every subscriber in the same event-loop pass in which it
-  answers the writer, and the writer answers its HTTP client only after that. By the
-  time a client's next request reaches another worker, the delta is in that worker's
-  socket, and the lookup drains the socket first. (A subscriber whose socket Redis
-  cannot write to, because it is full, could lag: a drain that finds a backlog clears
-  the cache, and a broken subscription clears it and resubscribes.)
+* A client's own writes: each write returns the record's new version, the middleware
+  hands it to the client in a cookie, and a copy older than the version a request
+  carries is not served (the request reads Redis instead). So a client never sees a
+  state older than its own last write, however late a change reaches this process.
+* Everyone else's changes: Redis writes a delta to every subscriber in the same
+  event-loop pass in which it answers the writer, so it reaches this process's socket
+  microseconds after the writer's reply; each lookup drains the socket first. Only a
+  request racing that window sees the state just before the change: a concurrent
+  request of the same session (which has no order anyway) or a cookie replayed within
+  microseconds of a logout. A worker that serves no request still takes its changes
+  within milliseconds (a background thread), so Redis does not hold them back for it
+  (it would once the socket buffer filled, and tiny messages fill one fast). A broken
+  subscription clears the copies and resubscribes.
 * What is not a statescale write sends no delta: an eviction under ``maxmemory``, a
   ``FLUSHDB``, a hand-typed ``DEL``. A copy is therefore re-read from Redis at least
   every ``touch_interval`` seconds, which bounds how long such a change can go unseen.
@@ -30,14 +37,14 @@ One instance per process and pool; thread-safe; a fork starts it afresh.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
+import select
 import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -52,25 +59,24 @@ except ImportError:  # pragma: no cover - the redis extra installs hiredis
 
 log = logging.getLogger("statescale")
 
-#: Redis holds back a subscriber's messages only while the subscriber's socket buffer
-#: is full, so a drain that finds this much (far less than any socket buffer, far more
-#: than arrives between two requests of a busy worker) may be behind: clear everything.
-BACKLOG_BYTES = 16 * 1024
-BACKLOG_MESSAGES = 160  # the same, counted in messages, where redis-py does the reading
+#: Changes that wait this long (seconds) with no request to take them are taken by a
+#: background thread, so Redis never has to hold them back for an idle worker.
+IDLE_DRAIN = 0.005
 
 
 def encode_delta(
-    set_fields: dict[str, bytes], deleted: list[str], ttl_ms: int, created: float | None
-) -> str:
-    """The body of a delta; the script prefixes ``key\\nversion\\n``."""
-    body: dict[str, Any] = {"t": ttl_ms}
-    if set_fields:
-        body["s"] = {k: v.decode() for k, v in set_fields.items()}
-    if deleted:
-        body["d"] = deleted
-    if created is not None:  # a whole new record
-        body["c"] = created
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    set_fields: Mapping[str, bytes], deleted: Iterable[str], ttl_ms: int, created: float | None
+) -> bytes:
+    """The body of a delta (the script prefixes ``key\nversion\n``): NUL-separated
+    ``ttl_ms``, ``created`` (empty for a change to an existing record), the number of
+    deleted fields, those fields, then field/value pairs. Field names hold no NUL (the
+    session refuses such keys) and values are JSON texts, which never do."""
+    gone = [f.encode() for f in deleted]
+    parts = [str(ttl_ms).encode(), b"" if created is None else repr(created).encode()]
+    parts += [str(len(gone)).encode(), *gone]
+    for field, value in set_fields.items():
+        parts += (field.encode(), value)
+    return b"\x00".join(parts)
 
 
 class _Entry:
@@ -109,6 +115,7 @@ class SessionCache:
         self._sub: Any = None
         self._raw: Any = None  # the subscription's socket, read directly when hiredis is here
         self._reader: Any = None
+        self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self.hits = self.misses = self.resets = 0
 
@@ -142,6 +149,29 @@ class SessionCache:
                 self._on_message(conn.read_response())
             sock.setblocking(False)
             self._raw, self._reader = sock, _HiredisReader()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._idle_drainer, name="statescale-changes", daemon=True
+            )
+            self._thread.start()
+
+    def _idle_drainer(self) -> None:
+        """Take changes that have waited ``IDLE_DRAIN`` with no request to take them."""
+        while True:
+            with self._lock:
+                sub, pid = self._sub, self._pid
+            if sub is None or pid != os.getpid():
+                return
+            sock = getattr(sub, "_sock", None)
+            try:
+                ready = sock is not None and select.select([sock], [], [], 1.0)[0]
+            except (OSError, ValueError):  # closed under us: the subscription is gone
+                return
+            if ready:
+                time.sleep(IDLE_DRAIN)  # a request will usually have taken them by now
+                with self._lock:
+                    if self._sub is sub:
+                        self._drain()
 
     def _drop_subscription(self, why: str) -> None:
         self.resets += 1
@@ -171,11 +201,6 @@ class SessionCache:
         except (RedisError, OSError, ValueError) as exc:
             self._drop_subscription(f"the subscription failed ({type(exc).__name__})")
             return False
-        if seen >= BACKLOG_MESSAGES if self._raw is None else seen >= BACKLOG_BYTES:
-            # Keep the subscription (it is in order), but trust no copy made before.
-            self._entries.clear()
-            for key in self._pending:
-                self._pending[key] = 1 << 62
         return True
 
     def _drain_socket(self) -> int:
@@ -217,16 +242,19 @@ class SessionCache:
         if version != entry.version + 1:  # a delta went missing
             del self._entries[key]
             return
-        delta = json.loads(body)
-        if "c" in delta:  # a whole record under a key we hold: cannot be
+        parts = body.split(b"\x00")
+        if parts[1]:  # a whole record under a key we hold: cannot be
             del self._entries[key]
             return
-        for field in delta.get("d", ()):
-            entry.fields.pop(field, None)
-        for field, value in delta.get("s", {}).items():
-            entry.fields[field] = value.encode()
+        gone = int(parts[2])
+        fields = entry.fields
+        for field in parts[3 : 3 + gone]:
+            fields.pop(field.decode(), None)
+        pairs = parts[3 + gone :]
+        for i in range(0, len(pairs), 2):
+            fields[pairs[i].decode()] = pairs[i + 1]
         entry.version = version
-        entry.expires = self._clock() + delta["t"] / 1000
+        entry.expires = self._clock() + int(parts[0]) / 1000
 
     # -- the cache -------------------------------------------------------------------
     def get(self, key: str, now: float, min_version: int = 0) -> Record | None:

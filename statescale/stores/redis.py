@@ -78,13 +78,13 @@ redis.call('PEXPIRE', key, ARGV[2])
 redis.call('PUBLISH', ARGV[3], key .. '\\n' .. v .. '\\n' .. ARGV[4])
 if KEYS[2] then
   redis.call('DEL', KEYS[2])
-  redis.call('PUBLISH', ARGV[3], KEYS[2] .. '\\n0\\n{}')
+  redis.call('PUBLISH', ARGV[3], KEYS[2] .. '\\n0\\n')
 end
 return v
 """
 DELETE_SCRIPT = """
 redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[1], KEYS[1] .. '\\n0\\n{}')
+redis.call('PUBLISH', ARGV[1], KEYS[1] .. '\\n0\\n')
 return 1
 """
 SENTINEL_SCHEME = "redis+sentinel"
@@ -243,7 +243,7 @@ class RedisStore:
                 client.connection_pool,
                 store.channel,
                 max_entries=local_cache,
-                touch_interval=min(60.0, store.lifetime.idle / 10),
+                touch_interval=min(10.0, store.lifetime.idle / 10),
                 clock=store._clock,
             )
         return store
@@ -284,9 +284,8 @@ class RedisStore:
                 # Slide the idle timeout through the script, which tells the other
                 # processes too (a bare PEXPIRE would leave their copies' expiry behind).
                 ttl_ms = self._ttl_ms(record.created)
-                version = int(
-                    self._write([key], ["u", ttl_ms, self.channel, f'{{"t":{ttl_ms}}}', 0])
-                )
+                args = self._write_args("u", ttl_ms, {}, frozenset(), None)
+                version = int(self._write([key], args))
                 pttl = ttl_ms
         cache.fill(key, record, version, int(pttl), now)
         return record
@@ -331,7 +330,7 @@ class RedisStore:
         deleted: frozenset[str],
         created: float | None,
     ) -> list[Any]:
-        body = encode_delta(dict(fields), sorted(deleted), ttl_ms, created)
+        body = encode_delta(fields, deleted, ttl_ms, created)
         args: list[Any] = [mode, ttl_ms, self.channel, body, len(deleted), *deleted]
         for field, value in fields.items():
             args += (field, value)
