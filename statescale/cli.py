@@ -82,10 +82,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nValues the memory mode returned: {sorted(set(memory.values))}")
     if memory.warning:
         print(f"Its start-up warning said why:\n  {memory.warning}")
-    shared_ok = results[0].matching == args.requests and len(results[0].pids) >= min(
-        3, args.workers
-    )
-    return 0 if shared_ok else 1
+    # Consistency is the claim; how many workers served depends on who wins each accept.
+    return 0 if results[0].matching == args.requests else 1
 
 
 def cmd_redis(args: argparse.Namespace) -> int:
