@@ -120,8 +120,10 @@ class Gunicorn:
             "--graceful-timeout",
             "5",
             "--no-control-socket",
+            "-c",
+            "python:statescale.gunicorn",
             *self.args,
-            "demo_app:app",
+            self.app,
         ]
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT
