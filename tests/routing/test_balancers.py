@@ -1,0 +1,124 @@
+"""Real nginx and HAProxy, run with the generated configurations in front of real HTTP
+backends: every sampled session cookie lands where the replica ring predicts."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from statescale.embedded import free_port
+from statescale.routing.lb_config import Backend, BalancerRing, haproxy_config, nginx_config
+
+pytestmark = pytest.mark.integration
+
+
+class _Named(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = self.server.name.encode()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def backends() -> Iterator[dict[str, Backend]]:
+    """Five HTTP servers, each answering with its name."""
+    servers = []
+    found = {}
+    for i in range(1, 6):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Named)
+        server.name = f"node{i}"  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        found[f"node{i}"] = Backend(f"node{i}", "127.0.0.1", server.server_address[1])
+    yield found
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def sample_cookies(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        base64.urlsafe_b64encode(rng.randbytes(32)).rstrip(b"=").decode() + ".SiGnAtUrE"
+        for _ in range(n)
+    ]
+
+
+def landed(port: int, cookie: str) -> str:
+    for attempt in range(50):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/", headers={"Cookie": f"other=1; statescale={cookie}"})
+            body = conn.getresponse().read().decode()
+            conn.close()
+            return body
+        except (ConnectionRefusedError, ConnectionResetError):
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError(f"nothing answered on port {port}")
+
+
+def run_nginx(tmp: Path, config: str) -> subprocess.Popen[bytes]:
+    (tmp / "tmp").mkdir(exist_ok=True)
+    (tmp / "nginx.conf").write_text(config)
+    return subprocess.Popen(
+        ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"],
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def run_haproxy(tmp: Path, config: str) -> subprocess.Popen[bytes]:
+    (tmp / "haproxy.cfg").write_text(config)
+    return subprocess.Popen(
+        ["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")], stderr=subprocess.DEVNULL
+    )
+
+
+RUNNERS: dict[str, tuple[Callable[..., str], Callable[[Path, str], subprocess.Popen[bytes]]]] = {
+    "nginx": (nginx_config, run_nginx),
+    "haproxy": (haproxy_config, run_haproxy),
+}
+
+
+@pytest.mark.parametrize("balancer", ["nginx", "haproxy"])
+def test_1000_cookies_land_where_the_replica_predicts(
+    balancer: str, backends: dict[str, Backend], tmp_path: Path
+) -> None:
+    assert shutil.which(balancer), f"install {balancer} (apt-get install {balancer})"
+    make_config, run = RUNNERS[balancer]
+    memberships = {
+        "four nodes": ["node1", "node2", "node3", "node4"],
+        "one added": ["node1", "node2", "node3", "node4", "node5"],
+        "one removed": ["node1", "node3", "node4", "node5"],
+    }
+    cookies = sample_cookies(1000, seed=7)
+    for label, names in memberships.items():
+        members = [backends[name] for name in names]
+        port = free_port()
+        process = run(tmp_path, make_config(members, listen=f"127.0.0.1:{port}"))
+        try:
+            ring = BalancerRing(balancer, members)  # type: ignore[arg-type]
+            wrong = [
+                (c, got, want)
+                for c in cookies
+                if (got := landed(port, c)) != (want := ring.owner(c.partition(".")[0]))
+            ]
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(10)
+        assert wrong == [], f"{balancer}, {label}: {len(wrong)} of 1000 elsewhere, e.g. {wrong[:3]}"
