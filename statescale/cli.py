@@ -17,8 +17,9 @@ DESCRIPTION = """\
 statescale keeps WSGI session state consistent across gunicorn workers and machines,
 with a shared Redis store or sticky routing. Commands:
 
-  demo    run demo_app under gunicorn -w N in each mode and show which keeps sessions
-  redis   run a private redis-server on a free loopback port until Ctrl-C
+  demo       run demo_app under gunicorn -w N in each mode and show which keeps sessions
+  lb-config  print an nginx or HAProxy configuration for sticky sessions
+  redis      run a private redis-server on a free loopback port until Ctrl-C
 """
 
 
@@ -100,6 +101,22 @@ def cmd_redis(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lb_config(args: argparse.Namespace) -> int:
+    from .routing.lb_config import Backend, haproxy_config, nginx_config
+
+    backends = [Backend.parse(spec) for spec in args.backend]
+    make = nginx_config if args.balancer == "nginx" else haproxy_config
+    sys.stdout.write(make(backends, listen=args.listen, cookie=args.cookie))
+    specs = ",".join(args.backend)
+    print(
+        f"# Start each instance with STATESCALE_MODE=sticky STATESCALE_STORE=memory "
+        f"STATESCALE_BALANCER={args.balancer} STATESCALE_BACKENDS={specs} "
+        "STATESCALE_NODE=<its name>, so it mints session IDs this balancer routes to it.",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="statescale",
@@ -120,6 +137,27 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=200, help="increments per mode (default 200)")
     demo.add_argument("--redis-url", help="use this Redis instead of an embedded one")
     demo.set_defaults(func=cmd_demo)
+
+    lb = sub.add_parser(
+        "lb-config",
+        help="print an nginx or HAProxy configuration for sticky sessions",
+        description="Print a complete configuration for nginx (hash ... consistent) or HAProxy "
+        "(balance hash, hash-type consistent) that routes each session to one backend by its "
+        "session ID. statescale replicates both rings exactly, so each instance, told the same "
+        "backends (STATESCALE_BACKENDS, in this order) and its own name (STATESCALE_NODE), "
+        "mints IDs the balancer routes to it.",
+    )
+    lb.add_argument("balancer", choices=["nginx", "haproxy"])
+    lb.add_argument(
+        "--backend",
+        action="append",
+        required=True,
+        metavar="NAME=HOST:PORT[*WEIGHT]",
+        help="one instance (repeat, in a fixed order)",
+    )
+    lb.add_argument("--listen", default="127.0.0.1:8080", help="address:port to listen on")
+    lb.add_argument("--cookie", default="statescale", help="the session cookie's name")
+    lb.set_defaults(func=cmd_lb_config)
 
     redis = sub.add_parser(
         "redis",

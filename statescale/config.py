@@ -105,6 +105,9 @@ class Settings:
     absolute_lifetime: float | None = 7 * 86400.0
     redis_timeout: float = 0.4
     local_cache: int = 10_000
+    node: str | None = None  # sticky mode: this instance's name on the ring
+    backends: tuple[str, ...] = ()  # sticky mode: every instance, NAME=HOST:PORT
+    balancer: str = "statescale"  # whose ring routes: statescale, nginx or haproxy
     development_secret: bool = False
 
     def __post_init__(self) -> None:
@@ -112,6 +115,12 @@ class Settings:
             raise ConfigError(f"STATESCALE_STORE={self.store!r}: use 'redis' or 'memory'")
         if self.mode not in ("shared", "sticky"):
             raise ConfigError(f"STATESCALE_MODE={self.mode!r}: use 'shared' or 'sticky'")
+        if self.balancer not in ("statescale", "nginx", "haproxy"):
+            raise ConfigError(
+                f"STATESCALE_BALANCER={self.balancer!r}: use statescale, nginx or haproxy"
+            )
+        if self.node is not None and not self.backends:
+            raise ConfigError("STATESCALE_NODE is set: list every node in STATESCALE_BACKENDS")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -140,5 +149,10 @@ class Settings:
             absolute_lifetime=_number(env, "STATESCALE_ABSOLUTE_LIFETIME", 7 * 86400.0),
             redis_timeout=_number(env, "STATESCALE_REDIS_TIMEOUT", 0.4) or 0.4,
             local_cache=int(_number(env, "STATESCALE_LOCAL_CACHE", 10_000) or 0),
+            node=env.get("STATESCALE_NODE") or None,
+            backends=tuple(
+                b.strip() for b in env.get("STATESCALE_BACKENDS", "").split(",") if b.strip()
+            ),
+            balancer=env.get("STATESCALE_BALANCER", "statescale").strip().lower(),
             development_secret=not keys,
         )

@@ -58,8 +58,16 @@ class SessionClient:
         jar = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
         headers = {"Cookie": jar} if jar else {}
         started = time.monotonic()
+        for attempt in range(40):  # a server that is still starting refuses for a moment
+            try:
+                conn.request(method, path, headers=headers)
+                break
+            except ConnectionRefusedError:
+                conn.close()
+                if attempt == 39:
+                    raise
+                time.sleep(0.05)
         try:
-            conn.request(method, path, headers=headers)
             response = conn.getresponse()
             body = response.read()
         finally:

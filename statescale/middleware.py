@@ -131,6 +131,13 @@ class StateScaleMiddleware:
                 "a PUBLIC development key. Anyone can forge sessions. Set it in production."
             )
         session = settings.session
+        if settings.node is not None and "id_factory" not in options:
+            from .routing.lb_config import Backend, BalancerRing
+            from .routing.minting import owned_id_factory
+
+            backends = [Backend.parse(spec) for spec in settings.backends]
+            ring = BalancerRing(settings.balancer, backends)  # type: ignore[arg-type]
+            options["id_factory"] = owned_id_factory(ring, settings.node)
         return cls(
             app,
             store or build_store(settings),

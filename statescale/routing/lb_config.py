@@ -74,6 +74,10 @@ class BalancerRing:
             raise ConfigError(f"unknown balancer {balancer!r}: nginx, haproxy or statescale")
         self._node_of = {v: k for k, v in self._by_node.items()}
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.backends)
+
     def owner(self, session_id: str, down: tuple[str, ...] = ()) -> str:
         nodes_down = [self._node_of[name] for name in down]
         return self._by_node[self.ring.owner(session_id, nodes_down)]

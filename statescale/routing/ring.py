@@ -56,6 +56,10 @@ class _Base:
         self.weights = _nodes(nodes)
         self.nodes = tuple(self.weights)
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.nodes
+
     def with_node(self, name: str, weight: float = 1.0) -> _Base:
         return type(self)({**self.weights, name: weight})
 
