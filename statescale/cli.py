@@ -19,6 +19,7 @@ with a shared Redis store or sticky routing. Commands:
 
   demo       run demo_app under gunicorn -w N in each mode and show which keeps sessions
   lb-config  print an nginx or HAProxy configuration for sticky sessions
+  router     run the built-in sticky reverse proxy
   redis      run a private redis-server on a free loopback port until Ctrl-C
 """
 
@@ -117,6 +118,42 @@ def cmd_lb_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .routing.lb_config import Backend
+    from .routing.router import Router, run
+
+    specs = list(args.backend or [])
+    if args.backends_file:
+        lines = Path(args.backends_file).read_text().splitlines()
+        specs += [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    if not specs:
+        raise StateScaleError("give --backend NAME=HOST:PORT (repeat) or --backends-file")
+    router = Router(
+        [Backend.parse(spec) for spec in specs],
+        cookie=args.cookie,
+        ip_hash=args.ip_hash,
+        check_interval=args.check_interval,
+        backends_file=Path(args.backends_file) if args.backends_file else None,
+    )
+    host, port = args.listen
+    print(
+        f"statescale router on http://{host}:{port}/ -> {', '.join(specs)}"
+        + (f"; admin on http://{args.admin[0]}:{args.admin[1]}/nodes" if args.admin else ""),
+        flush=True,
+    )
+    run(router, host, port, args.admin, use_uvloop=not args.no_uvloop)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="statescale",
@@ -158,6 +195,30 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("--listen", default="127.0.0.1:8080", help="address:port to listen on")
     lb.add_argument("--cookie", default="statescale", help="the session cookie's name")
     lb.set_defaults(func=cmd_lb_config)
+
+    router = sub.add_parser(
+        "router",
+        help="run the built-in sticky reverse proxy",
+        description="A reverse proxy that sends every request of a session to the node the "
+        "rendezvous ring gives for its session ID (start each node with "
+        "STATESCALE_BALANCER=statescale, the same STATESCALE_BACKENDS and its STATESCALE_NODE). "
+        "Requests without a session go round robin (or by client IP with --ip-hash). A node "
+        "that refuses connections is taken out at once; a check brings it back. SIGHUP "
+        "re-reads --backends-file; SIGTERM finishes requests in flight, then stops.",
+    )
+    router.add_argument("--backend", action="append", metavar="NAME=HOST:PORT[*WEIGHT]")
+    router.add_argument("--backends-file", help="one NAME=HOST:PORT a line; re-read on SIGHUP")
+    router.add_argument("--listen", type=_address, default=("127.0.0.1", 8080))
+    router.add_argument("--admin", type=_address, help="HOST:PORT for GET/POST/DELETE /nodes")
+    router.add_argument("--cookie", default="statescale", help="the session cookie's name")
+    router.add_argument(
+        "--ip-hash", action="store_true", help="route requests without a session by client IP"
+    )
+    router.add_argument(
+        "--check-interval", type=float, default=1.0, help="seconds between checks of down nodes"
+    )
+    router.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
+    router.set_defaults(func=cmd_router)
 
     redis = sub.add_parser(
         "redis",

@@ -1,0 +1,298 @@
+"""The built-in router as a real process, in front of real HTTP servers and real
+gunicorn nodes."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from statescale.embedded import free_port
+from statescale.harness import Gunicorn, SessionClient
+from statescale.routing.lb_config import Backend, BalancerRing
+
+pytestmark = pytest.mark.integration
+
+
+class Echo(BaseHTTPRequestHandler):
+    """Answers with its name, the request's method, body and forwarding headers;
+    /chunked answers with a chunked body."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if self.headers.get("Transfer-Encoding") == "chunked":
+            body = b""
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+        if self.path == "/chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for part in (b"hello ", b"chunked ", b"world"):
+                self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        answer = json.dumps(
+            {
+                "node": self.server.name,  # type: ignore[attr-defined]
+                "method": self.command,
+                "body": body.decode(),
+                "xff": self.headers.get("X-Forwarded-For"),
+                "proto": self.headers.get("X-Forwarded-Proto"),
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def echo_servers(n: int) -> Iterator[list[tuple[str, ThreadingHTTPServer]]]:
+    servers = []
+    for i in range(1, n + 1):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+        server.name = f"node{i}"  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append((f"node{i}", server))
+    yield servers
+    for _, server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+class RouterProcess:
+    def __init__(self, specs: list[str], *extra: str) -> None:
+        self.port, self.admin = free_port(), free_port()
+        args = [a for s in specs for a in ("--backend", s)]
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "statescale",
+                "router",
+                *args,
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--admin",
+                f"127.0.0.1:{self.admin}",
+                "--check-interval",
+                "0.2",
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            probe = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=1)
+            try:
+                probe.request("GET", "/nodes")
+                probe.getresponse().read()
+                return
+            except OSError:
+                time.sleep(0.05)
+            finally:
+                probe.close()
+        raise RuntimeError("router did not start")
+
+    def nodes(self, method: str = "GET", query: str = "") -> dict[str, object]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=5)
+        try:
+            conn.request(method, "/nodes" + query)
+            return json.loads(conn.getresponse().read())  # type: ignore[no-any-return]
+        finally:
+            conn.close()
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(10)
+        assert self.process.stderr is not None
+        err = self.process.stderr.read().decode()
+        self.process.stderr.close()
+        return err
+
+
+@pytest.fixture
+def echoes() -> Iterator[list[tuple[str, ThreadingHTTPServer]]]:
+    yield from echo_servers(3)
+
+
+def specs_of(servers: list[tuple[str, ThreadingHTTPServer]]) -> list[str]:
+    return [f"{name}=127.0.0.1:{s.server_address[1]}" for name, s in servers]
+
+
+def test_proxying_keepalive_bodies_and_forwarded_headers(
+    echoes: list[tuple[str, ThreadingHTTPServer]],
+) -> None:
+    router = RouterProcess(specs_of(echoes))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=5)
+        seen = set()
+        for i in range(6):  # one client connection, kept alive, round robin without a cookie
+            conn.request("POST", "/x", body=f"payload {i}".encode())
+            reply = json.loads(conn.getresponse().read())
+            assert reply["body"] == f"payload {i}" and reply["proto"] == "http"
+            assert reply["xff"] == "127.0.0.1"
+            seen.add(reply["node"])
+        assert seen == {"node1", "node2", "node3"}
+        conn.request("POST", "/x", body=iter([b"chunked ", b"upload"]), encode_chunked=True)
+        assert json.loads(conn.getresponse().read())["body"] == "chunked upload"
+        conn.request("GET", "/chunked")
+        assert conn.getresponse().read() == b"hello chunked world"
+    finally:
+        err = router.stop()  # with the client's keep-alive connection still open
+        conn.close()
+    assert "stopping; 0 requests in flight" in err
+
+
+def ask(port: int, cookie: str | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/", headers={"Cookie": f"statescale={cookie}"} if cookie else {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_a_cookie_goes_to_its_owner_and_a_dead_node_is_routed_around(
+    echoes: list[tuple[str, ThreadingHTTPServer]],
+) -> None:
+    specs = specs_of(echoes)
+    ring = BalancerRing("statescale", [Backend.parse(s) for s in specs])
+    router = RouterProcess(specs)
+    try:
+        sessions = [f"session{i:03d}.sig" for i in range(60)]
+        for sid in sessions:
+            node = json.loads(ask(router.port, sid)[1])["node"]
+            assert node == ring.owner(sid.partition(".")[0])
+        echoes[0][1].shutdown()
+        echoes[0][1].server_close()  # node1 now refuses connections
+        for sid in sessions:
+            node = json.loads(ask(router.port, sid)[1])["node"]
+            assert node == ring.owner(sid.partition(".")[0], down=("node1",))
+        assert {n["name"]: n["up"] for n in router.nodes()["nodes"]} == {
+            "node1": False,
+            "node2": True,
+            "node3": True,
+        }  # type: ignore[index,union-attr]
+    finally:
+        err = router.stop()
+    assert "node1 is down" in err
+
+
+def test_no_node_left_is_a_clear_503(echoes: list[tuple[str, ThreadingHTTPServer]]) -> None:
+    router = RouterProcess([f"gone=127.0.0.1:{free_port()}"])
+    try:
+        status, body = ask(router.port)
+        assert status == 503 and b"no backend node" in body
+    finally:
+        router.stop()
+
+
+def test_admin_adds_and_removes_nodes_and_sighup_rereads_the_file(
+    echoes: list[tuple[str, ThreadingHTTPServer]], tmp_path: Path
+) -> None:
+    specs = specs_of(echoes)
+    listing = tmp_path / "backends"
+    listing.write_text(specs[0] + "\n")
+    router = RouterProcess([], "--backends-file", str(listing))
+    try:
+        assert [n["name"] for n in router.nodes()["nodes"]] == ["node1"]  # type: ignore[index,union-attr]
+        name, _, addr = specs[1].partition("=")
+        router.nodes("POST", f"?name={name}&addr={addr}")
+        assert [n["name"] for n in router.nodes()["nodes"]] == ["node1", "node2"]  # type: ignore[index,union-attr]
+        router.nodes("DELETE", "?name=node1")
+        assert [n["name"] for n in router.nodes()["nodes"]] == ["node2"]  # type: ignore[index,union-attr]
+        listing.write_text("\n".join(specs) + "\n")
+        os.kill(router.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while len(router.nodes()["nodes"]) != 3 and time.monotonic() < deadline:  # type: ignore[arg-type]
+            time.sleep(0.05)
+        assert len(router.nodes()["nodes"]) == 3  # type: ignore[arg-type]
+    finally:
+        router.stop()
+
+
+def start_nodes(stack: ExitStack, n: int) -> tuple[list[Gunicorn], list[str]]:
+    nodes = [Gunicorn(workers=1) for _ in range(n)]
+    specs = [f"node{i}=127.0.0.1:{g.port}" for i, g in enumerate(nodes, 1)]
+    for i, node in enumerate(nodes, 1):
+        node.env.update(
+            STATESCALE_MODE="sticky",
+            STATESCALE_STORE="memory",
+            STATESCALE_BALANCER="statescale",
+            STATESCALE_BACKENDS=",".join(specs),
+            STATESCALE_NODE=f"node{i}",
+        )
+        stack.enter_context(node)
+    return nodes, specs
+
+
+def test_50_sessions_40_increments_through_the_router() -> None:
+    with ExitStack() as stack:
+        _, specs = start_nodes(stack, 4)
+        router = RouterProcess(specs)
+        stack.callback(router.stop)
+        users = [SessionClient(router.port) for _ in range(50)]
+        pids: dict[int, set[int]] = defaultdict(set)
+        wrong = []
+        for round_ in range(1, 41):
+            for n, user in enumerate(users):
+                reply = user.post("/api/incr?key=c")
+                pids[n].add(reply.json["pid"])
+                if reply.json["value"] != round_:
+                    wrong.append((n, round_, reply.json))
+    assert wrong == []
+    assert all(len(p) == 1 for p in pids.values())  # the first request already on the owner
+    assert len(set().union(*pids.values())) == 4
+
+
+def test_kill9_of_one_node_loses_only_its_sessions() -> None:
+    with ExitStack() as stack:
+        nodes, specs = start_nodes(stack, 4)
+        router = RouterProcess(specs)
+        stack.callback(router.stop)
+        users = [SessionClient(router.port) for _ in range(40)]
+        for _ in range(5):
+            for user in users:
+                assert user.post("/api/incr?key=c").status == 200
+        victim = nodes[0]
+        assert victim.process is not None
+        victim_pids = victim.worker_pids() | {victim.process.pid}
+        for pid in victim_pids:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        statuses, afresh, kept = [], 0, 0
+        for user in users:
+            reply = user.post("/api/incr?key=c")
+            statuses.append(reply.status)
+            if reply.status == 200:
+                afresh += reply.json["value"] == 1
+                kept += reply.json["value"] == 6
+        victim.process.wait(10)  # reap the master; stop() then has nothing left to do
+    assert statuses == [200] * 40  # never a failed request: the router routes around
+    assert afresh + kept == 40
+    assert 4 <= afresh <= 20  # about a quarter start afresh; the rest keep their values
