@@ -1,7 +1,7 @@
 # Loaded by gunicorn when it is started from the repository root, e.g.
-#   gunicorn -w 4 demo_app:app
-# The hooks share one embedded Redis among the workers when STATESCALE_REDIS_URL is unset
-# and warn when the memory store runs under several workers without sticky routing.
-from statescale.gunicorn import on_exit, on_starting, when_ready
+#   gunicorn -w 4 demo_app:app                                  (shared mode)
+#   STATESCALE_MODE=sticky gunicorn -w 4 -b 127.0.0.1:8000 demo_app:app   (sticky mode)
+# See statescale/gunicorn.py for what each hook does.
+from statescale.gunicorn import on_exit, on_starting, post_fork, pre_fork, when_ready
 
-__all__ = ["on_exit", "on_starting", "when_ready"]
+__all__ = ["on_exit", "on_starting", "post_fork", "pre_fork", "when_ready"]

@@ -162,8 +162,15 @@ class Gunicorn:
                 fields = [comm, *rest.split()]
             except OSError:
                 continue
-            # The master's children, less the embedded redis-server a hook may start.
-            if int(fields[2]) == self.process.pid and "redis" not in fields[0]:
+            # The master's children, less what a hook may start: the embedded
+            # redis-server, the sticky router.
+            if int(fields[2]) != self.process.pid or "redis" in fields[0]:
+                continue
+            try:
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"statescale\x00router" not in cmdline:
                 pids.add(int(stat.parent.name))
         return pids
 
