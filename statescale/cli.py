@@ -17,6 +17,7 @@ DESCRIPTION = """\
 statescale keeps WSGI session state consistent across gunicorn workers and machines,
 with a shared Redis store or sticky routing. Commands:
 
+  cluster    serve an app under gunicorn -w N in sticky or shared mode
   demo       run demo_app under gunicorn -w N in each mode and show which keeps sessions
   lb-config  print an nginx or HAProxy configuration for sticky sessions
   router     run the built-in sticky reverse proxy
@@ -154,6 +155,35 @@ def cmd_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    import os
+
+    host, port = args.bind
+    env = {**os.environ, "STATESCALE_MODE": args.mode}
+    if args.mode == "shared":
+        env.setdefault("STATESCALE_STORE", "redis")
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-w",
+        str(args.workers),
+        "-b",
+        f"{host}:{port}",
+        "-c",
+        "python:statescale.gunicorn",
+        args.app,
+    ]
+    where = (
+        "a Redis store shared by all workers"
+        if args.mode == "shared"
+        else ("the sticky router in front, each worker keeping its sessions in memory")
+    )
+    print(f"statescale cluster: {args.workers} workers of {args.app}, {where}.")
+    print(f"Point a browser at http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
+    os.execve(sys.executable, command, env)  # noqa: S606 - gunicorn takes our place: signals reach it
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="statescale",
@@ -162,6 +192,20 @@ def parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--version", action="version", version=f"statescale {__version__}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
+
+    cluster = sub.add_parser(
+        "cluster",
+        help="serve an app under gunicorn -w N in sticky or shared mode",
+        description="Run APP (module:variable) under gunicorn with statescale's hooks. sticky: "
+        "every worker keeps sessions in memory and statescale router on --bind sends each "
+        "session to its worker. shared: every worker uses one Redis (an embedded one unless "
+        "STATESCALE_REDIS_URL is set).",
+    )
+    cluster.add_argument("mode", choices=["sticky", "shared"])
+    cluster.add_argument("app", nargs="?", default="demo_app:app", help="default: demo_app:app")
+    cluster.add_argument("--workers", type=int, default=4)
+    cluster.add_argument("--bind", type=_address, default=("127.0.0.1", 8000), help="HOST:PORT")
+    cluster.set_defaults(func=cmd_cluster)
 
     demo = sub.add_parser(
         "demo",

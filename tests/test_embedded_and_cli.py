@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 
 import pytest
 
@@ -60,3 +61,59 @@ def test_cli_demo_shows_both_modes(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "| shared (Redis) | 30/30 | " in out
     assert "split: the session resets on another worker" in out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["sticky", "shared"])
+def test_cluster_serves_consistent_sessions_and_stops_on_sigterm(mode: str) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from statescale.embedded import free_port
+    from statescale.harness import ROOT, SessionClient
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "STATESCALE_COOKIE_SECURE": "0",
+        "STATESCALE_SECRET_KEYS": "cluster-test-key-0123456789",
+    }
+    env.pop("STATESCALE_REDIS_URL", None)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "statescale",
+            "cluster",
+            mode,
+            "--workers",
+            "2",
+            "--bind",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = SessionClient(port)
+        for _ in range(100):  # wait for the workers (and the router) to answer
+            try:
+                if client.get("/health").status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        assert [client.post("/api/incr?key=c").json["value"] for _ in range(10)] == list(
+            range(1, 11)
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+        assert process.stdout is not None
+        out = process.stdout.read().decode()
+        process.stdout.close()
+    assert f"http://127.0.0.1:{port}/" in out
