@@ -10,8 +10,9 @@ Shared mode (the default):
 * ``when_ready``: warn loudly when the memory store runs under several workers without
   sticky routing (each worker would keep its own sessions).
 
-Sticky mode (``STATESCALE_MODE=sticky gunicorn -w N -b HOST:PORT APP``), all under the
-one gunicorn master:
+Sticky mode (``STATESCALE_MODE=sticky gunicorn -w N -b HOST:PORT APP``, with no
+``STATESCALE_NODE``: an instance given a node name is one node behind an outside
+balancer, and the hooks leave it alone), all under the one gunicorn master:
 
 * every worker slot gets a private loopback port and a node name (``worker0`` ...);
   each worker listens on its slot's port (``post_fork``), keeps sessions in its own
@@ -44,7 +45,7 @@ _sticky: dict[str, Any] = {}  # in the master: public address, slot ports, slot 
 
 def on_starting(server: Any) -> None:
     settings = Settings.from_env()
-    if settings.mode == "sticky":
+    if settings.mode == "sticky" and settings.node is None:
         _prepare_sticky(server)
         return
     if settings.store != "redis" or settings.redis_url:

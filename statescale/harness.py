@@ -164,8 +164,8 @@ class Gunicorn:
                 continue
             # The master's children, less what a hook may start: the embedded
             # redis-server, the sticky router.
-            if int(fields[2]) != self.process.pid or "redis" in fields[0]:
-                continue
+            if int(fields[2]) != self.process.pid or "redis" in fields[0] or fields[1] == "Z":
+                continue  # not ours, the embedded Redis, or dead and not yet reaped
             try:
                 cmdline = (stat.parent / "cmdline").read_bytes()
             except OSError:

@@ -35,6 +35,7 @@ log = logging.getLogger("statescale.router")
 
 MAX_HEAD = 64 * 1024
 CHUNK = 64 * 1024
+POOL_PER_NODE = 32  # idle keep-alive connections kept to each node
 _HOP_BY_HOP = {
     b"connection",
     b"keep-alive",
@@ -46,6 +47,11 @@ _HOP_BY_HOP = {
     b"x-forwarded-proto",
 }
 _NO_BODY_STATUS = (204, 304)
+_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class _Stale(Exception):
+    """A pooled connection the node had closed; the request can go again on a new one."""
 
 
 class _Head:
@@ -177,6 +183,7 @@ class Router:
         self.backends_file = backends_file
         self.down: set[str] = set()
         self._set_members(backends)
+        self._pool: dict[str, list[_Conn]] = {}
         self._active: set[asyncio.Task[None]] = set()  # client connections
         self._idle: set[asyncio.Task[None]] = set()  # ...waiting for their next request
         self._servers: list[asyncio.Server] = []
@@ -241,14 +248,34 @@ class Router:
                 log.warning("statescale router: %s is back; its sessions flip back to it", name)
 
     # -- proxying ----------------------------------------------------------------
+    def _pooled(self, name: str) -> _Conn | None:
+        idle = self._pool.get(name, [])
+        while idle:
+            reader, writer = idle.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        return None
+
+    def _release(self, name: str, conn: _Conn, reusable: bool) -> None:
+        idle = self._pool.setdefault(name, [])
+        if reusable and name in self.members and len(idle) < POOL_PER_NODE:
+            idle.append(conn)
+        else:
+            conn[1].close()
+
     async def _connect(
-        self, head: _Head, client_ip: str
-    ) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter] | None:
+        self, head: _Head, client_ip: str, *, fresh: bool = False
+    ) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter, bool] | None:
+        """A connection to the request's node: (name, reader, writer, reused)."""
         cookie = _cookie(head.get(b"cookie"), self.cookie)
         for _ in range(len(self.members)):
             name = self.choose(cookie, client_ip)
             if name is None:
                 return None
+            pooled = None if fresh else self._pooled(name)
+            if pooled is not None:
+                return name, pooled[0], pooled[1], True
             backend = self.members[name]
             try:
                 reader, writer = await asyncio.wait_for(
@@ -257,7 +284,7 @@ class Router:
             except (OSError, asyncio.TimeoutError) as exc:
                 self.mark_down(name, type(exc).__name__)
                 continue
-            return name, reader, writer
+            return name, reader, writer, False
         return None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -296,24 +323,38 @@ class Router:
             writer.write(_reply("400 Bad Request", f"{exc}\n"))
             return False
         client_keep = head.keep_alive()
-        target = await self._connect(head, client_ip)
-        if target is None:
-            writer.write(_reply("503 Service Unavailable", "no backend node is available\n"))
-            await _skip_body(kind, length, reader)
-            return client_keep
-        name, up_reader, up_writer = target
-        try:
-            extra = [
-                (b"X-Forwarded-For", client_ip.encode()),
-                (b"X-Forwarded-Proto", b"http"),
-                (b"Connection", b"close"),
-            ]
-            up_writer.write(head.forwarded(extra))
-            await _copy_body(kind, length, reader, up_writer)
-            await up_writer.drain()
-            return await self._relay_response(name, head, client_keep, up_reader, writer)
-        finally:
-            up_writer.close()
+        extra = [
+            (b"X-Forwarded-For", client_ip.encode()),
+            (b"X-Forwarded-Proto", b"http"),
+            (b"Connection", b"keep-alive"),
+        ]
+        for fresh in (False, True):
+            target = await self._connect(head, client_ip, fresh=fresh)
+            if target is None:
+                writer.write(_reply("503 Service Unavailable", "no backend node is available\n"))
+                await _skip_body(kind, length, reader)
+                return client_keep
+            name, up_reader, up_writer, reused = target
+            reusable = False
+            try:
+                retry_ok = reused and kind == "none"  # nothing sent yet that cannot go again
+                try:
+                    up_writer.write(head.forwarded(extra))
+                    await _copy_body(kind, length, reader, up_writer)
+                    await up_writer.drain()
+                except ConnectionError as exc:  # sending to the node, not to the client
+                    if retry_ok:
+                        raise _Stale from exc
+                    raise
+                keep, reusable = await self._relay_response(
+                    name, head, client_keep, up_reader, writer, retry_ok=retry_ok
+                )
+                return keep
+            except _Stale:
+                continue  # the node had closed our pooled connection: once more, afresh
+            finally:
+                self._release(name, (up_reader, up_writer), reusable)
+        return False
 
     async def _read_request(
         self,
@@ -346,13 +387,23 @@ class Router:
         client_keep: bool,
         up_reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-    ) -> bool:
+        *,
+        retry_ok: bool,
+    ) -> tuple[bool, bool]:
+        """Relay the node's response; (keep the client connection, reuse the node's).
+        ``retry_ok``: a pooled connection with nothing sent but the head may turn out
+        closed by the node; then raise :class:`_Stale` so the request goes again."""
         try:
             response = _Head(await up_reader.readuntil(b"\r\n\r\n"))
             status = int(response.first.split(b" ", 2)[1])
-        except (asyncio.IncompleteReadError, ValueError, IndexError) as exc:
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            if retry_ok:
+                raise _Stale from exc
             writer.write(_reply("502 Bad Gateway", f"node {name} failed: {type(exc).__name__}\n"))
-            return False
+            return False, False
+        except (ValueError, IndexError) as exc:
+            writer.write(_reply("502 Bad Gateway", f"node {name} failed: {type(exc).__name__}\n"))
+            return False, False
         if request.first.startswith(b"HEAD ") or status in _NO_BODY_STATUS or status < 200:
             kind, length = "length", 0
         else:
@@ -366,7 +417,7 @@ class Router:
         else:
             await _copy_body(kind, length, up_reader, writer)
         await writer.drain()
-        return keep
+        return keep, kind != "none" and response.keep_alive()
 
     async def admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """``GET /nodes``; ``POST /nodes?name=N&addr=H:P[&weight=W]``; ``DELETE /nodes?name=N``."""

@@ -3,10 +3,12 @@ gunicorn nodes."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +33,15 @@ class Echo(BaseHTTPRequestHandler):
     /chunked answers with a chunked body."""
 
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1  # type: ignore[attr-defined]
+        self.server.open.add(self.connection)  # type: ignore[attr-defined]
+
+    def finish(self) -> None:
+        self.server.open.discard(self.connection)  # type: ignore[attr-defined]
+        super().finish()
 
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -69,11 +80,22 @@ class Echo(BaseHTTPRequestHandler):
         pass
 
 
+def kill(server: ThreadingHTTPServer) -> None:
+    """As a dead process would: no listener, and every open connection closed."""
+    server.shutdown()
+    server.server_close()
+    for conn in list(server.open):  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+
 def echo_servers(n: int) -> Iterator[list[tuple[str, ThreadingHTTPServer]]]:
     servers = []
     for i in range(1, n + 1):
         server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
         server.name = f"node{i}"  # type: ignore[attr-defined]
+        server.connections, server.open = 0, set()  # type: ignore[attr-defined]
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append((f"node{i}", server))
     yield servers
@@ -188,8 +210,7 @@ def test_a_cookie_goes_to_its_owner_and_a_dead_node_is_routed_around(
         for sid in sessions:
             node = json.loads(ask(router.port, sid)[1])["node"]
             assert node == ring.owner(sid.partition(".")[0])
-        echoes[0][1].shutdown()
-        echoes[0][1].server_close()  # node1 now refuses connections
+        kill(echoes[0][1])  # node1 now refuses connections
         for sid in sessions:
             node = json.loads(ask(router.port, sid)[1])["node"]
             assert node == ring.owner(sid.partition(".")[0], down=("node1",))
@@ -201,6 +222,37 @@ def test_a_cookie_goes_to_its_owner_and_a_dead_node_is_routed_around(
     finally:
         err = router.stop()
     assert "node1 is down" in err
+
+
+def test_connections_to_a_node_are_kept_alive_and_a_stale_one_is_replaced(
+    echoes: list[tuple[str, ThreadingHTTPServer]],
+) -> None:
+    specs = specs_of(echoes)
+    ring = BalancerRing("statescale", [Backend.parse(s) for s in specs])
+    sid = next(f"s{i}" for i in range(100) if ring.owner(f"s{i}") == "node2")
+    node2 = echoes[1][1]
+    router = RouterProcess(specs)
+    try:
+        for _ in range(10):  # ten client connections, one after the other
+            status, body = ask(router.port, sid + ".sig")
+            assert status == 200 and json.loads(body)["node"] == "node2"
+        assert node2.connections == 1  # type: ignore[attr-defined]
+        # The node drops its idle connections (a restart, a keep-alive timeout):
+        # the router notices on the next request and sends it again on a new one.
+        kill(node2)
+        replacement = ThreadingHTTPServer(("127.0.0.1", node2.server_address[1]), Echo)
+        replacement.name, replacement.connections = "node2", 0  # type: ignore[attr-defined]
+        replacement.open = set()  # type: ignore[attr-defined]
+        threading.Thread(target=replacement.serve_forever, daemon=True).start()
+        try:
+            status, body = ask(router.port, sid + ".sig")
+            assert status == 200 and json.loads(body)["node"] == "node2"
+            assert replacement.connections == 1  # type: ignore[attr-defined]
+        finally:
+            replacement.shutdown()
+            replacement.server_close()
+    finally:
+        router.stop()
 
 
 def test_no_node_left_is_a_clear_503(echoes: list[tuple[str, ThreadingHTTPServer]]) -> None:
