@@ -348,3 +348,46 @@ def test_kill9_of_one_node_loses_only_its_sessions() -> None:
     assert statuses == [200] * 40  # never a failed request: the router routes around
     assert afresh + kept == 40
     assert 4 <= afresh <= 20  # about a quarter start afresh; the rest keep their values
+
+
+def test_a_node_that_comes_back_takes_its_sessions_back(
+    echoes: list[tuple[str, ThreadingHTTPServer]],
+) -> None:
+    specs = specs_of(echoes)
+    ring = BalancerRing("statescale", [Backend.parse(s) for s in specs])
+    sid = next(f"s{i}" for i in range(200) if ring.owner(f"s{i}") == "node1")
+    router = RouterProcess(specs)
+    try:
+        port = echoes[0][1].server_address[1]
+        kill(echoes[0][1])
+        moved = json.loads(ask(router.port, sid + ".x")[1])["node"]
+        assert moved == ring.owner(sid, down=("node1",))
+        back = ThreadingHTTPServer(("127.0.0.1", port), Echo)
+        back.name, back.connections, back.open = "node1", 0, set()  # type: ignore[attr-defined]
+        threading.Thread(target=back.serve_forever, daemon=True).start()
+        try:
+            deadline = time.monotonic() + 3  # checks every 0.2 s here (1 s by default)
+            node = moved
+            while node != "node1" and time.monotonic() < deadline:
+                time.sleep(0.1)
+                node = json.loads(ask(router.port, sid + ".x")[1])["node"]
+            assert node == "node1"  # flipped back to its owner
+        finally:
+            back.shutdown()
+            back.server_close()
+    finally:
+        err = router.stop()
+    assert "node1 is back" in err
+
+
+def test_ip_hash_sends_a_client_without_a_session_to_one_node(
+    echoes: list[tuple[str, ThreadingHTTPServer]],
+) -> None:
+    specs = specs_of(echoes)
+    ring = BalancerRing("statescale", [Backend.parse(s) for s in specs])
+    router = RouterProcess(specs, "--ip-hash")
+    try:
+        nodes = {json.loads(ask(router.port)[1])["node"] for _ in range(12)}
+    finally:
+        router.stop()
+    assert nodes == {ring.owner("127.0.0.1")}
