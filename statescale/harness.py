@@ -202,3 +202,37 @@ class Gunicorn:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class UsersResult:
+    """What :func:`interleaved_increments` saw."""
+
+    def __init__(self) -> None:
+        self.wrong: list[tuple[int, int, int, Any]] = []  # (user, expected, status, body)
+        self.pids: dict[int, set[int]] = {}  # user -> the pids that served them
+        self.first_pid: dict[int, int] = {}
+        self.clients: list[SessionClient] = []  # the users, cookies and all, to go on with
+
+    @property
+    def one_node_each(self) -> bool:
+        return all(len(p) == 1 for p in self.pids.values())
+
+
+def interleaved_increments(port: int, users: int, rounds: int, key: str = "c") -> UsersResult:
+    """``users`` simulated users, each with its own cookie, increment ``key`` ``rounds``
+    times, interleaved round by round; each knows what its counter must say."""
+    clients = [SessionClient(port) for _ in range(users)]
+    result = UsersResult()
+    result.clients = clients
+    for expected in range(1, rounds + 1):
+        for n, client in enumerate(clients):
+            reply = client.post(f"/api/incr?key={key}")
+            if reply.status != 200:
+                result.wrong.append((n, expected, reply.status, reply.body))
+                continue
+            body = reply.json
+            result.pids.setdefault(n, set()).add(body["pid"])
+            result.first_pid.setdefault(n, body["pid"])
+            if body["value"] != expected:
+                result.wrong.append((n, expected, reply.status, body))
+    return result

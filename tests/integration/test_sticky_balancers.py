@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections import defaultdict
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from statescale.embedded import free_port
-from statescale.harness import Gunicorn, SessionClient
+from statescale.harness import Gunicorn, SessionClient, interleaved_increments
 from statescale.routing.lb_config import Backend, haproxy_config, nginx_config
 
 pytestmark = pytest.mark.integration
@@ -52,20 +51,9 @@ def test_50_sessions_40_increments_each_stay_on_one_node(balancer: str, tmp_path
         proxy = start_balancer(balancer, backends, port, tmp_path)
         stack.callback(lambda: (proxy.send_signal(signal.SIGTERM), proxy.wait(10)))
         SessionClient(port).get("/health")  # wait for the balancer (the client retries)
-        users = [SessionClient(port) for _ in range(50)]
-        pids: dict[int, set[int]] = defaultdict(set)
-        first_pid: dict[int, int] = {}
-        wrong = []
-        for round_ in range(1, 41):
-            for n, user in enumerate(users):
-                reply = user.post("/api/incr?key=c")
-                body = reply.json
-                pids[n].add(body["pid"])
-                first_pid.setdefault(n, body["pid"])
-                if reply.status != 200 or body["value"] != round_:
-                    wrong.append((n, round_, reply.status, body))
+        seen = interleaved_increments(port, users=50, rounds=40)
         logs = "".join(node.log() for node in nodes)
-    assert wrong == []
-    assert all(len(p) == 1 for p in pids.values())  # one node per session, from the first
-    assert len({first_pid[n] for n in pids}) >= 3  # spread over the nodes
+    assert seen.wrong == []
+    assert seen.one_node_each  # one node per session, from the first request
+    assert len(set(seen.first_pid.values())) >= 3  # spread over the nodes
     assert "several worker processes" not in logs

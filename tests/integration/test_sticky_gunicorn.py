@@ -6,28 +6,20 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections import defaultdict
 
 import pytest
 
-from statescale.harness import Gunicorn, SessionClient
+from statescale.harness import Gunicorn, interleaved_increments
 
 pytestmark = pytest.mark.integration
 
 
 def test_sticky_mode_under_one_gunicorn_master() -> None:
     with Gunicorn(env={"STATESCALE_MODE": "sticky"}) as server:
-        users = [SessionClient(server.port) for _ in range(50)]
-        pids: dict[int, set[int]] = defaultdict(set)
-        wrong = []
-        for round_ in range(1, 41):
-            for n, user in enumerate(users):
-                reply = user.post("/api/incr?key=c")
-                pids[n].add(reply.json["pid"])
-                if reply.json["value"] != round_:
-                    wrong.append((n, round_, reply.json))
-        assert wrong == []
-        assert all(len(p) == 1 for p in pids.values())  # each session on one worker, from the start
+        seen = interleaved_increments(server.port, users=50, rounds=40)
+        assert seen.wrong == []
+        assert seen.one_node_each  # each session on one worker, from its first request
+        pids, users = seen.pids, seen.clients
         workers = server.worker_pids()
         assert set().union(*pids.values()) == workers  # spread over all four
 

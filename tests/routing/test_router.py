@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from statescale.embedded import free_port
-from statescale.harness import Gunicorn, SessionClient
+from statescale.harness import Gunicorn, SessionClient, interleaved_increments
 from statescale.routing.lb_config import Backend, BalancerRing
 
 pytestmark = pytest.mark.integration
@@ -308,18 +307,10 @@ def test_50_sessions_40_increments_through_the_router() -> None:
         _, specs = start_nodes(stack, 4)
         router = RouterProcess(specs)
         stack.callback(router.stop)
-        users = [SessionClient(router.port) for _ in range(50)]
-        pids: dict[int, set[int]] = defaultdict(set)
-        wrong = []
-        for round_ in range(1, 41):
-            for n, user in enumerate(users):
-                reply = user.post("/api/incr?key=c")
-                pids[n].add(reply.json["pid"])
-                if reply.json["value"] != round_:
-                    wrong.append((n, round_, reply.json))
-    assert wrong == []
-    assert all(len(p) == 1 for p in pids.values())  # the first request already on the owner
-    assert len(set().union(*pids.values())) == 4
+        seen = interleaved_increments(router.port, users=50, rounds=40)
+    assert seen.wrong == []
+    assert seen.one_node_each  # the first request already on the owner
+    assert len(set().union(*seen.pids.values())) == 4
 
 
 def test_kill9_of_one_node_loses_only_its_sessions() -> None:
