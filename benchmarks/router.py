@@ -92,7 +92,8 @@ def cookies_lua(path: Path) -> str:
     path.write_text(
         f"local cookies = {{{table}}}\n"
         "request = function()\n"
-        '  return wrk.format(nil, nil, {Cookie = "statescale=" .. cookies[math.random(#cookies)]})\n'
+        "  local cookie = cookies[math.random(#cookies)]\n"
+        '  return wrk.format(nil, nil, {Cookie = "statescale=" .. cookie})\n'
         "end\n"
     )
     return str(path)
