@@ -17,6 +17,7 @@ DESCRIPTION = """\
 statescale keeps WSGI session state consistent across gunicorn workers and machines,
 with a shared Redis store or sticky routing. Commands:
 
+  bench      every mode and the peers side by side: tables, JSON and a plot
   cluster    serve an app under gunicorn -w N in sticky or shared mode
   demo       run demo_app under gunicorn -w N in each mode and show which keeps sessions
   lb-config  print an nginx or HAProxy configuration for sticky sessions
@@ -155,6 +156,15 @@ def cmd_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import run
+
+    only = {name.strip() for name in args.only.split(",")} if args.only else None
+    return run(quick=args.quick, duration=args.duration, only=only, out=Path(args.out))
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
     import os
 
@@ -192,6 +202,21 @@ def parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--version", action="version", version=f"statescale {__version__}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
+
+    bench = sub.add_parser(
+        "bench",
+        help="every mode and the peers side by side: tables, JSON and a plot",
+        description="Start every configuration at once (shared, shared+locking, sticky under "
+        "gunicorn, sticky behind the router and behind nginx, memory without stickiness, the "
+        "session-less ceiling, Flask-Session 0.8 and signed cookies), alternate wrk runs between "
+        "them, check each one's consistency with simulated users, and write bench.md, bench.json "
+        "and throughput.png. About 4 minutes; --quick about a minute.",
+    )
+    bench.add_argument("--quick", action="store_true", help="one short round, small sessions")
+    bench.add_argument("--duration", type=float, help="seconds per wrk run (default 2, quick 1)")
+    bench.add_argument("--only", help="comma-separated configuration names")
+    bench.add_argument("--out", default="bench-results", help="directory for the results")
+    bench.set_defaults(func=cmd_bench)
 
     cluster = sub.add_parser(
         "cluster",
