@@ -17,8 +17,10 @@ Needs wrk (Debian's package); nginx is used when installed; the peers (Flask-Ses
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import signal
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +54,34 @@ class Setup:
     consistent_expected: bool
     note: str = ""
     results: dict[str, list[float]] = field(default_factory=dict)
+    kill_one: Callable[[], None] | None = None  # kill -9 one node (or worker), for node loss
 
 
-def _sticky_nodes(stack: ExitStack, balancer: str) -> tuple[list[Backend], list[str]]:
+def _kill_worker(server: Gunicorn) -> Callable[[], None]:
+    """kill -9 one worker of ``server`` (its master forks another)."""
+
+    def kill() -> None:
+        os.kill(min(server.worker_pids()), signal.SIGKILL)
+
+    return kill
+
+
+def _kill_node(node: Gunicorn) -> Callable[[], None]:
+    """kill -9 a whole node, master and workers: the machine is gone."""
+
+    def kill() -> None:
+        assert node.process is not None
+        for pid in [*node.worker_pids(), node.process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        node.process.wait(10)
+
+    return kill
+
+
+def _sticky_nodes(
+    stack: ExitStack, balancer: str
+) -> tuple[list[Backend], list[str], Callable[[], None]]:
     nodes = [Gunicorn(workers=1) for _ in range(4)]
     backends = [Backend(f"node{i}", "127.0.0.1", g.port) for i, g in enumerate(nodes, 1)]
     specs = [f"{b.name}={b.address}" for b in backends]
@@ -66,7 +94,7 @@ def _sticky_nodes(stack: ExitStack, balancer: str) -> tuple[list[Backend], list[
             STATESCALE_NODE=b.name,
         )
         stack.enter_context(g)
-    return backends, specs
+    return backends, specs, _kill_node(nodes[0])
 
 
 def _process(stack: ExitStack, command: list[str]) -> None:
@@ -98,7 +126,7 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
         if want(name):
             log(f"starting {name}")
             server = stack.enter_context(Gunicorn(env=env(), app=app))
-            setups.append(Setup(name, server.port, consistent))
+            setups.append(Setup(name, server.port, consistent, kill_one=_kill_worker(server)))
 
     gunicorn("ceiling", redis, True)  # measured on /health only
     gunicorn("shared", redis, True)
@@ -106,18 +134,18 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
     gunicorn("sticky (gunicorn)", lambda: {"STATESCALE_MODE": "sticky"}, True)
     if want("sticky (router)"):
         log("starting sticky (router)")
-        _, specs = _sticky_nodes(stack, "statescale")
+        _, specs, kill = _sticky_nodes(stack, "statescale")
         port = free_port()
         args = [a for s in specs for a in ("--backend", s)]
         _process(
             stack,
             [sys.executable, "-m", "statescale", "router", *args, "--listen", f"127.0.0.1:{port}"],
         )
-        setups.append(Setup("sticky (router)", port, True))
+        setups.append(Setup("sticky (router)", port, True, kill_one=kill))
     if want("sticky (nginx)"):
         if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
             log("starting sticky (nginx)")
-            backends, _ = _sticky_nodes(stack, "nginx")
+            backends, _, kill = _sticky_nodes(stack, "nginx")
             port, tmp = free_port(), Path(tempfile.mkdtemp(prefix="statescale-bench-nginx-"))
             (tmp / "tmp").mkdir()
             (tmp / "nginx.conf").write_text(nginx_config(backends, listen=f"127.0.0.1:{port}"))
@@ -125,7 +153,7 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
             _process(
                 stack, [nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"]
             )
-            setups.append(Setup("sticky (nginx)", port, True))
+            setups.append(Setup("sticky (nginx)", port, True, kill_one=kill))
         else:
             log("skipping sticky (nginx): nginx is not installed (apt-get install nginx-light)")
     gunicorn("memory, no sticky", lambda: {"STATESCALE_STORE": "memory"}, False)
@@ -225,10 +253,88 @@ def measure(
     for setup in setups:
         if setup.name == "ceiling":
             continue
+        lost_updates(setup, parallel=16)
+        r = setup.results
+        log(
+            f"lost updates {setup.name:<18} different keys {r['lost_different_keys'][0]:.0%}, "
+            f"one key {r['lost_one_key'][0]:.0%}"
+        )
         seen = interleaved_increments(setup.port, users=users, rounds=turns, key="turns")
         total = users * turns
         setup.results["consistency"] = [1 - len(seen.wrong) / total]
         log(f"consistency {setup.name:<18} {total - len(seen.wrong)}/{total}")
+    for setup in setups:  # last: it kills things
+        if setup.kill_one is None or setup.name in ("ceiling", "memory, no sticky"):
+            continue
+        node_loss(setup, users=20)
+        r = setup.results
+        log(
+            f"node loss {setup.name:<18} sessions lost {r['node_loss_sessions_lost'][0]:.0%}, "
+            f"requests failed {r['node_loss_requests_failed'][0]:.0f}"
+        )
+
+
+def lost_updates(setup: Setup, parallel: int) -> None:
+    """Parallel requests of one session: different keys set, and one key incremented.
+    The client keeps the cookie of the last answer to arrive, as a browser would."""
+    base = SessionClient(setup.port)
+    base.post("/api/set?key=start&value=1")
+    start = dict(base.cookies)
+
+    def one(path: str) -> dict[str, str]:
+        client = SessionClient(setup.port)
+        client.cookies = dict(start)
+        client.post(path)
+        return client.cookies
+
+    for label, paths in (
+        ("different_keys", [f"/api/set?key=k{i}&value={i}" for i in range(parallel)]),
+        ("one_key", ["/api/incr?key=n"] * parallel),
+    ):
+        with ThreadPoolExecutor(parallel) as pool:
+            jars = list(pool.map(one, paths))
+        reader = SessionClient(setup.port)
+        reader.cookies = jars[-1]
+        reply = reader.get("/api/session")
+        data = reply.json.get("data", {}) if reply.status == 200 else {}
+        if label == "different_keys":
+            kept = sum(f"k{i}" in data for i in range(parallel))
+        else:
+            kept = data.get("n", 0) if isinstance(data.get("n", 0), int) else 0
+        setup.results[f"lost_{label}"] = [(parallel - kept) / parallel]
+
+
+def node_loss(setup: Setup, users: int) -> None:
+    """Users with sessions; kill -9 one node; the same users go on. Sessions lost
+    (a counter that starts again), requests failed, seconds until all answer again."""
+    assert setup.kill_one is not None
+    clients = [SessionClient(setup.port) for _ in range(users)]
+    for _ in range(3):
+        for client in clients:
+            client.post("/api/incr?key=loss")
+    setup.kill_one()
+    killed = time.monotonic()
+    failed = lost = 0
+    recovered = None
+    pending = set(range(users))
+    for _ in range(3):
+        for n, client in enumerate(clients):
+            try:
+                reply = client.post("/api/incr?key=loss")
+            except OSError:
+                failed += 1
+                continue
+            if reply.status != 200:
+                failed += 1
+                continue
+            pending.discard(n)
+            if reply.json["value"] == 1:
+                lost += 1
+        if not pending and recovered is None:
+            recovered = time.monotonic() - killed
+    setup.results["node_loss_sessions_lost"] = [lost / users]
+    setup.results["node_loss_requests_failed"] = [float(failed)]
+    setup.results["node_loss_recovery_s"] = [recovered if recovered is not None else -1.0]
 
 
 def report(setups: list[Setup], sizes: list[int]) -> tuple[str, dict[str, Any]]:
@@ -270,6 +376,26 @@ def report(setups: list[Setup], sizes: list[int]) -> tuple[str, dict[str, Any]]:
                 )
             consistency = setup.results["consistency"][0]
             lines.append(f"| {setup.name} | {size} B | {' | '.join(cells)} | {consistency:.1%} |")
+    lines += [
+        "",
+        "| configuration | parallel writes of different keys lost | parallel increments lost | "
+        "kill -9 of a node: sessions lost | requests failed | all answering again after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for setup in setups:
+        r = setup.results
+        if "lost_one_key" not in r:
+            continue
+        loss = (
+            f"{r['node_loss_sessions_lost'][0]:.0%} | {r['node_loss_requests_failed'][0]:.0f} | "
+            f"{r['node_loss_recovery_s'][0]:.2f} s"
+            if "node_loss_sessions_lost" in r
+            else "n/a | n/a | n/a"
+        )
+        lines.append(
+            f"| {setup.name} | {r['lost_different_keys'][0]:.0%} | {r['lost_one_key'][0]:.0%} "
+            f"| {loss} |"
+        )
     return "\n".join(lines), data
 
 
@@ -304,6 +430,24 @@ def plot(data: dict[str, Any], sizes: list[int], path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    faults = [n for n in names if "lost_one_key" in data[n]]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    xs = range(len(faults))
+    series = (
+        ("lost_different_keys", "parallel writes of different keys lost"),
+        ("lost_one_key", "parallel increments lost"),
+        ("node_loss_sessions_lost", "sessions lost when a node is killed"),
+    )
+    for i, (key, label) in enumerate(series):
+        values = [100 * data[n].get(key, {"median": 0})["median"] for n in faults]
+        ax.bar([x + (i - 1) * 0.27 for x in xs], values, width=0.27, label=label)
+    ax.set_xticks(list(xs), faults, rotation=20, ha="right")
+    ax.set_ylabel("% lost")
+    ax.set_title("statescale bench: what each configuration loses")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_name("faults.png"), dpi=110)
+    plt.close(fig)
     return True
 
 
@@ -333,7 +477,7 @@ def run(*, quick: bool, duration: float | None, only: set[str] | None, out: Path
     print(table)
     print(
         f"\nwrote {out / 'bench.md'}, {out / 'bench.json'}"
-        + (f", {out / 'throughput.png'}" if plotted else " (no plot: install the bench extra)")
+        + (", throughput.png, faults.png" if plotted else " (no plots: install the bench extra)")
     )
     broken = [
         s.name for s in setups if s.consistent_expected and s.results.get("consistency", [1])[0] < 1
