@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._delay import DelayProxy
 from .embedded import EmbeddedRedis, free_port
 from .harness import ROOT, Gunicorn, SessionClient, interleaved_increments
 from .routing.lb_config import Backend, nginx_config
@@ -43,6 +44,7 @@ from .routing.lb_config import Backend, nginx_config
 _RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
 _LATENCY = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 _UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+REMOTE_DELAY = 0.0005  # seconds each way: a Redis about 1 ms away
 
 
 @dataclass
@@ -117,6 +119,13 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
         server = stack.enter_context(EmbeddedRedis())
         return {"STATESCALE_STORE": "redis", "STATESCALE_REDIS_URL": server.url}
 
+    def remote_redis() -> dict[str, str]:
+        """A Redis about 1 ms away (0.5 ms each way through a delaying proxy)."""
+        server = stack.enter_context(EmbeddedRedis())
+        proxy = stack.enter_context(DelayProxy(("127.0.0.1", server.port), REMOTE_DELAY))
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        return {"STATESCALE_STORE": "redis", "STATESCALE_REDIS_URL": url}
+
     def want(name: str) -> bool:
         return only is None or name in only
 
@@ -131,6 +140,7 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
     gunicorn("ceiling", redis, True)  # measured on /health only
     gunicorn("shared", redis, True)
     gunicorn("shared+locking", lambda: {**redis(), "STATESCALE_LOCKING": "1"}, True)
+    gunicorn("shared (Redis 1 ms away)", remote_redis, True)
     gunicorn("sticky (gunicorn)", lambda: {"STATESCALE_MODE": "sticky"}, True)
     if want("sticky (router)"):
         log("starting sticky (router)")
@@ -156,7 +166,7 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
             setups.append(Setup("sticky (nginx)", port, True, kill_one=kill))
         else:
             log("skipping sticky (nginx): nginx is not installed (apt-get install nginx-light)")
-    gunicorn("memory, no sticky", lambda: {"STATESCALE_STORE": "memory"}, False)
+    gunicorn("memory (no sticky)", lambda: {"STATESCALE_STORE": "memory"}, False)
     peers = importlib.util.find_spec("flask_session") is not None and (ROOT / "benchmarks").is_dir()
     for name, app in (
         ("flask-session 0.8", "benchmarks.peer_apps:flask_session_app"),
@@ -264,7 +274,7 @@ def measure(
         setup.results["consistency"] = [1 - len(seen.wrong) / total]
         log(f"consistency {setup.name:<18} {total - len(seen.wrong)}/{total}")
     for setup in setups:  # last: it kills things
-        if setup.kill_one is None or setup.name in ("ceiling", "memory, no sticky"):
+        if setup.kill_one is None or setup.name in ("ceiling", "memory (no sticky)"):
             continue
         node_loss(setup, users=20)
         r = setup.results
