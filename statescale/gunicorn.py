@@ -80,6 +80,15 @@ def _prepare_sticky(server: Any) -> None:
     private = os.path.join(tempfile.mkdtemp(prefix="statescale-"), "unused.sock")
     server.cfg.set("bind", [f"unix:{private}"])
     _sticky.update(public=public, ports=ports, specs=specs, slots={}, router=None)
+
+    def refuse_ttin() -> None:  # the arbiter looks its signal handlers up by name
+        server.log.error(
+            "statescale: sticky mode has %d slots, fixed at start (every node's ring must "
+            "agree); TTIN ignored. Restart with a larger -w to scale.",
+            len(ports),
+        )
+
+    server.handle_ttin = refuse_ttin
     server.log.info("statescale: sticky mode, %d workers: %s", len(ports), ", ".join(specs))
 
 
@@ -88,12 +97,22 @@ def pre_fork(server: Any, worker: Any) -> None:
     if not _sticky:
         return
     slots: dict[int, Any] = _sticky["slots"]
-    for slot in range(len(_sticky["ports"])):
-        holder = slots.get(slot)
-        if holder is None or holder.pid not in server.WORKERS:
-            break
-    slots[slot] = worker
-    worker.statescale_slot = slot
+    free = [
+        s
+        for s in range(len(_sticky["ports"]))
+        if slots.get(s) is None or slots[s].pid not in server.WORKERS
+    ]
+    if not free:  # TTIN asked for more workers than the ring has slots
+        server.log.error(
+            "statescale: sticky mode has %d slots, fixed at start (every node's ring must "
+            "agree); not adding a worker. Restart with a larger -w to scale.",
+            len(_sticky["ports"]),
+        )
+        server.num_workers = len(_sticky["ports"])
+        worker.statescale_slot = None
+        return
+    slots[free[0]] = worker
+    worker.statescale_slot = free[0]
 
 
 def post_fork(server: Any, worker: Any) -> None:
@@ -103,6 +122,8 @@ def post_fork(server: Any, worker: Any) -> None:
     from gunicorn.sock import TCPSocket
 
     slot = worker.statescale_slot
+    if slot is None:  # refused in pre_fork: leave quietly, the arbiter will not replace us
+        sys.exit(0)
     worker.sockets = [TCPSocket(("127.0.0.1", _sticky["ports"][slot]), server.cfg, server.log)]
     os.environ["STATESCALE_NODE"] = f"worker{slot}"
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from statescale.harness import Gunicorn, interleaved_increments
+from statescale.harness import Gunicorn, SessionClient, interleaved_increments
 
 pytestmark = pytest.mark.integration
 
@@ -46,3 +46,14 @@ def test_sticky_mode_under_one_gunicorn_master() -> None:
     assert afresh + kept == 50
     assert afresh == sum(1 for p in pids.values() if victim in p)  # exactly the victim's users
     assert "sticky router on http://" in log and "several worker processes" not in log
+
+
+def test_ttin_cannot_add_a_worker_the_ring_has_no_slot_for() -> None:
+    with Gunicorn(env={"STATESCALE_MODE": "sticky"}, workers=2) as server:
+        before = server.worker_pids()
+        server.signal(signal.SIGTTIN)
+        time.sleep(1.5)
+        assert server.worker_pids() == before
+        client = SessionClient(server.port)
+        assert [client.post("/api/incr?key=c").json["value"] for _ in range(5)] == [1, 2, 3, 4, 5]
+        assert "sticky mode has 2 slots" in server.log()
