@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+from statescale.bench import run_wrk
 from statescale.harness import Gunicorn, SessionClient
 
 ROUTES = [
@@ -32,32 +30,15 @@ ROUTES = [
     ("GET /api/session", "GET", "/api/session"),
     ("POST /api/incr", "POST", "/api/incr?key=n"),
 ]
-_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
-_NON2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
-_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 
 
 def wrk(url: str, method: str, cookie: str, duration: float, connections: int) -> float:
-    """Requests per second; refuses a run with any non-2xx answer or socket error."""
-    script = f'wrk.method = "{method}"\nwrk.headers["Cookie"] = "statescale={cookie}"\n'
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
-        lua.write(script)
-        lua.flush()
-        out = subprocess.run(
-            ["wrk", "-t2", f"-c{connections}", f"-d{duration:g}s", "-s", lua.name, url],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=duration + 30,
-        ).stdout
-    bad = _NON2XX.search(out)
-    errors = _ERRORS.search(out)
-    if bad or (errors and any(int(n) for n in errors.groups())):
-        raise RuntimeError(f"wrk saw failures against {url}:\n{out}")
-    match = _RPS.search(out)
-    if match is None:
-        raise RuntimeError(f"no Requests/sec in wrk's output:\n{out}")
-    return float(match.group(1))
+    """Requests per second (a run with any failed request is an error)."""
+    port, _, path = url.removeprefix("http://127.0.0.1:").partition("/")
+    rps, _, _ = run_wrk(
+        int(port), "/" + path, method, [cookie], duration=duration, connections=connections
+    )
+    return rps
 
 
 def run(duration: float, rounds: int, connections: int) -> dict[str, list[float]]:

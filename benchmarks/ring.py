@@ -37,7 +37,7 @@ def noise_floor(n: int, k: int, draws: int = 3) -> float:
     return sorted(results)[len(results) // 2]
 
 
-def measure(kind: str, n: int, sample: list[str]) -> dict[str, float]:
+def measure(kind: str, n: int, sample: list[str]) -> dict[str, object]:
     make = Ring if kind == "rendezvous" else NginxRing
     names = [f"10.0.0.{i}:8000" for i in range(n)]
     ring = make(names)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     sample = keys(args.keys)
-    rows = []
+    rows: list[dict[str, object]] = []
     print(f"{args.keys} random IDs", flush=True)
     for n in (int(x) for x in args.nodes.split(",")):
         floor = round(noise_floor(n, len(sample)), 4)

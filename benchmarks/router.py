@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import base64
 import random
-import re
 import signal
 import statistics
 import subprocess
@@ -24,11 +23,10 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from statescale.bench import run_wrk
 from statescale.embedded import free_port
 from statescale.harness import Gunicorn, SessionClient
 from statescale.routing.lb_config import Backend, nginx_config
-
-_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
 
 
 def start_nginx(backends: list[Backend], port: int, tmp: Path) -> subprocess.Popen[bytes]:
@@ -59,44 +57,13 @@ def start_router(specs: list[str], port: int, *, uvloop: bool) -> subprocess.Pop
     )
 
 
-def wrk(port: int, lua: str, duration: float, connections: int) -> float:
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t2",
-            f"-c{connections}",
-            f"-d{duration:g}s",
-            "-s",
-            lua,
-            f"http://127.0.0.1:{port}/api/session",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=duration + 30,
-    ).stdout
-    if "Non-2xx" in out or re.search(r"Socket errors: connect [1-9]", out):
-        raise RuntimeError(f"wrk saw failures:\n{out}")
-    match = _RPS.search(out)
-    if match is None:
-        raise RuntimeError(out)
-    return float(match.group(1))
-
-
-def cookies_lua(path: Path) -> str:
+def session_ids(count: int) -> list[str]:
+    """Cookie values each balancer hashes onto its ring (the ID before the '.')."""
     rng = random.Random(1)
-    values = [
-        base64.urlsafe_b64encode(rng.randbytes(32)).rstrip(b"=").decode() + ".x" for _ in range(64)
+    return [
+        base64.urlsafe_b64encode(rng.randbytes(32)).rstrip(b"=").decode() + ".x"
+        for _ in range(count)
     ]
-    table = ", ".join(f'"{v}"' for v in values)
-    path.write_text(
-        f"local cookies = {{{table}}}\n"
-        "request = function()\n"
-        "  local cookie = cookies[math.random(#cookies)]\n"
-        '  return wrk.format(nil, nil, {Cookie = "statescale=" .. cookie})\n'
-        "end\n"
-    )
-    return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="statescale-router-bench-"))
-    lua = cookies_lua(tmp / "cookies.lua")
+    cookies = session_ids(64)
     with ExitStack() as stack:
         nodes = [Gunicorn(workers=1) for _ in range(4)]
         backends = [Backend(f"node{i}", "127.0.0.1", g.port) for i, g in enumerate(nodes, 1)]
@@ -132,14 +99,22 @@ def main(argv: list[str] | None = None) -> int:
             start_router(specs, ports["router (asyncio)"], uvloop=False),
         ]
         for proc in procs:
-            stack.callback(lambda p=proc: (p.send_signal(signal.SIGTERM), p.wait(10)))
+            stack.callback(proc.wait, 10)
+            stack.callback(proc.send_signal, signal.SIGTERM)  # callbacks run last-in first
         for port in ports.values():
             SessionClient(port).get("/health")
         time.sleep(0.5)
         results: dict[str, list[float]] = {name: [] for name in ports}
         for n in range(1, args.rounds + 1):
             for name, port in ports.items():
-                rps = wrk(port, lua, args.duration, args.connections)
+                rps, _, _ = run_wrk(
+                    port,
+                    "/api/session",
+                    "GET",
+                    cookies,
+                    duration=args.duration,
+                    connections=args.connections,
+                )
                 results[name].append(rps)
                 print(f"  round {n}/{args.rounds}  {name:<17} {rps:8.0f} req/s", flush=True)
     base = statistics.median(results["nginx"])

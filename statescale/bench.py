@@ -194,10 +194,18 @@ def _sessions(port: int, count: int, size: int) -> list[str]:
     return cookies
 
 
-def _wrk(
-    port: int, path: str, method: str, cookies: list[str], duration: float
+def run_wrk(
+    port: int,
+    path: str,
+    method: str,
+    cookies: list[str],
+    *,
+    duration: float,
+    connections: int = 16,
 ) -> tuple[float, float, float]:
-    """(requests/s, p50 ms, p99 ms); a run with any failed request is an error."""
+    """wrk against 127.0.0.1:``port``, each request carrying one of ``cookies`` as the
+    session cookie: (requests/s, p50 ms, p99 ms). A run with any non-2xx answer or
+    socket error is an error, not a figure."""
     table = ", ".join(f'"{c}"' for c in cookies) or '""'
     script = (
         f'local cookies = {{{table}}}\nwrk.method = "{method}"\n'
@@ -207,23 +215,23 @@ def _wrk(
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
         lua.write(script)
         lua.flush()
+        command = [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{duration:g}s",
+            "--latency",
+            "-s",
+            lua.name,
+        ]
         out = subprocess.run(
-            [
-                "wrk",
-                "-t2",
-                "-c16",
-                f"-d{duration:g}s",
-                "--latency",
-                "-s",
-                lua.name,
-                f"http://127.0.0.1:{port}{path}",
-            ],
+            [*command, f"http://127.0.0.1:{port}{path}"],
             capture_output=True,
             text=True,
             check=True,
             timeout=duration + 60,
         ).stdout
-    if "Non-2xx" in out:
+    if "Non-2xx" in out or re.search(r"Socket errors: connect [1-9]|read [1-9]|timeout [1-9]", out):
         raise RuntimeError(f"wrk saw failed requests on {path}:\n{out}")
     rps = _RPS.search(out)
     latency = {p: float(v) * _UNIT[u] for p, v, u in _LATENCY.findall(out)}
@@ -252,8 +260,8 @@ def measure(
                     else [("read", "/api/session", "GET"), ("write", "/api/incr?key=n", "POST")]
                 )
                 for label, path, method in routes:
-                    rps, p50, p99 = _wrk(
-                        setup.port, path, method, cookies[(setup.name, size)], duration
+                    rps, p50, p99 = run_wrk(
+                        setup.port, path, method, cookies[(setup.name, size)], duration=duration
                     )
                     key = f"{label}_{size}"
                     for metric, value in (("rps", rps), ("p50_ms", p50), ("p99_ms", p99)):
