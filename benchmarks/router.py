@@ -16,7 +16,6 @@ import base64
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,36 +24,7 @@ from pathlib import Path
 
 from statescale.bench import run_wrk
 from statescale.embedded import free_port
-from statescale.harness import Gunicorn, SessionClient
-from statescale.routing.lb_config import Backend, nginx_config
-
-
-def start_nginx(backends: list[Backend], port: int, tmp: Path) -> subprocess.Popen[bytes]:
-    (tmp / "tmp").mkdir(exist_ok=True)
-    (tmp / "nginx.conf").write_text(nginx_config(backends, listen=f"127.0.0.1:{port}"))
-    return subprocess.Popen(
-        ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"],
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def start_router(specs: list[str], port: int, *, uvloop: bool) -> subprocess.Popen[bytes]:
-    args = [a for s in specs for a in ("--backend", s)]
-    extra = [] if uvloop else ["--no-uvloop"]
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "statescale",
-            "router",
-            *args,
-            "--listen",
-            f"127.0.0.1:{port}",
-            *extra,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+from statescale.harness import SessionClient, start_balancer, start_router, sticky_nodes
 
 
 def session_ids(count: int) -> list[str]:
@@ -77,26 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="statescale-router-bench-"))
     cookies = session_ids(64)
     with ExitStack() as stack:
-        nodes = [Gunicorn(workers=1) for _ in range(4)]
-        backends = [Backend(f"node{i}", "127.0.0.1", g.port) for i, g in enumerate(nodes, 1)]
-        specs = [f"{b.name}={b.address}" for b in backends]
-        for b, g in zip(backends, nodes, strict=True):
-            g.env.update(
-                STATESCALE_MODE="sticky",
-                STATESCALE_STORE="memory",
-                STATESCALE_BACKENDS=",".join(specs),
-                STATESCALE_NODE=b.name,
-            )
-            stack.enter_context(g)
+        _, backends = sticky_nodes(stack)  # wrk's cookies are random: any ring will do
         ports = {
             "nginx": free_port(),
             "router (uvloop)": free_port(),
             "router (asyncio)": free_port(),
         }
         procs = [
-            start_nginx(backends, ports["nginx"], tmp),
-            start_router(specs, ports["router (uvloop)"], uvloop=True),
-            start_router(specs, ports["router (asyncio)"], uvloop=False),
+            start_balancer("nginx", backends, ports["nginx"], tmp),
+            start_router(backends, ports["router (uvloop)"]),
+            start_router(backends, ports["router (asyncio)"], "--no-uvloop"),
         ]
         for proc in procs:
             stack.callback(proc.wait, 10)

@@ -38,8 +38,15 @@ from typing import Any
 
 from ._delay import DelayProxy
 from .embedded import EmbeddedRedis, free_port
-from .harness import ROOT, Gunicorn, SessionClient, interleaved_increments
-from .routing.lb_config import Backend, nginx_config
+from .harness import (
+    ROOT,
+    Gunicorn,
+    SessionClient,
+    interleaved_increments,
+    start_balancer,
+    start_router,
+    sticky_nodes,
+)
 
 _RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
 _LATENCY = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
@@ -81,27 +88,7 @@ def _kill_node(node: Gunicorn) -> Callable[[], None]:
     return kill
 
 
-def _sticky_nodes(
-    stack: ExitStack, balancer: str
-) -> tuple[list[Backend], list[str], Callable[[], None]]:
-    nodes = [Gunicorn(workers=1) for _ in range(4)]
-    backends = [Backend(f"node{i}", "127.0.0.1", g.port) for i, g in enumerate(nodes, 1)]
-    specs = [f"{b.name}={b.address}" for b in backends]
-    for b, g in zip(backends, nodes, strict=True):
-        g.env.update(
-            STATESCALE_MODE="sticky",
-            STATESCALE_STORE="memory",
-            STATESCALE_BALANCER=balancer,
-            STATESCALE_BACKENDS=",".join(specs),
-            STATESCALE_NODE=b.name,
-        )
-        stack.enter_context(g)
-    return backends, specs, _kill_node(nodes[0])
-
-
-def _process(stack: ExitStack, command: list[str]) -> None:
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
+def _stop_on_exit(stack: ExitStack, proc: subprocess.Popen[bytes]) -> None:
     def stop() -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
@@ -144,26 +131,17 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
     gunicorn("sticky (gunicorn)", lambda: {"STATESCALE_MODE": "sticky"}, True)
     if want("sticky (router)"):
         log("starting sticky (router)")
-        _, specs, kill = _sticky_nodes(stack, "statescale")
+        nodes, backends = sticky_nodes(stack, balancer="statescale")
         port = free_port()
-        args = [a for s in specs for a in ("--backend", s)]
-        _process(
-            stack,
-            [sys.executable, "-m", "statescale", "router", *args, "--listen", f"127.0.0.1:{port}"],
-        )
-        setups.append(Setup("sticky (router)", port, True, kill_one=kill))
+        _stop_on_exit(stack, start_router(backends, port))
+        setups.append(Setup("sticky (router)", port, True, kill_one=_kill_node(nodes[0])))
     if want("sticky (nginx)"):
         if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
             log("starting sticky (nginx)")
-            backends, _, kill = _sticky_nodes(stack, "nginx")
+            nodes, backends = sticky_nodes(stack, balancer="nginx")
             port, tmp = free_port(), Path(tempfile.mkdtemp(prefix="statescale-bench-nginx-"))
-            (tmp / "tmp").mkdir()
-            (tmp / "nginx.conf").write_text(nginx_config(backends, listen=f"127.0.0.1:{port}"))
-            nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-            _process(
-                stack, [nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"]
-            )
-            setups.append(Setup("sticky (nginx)", port, True, kill_one=kill))
+            _stop_on_exit(stack, start_balancer("nginx", backends, port, tmp))
+            setups.append(Setup("sticky (nginx)", port, True, kill_one=_kill_node(nodes[0])))
         else:
             log("skipping sticky (nginx): nginx is not installed (apt-get install nginx-light)")
     gunicorn("memory (no sticky)", lambda: {"STATESCALE_STORE": "memory"}, False)

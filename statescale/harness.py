@@ -9,16 +9,19 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from statescale.embedded import free_port
+from statescale.routing.lb_config import Backend, haproxy_config, nginx_config
 
 ROOT = Path(__file__).resolve().parents[1]  # holds statescale/ and demo_app/
 SECRET = "integration-secret-0123456789abcdef"  # noqa: S105 - loopback test servers only
@@ -236,3 +239,50 @@ def interleaved_increments(port: int, users: int, rounds: int, key: str = "c") -
             if body["value"] != expected:
                 result.wrong.append((n, expected, reply.status, body))
     return result
+
+
+def sticky_nodes(
+    stack: ExitStack, count: int = 4, balancer: str = "statescale"
+) -> tuple[list[Gunicorn], list[Backend]]:
+    """``count`` single-worker demo_app nodes in sticky mode on the memory store, each
+    told every node (``STATESCALE_BACKENDS``), its own name and whose ring routes them;
+    stopped when ``stack`` closes."""
+    nodes = [Gunicorn(workers=1) for _ in range(count)]
+    backends = [Backend(f"node{i}", "127.0.0.1", g.port) for i, g in enumerate(nodes, 1)]
+    specs = ",".join(b.spec for b in backends)
+    for backend, node in zip(backends, nodes, strict=True):
+        node.env.update(
+            STATESCALE_MODE="sticky",
+            STATESCALE_STORE="memory",
+            STATESCALE_BALANCER=balancer,
+            STATESCALE_BACKENDS=specs,
+            STATESCALE_NODE=backend.name,
+        )
+        stack.enter_context(node)
+    return nodes, backends
+
+
+def start_balancer(
+    kind: str, backends: list[Backend], port: int, folder: Path
+) -> subprocess.Popen[bytes]:
+    """nginx or HAProxy on 127.0.0.1:``port``, from `statescale lb-config`'s file in ``folder``."""
+    listen = f"127.0.0.1:{port}"
+    if kind == "nginx":
+        (folder / "tmp").mkdir(exist_ok=True)
+        (folder / "nginx.conf").write_text(nginx_config(backends, listen=listen))
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"  # sbin: not on every PATH
+        command = [nginx, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-g", "daemon off;"]
+    else:
+        (folder / "haproxy.cfg").write_text(haproxy_config(backends, listen=listen))
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        command = [haproxy, "-db", "-f", str(folder / "haproxy.cfg")]
+    return subprocess.Popen(command, stderr=subprocess.DEVNULL)
+
+
+def start_router(
+    backends: list[Backend], port: int, *extra: str, stderr: int = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
+    """`statescale router` on 127.0.0.1:``port`` in front of ``backends``."""
+    args = [a for b in backends for a in ("--backend", b.spec)]
+    command = [sys.executable, "-m", "statescale", "router", *args, "--listen", f"127.0.0.1:{port}"]
+    return subprocess.Popen([*command, *extra], stdout=subprocess.DEVNULL, stderr=stderr)

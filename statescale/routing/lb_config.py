@@ -31,6 +31,11 @@ class Backend:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def spec(self) -> str:
+        """``NAME=HOST:PORT``, as ``parse``, ``--backend`` and STATESCALE_BACKENDS take it."""
+        return f"{self.name}={self.address}"
+
     @classmethod
     def parse(cls, spec: str) -> Backend:
         """``NAME=HOST:PORT`` or ``NAME=HOST:PORT*WEIGHT``."""

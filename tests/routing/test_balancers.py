@@ -8,17 +8,17 @@ import http.client
 import random
 import shutil
 import signal
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from statescale.embedded import free_port
-from statescale.routing.lb_config import Backend, BalancerRing, haproxy_config, nginx_config
+from statescale.harness import start_balancer
+from statescale.routing.lb_config import Backend, BalancerRing
 
 pytestmark = pytest.mark.integration
 
@@ -73,34 +73,11 @@ def landed(port: int, cookie: str) -> str:
     raise AssertionError(f"nothing answered on port {port}")
 
 
-def run_nginx(tmp: Path, config: str) -> subprocess.Popen[bytes]:
-    (tmp / "tmp").mkdir(exist_ok=True)
-    (tmp / "nginx.conf").write_text(config)
-    return subprocess.Popen(
-        ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"],
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def run_haproxy(tmp: Path, config: str) -> subprocess.Popen[bytes]:
-    (tmp / "haproxy.cfg").write_text(config)
-    return subprocess.Popen(
-        ["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")], stderr=subprocess.DEVNULL
-    )
-
-
-RUNNERS: dict[str, tuple[Callable[..., str], Callable[[Path, str], subprocess.Popen[bytes]]]] = {
-    "nginx": (nginx_config, run_nginx),
-    "haproxy": (haproxy_config, run_haproxy),
-}
-
-
 @pytest.mark.parametrize("balancer", ["nginx", "haproxy"])
 def test_1000_cookies_land_where_the_replica_predicts(
     balancer: str, backends: dict[str, Backend], tmp_path: Path
 ) -> None:
     assert shutil.which(balancer), f"install {balancer} (apt-get install {balancer})"
-    make_config, run = RUNNERS[balancer]
     memberships = {
         "four nodes": ["node1", "node2", "node3", "node4"],
         "one added": ["node1", "node2", "node3", "node4", "node5"],
@@ -110,7 +87,7 @@ def test_1000_cookies_land_where_the_replica_predicts(
     for label, names in memberships.items():
         members = [backends[name] for name in names]
         port = free_port()
-        process = run(tmp_path, make_config(members, listen=f"127.0.0.1:{port}"))
+        process = start_balancer(balancer, members, port, tmp_path)
         try:
             ring = BalancerRing(balancer, members)  # type: ignore[arg-type]
             wrong = [

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +20,12 @@ from pathlib import Path
 import pytest
 
 from statescale.embedded import free_port
-from statescale.harness import Gunicorn, SessionClient, interleaved_increments
+from statescale.harness import (
+    SessionClient,
+    interleaved_increments,
+    start_router,
+    sticky_nodes,
+)
 from statescale.routing.lb_config import Backend, BalancerRing
 
 pytestmark = pytest.mark.integration
@@ -104,27 +108,10 @@ def echo_servers(n: int) -> Iterator[list[tuple[str, ThreadingHTTPServer]]]:
 
 
 class RouterProcess:
-    def __init__(self, specs: list[str], *extra: str) -> None:
+    def __init__(self, backends: list[Backend], *extra: str) -> None:
         self.port, self.admin = free_port(), free_port()
-        args = [a for s in specs for a in ("--backend", s)]
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "statescale",
-                "router",
-                *args,
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--admin",
-                f"127.0.0.1:{self.admin}",
-                "--check-interval",
-                "0.2",
-                *extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        admin = ("--admin", f"127.0.0.1:{self.admin}", "--check-interval", "0.2")
+        self.process = start_router(backends, self.port, *admin, *extra, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             probe = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=1)
@@ -160,14 +147,14 @@ def echoes() -> Iterator[list[tuple[str, ThreadingHTTPServer]]]:
     yield from echo_servers(3)
 
 
-def specs_of(servers: list[tuple[str, ThreadingHTTPServer]]) -> list[str]:
-    return [f"{name}=127.0.0.1:{s.server_address[1]}" for name, s in servers]
+def backends_of(servers: list[tuple[str, ThreadingHTTPServer]]) -> list[Backend]:
+    return [Backend(name, "127.0.0.1", s.server_address[1]) for name, s in servers]
 
 
 def test_proxying_keepalive_bodies_and_forwarded_headers(
     echoes: list[tuple[str, ThreadingHTTPServer]],
 ) -> None:
-    router = RouterProcess(specs_of(echoes))
+    router = RouterProcess(backends_of(echoes))
     try:
         conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=5)
         seen = set()
@@ -201,9 +188,9 @@ def ask(port: int, cookie: str | None = None) -> tuple[int, bytes]:
 def test_a_cookie_goes_to_its_owner_and_a_dead_node_is_routed_around(
     echoes: list[tuple[str, ThreadingHTTPServer]],
 ) -> None:
-    specs = specs_of(echoes)
-    ring = BalancerRing("statescale", [Backend.parse(s) for s in specs])
-    router = RouterProcess(specs)
+    backends = backends_of(echoes)
+    ring = BalancerRing("statescale", backends)
+    router = RouterProcess(backends)
     try:
         sessions = [f"session{i:03d}.sig" for i in range(60)]
         for sid in sessions:
@@ -226,11 +213,11 @@ def test_a_cookie_goes_to_its_owner_and_a_dead_node_is_routed_around(
 def test_connections_to_a_node_are_kept_alive_and_a_stale_one_is_replaced(
     echoes: list[tuple[str, ThreadingHTTPServer]],
 ) -> None:
-    specs = specs_of(echoes)
-    ring = BalancerRing("statescale", [Backend.parse(s) for s in specs])
+    backends = backends_of(echoes)
+    ring = BalancerRing("statescale", backends)
     sid = next(f"s{i}" for i in range(100) if ring.owner(f"s{i}") == "node2")
     node2 = echoes[1][1]
-    router = RouterProcess(specs)
+    router = RouterProcess(backends)
     try:
         for _ in range(10):  # ten client connections, one after the other
             status, body = ask(router.port, sid + ".sig")
@@ -255,7 +242,7 @@ def test_connections_to_a_node_are_kept_alive_and_a_stale_one_is_replaced(
 
 
 def test_no_node_left_is_a_clear_503(echoes: list[tuple[str, ThreadingHTTPServer]]) -> None:
-    router = RouterProcess([f"gone=127.0.0.1:{free_port()}"])
+    router = RouterProcess([Backend("gone", "127.0.0.1", free_port())])
     try:
         status, body = ask(router.port)
         assert status == 503 and b"no backend node" in body
@@ -266,18 +253,18 @@ def test_no_node_left_is_a_clear_503(echoes: list[tuple[str, ThreadingHTTPServer
 def test_admin_adds_and_removes_nodes_and_sighup_rereads_the_file(
     echoes: list[tuple[str, ThreadingHTTPServer]], tmp_path: Path
 ) -> None:
-    specs = specs_of(echoes)
+    backends = backends_of(echoes)
     listing = tmp_path / "backends"
-    listing.write_text(specs[0] + "\n")
+    listing.write_text(backends[0].spec + "\n")
     router = RouterProcess([], "--backends-file", str(listing))
     try:
         assert [n["name"] for n in router.nodes()["nodes"]] == ["node1"]  # type: ignore[index,union-attr]
-        name, _, addr = specs[1].partition("=")
+        name, addr = backends[1].name, backends[1].address
         router.nodes("POST", f"?name={name}&addr={addr}")
         assert [n["name"] for n in router.nodes()["nodes"]] == ["node1", "node2"]  # type: ignore[index,union-attr]
         router.nodes("DELETE", "?name=node1")
         assert [n["name"] for n in router.nodes()["nodes"]] == ["node2"]  # type: ignore[index,union-attr]
-        listing.write_text("\n".join(specs) + "\n")
+        listing.write_text("\n".join(b.spec for b in backends) + "\n")
         os.kill(router.process.pid, signal.SIGHUP)
         deadline = time.monotonic() + 5
         while len(router.nodes()["nodes"]) != 3 and time.monotonic() < deadline:  # type: ignore[arg-type]
@@ -287,25 +274,10 @@ def test_admin_adds_and_removes_nodes_and_sighup_rereads_the_file(
         router.stop()
 
 
-def start_nodes(stack: ExitStack, n: int) -> tuple[list[Gunicorn], list[str]]:
-    nodes = [Gunicorn(workers=1) for _ in range(n)]
-    specs = [f"node{i}=127.0.0.1:{g.port}" for i, g in enumerate(nodes, 1)]
-    for i, node in enumerate(nodes, 1):
-        node.env.update(
-            STATESCALE_MODE="sticky",
-            STATESCALE_STORE="memory",
-            STATESCALE_BALANCER="statescale",
-            STATESCALE_BACKENDS=",".join(specs),
-            STATESCALE_NODE=f"node{i}",
-        )
-        stack.enter_context(node)
-    return nodes, specs
-
-
 def test_50_sessions_40_increments_through_the_router() -> None:
     with ExitStack() as stack:
-        _, specs = start_nodes(stack, 4)
-        router = RouterProcess(specs)
+        _, backends = sticky_nodes(stack)
+        router = RouterProcess(backends)
         stack.callback(router.stop)
         seen = interleaved_increments(router.port, users=50, rounds=40)
     assert seen.wrong == []
@@ -315,8 +287,8 @@ def test_50_sessions_40_increments_through_the_router() -> None:
 
 def test_kill9_of_one_node_loses_only_its_sessions() -> None:
     with ExitStack() as stack:
-        nodes, specs = start_nodes(stack, 4)
-        router = RouterProcess(specs)
+        nodes, backends = sticky_nodes(stack)
+        router = RouterProcess(backends)
         stack.callback(router.stop)
         users = [SessionClient(router.port) for _ in range(40)]
         for _ in range(5):
@@ -344,10 +316,10 @@ def test_kill9_of_one_node_loses_only_its_sessions() -> None:
 def test_a_node_that_comes_back_takes_its_sessions_back(
     echoes: list[tuple[str, ThreadingHTTPServer]],
 ) -> None:
-    specs = specs_of(echoes)
-    ring = BalancerRing("statescale", [Backend.parse(s) for s in specs])
+    backends = backends_of(echoes)
+    ring = BalancerRing("statescale", backends)
     sid = next(f"s{i}" for i in range(200) if ring.owner(f"s{i}") == "node1")
-    router = RouterProcess(specs)
+    router = RouterProcess(backends)
     try:
         port = echoes[0][1].server_address[1]
         kill(echoes[0][1])
@@ -374,9 +346,9 @@ def test_a_node_that_comes_back_takes_its_sessions_back(
 def test_ip_hash_sends_a_client_without_a_session_to_one_node(
     echoes: list[tuple[str, ThreadingHTTPServer]],
 ) -> None:
-    specs = specs_of(echoes)
-    ring = BalancerRing("statescale", [Backend.parse(s) for s in specs])
-    router = RouterProcess(specs, "--ip-hash")
+    backends = backends_of(echoes)
+    ring = BalancerRing("statescale", backends)
+    router = RouterProcess(backends, "--ip-hash")
     try:
         nodes = {json.loads(ask(router.port)[1])["node"] for _ in range(12)}
     finally:
