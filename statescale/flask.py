@@ -24,7 +24,12 @@ from flask.sessions import SessionInterface
 
 from .config import Settings
 from .exceptions import ConfigError, StoreError
-from .middleware import ENVIRON_KEY, UNAVAILABLE_BODY, StateScaleMiddleware
+from .middleware import (
+    ENVIRON_KEY,
+    UNAVAILABLE_BODY,
+    StateScaleMiddleware,
+    unavailable_response,
+)
 from .session import Session
 from .stores import Store
 
@@ -85,11 +90,7 @@ class StateScale:
 
         def unavailable(exc: StoreError) -> Response:
             middleware.log_outage(exc)
-            return Response(
-                UNAVAILABLE_BODY,
-                503,
-                {"Retry-After": str(exc.retry_after), "Cache-Control": "no-store"},
-                mimetype="text/plain",
-            )
+            status, headers = unavailable_response(exc)
+            return Response(UNAVAILABLE_BODY, status, headers)
 
         app.register_error_handler(StoreError, unavailable)

@@ -169,9 +169,7 @@ class StateScaleMiddleware:
             request.release()
             raise
         if request.failed:
-            close = getattr(app_iter, "close", None)
-            if close is not None:
-                close()
+            _close(app_iter)
             return [UNAVAILABLE_BODY]
         return app_iter
 
@@ -267,7 +265,7 @@ class _Request:
             except StoreError as exc:
                 self.failed = True
                 self._log(exc)
-                return self._start(*_unavailable_response(exc), exc_info)
+                return self._start(*unavailable_response(exc), exc_info)
             finally:
                 self.release()
         return self._start(status, headers, exc_info)
@@ -290,14 +288,15 @@ class _Request:
         if self.started:  # the response went out already; nothing better to do
             raise exc
         self.started = self.failed = True
-        self._start(*_unavailable_response(exc))
+        self._start(*unavailable_response(exc))
         return [UNAVAILABLE_BODY]
 
     def _log(self, exc: StoreError) -> None:
         self.mw.log_outage(exc)
 
 
-def _unavailable_response(exc: StoreError) -> tuple[str, list[tuple[str, str]]]:
+def unavailable_response(exc: StoreError) -> tuple[str, list[tuple[str, str]]]:
+    """Status and headers of the 503 a store error becomes (body: UNAVAILABLE_BODY)."""
     return "503 Service Unavailable", [
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Length", str(len(UNAVAILABLE_BODY))),
