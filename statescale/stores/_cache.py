@@ -59,6 +59,9 @@ except ImportError:  # pragma: no cover - the redis extra installs hiredis
 
 log = logging.getLogger("statescale")
 
+#: What a pending read is marked with when nothing read in flight may be cached.
+_NEWEST = 1 << 62
+
 #: Changes that wait this long (seconds) with no request to take them are taken by a
 #: background thread, so Redis never has to hold them back for an idle worker.
 IDLE_DRAIN = 0.005
@@ -117,7 +120,6 @@ class SessionCache:
         self._reader: Any = None
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
-        self.hits = self.misses = self.resets = 0
 
     # -- the subscription ------------------------------------------------------------
     def _forked(self) -> None:
@@ -174,12 +176,11 @@ class SessionCache:
                         self._drain()
 
     def _drop_subscription(self, why: str) -> None:
-        self.resets += 1
         sub, self._sub = self._sub, None
         self._raw = self._reader = None
         self._entries.clear()
         for key in self._pending:
-            self._pending[key] = 1 << 62  # nothing read in flight may be cached
+            self._pending[key] = _NEWEST  # nothing read in flight may be cached
         if sub is not None:
             with contextlib.suppress(RedisError, OSError):
                 sub.disconnect()
@@ -263,7 +264,6 @@ class SessionCache:
         the change may still be on its way here."""
         with self._lock:
             if not self._drain():
-                self.misses += 1
                 return None
             entry = self._entries.get(key)
             if (
@@ -271,10 +271,8 @@ class SessionCache:
                 or entry.version < min_version
                 or now >= min(entry.fresh_until, entry.expires)
             ):
-                self.misses += 1
                 return None
             self._entries.move_to_end(key)
-            self.hits += 1
             return Record(dict(entry.fields), entry.created)
 
     def expect(self, key: str) -> None:
@@ -290,7 +288,7 @@ class SessionCache:
                 self._pending.pop(key, None)
                 self._subscribe()
                 return
-            newer = self._pending.pop(key, 1 << 62)
+            newer = self._pending.pop(key, _NEWEST)
             if record is None or newer > version or version <= 0:
                 self._entries.pop(key, None)
                 return
@@ -322,7 +320,7 @@ class SessionCache:
         with self._lock:
             self._entries.pop(key, None)
             if key in self._pending:
-                self._pending[key] = 1 << 62
+                self._pending[key] = _NEWEST
 
     def __len__(self) -> int:
         return len(self._entries)
