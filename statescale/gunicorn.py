@@ -39,6 +39,10 @@ from .embedded import EmbeddedRedis, free_port
 from .exceptions import ConfigError
 from .middleware import MULTIPROCESS_WARNING
 
+_FIXED_SLOTS = (
+    "statescale: sticky mode has %d slots, fixed at start (every node's ring must agree); "
+    "%s. Restart with a larger -w to scale."
+)
 _embedded: list[EmbeddedRedis] = []
 _sticky: dict[str, Any] = {}  # in the master: public address, slot ports, slot -> worker
 
@@ -82,11 +86,7 @@ def _prepare_sticky(server: Any) -> None:
     _sticky.update(public=public, ports=ports, specs=specs, slots={}, router=None)
 
     def refuse_ttin() -> None:  # the arbiter looks its signal handlers up by name
-        server.log.error(
-            "statescale: sticky mode has %d slots, fixed at start (every node's ring must "
-            "agree); TTIN ignored. Restart with a larger -w to scale.",
-            len(ports),
-        )
+        server.log.error(_FIXED_SLOTS, len(ports), "TTIN ignored")
 
     server.handle_ttin = refuse_ttin
     server.log.info("statescale: sticky mode, %d workers: %s", len(ports), ", ".join(specs))
@@ -102,12 +102,8 @@ def pre_fork(server: Any, worker: Any) -> None:
         for s in range(len(_sticky["ports"]))
         if slots.get(s) is None or slots[s].pid not in server.WORKERS
     ]
-    if not free:  # TTIN asked for more workers than the ring has slots
-        server.log.error(
-            "statescale: sticky mode has %d slots, fixed at start (every node's ring must "
-            "agree); not adding a worker. Restart with a larger -w to scale.",
-            len(_sticky["ports"]),
-        )
+    if not free:  # more workers than slots by some way other than TTIN (refused above)
+        server.log.error(_FIXED_SLOTS, len(_sticky["ports"]), "not adding a worker")
         server.num_workers = len(_sticky["ports"])
         worker.statescale_slot = None
         return
