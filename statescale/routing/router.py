@@ -396,12 +396,10 @@ class Router:
         try:
             response = _Head(await up_reader.readuntil(b"\r\n\r\n"))
             status = int(response.first.split(b" ", 2)[1])
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            if retry_ok:
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, IndexError) as exc:
+            closed = isinstance(exc, asyncio.IncompleteReadError | ConnectionError)
+            if retry_ok and closed:
                 raise _Stale from exc
-            writer.write(_reply("502 Bad Gateway", f"node {name} failed: {type(exc).__name__}\n"))
-            return False, False
-        except (ValueError, IndexError) as exc:
             writer.write(_reply("502 Bad Gateway", f"node {name} failed: {type(exc).__name__}\n"))
             return False, False
         if request.first.startswith(b"HEAD ") or status in _NO_BODY_STATUS or status < 200:
