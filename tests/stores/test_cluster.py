@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import random
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,25 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from statescale.embedded import find_redis_server
+from statescale.embedded import find_redis_server, free_port
 from statescale.session import Changes
 from statescale.stores.redis import RedisStore
 
 pytestmark = pytest.mark.integration
-
-
-def cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too, and below 65536."""
-    for _ in range(200):
-        port = random.randrange(20000, 40000)
-        try:
-            for candidate in (port, port + 10000):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", candidate))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free pair of ports for a cluster node")
 
 
 @pytest.fixture
@@ -38,7 +22,7 @@ def cluster(tmp_path: Path) -> Iterator[list[int]]:
     server = find_redis_server()
     cli = shutil.which("redis-cli")
     assert cli, "redis-cli comes with Debian's redis-server (apt-get install redis-server)"
-    ports = [cluster_port() for _ in range(3)]
+    ports = [free_port(also_free=10000) for _ in range(3)]  # the bus port is +10000
     procs = []
     for port in ports:
         folder = tmp_path / str(port)
