@@ -23,10 +23,15 @@ Why a copy served from here is current:
   microseconds after the writer's reply; each lookup drains the socket first. Only a
   request racing that window sees the state just before the change: a concurrent
   request of the same session (which has no order anyway) or a cookie replayed within
-  microseconds of a logout. A worker that serves no request still takes its changes
-  within milliseconds (a background thread), so Redis does not hold them back for it
-  (it would once the socket buffer filled, and tiny messages fill one fast). A broken
-  subscription clears the copies and resubscribes.
+  microseconds of a logout. A broken subscription clears the copies and resubscribes.
+* Unless the socket was full: then Redis (and the kernel) hold the rest back until the
+  process reads, so one read does not bring everything. A drain that finds
+  ``BACKLOG_BYTES`` or more waiting (a full socket holds several times that; a busy
+  worker finds a few hundred bytes) may have met such a backlog, so the next lookup
+  first *syncs*: it sends ``PING`` on the subscription and reads up to the reply, which
+  Redis queues behind every change published before it. A worker that serves no request
+  has its changes taken every ``IDLE_DRAIN`` seconds by a background thread, so Redis
+  never holds much for it; its next request syncs (one round trip).
 * What is not a statescale write sends no delta: an eviction under ``maxmemory``, a
   ``FLUSHDB``, a hand-typed ``DEL``. A copy is therefore re-read from Redis at least
   every ``touch_interval`` seconds, which bounds how long such a change can go unseen.
@@ -62,9 +67,16 @@ log = logging.getLogger("statescale")
 #: What a pending read is marked with when nothing read in flight may be cached.
 _NEWEST = 1 << 62
 
-#: Changes that wait this long (seconds) with no request to take them are taken by a
-#: background thread, so Redis never has to hold them back for an idle worker.
-IDLE_DRAIN = 0.005
+#: When no request has drained the subscription for this long (seconds), a background
+#: thread does. It wakes on a timer, never per message: a thread woken for every change
+#: cost a busy worker more CPU than the change itself.
+IDLE_DRAIN = 0.05
+
+#: A drain that reads this many bytes may have met a full socket with more held back;
+#: the next lookup syncs first.
+BACKLOG_BYTES = 1024
+
+_PING = b"*1\r\n$4\r\nPING\r\n"
 
 
 def encode_delta(
@@ -120,6 +132,9 @@ class SessionCache:
         self._reader: Any = None
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
+        self._last_drain = 0.0  # time.monotonic() of the last drain
+        self._behind = False  # a drain met a backlog: sync before serving a copy
+        self._pongs = 0
 
     # -- the subscription ------------------------------------------------------------
     def _forked(self) -> None:
@@ -143,6 +158,7 @@ class SessionCache:
         self._entries.clear()
         self._sub = conn
         self._raw = self._reader = None
+        self._behind = False
         sock = getattr(conn, "_sock", None)
         if _HiredisReader is not None and sock is not None:
             # Messages that arrived with the SUBSCRIBE reply sit in redis-py's parser:
@@ -158,22 +174,19 @@ class SessionCache:
             self._thread.start()
 
     def _idle_drainer(self) -> None:
-        """Take changes that have waited ``IDLE_DRAIN`` with no request to take them."""
+        """Drain when no request has for ``IDLE_DRAIN`` seconds."""
         while True:
             with self._lock:
                 sub, pid = self._sub, self._pid
             if sub is None or pid != os.getpid():
                 return
-            sock = getattr(sub, "_sock", None)
-            try:
-                ready = sock is not None and select.select([sock], [], [], 1.0)[0]
-            except (OSError, ValueError):  # closed under us: the subscription is gone
-                return
-            if ready:
-                time.sleep(IDLE_DRAIN)  # a request will usually have taken them by now
-                with self._lock:
-                    if self._sub is sub:
-                        self._drain()
+            wait = self._last_drain + IDLE_DRAIN - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+                continue
+            with self._lock:
+                if self._sub is sub:
+                    self._drain()
 
     def _drop_subscription(self, why: str) -> None:
         sub, self._sub = self._sub, None
@@ -189,19 +202,49 @@ class SessionCache:
     def _drain(self) -> bool:
         """Apply the deltas that have arrived; False when no copy can be trusted."""
         self._forked()
-        sub, seen = self._sub, 0
+        sub = self._sub
         if sub is None:
             return False
+        self._last_drain = time.monotonic()
         try:
             if self._raw is not None:
                 seen = self._drain_socket()
             else:
+                seen = 0
                 while sub.can_read(timeout=0):
                     self._on_message(sub.read_response())
-                    seen += 1
+                    seen += 128  # about a message's bytes
         except (RedisError, OSError, ValueError) as exc:
             self._drop_subscription(f"the subscription failed ({type(exc).__name__})")
             return False
+        if seen >= BACKLOG_BYTES:
+            self._behind = True
+        return True
+
+    def _sync(self) -> bool:
+        """Read every change published until now: send ``PING`` on the subscription and
+        read up to its reply. False (the copies dropped) when that fails or times out."""
+        sub, expected = self._sub, self._pongs + 1
+        try:
+            if self._raw is not None:
+                timeout = sub.socket_timeout or 1.0
+                deadline = time.monotonic() + timeout
+                self._raw.sendall(_PING)
+                while self._pongs < expected:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(f"no reply to PING within {timeout:g} s")
+                    if not self._buffered():
+                        select.select([self._raw], [], [], remaining)
+                    self._drain_socket()
+            else:
+                sub.send_command("PING")
+                while self._pongs < expected:
+                    self._on_message(sub.read_response())
+        except (RedisError, OSError, ValueError) as exc:
+            self._drop_subscription(f"catching up failed ({type(exc).__name__}: {exc})")
+            return False
+        self._behind = False
         return True
 
     def _drain_socket(self) -> int:
@@ -222,9 +265,17 @@ class SessionCache:
                 break
         return seen
 
+    def _buffered(self) -> bool:
+        """Whether TLS holds decrypted bytes that ``select`` cannot see."""
+        pending = getattr(self._raw, "pending", None)
+        return pending is not None and pending() > 0
+
     def _on_message(self, message: Any) -> None:
-        if isinstance(message, list) and message[0] == b"message":
-            self._apply(message[2])
+        if isinstance(message, list):
+            if message[0] == b"message":
+                self._apply(message[2])
+            elif message[0] == b"pong":
+                self._pongs += 1
 
     def _apply(self, payload: bytes) -> None:
         key_raw, version_raw, body = payload.split(b"\n", 2)
@@ -263,7 +314,7 @@ class SessionCache:
         A copy older than ``min_version`` (the client's own last write) is not served:
         the change may still be on its way here."""
         with self._lock:
-            if not self._drain():
+            if not self._drain() or (self._behind and not self._sync()):
                 return None
             entry = self._entries.get(key)
             if (

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import redis
 
 from statescale.embedded import EmbeddedRedis
 from statescale.session import Changes
+from statescale.stores import _cache
 from statescale.stores.redis import RedisStore
 from tests.conftest import Clock
 
@@ -52,6 +54,7 @@ def test_writes_in_one_process_are_seen_by_the_others_without_a_read(
     # Most reads came from the copies; a read whose change had not arrived yet went to Redis.
     assert stats.get("cmdstat_hgetall", {"calls": 0})["calls"] < 100
     assert stats["cmdstat_evalsha"]["calls"] == 200
+    assert "cmdstat_ping" not in stats  # a process that keeps up never has to catch up
 
 
 def test_deletes_reach_every_copy(redis_url: str) -> None:
@@ -118,10 +121,8 @@ def test_restart_clears_the_copies_and_changes_flow_again(own_redis: EmbeddedRed
 
 
 def test_an_idle_process_keeps_up_with_many_changes(redis_url: str) -> None:
-    # Hundreds of small changes while b serves nothing: more than b's socket buffer
-    # holds (small messages fill it long before its byte size), so Redis would hold the
-    # rest back and b's first drain would see a stale state. b's background thread
-    # takes them as they come.
+    # Thousands of small changes while b serves nothing: b's background thread takes
+    # them every IDLE_DRAIN seconds, and b's next read catches up with the rest.
     a, b = RedisStore.from_url(redis_url), RedisStore.from_url(redis_url)
     created = a.create("keep", {"x": b"1"}).created
     warm(b, "keep")
@@ -129,6 +130,28 @@ def test_an_idle_process_keeps_up_with_many_changes(redis_url: str) -> None:
         a.save("keep", Changes({"n": str(n).encode()}, frozenset()), created=created)
     later()
     assert fields(b, "keep") == {"x": b"1", "n": b"1999"}
+
+
+def test_a_backlog_held_back_in_redis_is_read_before_a_copy_is_served(
+    redis_url: str, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # b neither serves nor drains (no background thread) while a writes far more than
+    # b's socket holds: Redis and the kernel hold the rest back until b reads, so one
+    # read of the socket cannot bring b up to date. b must sync (PING) first.
+    monkeypatch.setattr(_cache, "IDLE_DRAIN", 3600.0)
+    a, b = RedisStore.from_url(redis_url), RedisStore.from_url(redis_url)
+    created = a.create("flood", {"x": b"1"}).created
+    warm(b, "flood")
+    time.sleep(0.1)  # the thread started by warm() has drained once and now sleeps
+    pad = b"p" * 200
+    for n in range(8000):
+        a.save("flood", Changes({"n": str(n).encode(), "pad": pad}, frozenset()), created=created)
+    later()
+    raw_redis.config_resetstat()
+    assert fields(b, "flood") == {"x": b"1", "n": b"7999", "pad": pad}
+    stats = raw_redis.info("commandstats")
+    assert stats["cmdstat_ping"]["calls"] == 1  # b's catch-up
+    assert "cmdstat_hgetall" not in stats  # ...after which its copy was current
 
 
 def test_a_lost_change_drops_the_copy(redis_url: str, raw_redis: redis.Redis) -> None:
