@@ -98,6 +98,35 @@ def test_redis_hung_fails_within_budget_then_recovers(own_redis: EmbeddedRedis) 
     assert store.load("s") is not None
 
 
+def test_a_save_on_a_hung_redis_fails_within_budget_then_recovers(
+    own_redis: EmbeddedRedis,
+) -> None:
+    store = RedisStore.from_url(own_redis.url, timeout=0.3)
+    created = store.create("s", {"a": b"1"}).created
+    own_redis.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="Timeout"):
+            store.save("s", Changes({"a": b"2"}, frozenset()), created=created)
+        assert time.monotonic() - started < 1.5
+    finally:
+        own_redis.resume()
+    store.save("s", Changes({"a": b"3"}, frozenset()), created=created)
+    record = store.load("s")
+    assert record is not None and dict(record.fields) == {"a": b"3"}
+
+
+def test_a_write_connection_killed_in_between_is_replaced_unseen(
+    own_redis: EmbeddedRedis,
+) -> None:
+    store = RedisStore.from_url(own_redis.url, local_cache=0)
+    created = store.create("s", {"a": b"1"}).created
+    admin = redis.Redis.from_url(own_redis.url)
+    admin.client_kill_filter(_type="normal", skipme=True)  # the store's connections
+    store.save("s", Changes({"a": b"2"}, frozenset()), created=created)  # retried once
+    assert admin.hget(store.key("s"), "a") == b"2"
+
+
 def test_failed_commit_leaves_old_or_new_never_a_mix(own_redis: EmbeddedRedis) -> None:
     store = RedisStore.from_url(own_redis.url)
     created = store.create("s", {"a": b"1", "b": b"2"}).created
