@@ -22,8 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from statescale.bench import run_wrk
 from statescale.harness import Gunicorn, SessionClient
+from statescale.loadgen import run_load
 
 ROUTES = [
     ("GET /health (ceiling)", "GET", "/health"),
@@ -32,13 +32,12 @@ ROUTES = [
 ]
 
 
-def wrk(url: str, method: str, cookie: str, duration: float, connections: int) -> float:
+def wrk(port: int, method: str, path: str, cookie: str, duration: float, connections: int) -> float:
     """Requests per second (a run with any failed request is an error)."""
-    port, _, path = url.removeprefix("http://127.0.0.1:").partition("/")
-    rps, _, _ = run_wrk(
-        int(port), "/" + path, method, [cookie], duration=duration, connections=connections
-    )
-    return rps
+    route = (method, path)
+    return run_load(
+        port, [cookie], writes=0.0, duration=duration, connections=connections, route=route
+    ).rps
 
 
 def run(duration: float, rounds: int, connections: int) -> dict[str, list[float]]:
@@ -47,10 +46,9 @@ def run(duration: float, rounds: int, connections: int) -> dict[str, list[float]
         client = SessionClient(server.port)
         client.post("/api/set?key=user&value=" + "x" * 64)  # a ~100 B session
         assert client.cookie is not None
-        base = f"http://127.0.0.1:{server.port}"
         for n in range(1, rounds + 1):
             for name, method, path in ROUTES:
-                rps = wrk(base + path, method, client.cookie, duration, connections)
+                rps = wrk(server.port, method, path, client.cookie, duration, connections)
                 results[name].append(rps)
                 print(f"  round {n}/{rounds}  {name:<24} {rps:9.0f} req/s", flush=True)
     return results

@@ -22,9 +22,9 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from statescale.bench import run_wrk
 from statescale.embedded import free_port
 from statescale.harness import SessionClient, start_balancer, start_router, sticky_nodes
+from statescale.loadgen import READ, run_load
 
 
 def session_ids(count: int) -> list[str]:
@@ -67,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, list[float]] = {name: [] for name in ports}
         for n in range(1, args.rounds + 1):
             for name, port in ports.items():
-                rps, _, _ = run_wrk(
+                rps = run_load(
                     port,
-                    "/api/session",
-                    "GET",
                     cookies,
+                    writes=0.0,
                     duration=args.duration,
                     connections=args.connections,
-                )
+                    route=READ,
+                ).rps
                 results[name].append(rps)
                 print(f"  round {n}/{args.rounds}  {name:<17} {rps:8.0f} req/s", flush=True)
     base = statistics.median(results["nginx"])

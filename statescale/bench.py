@@ -4,24 +4,31 @@ All configurations run at once on loopback (real gunicorn, real Redis, real bala
 the measurements alternate between them round by round, because these machines are
 noisy, and each figure is the median with its min-max.
 
-* **throughput** and **p50/p99 latency** of a read (``GET /api/session``) and a write
-  (``POST /api/incr``) with wrk, each request carrying one of 32 sessions' cookies,
-  for small (~100 B) and, unless ``--quick``, large (~20 KB) sessions;
+* **throughput** and **latency percentiles** of a read-heavy mix (90% ``GET
+  /api/session``, 10% ``POST /api/incr``) and a write-heavy one (the reverse), each
+  request carrying one of 32 sessions' cookies, for small (~100 B) and, unless
+  ``--quick``, large (~20 KB) sessions;
 * **consistency**: simulated users, each with its own cookie, increment a counter in
-  turns and check every answer against what they expect (the fraction that matched).
+  turns and check every answer against what they expect (the fraction that matched);
+* **lost updates**: parallel requests of one session, setting different keys and
+  incrementing one;
+* **node loss**: ``kill -9`` of one node (or worker) while users go on: sessions lost,
+  requests failed, time until all answer again;
+* **scale-out**: a fifth node joins while users go on (4 -> 5): sessions lost.
 
-Needs wrk (Debian's package); nginx is used when installed; the peers (Flask-Session
-0.8, Flask's signed cookies) when the ``bench`` extra is installed and
-``benchmarks/`` is importable (run from the repository root).
+Load comes from wrk (Debian's package) when it is installed, else from a small asyncio
+generator (:mod:`statescale.loadgen`; lower figures, same ratios). nginx is used when
+installed; the peers (Flask-Session 0.8, Flask's signed cookies) when the ``bench``
+extra is installed and ``benchmarks/`` is importable (run from the repository root).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import importlib.util
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -42,16 +49,19 @@ from .harness import (
     ROOT,
     Gunicorn,
     SessionClient,
+    add_sticky_node,
     interleaved_increments,
     start_balancer,
     start_router,
     sticky_nodes,
 )
+from .loadgen import generator, run_load
+from .routing.lb_config import Backend, nginx_config
 
-_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
-_LATENCY = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
-_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 REMOTE_DELAY = 0.0005  # seconds each way: a Redis about 1 ms away
+#: (label, share of writes): the two mixes every configuration is measured with
+MIXES = (("read-heavy", 0.1), ("write-heavy", 0.9))
+PERCENTILES = ("p50", "p90", "p99")
 
 
 @dataclass
@@ -64,6 +74,9 @@ class Setup:
     note: str = ""
     results: dict[str, list[float]] = field(default_factory=dict)
     kill_one: Callable[[], None] | None = None  # kill -9 one node (or worker), for node loss
+    # Adds a node; the ports to spread requests over after it (a balancer's job).
+    add_one: Callable[[], list[int]] | None = None
+    no_scale_out: str = "n/a"  # what the table says where add_one is None
 
 
 def _kill_worker(server: Gunicorn) -> Callable[[], None]:
@@ -119,31 +132,27 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
     def gunicorn(
         name: str, env: Callable[[], dict[str, str]], consistent: bool, app: str = "demo_app:app"
     ) -> None:
-        if want(name):
-            log(f"starting {name}")
-            server = stack.enter_context(Gunicorn(env=env(), app=app))
-            setups.append(Setup(name, server.port, consistent, kill_one=_kill_worker(server)))
+        if not want(name):
+            return
+        log(f"starting {name}")
+        environment = env()
+        server = stack.enter_context(Gunicorn(env=environment, app=app))
+
+        def add_one() -> list[int]:
+            """A second instance on the same store, behind a round-robin balancer."""
+            other = stack.enter_context(Gunicorn(env=environment, app=app))
+            return [server.port, other.port]
+
+        setup = Setup(name, server.port, consistent, kill_one=_kill_worker(server))
+        if consistent:
+            setup.add_one = add_one
+        setups.append(setup)
 
     gunicorn("ceiling", redis, True)  # measured on /health only
     gunicorn("shared", redis, True)
     gunicorn("shared+locking", lambda: {**redis(), "STATESCALE_LOCKING": "1"}, True)
     gunicorn("shared (Redis 1 ms away)", remote_redis, True)
-    gunicorn("sticky (gunicorn)", lambda: {"STATESCALE_MODE": "sticky"}, True)
-    if want("sticky (router)"):
-        log("starting sticky (router)")
-        nodes, backends = sticky_nodes(stack, balancer="statescale")
-        port = free_port()
-        _stop_on_exit(stack, start_router(backends, port))
-        setups.append(Setup("sticky (router)", port, True, kill_one=_kill_node(nodes[0])))
-    if want("sticky (nginx)"):
-        if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
-            log("starting sticky (nginx)")
-            nodes, backends = sticky_nodes(stack, balancer="nginx")
-            port, tmp = free_port(), Path(tempfile.mkdtemp(prefix="statescale-bench-nginx-"))
-            _stop_on_exit(stack, start_balancer("nginx", backends, port, tmp))
-            setups.append(Setup("sticky (nginx)", port, True, kill_one=_kill_node(nodes[0])))
-        else:
-            log("skipping sticky (nginx): nginx is not installed (apt-get install nginx-light)")
+    setups += _sticky_setups(stack, want, log)
     gunicorn("memory (no sticky)", lambda: {"STATESCALE_STORE": "memory"}, False)
     peers = importlib.util.find_spec("flask_session") is not None and (ROOT / "benchmarks").is_dir()
     for name, app in (
@@ -161,6 +170,79 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
     return setups
 
 
+def _sticky_setups(
+    stack: ExitStack, want: Callable[[str], bool], log: Callable[[str], None]
+) -> list[Setup]:
+    """The sticky configurations: under gunicorn, behind the router, behind nginx."""
+    setups: list[Setup] = []
+    if want("sticky (gunicorn)"):
+        log("starting sticky (gunicorn)")
+        server = stack.enter_context(Gunicorn(env={"STATESCALE_MODE": "sticky"}))
+        setup = Setup("sticky (gunicorn)", server.port, True, kill_one=_kill_worker(server))
+        setup.no_scale_out = "n/a: slots fixed at start"
+        setups.append(setup)
+    if want("sticky (router)"):
+        log("starting sticky (router)")
+        nodes, backends = sticky_nodes(stack, balancer="statescale")
+        port, admin = free_port(), free_port()
+        _stop_on_exit(stack, start_router(backends, port, "--admin", f"127.0.0.1:{admin}"))
+        setup = Setup("sticky (router)", port, True, kill_one=_kill_node(nodes[0]))
+        setup.add_one = _router_add_node(stack, backends, port, admin)
+        setups.append(setup)
+    if want("sticky (nginx)"):
+        if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
+            log("starting sticky (nginx)")
+            nodes, backends = sticky_nodes(stack, balancer="nginx")
+            port, tmp = free_port(), Path(tempfile.mkdtemp(prefix="statescale-bench-nginx-"))
+            nginx = start_balancer("nginx", backends, port, tmp)
+            _stop_on_exit(stack, nginx)
+            setup = Setup("sticky (nginx)", port, True, kill_one=_kill_node(nodes[0]))
+            setup.add_one = _nginx_add_node(stack, backends, port, tmp, nginx)
+            setups.append(setup)
+        else:
+            log("skipping sticky (nginx): nginx is not installed (apt-get install nginx-light)")
+    return setups
+
+
+def _router_add_node(
+    stack: ExitStack, backends: list[Backend], port: int, admin: int
+) -> Callable[[], list[int]]:
+    """Start a fifth node and tell the router (``POST /nodes``) while it runs."""
+
+    def add_one() -> list[int]:
+        _, backend = add_sticky_node(stack, backends, balancer="statescale")
+        conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
+        conn.request("POST", f"/nodes?name={backend.name}&addr={backend.address}")
+        reply = conn.getresponse()
+        reply.read()
+        conn.close()
+        if reply.status != 200:
+            raise RuntimeError(f"the router refused the new node: HTTP {reply.status}")
+        return [port]
+
+    return add_one
+
+
+def _nginx_add_node(
+    stack: ExitStack,
+    backends: list[Backend],
+    port: int,
+    folder: Path,
+    nginx: subprocess.Popen[bytes],
+) -> Callable[[], list[int]]:
+    """Start a fifth node, rewrite nginx's configuration with it and reload (SIGHUP)."""
+
+    def add_one() -> list[int]:
+        _, backend = add_sticky_node(stack, backends, balancer="nginx")
+        conf = nginx_config([*backends, backend], listen=f"127.0.0.1:{port}")
+        (folder / "nginx.conf").write_text(conf)
+        nginx.send_signal(signal.SIGHUP)
+        time.sleep(1.0)  # the old workers finish; new ones start with the new ring
+        return [port]
+
+    return add_one
+
+
 def _sessions(port: int, count: int, size: int) -> list[str]:
     cookies = []
     for _ in range(count):
@@ -170,52 +252,6 @@ def _sessions(port: int, count: int, size: int) -> list[str]:
         if client.cookie:
             cookies.append(client.cookie)
     return cookies
-
-
-def run_wrk(
-    port: int,
-    path: str,
-    method: str,
-    cookies: list[str],
-    *,
-    duration: float,
-    connections: int = 16,
-) -> tuple[float, float, float]:
-    """wrk against 127.0.0.1:``port``, each request carrying one of ``cookies`` as the
-    session cookie: (requests/s, p50 ms, p99 ms). A run with any non-2xx answer or
-    socket error is an error, not a figure."""
-    table = ", ".join(f'"{c}"' for c in cookies) or '""'
-    script = (
-        f'local cookies = {{{table}}}\nwrk.method = "{method}"\n'
-        "request = function()\n  local c = cookies[math.random(#cookies)]\n"
-        '  return wrk.format(nil, nil, {Cookie = "statescale=" .. c})\nend\n'
-    )
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
-        lua.write(script)
-        lua.flush()
-        command = [
-            "wrk",
-            "-t2",
-            f"-c{connections}",
-            f"-d{duration:g}s",
-            "--latency",
-            "-s",
-            lua.name,
-        ]
-        out = subprocess.run(
-            [*command, f"http://127.0.0.1:{port}{path}"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=duration + 60,
-        ).stdout
-    if "Non-2xx" in out or re.search(r"Socket errors: connect [1-9]|read [1-9]|timeout [1-9]", out):
-        raise RuntimeError(f"wrk saw failed requests on {path}:\n{out}")
-    rps = _RPS.search(out)
-    latency = {p: float(v) * _UNIT[u] for p, v, u in _LATENCY.findall(out)}
-    if rps is None or set(latency) != {"50", "99"}:
-        raise RuntimeError(f"could not read wrk's output:\n{out}")
-    return float(rps.group(1)), latency["50"], latency["99"]
 
 
 def measure(
@@ -232,20 +268,32 @@ def measure(
     for n in range(1, rounds + 1):
         for size in sizes:
             for setup in setups:
-                routes = (
-                    [("health", "/health", "GET")]
+                mixes: list[tuple[str, float, tuple[str, str] | None]] = (
+                    [("health", 0.0, ("GET", "/health"))]
                     if setup.name == "ceiling"
-                    else [("read", "/api/session", "GET"), ("write", "/api/incr?key=n", "POST")]
+                    else [(label, writes, None) for label, writes in MIXES]
                 )
-                for label, path, method in routes:
-                    rps, p50, p99 = run_wrk(
-                        setup.port, path, method, cookies[(setup.name, size)], duration=duration
+                for label, writes, route in mixes:
+                    load = run_load(
+                        setup.port,
+                        cookies[(setup.name, size)],
+                        writes=writes,
+                        duration=duration,
+                        route=route,
                     )
                     key = f"{label}_{size}"
-                    for metric, value in (("rps", rps), ("p50_ms", p50), ("p99_ms", p99)):
+                    for metric, value in (
+                        ("rps", load.rps),
+                        ("p50_ms", load.p50_ms),
+                        ("p90_ms", load.p90_ms),
+                        ("p99_ms", load.p99_ms),
+                    ):
                         setup.results.setdefault(f"{key}_{metric}", []).append(value)
                     name = setup.name
-                    log(f"round {n}/{rounds} {size:>5} B  {name:<18} {label:<6} {rps:7.0f} req/s")
+                    log(
+                        f"round {n}/{rounds} {size:>5} B  {name:<24} {label:<11} "
+                        f"{load.rps:7.0f} req/s"
+                    )
     for setup in setups:
         if setup.name == "ceiling":
             continue
@@ -259,6 +307,15 @@ def measure(
         total = users * turns
         setup.results["consistency"] = [1 - len(seen.wrong) / total]
         log(f"consistency {setup.name:<18} {total - len(seen.wrong)}/{total}")
+    for setup in setups:
+        if setup.add_one is None or setup.name == "ceiling":
+            continue
+        scale_out(setup, users=20)
+        r = setup.results
+        log(
+            f"scale-out {setup.name:<18} sessions lost {r['scale_out_sessions_lost'][0]:.0%}, "
+            f"requests failed {r['scale_out_requests_failed'][0]:.0f}"
+        )
     for setup in setups:  # last: it kills things
         if setup.kill_one is None or setup.name in ("ceiling", "memory (no sticky)"):
             continue
@@ -333,6 +390,38 @@ def node_loss(setup: Setup, users: int) -> None:
     setup.results["node_loss_recovery_s"] = [recovered if recovered is not None else -1.0]
 
 
+def scale_out(setup: Setup, users: int) -> None:
+    """Users with sessions; a node joins; the same users go on, their requests spread over
+    every node a balancer would now use. Sessions lost (a counter that did not carry on)
+    and requests failed."""
+    assert setup.add_one is not None
+    clients = [SessionClient(setup.port) for _ in range(users)]
+    for _ in range(3):
+        for client in clients:
+            client.post("/api/incr?key=grow")
+    ports = setup.add_one()
+    expected = [4] * users
+    lost: set[int] = set()
+    failed = 0
+    for turn in range(3):
+        for n, client in enumerate(clients):
+            client.port = ports[(n + turn) % len(ports)]
+            try:
+                reply = client.post("/api/incr?key=grow")
+            except OSError:
+                failed += 1
+                continue
+            if reply.status != 200:
+                failed += 1
+                continue
+            value = reply.json["value"]
+            if value != expected[n]:
+                lost.add(n)
+            expected[n] = value + 1
+    setup.results["scale_out_sessions_lost"] = [len(lost) / users]
+    setup.results["scale_out_requests_failed"] = [float(failed)]
+
+
 def report(setups: list[Setup], sizes: list[int]) -> tuple[str, dict[str, Any]]:
     """A Markdown table and the JSON figures."""
     ceiling = next((s for s in setups if s.name == "ceiling"), None)
@@ -341,10 +430,17 @@ def report(setups: list[Setup], sizes: list[int]) -> tuple[str, dict[str, Any]]:
         if ceiling
         else {}
     )
+
+    def median(setup: Setup, key: str) -> float:
+        return statistics.median(setup.results[key])
+
+    def latency(setup: Setup, key: str) -> str:
+        return f"{median(setup, f'{key}_p50_ms'):.1f}/{median(setup, f'{key}_p99_ms'):.1f}"
+
+    mixes = " | ".join(f"{label} req/s (x ceiling) | {label} p50/p99 ms" for label, _ in MIXES)
     lines = [
-        "| configuration | session | read req/s (x ceiling) | read p50/p99 ms | "
-        "write req/s (x ceiling) | write p50/p99 ms | consistency |",
-        "|---|---|---|---|---|---|---|",
+        f"| configuration | session | {mixes} | consistency |",
+        "|---|---|" + "---|---|" * len(MIXES) + "---|",
     ]
     data: dict[str, Any] = {}
     for setup in setups:
@@ -352,31 +448,29 @@ def report(setups: list[Setup], sizes: list[int]) -> tuple[str, dict[str, Any]]:
             k: {"median": statistics.median(v), "min": min(v), "max": max(v)}
             for k, v in setup.results.items()
         }
-        if setup.name == "ceiling":
-            for size in sizes:
-                lines.append(
-                    f"| ceiling (/health) | {size} B | {base[size]:.0f} (1.00) | "
-                    f"{statistics.median(setup.results[f'health_{size}_p50_ms']):.1f}/"
-                    f"{statistics.median(setup.results[f'health_{size}_p99_ms']):.1f} | | | |"
-                )
-            continue
         for size in sizes:
-            cells = []
-            for label in ("read", "write"):
+            if setup.name == "ceiling":
+                cells = f"{base[size]:.0f} (1.00) | {latency(setup, f'health_{size}')}"
+                lines.append(f"| ceiling (/health) | {size} B | {cells} |" + " |" * 3)
+                continue
+            cells_list = []
+            for label, _ in MIXES:
                 rps = setup.results[f"{label}_{size}_rps"]
                 ratio = f" ({statistics.median(rps) / base[size]:.2f})" if base else ""
-                cells.append(f"{statistics.median(rps):.0f} [{min(rps):.0f}-{max(rps):.0f}]{ratio}")
-                cells.append(
-                    f"{statistics.median(setup.results[f'{label}_{size}_p50_ms']):.1f}/"
-                    f"{statistics.median(setup.results[f'{label}_{size}_p99_ms']):.1f}"
+                cells_list.append(
+                    f"{statistics.median(rps):.0f} [{min(rps):.0f}-{max(rps):.0f}]{ratio}"
                 )
+                cells_list.append(latency(setup, f"{label}_{size}"))
             consistency = setup.results["consistency"][0]
-            lines.append(f"| {setup.name} | {size} B | {' | '.join(cells)} | {consistency:.1%} |")
+            lines.append(
+                f"| {setup.name} | {size} B | {' | '.join(cells_list)} | {consistency:.1%} |"
+            )
     lines += [
         "",
         "| configuration | parallel writes of different keys lost | parallel increments lost | "
-        "kill -9 of a node: sessions lost | requests failed | all answering again after |",
-        "|---|---|---|---|---|---|",
+        "kill -9 of a node: sessions lost | requests failed | all answering again after | "
+        "a node added (4 -> 5): sessions lost | requests failed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for setup in setups:
         r = setup.results
@@ -388,30 +482,41 @@ def report(setups: list[Setup], sizes: list[int]) -> tuple[str, dict[str, Any]]:
             if "node_loss_sessions_lost" in r
             else "n/a | n/a | n/a"
         )
+        grow = (
+            f"{r['scale_out_sessions_lost'][0]:.0%} | {r['scale_out_requests_failed'][0]:.0f}"
+            if "scale_out_sessions_lost" in r
+            else f"{setup.no_scale_out} | n/a"
+        )
         lines.append(
             f"| {setup.name} | {r['lost_different_keys'][0]:.0%} | {r['lost_one_key'][0]:.0%} "
-            f"| {loss} |"
+            f"| {loss} | {grow} |"
         )
     return "\n".join(lines), data
 
 
-def plot(data: dict[str, Any], sizes: list[int], path: Path) -> bool:
-    """Throughput per configuration, read and write, for the smallest session size."""
+def plot(data: dict[str, Any], sizes: list[int], folder: Path) -> list[str]:
+    """throughput.png, latency.png and faults.png in ``folder`` (for the smallest session
+    size); the names written, none without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return []
     size = sizes[0]
     names = [n for n in data if n != "ceiling"]
-    reads = [data[n][f"read_{size}_rps"]["median"] for n in names]
-    writes = [data[n][f"write_{size}_rps"]["median"] for n in names]
+    xs = list(range(len(names)))
+
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], reads, width=0.4, label="read (GET /api/session)")
-    ax.bar([x + 0.2 for x in xs], writes, width=0.4, label="write (POST /api/incr)")
+    for i, (label, writes) in enumerate(MIXES):
+        values = [data[n][f"{label}_{size}_rps"]["median"] for n in names]
+        ax.bar(
+            [x + (i - 0.5) * 0.4 for x in xs],
+            values,
+            width=0.4,
+            label=f"{label} ({writes:.0%} POST /api/incr)",
+        )
     if "ceiling" in data:
         ax.axhline(
             data["ceiling"][f"health_{size}_rps"]["median"],
@@ -419,38 +524,50 @@ def plot(data: dict[str, Any], sizes: list[int], path: Path) -> bool:
             ls="--",
             label="ceiling (/health)",
         )
-    ax.set_xticks(list(xs), names, rotation=20, ha="right")
+    ax.set_xticks(xs, names, rotation=20, ha="right")
     ax.set_ylabel("requests per second (median)")
     ax.set_title(f"statescale bench: gunicorn -w 4, {size} B sessions")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(folder / "throughput.png", dpi=110)
     plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(MIXES), figsize=(12, 4.5), sharey=True)
+    for ax, (label, _) in zip(axes, MIXES, strict=True):
+        for i, pct in enumerate(PERCENTILES):
+            values = [data[n][f"{label}_{size}_{pct}_ms"]["median"] for n in names]
+            ax.bar([x + (i - 1) * 0.27 for x in xs], values, width=0.27, label=pct)
+        ax.set_xticks(xs, names, rotation=30, ha="right")
+        ax.set_title(f"{label} mix, {size} B sessions")
+    axes[0].set_ylabel("latency, ms (median of runs)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(folder / "latency.png", dpi=110)
+    plt.close(fig)
+
     faults = [n for n in names if "lost_one_key" in data[n]]
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    xs = range(len(faults))
+    fx = list(range(len(faults)))
     series = (
         ("lost_different_keys", "parallel writes of different keys lost"),
         ("lost_one_key", "parallel increments lost"),
         ("node_loss_sessions_lost", "sessions lost when a node is killed"),
+        ("scale_out_sessions_lost", "sessions lost when a node is added"),
     )
     for i, (key, label) in enumerate(series):
         values = [100 * data[n].get(key, {"median": 0})["median"] for n in faults]
-        ax.bar([x + (i - 1) * 0.27 for x in xs], values, width=0.27, label=label)
-    ax.set_xticks(list(xs), faults, rotation=20, ha="right")
+        ax.bar([x + (i - 1.5) * 0.2 for x in fx], values, width=0.2, label=label)
+    ax.set_xticks(fx, faults, rotation=20, ha="right")
     ax.set_ylabel("% lost")
     ax.set_title("statescale bench: what each configuration loses")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path.with_name("faults.png"), dpi=110)
+    fig.savefig(folder / "faults.png", dpi=110)
     plt.close(fig)
-    return True
+    return ["throughput.png", "latency.png", "faults.png"]
 
 
 def run(*, quick: bool, duration: float | None, only: set[str] | None, out: Path) -> int:
-    if shutil.which("wrk") is None:
-        print("statescale bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
-        return 2
     duration = duration or (1.0 if quick else 2.0)
     rounds, sizes = (1, [100]) if quick else (3, [100, 20_000])
     users, turns = (10, 5) if quick else (40, 20)
@@ -460,20 +577,35 @@ def run(*, quick: bool, duration: float | None, only: set[str] | None, out: Path
     def log(message: str) -> None:
         print(f"[{time.monotonic() - started:5.1f}s] {message}", flush=True)
 
+    if generator() == "wrk":
+        log("load generator: wrk")
+    else:
+        log(
+            "load generator: statescale's asyncio client (wrk is not installed: apt-get "
+            "install wrk). Its figures are lower, and it favours the configurations behind a "
+            "balancer, which keep its connections open where gunicorn closes them"
+        )
     with ExitStack() as stack:
         setups = start_all(stack, only, log)
         measure(
             setups, duration=duration, rounds=rounds, sizes=sizes, users=users, turns=turns, log=log
         )
     table, data = report(setups, sizes)
+    data["_run"] = {
+        "load_generator": generator(),
+        "duration_s": duration,
+        "rounds": rounds,
+        "date": time.strftime("%Y-%m-%d"),
+        "cpus": os.cpu_count(),
+    }
     (out / "bench.md").write_text(table + "\n")
     (out / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
-    plotted = plot(data, sizes, out / "throughput.png")
+    plots = plot({k: v for k, v in data.items() if not k.startswith("_")}, sizes, out)
     print()
     print(table)
     print(
         f"\nwrote {out / 'bench.md'}, {out / 'bench.json'}"
-        + (", throughput.png, faults.png" if plotted else " (no plots: install the bench extra)")
+        + (f", {', '.join(plots)}" if plots else " (no plots: install the bench extra)")
     )
     broken = [
         s.name for s in setups if s.consistent_expected and s.results.get("consistency", [1])[0] < 1

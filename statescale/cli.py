@@ -157,10 +157,18 @@ def cmd_router(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import sys
     from pathlib import Path
 
     from .bench import run
 
+    if args.loadgen == "wrk" and shutil.which("wrk") is None:
+        print("statescale bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    if args.loadgen != "auto":
+        os.environ["STATESCALE_LOADGEN"] = args.loadgen
     only = {name.strip() for name in args.only.split(",")} if args.only else None
     return run(quick=args.quick, duration=args.duration, only=only, out=Path(args.out))
 
@@ -205,15 +213,23 @@ def parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="every mode and the peers side by side: tables, JSON and a plot",
-        description="Start every configuration at once (shared, shared+locking, sticky under "
-        "gunicorn, sticky behind the router and behind nginx, memory without stickiness, the "
-        "session-less ceiling, Flask-Session 0.8 and signed cookies), alternate wrk runs between "
-        "them, check each one's consistency with simulated users, and write bench.md, bench.json "
-        "and throughput.png. About 4 minutes; --quick about a minute.",
+        help="every mode and the peers side by side: tables, JSON and plots",
+        description="Start every configuration at once (shared, shared+locking, shared with "
+        "Redis 1 ms away, sticky under gunicorn, sticky behind the router and behind nginx, "
+        "memory without stickiness, the session-less ceiling, Flask-Session 0.8 and signed "
+        "cookies), alternate load runs between them (a read-heavy and a write-heavy mix), "
+        "check consistency with simulated users, lost updates, a node killed and a node "
+        "added, and write bench.md, bench.json, throughput.png, latency.png and faults.png. "
+        "About 5 minutes; --quick under a minute.",
     )
     bench.add_argument("--quick", action="store_true", help="one short round, small sessions")
-    bench.add_argument("--duration", type=float, help="seconds per wrk run (default 2, quick 1)")
+    bench.add_argument("--duration", type=float, help="seconds per load run (default 2, quick 1)")
+    bench.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="load generator: wrk when installed, else statescale's asyncio client (default auto)",
+    )
     bench.add_argument("--only", help="comma-separated configuration names")
     bench.add_argument("--out", default="bench-results", help="directory for the results")
     bench.set_defaults(func=cmd_bench)

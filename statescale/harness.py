@@ -249,17 +249,31 @@ def sticky_nodes(
     stopped when ``stack`` closes."""
     nodes = [Gunicorn(workers=1) for _ in range(count)]
     backends = [Backend(f"node{i}", "127.0.0.1", g.port) for i, g in enumerate(nodes, 1)]
-    specs = ",".join(b.spec for b in backends)
     for backend, node in zip(backends, nodes, strict=True):
-        node.env.update(
-            STATESCALE_MODE="sticky",
-            STATESCALE_STORE="memory",
-            STATESCALE_BALANCER=balancer,
-            STATESCALE_BACKENDS=specs,
-            STATESCALE_NODE=backend.name,
-        )
+        _sticky_env(node, backend, backends, balancer)
         stack.enter_context(node)
     return nodes, backends
+
+
+def add_sticky_node(
+    stack: ExitStack, backends: list[Backend], balancer: str = "statescale"
+) -> tuple[Gunicorn, Backend]:
+    """One more node beside ``backends`` (the new node knows them all; they are not told)."""
+    node = Gunicorn(workers=1)
+    backend = Backend(f"node{len(backends) + 1}", "127.0.0.1", node.port)
+    _sticky_env(node, backend, [*backends, backend], balancer)
+    stack.enter_context(node)
+    return node, backend
+
+
+def _sticky_env(node: Gunicorn, me: Backend, backends: list[Backend], balancer: str) -> None:
+    node.env.update(
+        STATESCALE_MODE="sticky",
+        STATESCALE_STORE="memory",
+        STATESCALE_BALANCER=balancer,
+        STATESCALE_BACKENDS=",".join(b.spec for b in backends),
+        STATESCALE_NODE=me.name,
+    )
 
 
 def start_balancer(
