@@ -372,22 +372,27 @@ def node_loss(setup: Setup, users: int) -> None:
     pending = set(range(users))
     for _ in range(3):
         for n, client in enumerate(clients):
-            try:
-                reply = client.post("/api/incr?key=loss")
-            except OSError:
-                failed += 1
-                continue
-            if reply.status != 200:
+            value = _incr(client, "loss")
+            if value is None:
                 failed += 1
                 continue
             pending.discard(n)
-            if reply.json["value"] == 1:
+            if value == 1:
                 lost += 1
         if not pending and recovered is None:
             recovered = time.monotonic() - killed
     setup.results["node_loss_sessions_lost"] = [lost / users]
     setup.results["node_loss_requests_failed"] = [float(failed)]
     setup.results["node_loss_recovery_s"] = [recovered if recovered is not None else -1.0]
+
+
+def _incr(client: SessionClient, key: str) -> int | None:
+    """``POST /api/incr?key=``: the new value, or None when the request failed."""
+    try:
+        reply = client.post(f"/api/incr?key={key}")
+    except OSError:
+        return None
+    return int(reply.json["value"]) if reply.status == 200 else None
 
 
 def scale_out(setup: Setup, users: int) -> None:
@@ -406,15 +411,10 @@ def scale_out(setup: Setup, users: int) -> None:
     for turn in range(3):
         for n, client in enumerate(clients):
             client.port = ports[(n + turn) % len(ports)]
-            try:
-                reply = client.post("/api/incr?key=grow")
-            except OSError:
+            value = _incr(client, "grow")
+            if value is None:
                 failed += 1
                 continue
-            if reply.status != 200:
-                failed += 1
-                continue
-            value = reply.json["value"]
             if value != expected[n]:
                 lost.add(n)
             expected[n] = value + 1
