@@ -6,8 +6,8 @@ gunicorn -w 4 serves demo_app in shared mode (Redis store; an embedded redis-ser
 unless STATESCALE_REDIS_URL is set). wrk drives, with one session cookie:
 
 * GET /health         the same app with no session work: the ceiling
-* GET /api/session    load the session (one Redis round trip)
-* POST /api/incr      load + save (two round trips)
+* GET /api/session    load the session (no round trip once a worker holds a copy)
+* POST /api/incr      load + save (the save's one round trip)
 
 The three alternate round by round in one run (this machine is noisy), and the table
 gives each route's median with min-max and its ratio to the ceiling's median.

@@ -25,7 +25,6 @@ extra is installed and ``benchmarks/`` is importable (run from the repository ro
 from __future__ import annotations
 
 import contextlib
-import http.client
 import importlib.util
 import json
 import os
@@ -211,11 +210,7 @@ def _router_add_node(
 
     def add_one() -> list[int]:
         _, backend = add_sticky_node(stack, backends, balancer="statescale")
-        conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
-        conn.request("POST", f"/nodes?name={backend.name}&addr={backend.address}")
-        reply = conn.getresponse()
-        reply.read()
-        conn.close()
+        reply = SessionClient(admin).post(f"/nodes?name={backend.name}&addr={backend.address}")
         if reply.status != 200:
             raise RuntimeError(f"the router refused the new node: HTTP {reply.status}")
         return [port]

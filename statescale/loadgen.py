@@ -45,6 +45,19 @@ class Load:
     p99_ms: float
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What to send: to 127.0.0.1:``port``, each request with one of ``cookies``; one
+    ``route`` (method, path), or else the mix with ``writes`` the share of writes."""
+
+    port: int
+    cookies: list[str]
+    writes: float
+    duration: float
+    connections: int
+    route: tuple[str, str] | None
+
+
 def generator() -> str:
     """The load generator :func:`run_load` uses: ``$STATESCALE_LOADGEN`` (``wrk`` or
     ``python``) if set, else wrk when it is installed."""
@@ -65,32 +78,18 @@ def run_load(
 ) -> Load:
     """Load 127.0.0.1:``port`` for ``duration`` seconds with the mix ``writes`` (the
     share of writes), or with one ``route`` (method, path) only."""
-    if generator() == "wrk":
-        return _wrk(
-            port, cookies, writes=writes, duration=duration, connections=connections, route=route
-        )
-    return asyncio.run(
-        _python(
-            port, cookies, writes=writes, duration=duration, connections=connections, route=route
-        )
-    )
+    plan = _Plan(port, cookies, writes, duration, connections, route)
+    return _wrk(plan) if generator() == "wrk" else asyncio.run(_python(plan))
 
 
-def _wrk(
-    port: int,
-    cookies: list[str],
-    *,
-    writes: float,
-    duration: float,
-    connections: int,
-    route: tuple[str, str] | None,
-) -> Load:
-    table = ", ".join(f'"{c}"' for c in cookies) or '""'
+def _wrk(plan: _Plan) -> Load:
+    port, duration, route = plan.port, plan.duration, plan.route
+    table = ", ".join(f'"{c}"' for c in plan.cookies) or '""'
     if route is not None:
         choose = f'  return wrk.format("{route[0]}", "{route[1]}", h)\n'
     else:
         choose = (
-            f"  if math.random() < {writes} then\n"
+            f"  if math.random() < {plan.writes} then\n"
             f'    return wrk.format("{WRITE[0]}", "{WRITE[1]}", h)\n  end\n'
             f'  return wrk.format("{READ[0]}", "{READ[1]}", h)\n'
         )
@@ -104,7 +103,7 @@ def _wrk(
         lua.write(script)
         lua.flush()
         seconds = max(1, round(duration))  # wrk takes whole seconds only
-        command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
+        command = ["wrk", "-t2", f"-c{plan.connections}", f"-d{seconds}s", "--latency"]
         out = subprocess.run(
             [*command, "-s", lua.name, f"http://127.0.0.1:{port}/"],
             capture_output=True,
@@ -121,15 +120,8 @@ def _wrk(
     return Load(float(rps.group(1)), latency["50"], latency["90"], latency["99"])
 
 
-async def _python(
-    port: int,
-    cookies: list[str],
-    *,
-    writes: float,
-    duration: float,
-    connections: int,
-    route: tuple[str, str] | None,
-) -> Load:
+async def _python(plan: _Plan) -> Load:
+    port, cookies, writes, route = plan.port, plan.cookies, plan.writes, plan.route
     heads = {
         (method, path, cookie): (
             f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
@@ -140,7 +132,7 @@ async def _python(
     }
     latencies: list[float] = []
     failures: list[str] = []
-    deadline = time.monotonic() + duration
+    deadline = time.monotonic() + plan.duration
 
     async def client() -> None:
         reader: asyncio.StreamReader | None = None
@@ -168,7 +160,7 @@ async def _python(
             writer.close()
 
     started = time.monotonic()
-    await asyncio.gather(*(client() for _ in range(connections)))
+    await asyncio.gather(*(client() for _ in range(plan.connections)))
     elapsed = time.monotonic() - started
     if failures:
         raise RuntimeError(f"failed requests on port {port}: {failures[0]}")
