@@ -1,9 +1,18 @@
-"""``python -m benchmarks``: the same as ``statescale bench``."""
+"""``python -m benchmarks``: what there is to run here."""
 
 from __future__ import annotations
 
 import sys
 
-from statescale.cli import main
+USAGE = """\
+statescale's demo and benchmarks (run from the repository root; none is collected by
+pytest). Each takes --help.
 
-sys.exit(main(["bench", *sys.argv[1:]]))
+  python -m benchmarks.demo      the demo comparison: each mode under gunicorn -w 4
+  python -m benchmarks.compare   every mode and the peers side by side: tables and plots
+  python -m benchmarks.core      the session routes beside the session-less ceiling
+  python -m benchmarks.ring      the ring's balance, moves on add/remove, lookup cost
+  python -m benchmarks.router    statescale router beside nginx on the same nodes
+"""
+
+sys.stdout.write(USAGE)

@@ -22,8 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from statescale.harness import Gunicorn, SessionClient
-from statescale.loadgen import run_load
+from benchmarks.rig.harness import Gunicorn, SessionClient
+from benchmarks.rig.loadgen import run_load
 
 ROUTES = [
     ("GET /health (ceiling)", "GET", "/health"),

@@ -22,9 +22,9 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from benchmarks.rig.harness import SessionClient, start_balancer, start_router, sticky_nodes
+from benchmarks.rig.loadgen import READ, run_load
 from statescale.embedded import free_port
-from statescale.harness import SessionClient, start_balancer, start_router, sticky_nodes
-from statescale.loadgen import READ, run_load
 
 
 def session_ids(count: int) -> list[str]:

@@ -8,86 +8,19 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from . import __version__
 from .exceptions import StateScaleError
 
 DESCRIPTION = """\
 statescale keeps WSGI session state consistent across gunicorn workers and machines,
-with a shared Redis store or sticky routing. Commands:
+with a shared Redis store or sticky routing. Commands (each takes --help):
 
-  bench      every mode and the peers side by side: tables, JSON and a plot
   cluster    serve an app under gunicorn -w N in sticky or shared mode
-  demo       run demo_app under gunicorn -w N in each mode and show which keeps sessions
   lb-config  print an nginx or HAProxy configuration for sticky sessions
   router     run the built-in sticky reverse proxy
   redis      run a private redis-server on a free loopback port until Ctrl-C
 """
-
-
-@dataclass
-class DemoResult:
-    mode: str
-    values: list[int]
-    pids: set[int]
-    warning: str
-
-    @property
-    def matching(self) -> int:
-        return sum(v == i for i, v in enumerate(self.values, 1))
-
-
-def _demo_mode(mode: str, env: dict[str, str], workers: int, requests: int) -> DemoResult:
-    from .harness import Gunicorn, SessionClient
-
-    print(f"  {mode}: starting gunicorn -w {workers} demo_app:app ...", flush=True)
-    with Gunicorn(env=env, workers=workers) as server:
-        client = SessionClient(server.port)
-        values, pids = [], set()
-        for i in range(requests):
-            reply = client.post("/api/incr?key=c")
-            if reply.status != 200:
-                raise StateScaleError(f"{mode}: POST /api/incr answered {reply.status}")
-            body = reply.json
-            values.append(body["value"])
-            pids.add(body["pid"])
-            if (i + 1) % 50 == 0:
-                print(f"  {mode}: {i + 1}/{requests} requests", flush=True)
-        log = server.log().splitlines()
-    warning = next((line for line in log if "several worker processes" in line), "")
-    return DemoResult(mode, values, pids, warning)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    redis_env = {"STATESCALE_STORE": "redis"}
-    if args.redis_url:
-        redis_env["STATESCALE_REDIS_URL"] = args.redis_url
-    print(
-        f"statescale demo: {args.requests} x POST /api/incr?key=c with one cookie, "
-        f"gunicorn -w {args.workers}; a consistent session returns exactly 1..{args.requests}."
-    )
-    modes = [
-        ("shared (Redis)", redis_env),
-        ("memory, no sticky routing", {"STATESCALE_STORE": "memory"}),
-    ]
-    results = [_demo_mode(name, env, args.workers, args.requests) for name, env in modes]
-    print()
-    print("| mode | values as expected | distinct worker pids | last value | verdict |")
-    print("|---|---|---|---|---|")
-    for r in results:
-        ok = r.matching == len(r.values)
-        verdict = "consistent" if ok else "split: the session resets on another worker"
-        print(
-            f"| {r.mode} | {r.matching}/{len(r.values)} | {len(r.pids)} | "
-            f"{r.values[-1]} | {verdict} |"
-        )
-    memory = results[1]
-    print(f"\nValues the memory mode returned: {sorted(set(memory.values))}")
-    if memory.warning:
-        print(f"Its start-up warning said why:\n  {memory.warning}")
-    # Consistency is the claim; how many workers served depends on who wins each accept.
-    return 0 if results[0].matching == args.requests else 1
 
 
 def cmd_redis(args: argparse.Namespace) -> int:
@@ -156,23 +89,6 @@ def cmd_router(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    import os
-    import shutil
-    import sys
-    from pathlib import Path
-
-    from .bench import run
-
-    if args.loadgen == "wrk" and shutil.which("wrk") is None:
-        print("statescale bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
-        return 2
-    if args.loadgen != "auto":
-        os.environ["STATESCALE_LOADGEN"] = args.loadgen
-    only = {name.strip() for name in args.only.split(",")} if args.only else None
-    return run(quick=args.quick, duration=args.duration, only=only, out=Path(args.out))
-
-
 def cmd_cluster(args: argparse.Namespace) -> int:
     import os
 
@@ -211,29 +127,6 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"statescale {__version__}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
 
-    bench = sub.add_parser(
-        "bench",
-        help="every mode and the peers side by side: tables, JSON and plots",
-        description="Start every configuration at once (shared, shared+locking, shared with "
-        "Redis 1 ms away, sticky under gunicorn, sticky behind the router and behind nginx, "
-        "memory without stickiness, the session-less ceiling, Flask-Session 0.8 and signed "
-        "cookies), alternate load runs between them (a read-heavy and a write-heavy mix), "
-        "check consistency with simulated users, lost updates, a node killed and a node "
-        "added, and write bench.md, bench.json, throughput.png, latency.png and faults.png. "
-        "About 5 minutes; --quick under a minute.",
-    )
-    bench.add_argument("--quick", action="store_true", help="one short round, small sessions")
-    bench.add_argument("--duration", type=float, help="seconds per load run (default 2, quick 1)")
-    bench.add_argument(
-        "--loadgen",
-        choices=("auto", "wrk", "python"),
-        default="auto",
-        help="load generator: wrk when installed, else statescale's asyncio client (default auto)",
-    )
-    bench.add_argument("--only", help="comma-separated configuration names")
-    bench.add_argument("--out", default="bench-results", help="directory for the results")
-    bench.set_defaults(func=cmd_bench)
-
     cluster = sub.add_parser(
         "cluster",
         help="serve an app under gunicorn -w N in sticky or shared mode",
@@ -243,22 +136,10 @@ def parser() -> argparse.ArgumentParser:
         "STATESCALE_REDIS_URL is set).",
     )
     cluster.add_argument("mode", choices=["sticky", "shared"])
-    cluster.add_argument("app", nargs="?", default="demo_app:app", help="default: demo_app:app")
+    cluster.add_argument("app", help="the WSGI app, MODULE:VARIABLE (e.g. demo_app:app)")
     cluster.add_argument("--workers", type=int, default=4)
     cluster.add_argument("--bind", type=_address, default=("127.0.0.1", 8000), help="HOST:PORT")
     cluster.set_defaults(func=cmd_cluster)
-
-    demo = sub.add_parser(
-        "demo",
-        help="compare shared and memory modes under gunicorn -w N",
-        description="Start demo_app under gunicorn -w N twice (Redis store, then memory store "
-        "without sticky routing), send the same session's increments to each, and print a "
-        "table of what came back. Uses an embedded redis-server unless --redis-url is given.",
-    )
-    demo.add_argument("--workers", type=int, default=4, help="gunicorn workers (default 4)")
-    demo.add_argument("--requests", type=int, default=200, help="increments per mode (default 200)")
-    demo.add_argument("--redis-url", help="use this Redis instead of an embedded one")
-    demo.set_defaults(func=cmd_demo)
 
     lb = sub.add_parser(
         "lb-config",

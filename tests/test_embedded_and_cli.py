@@ -49,15 +49,17 @@ def test_embedded_url_is_started_once_and_logged(
 
 def test_cli_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([]) == 0
-    assert "demo" in capsys.readouterr().out
+    assert "router" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--version"])
     assert exit_info.value.code == 0
 
 
 @pytest.mark.integration
-def test_cli_demo_shows_both_modes(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["demo", "--requests", "30"]) == 0
+def test_the_demo_shows_both_modes(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import demo
+
+    assert demo.main(["--requests", "30"]) == 0
     out = capsys.readouterr().out
     assert "| shared (Redis) | 30/30 | " in out
     assert "split: the session resets on another worker" in out
@@ -71,8 +73,8 @@ def test_cluster_serves_consistent_sessions_and_stops_on_sigterm(mode: str) -> N
     import subprocess
     import sys
 
+    from benchmarks.rig.harness import ROOT, SessionClient
     from statescale.embedded import free_port
-    from statescale.harness import ROOT, SessionClient
 
     port = free_port()
     env = {
@@ -92,6 +94,7 @@ def test_cluster_serves_consistent_sessions_and_stops_on_sigterm(mode: str) -> N
             "2",
             "--bind",
             f"127.0.0.1:{port}",
+            "demo_app:app",
         ],
         cwd=ROOT,
         env=env,

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
+from benchmarks.rig.harness import Gunicorn, SessionClient
 from statescale.embedded import EmbeddedRedis
-from statescale.harness import Gunicorn, SessionClient
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.rig.harness import (
+    SessionClient,
+    interleaved_increments,
+    start_balancer,
+    sticky_nodes,
+)
 from statescale.embedded import free_port
-from statescale.harness import SessionClient, interleaved_increments, start_balancer, sticky_nodes
 
 pytestmark = pytest.mark.integration
 

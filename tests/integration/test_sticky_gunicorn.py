@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from statescale.harness import Gunicorn, SessionClient, interleaved_increments
+from benchmarks.rig.harness import Gunicorn, SessionClient, interleaved_increments
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.rig.harness import start_balancer
 from statescale.embedded import free_port
-from statescale.harness import start_balancer
 from statescale.routing.lb_config import Backend, BalancerRing
 
 pytestmark = pytest.mark.integration

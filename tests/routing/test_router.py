@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from statescale.embedded import free_port
-from statescale.harness import (
+from benchmarks.rig.harness import (
     SessionClient,
     interleaved_increments,
     start_router,
     sticky_nodes,
 )
+from statescale.embedded import free_port
 from statescale.routing.lb_config import Backend, BalancerRing
 
 pytestmark = pytest.mark.integration

@@ -23,8 +23,8 @@ from typing import Any
 from statescale.embedded import free_port
 from statescale.routing.lb_config import Backend, haproxy_config, nginx_config
 
-ROOT = Path(__file__).resolve().parents[1]  # holds statescale/ and demo_app/
-SECRET = "integration-secret-0123456789abcdef"  # noqa: S105 - loopback test servers only
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: demo_app/ and benchmarks/
+SECRET = "integration-secret-0123456789abcdef"
 
 
 class Reply:

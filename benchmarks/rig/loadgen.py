@@ -17,7 +17,6 @@ one run, which every configuration gets alike.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
 import shutil
@@ -58,12 +57,16 @@ class _Plan:
     route: tuple[str, str] | None
 
 
-def generator() -> str:
-    """The load generator :func:`run_load` uses: ``$STATESCALE_LOADGEN`` (``wrk`` or
-    ``python``) if set, else wrk when it is installed."""
-    chosen = os.environ.get("STATESCALE_LOADGEN", "")
-    if chosen in ("wrk", "python"):
-        return chosen
+GENERATORS = ("auto", "wrk", "python")
+
+
+def generator(choice: str = "auto") -> str:
+    """The load generator ``choice`` names: ``wrk``, ``python``, or for ``auto`` wrk when
+    it is installed, else ``python``."""
+    if choice not in GENERATORS:
+        raise ValueError(f"load generator {choice!r}: use one of {', '.join(GENERATORS)}")
+    if choice != "auto":
+        return choice
     return "wrk" if shutil.which("wrk") else "python"
 
 
@@ -75,11 +78,13 @@ def run_load(
     duration: float,
     connections: int = 16,
     route: tuple[str, str] | None = None,
+    tool: str = "auto",
 ) -> Load:
     """Load 127.0.0.1:``port`` for ``duration`` seconds with the mix ``writes`` (the
-    share of writes), or with one ``route`` (method, path) only."""
+    share of writes), or with one ``route`` (method, path) only, driven by ``tool``
+    (see :func:`generator`)."""
     plan = _Plan(port, cookies, writes, duration, connections, route)
-    return _wrk(plan) if generator() == "wrk" else asyncio.run(_python(plan))
+    return _wrk(plan) if generator(tool) == "wrk" else asyncio.run(_python(plan))
 
 
 def _wrk(plan: _Plan) -> Load:

@@ -1,4 +1,5 @@
-"""``statescale bench``: every way to keep sessions across ``gunicorn -w 4``, side by side.
+"""``python -m benchmarks.compare``: every way to keep sessions across ``gunicorn -w 4``,
+side by side.
 
 All configurations run at once on loopback (real gunicorn, real Redis, real balancers);
 the measurements alternate between them round by round, because these machines are
@@ -17,13 +18,13 @@ noisy, and each figure is the median with its min-max.
 * **scale-out**: a fifth node joins while users go on (4 -> 5): sessions lost.
 
 Load comes from wrk (Debian's package) when it is installed, else from a small asyncio
-generator (:mod:`statescale.loadgen`; lower figures, same ratios). nginx is used when
-installed; the peers (Flask-Session 0.8, Flask's signed cookies) when the ``bench``
-extra is installed and ``benchmarks/`` is importable (run from the repository root).
+generator (:mod:`benchmarks.rig.loadgen`; lower figures, same ratios). The peers
+(Flask-Session 0.8, Flask's signed cookies) need the ``bench`` extra.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import json
@@ -42,10 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._delay import DelayProxy
-from .embedded import EmbeddedRedis, free_port
-from .harness import (
-    ROOT,
+from statescale.embedded import EmbeddedRedis, free_port
+from statescale.routing.lb_config import Backend, nginx_config
+
+from .rig.delay import DelayProxy
+from .rig.harness import (
     Gunicorn,
     SessionClient,
     add_sticky_node,
@@ -54,8 +56,7 @@ from .harness import (
     start_router,
     sticky_nodes,
 )
-from .loadgen import generator, run_load
-from .routing.lb_config import Backend, nginx_config
+from .rig.loadgen import GENERATORS, generator, run_load
 
 REMOTE_DELAY = 0.0005  # seconds each way: a Redis about 1 ms away
 #: (label, share of writes): the two mixes every configuration is measured with
@@ -153,17 +154,17 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
     gunicorn("shared (Redis 1 ms away)", remote_redis, True)
     setups += _sticky_setups(stack, want, log)
     gunicorn("memory (no sticky)", lambda: {"STATESCALE_STORE": "memory"}, False)
-    peers = importlib.util.find_spec("flask_session") is not None and (ROOT / "benchmarks").is_dir()
+    peers = importlib.util.find_spec("flask_session") is not None
     for name, app in (
-        ("flask-session 0.8", "benchmarks.peer_apps:flask_session_app"),
-        ("signed cookies", "benchmarks.peer_apps:signed_cookie_app"),
+        ("flask-session 0.8", "benchmarks.rig.peer_apps:flask_session_app"),
+        ("signed cookies", "benchmarks.rig.peer_apps:signed_cookie_app"),
     ):
         if not want(name):
             continue
         if peers:
             gunicorn(name, redis, True, app=app)
         else:
-            log(f"skipping {name}: install the bench extra and run from the repository root")
+            log(f"skipping {name}: install the bench extra (pip install -e '.[bench]')")
     for setup in setups:  # a balancer may still be starting
         SessionClient(setup.port).get("/health")
     return setups
@@ -257,6 +258,7 @@ def measure(
     sizes: list[int],
     users: int,
     turns: int,
+    tool: str,
     log: Callable[[str], None],
 ) -> None:
     cookies = {(s.name, size): _sessions(s.port, 32, size) for s in setups for size in sizes}
@@ -275,6 +277,7 @@ def measure(
                         writes=writes,
                         duration=duration,
                         route=route,
+                        tool=tool,
                     )
                     key = f"{label}_{size}"
                     for metric, value in (
@@ -562,7 +565,9 @@ def plot(data: dict[str, Any], sizes: list[int], folder: Path) -> list[str]:
     return ["throughput.png", "latency.png", "faults.png"]
 
 
-def run(*, quick: bool, duration: float | None, only: set[str] | None, out: Path) -> int:
+def run(
+    *, quick: bool, duration: float | None, only: set[str] | None, out: Path, tool: str = "auto"
+) -> int:
     duration = duration or (1.0 if quick else 2.0)
     rounds, sizes = (1, [100]) if quick else (3, [100, 20_000])
     users, turns = (10, 5) if quick else (40, 20)
@@ -572,7 +577,8 @@ def run(*, quick: bool, duration: float | None, only: set[str] | None, out: Path
     def log(message: str) -> None:
         print(f"[{time.monotonic() - started:5.1f}s] {message}", flush=True)
 
-    if generator() == "wrk":
+    tool = generator(tool)
+    if tool == "wrk":
         log("load generator: wrk")
     else:
         log(
@@ -583,11 +589,18 @@ def run(*, quick: bool, duration: float | None, only: set[str] | None, out: Path
     with ExitStack() as stack:
         setups = start_all(stack, only, log)
         measure(
-            setups, duration=duration, rounds=rounds, sizes=sizes, users=users, turns=turns, log=log
+            setups,
+            duration=duration,
+            rounds=rounds,
+            sizes=sizes,
+            users=users,
+            turns=turns,
+            tool=tool,
+            log=log,
         )
     table, data = report(setups, sizes)
     data["_run"] = {
-        "load_generator": generator(),
+        "load_generator": tool,
         "duration_s": duration,
         "rounds": rounds,
         "date": time.strftime("%Y-%m-%d"),
@@ -609,3 +622,38 @@ def run(*, quick: bool, duration: float | None, only: set[str] | None, out: Path
         print(f"inconsistent where it must not be: {', '.join(broken)}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare",
+        description="Start every configuration at once (shared, shared+locking, shared with "
+        "Redis 1 ms away, sticky under gunicorn, sticky behind the router and behind nginx, "
+        "memory without stickiness, the session-less ceiling, Flask-Session 0.8 and signed "
+        "cookies), alternate load runs between them (a read-heavy and a write-heavy mix), "
+        "check consistency with simulated users, lost updates, a node killed and a node "
+        "added, and write bench.md, bench.json, throughput.png, latency.png and faults.png. "
+        "About 5 minutes; --quick under a minute.",
+    )
+    parser.add_argument("--quick", action="store_true", help="one short round, small sessions")
+    parser.add_argument("--duration", type=float, help="seconds per load run (default 2, quick 1)")
+    parser.add_argument(
+        "--loadgen",
+        choices=GENERATORS,
+        default="auto",
+        help="load generator: wrk when installed, else an asyncio client (default auto)",
+    )
+    parser.add_argument("--only", help="comma-separated configuration names")
+    parser.add_argument("--out", default="bench-results", help="directory for the results")
+    args = parser.parse_args(argv)
+    if args.loadgen == "wrk" and shutil.which("wrk") is None:
+        print("benchmarks.compare: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    only = {name.strip() for name in args.only.split(",")} if args.only else None
+    return run(
+        quick=args.quick, duration=args.duration, only=only, out=Path(args.out), tool=args.loadgen
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

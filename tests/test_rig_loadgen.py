@@ -1,4 +1,4 @@
-"""statescale bench's load generators, on a small HTTP/1.1 server in this process."""
+"""The benchmark rig's load generators, on a small HTTP/1.1 server in this process."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from statescale import loadgen
+from benchmarks.rig import loadgen
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -55,11 +55,12 @@ def server() -> Iterator[int]:
 
 
 def test_python_generator_sends_the_mix_with_the_cookies(
-    server: int, monkeypatch: pytest.MonkeyPatch
+    server: int,
 ) -> None:
-    monkeypatch.setenv("STATESCALE_LOADGEN", "python")
-    assert loadgen.generator() == "python"
-    load = loadgen.run_load(server, ["a", "b"], writes=0.5, duration=0.5, connections=4)
+    assert loadgen.generator("python") == "python"
+    load = loadgen.run_load(
+        server, ["a", "b"], writes=0.5, duration=0.5, connections=4, tool="python"
+    )
     assert load.rps > 0
     assert 0 < load.p50_ms <= load.p90_ms <= load.p99_ms
     methods = {m for m, _, _ in Handler.seen}
@@ -69,28 +70,27 @@ def test_python_generator_sends_the_mix_with_the_cookies(
     assert {c for _, _, c in Handler.seen} == {"statescale=a", "statescale=b"}
 
 
-def test_python_generator_on_one_route(server: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("STATESCALE_LOADGEN", "python")
-    loadgen.run_load(server, ["a"], writes=0.0, duration=0.2, route=("GET", "/health"))
+def test_python_generator_on_one_route(server: int) -> None:
+    loadgen.run_load(
+        server, ["a"], writes=0.0, duration=0.2, route=("GET", "/health"), tool="python"
+    )
     assert {(m, p) for m, p, _ in Handler.seen} == {("GET", "/health")}
 
 
 @pytest.mark.parametrize("tool", ["python", "wrk"])
-def test_a_failed_request_is_an_error_not_a_figure(
-    server: int, tool: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failed_request_is_an_error_not_a_figure(server: int, tool: str) -> None:
     if tool == "wrk" and shutil.which("wrk") is None:
-        pytest.fail("wrk is not installed: .ci/run installs it (apt-get install wrk)")
-    monkeypatch.setenv("STATESCALE_LOADGEN", tool)
+        pytest.fail("wrk is not installed: the README's test command installs it")
     with pytest.raises(RuntimeError, match="failed requests"):
-        loadgen.run_load(server, ["a"], writes=0.0, duration=0.3, route=("GET", "/broken"))
+        loadgen.run_load(
+            server, ["a"], writes=0.0, duration=0.3, route=("GET", "/broken"), tool=tool
+        )
 
 
-def test_wrk_reads_rate_and_percentiles(server: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrk_reads_rate_and_percentiles(server: int) -> None:
     if shutil.which("wrk") is None:
-        pytest.fail("wrk is not installed: .ci/run installs it (apt-get install wrk)")
-    monkeypatch.setenv("STATESCALE_LOADGEN", "wrk")
-    load = loadgen.run_load(server, ["a", "b"], writes=0.5, duration=0.5, connections=2)
+        pytest.fail("wrk is not installed: the README's test command installs it")
+    load = loadgen.run_load(server, ["a", "b"], writes=0.5, duration=0.5, connections=2, tool="wrk")
     assert load.rps > 0
     assert 0 < load.p50_ms <= load.p90_ms <= load.p99_ms
     assert {m for m, _, _ in Handler.seen} == {"GET", "POST"}
