@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from statescale.embedded import EmbeddedRedis, free_port
-from statescale.routing.lb_config import Backend, nginx_config
+from statescale.routing.backends import Backend
+from statescale.routing.balancers import get as get_balancer
 
 from .rig.delay import DelayProxy
 from .rig.harness import (
@@ -230,8 +231,10 @@ def _nginx_add_node(
 
     def add_one() -> list[int]:
         _, backend = add_sticky_node(stack, backends, balancer="nginx")
-        conf = nginx_config([*backends, backend], listen=f"127.0.0.1:{port}")
-        (folder / "nginx.conf").write_text(conf)
+        balancer = get_balancer("nginx")
+        listen = f"127.0.0.1:{port}"
+        conf = balancer.config([*backends, backend], listen=listen, cookie="statescale")
+        (folder / balancer.config_name).write_text(conf)
         nginx.send_signal(signal.SIGHUP)
         time.sleep(1.0)  # the old workers finish; new ones start with the new ring
         return [port]
@@ -524,7 +527,7 @@ def plot(data: dict[str, Any], sizes: list[int], folder: Path) -> list[str]:
         )
     ax.set_xticks(xs, names, rotation=20, ha="right")
     ax.set_ylabel("requests per second (median)")
-    ax.set_title(f"statescale bench: gunicorn -w 4, {size} B sessions")
+    ax.set_title(f"benchmarks.compare: gunicorn -w 4, {size} B sessions")
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "throughput.png", dpi=110)
@@ -557,7 +560,7 @@ def plot(data: dict[str, Any], sizes: list[int], folder: Path) -> list[str]:
         ax.bar([x + (i - 1.5) * 0.2 for x in fx], values, width=0.2, label=label)
     ax.set_xticks(fx, faults, rotation=20, ha="right")
     ax.set_ylabel("% lost")
-    ax.set_title("statescale bench: what each configuration loses")
+    ax.set_title("benchmarks.compare: what each configuration loses")
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "faults.png", dpi=110)

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from statescale.routing.ring import NginxRing, Ring
+from statescale.routing import NginxRing, Ring
 
 
 def keys(n: int) -> list[str]:

@@ -38,12 +38,12 @@ def cmd_redis(args: argparse.Namespace) -> int:
 
 
 def cmd_lb_config(args: argparse.Namespace) -> int:
-    from .routing.lb_config import Backend, haproxy_config, nginx_config
+    from .routing.backends import parse_backends
+    from .routing.balancers import get
 
-    backends = [Backend.parse(spec) for spec in args.backend]
-    make = nginx_config if args.balancer == "nginx" else haproxy_config
-    sys.stdout.write(make(backends, listen=args.listen, cookie=args.cookie))
-    specs = ",".join(args.backend)
+    backends = parse_backends(args.backend)
+    sys.stdout.write(get(args.balancer).config(backends, listen=args.listen, cookie=args.cookie))
+    specs = ",".join(b.spec for b in backends)
     print(
         f"# Start each instance with STATESCALE_MODE=sticky STATESCALE_STORE=memory "
         f"STATESCALE_BALANCER={args.balancer} STATESCALE_BACKENDS={specs} "
@@ -63,17 +63,17 @@ def _address(text: str) -> tuple[str, int]:
 def cmd_router(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .routing.lb_config import Backend
+    from .routing.backends import Backend, check, read_backends_file
     from .routing.router import Router, run
 
-    specs = list(args.backend or [])
-    if args.backends_file:
-        lines = Path(args.backends_file).read_text().splitlines()
-        specs += [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
-    if not specs:
+    if not args.backend and not args.backends_file:
         raise StateScaleError("give --backend NAME=HOST:PORT (repeat) or --backends-file")
+    backends = [Backend.parse(spec) for spec in args.backend or []]
+    if args.backends_file:
+        backends += read_backends_file(Path(args.backends_file))
+    specs = [b.spec for b in check(backends)]
     router = Router(
-        [Backend.parse(spec) for spec in specs],
+        backends,
         cookie=args.cookie,
         ip_hash=args.ip_hash,
         check_interval=args.check_interval,
@@ -141,16 +141,19 @@ def parser() -> argparse.ArgumentParser:
     cluster.add_argument("--bind", type=_address, default=("127.0.0.1", 8000), help="HOST:PORT")
     cluster.set_defaults(func=cmd_cluster)
 
+    from .routing import balancers
+
     lb = sub.add_parser(
         "lb-config",
-        help="print an nginx or HAProxy configuration for sticky sessions",
-        description="Print a complete configuration for nginx (hash ... consistent) or HAProxy "
-        "(balance hash, hash-type consistent) that routes each session to one backend by its "
-        "session ID. statescale replicates both rings exactly, so each instance, told the same "
-        "backends (STATESCALE_BACKENDS, in this order) and its own name (STATESCALE_NODE), "
-        "mints IDs the balancer routes to it.",
+        help="print a balancer's configuration for sticky sessions",
+        description="Print a complete configuration for a balancer that routes each session "
+        "to one backend by its session ID: "
+        + "; ".join(f"{name}: {balancers.get(name).summary}" for name in balancers.names())
+        + ". statescale replicates every one of these rings exactly, so each instance, told "
+        "the same backends (STATESCALE_BACKENDS, in this order) and its own name "
+        "(STATESCALE_NODE), mints IDs the balancer routes to it.",
     )
-    lb.add_argument("balancer", choices=["nginx", "haproxy"])
+    lb.add_argument("balancer", choices=balancers.names())
     lb.add_argument(
         "--backend",
         action="append",

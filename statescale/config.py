@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .exceptions import ConfigError
+from .routing import balancers
 
 log = logging.getLogger("statescale")
 
@@ -115,9 +116,9 @@ class Settings:
             raise ConfigError(f"STATESCALE_STORE={self.store!r}: use 'redis' or 'memory'")
         if self.mode not in ("shared", "sticky"):
             raise ConfigError(f"STATESCALE_MODE={self.mode!r}: use 'shared' or 'sticky'")
-        if self.balancer not in ("statescale", "nginx", "haproxy"):
+        if self.balancer not in balancers.names():
             raise ConfigError(
-                f"STATESCALE_BALANCER={self.balancer!r}: use statescale, nginx or haproxy"
+                f"STATESCALE_BALANCER={self.balancer!r}: use one of {', '.join(balancers.names())}"
             )
         if self.node is not None and not self.backends:
             raise ConfigError("STATESCALE_NODE is set: list every node in STATESCALE_BACKENDS")

@@ -132,11 +132,11 @@ class StateScaleMiddleware:
             )
         session = settings.session
         if settings.node is not None and "id_factory" not in options:
-            from .routing.lb_config import Backend, BalancerRing
+            from .routing.backends import parse_backends
+            from .routing.balancers import get as get_balancer
             from .routing.minting import owned_id_factory
 
-            backends = [Backend.parse(spec) for spec in settings.backends]
-            ring = BalancerRing(settings.balancer, backends)  # type: ignore[arg-type]
+            ring = get_balancer(settings.balancer).ring(parse_backends(settings.backends))
             options["id_factory"] = owned_id_factory(ring, settings.node)
         return cls(
             app,

@@ -1,14 +1,19 @@
 """Session IDs: minting, signing and checking. Pure: no I/O, no clock.
 
 An ID is 32 bytes from :mod:`secrets` (256 bits), URL-safe base64 encoded. The cookie
-carries ``ID.SIGNATURE``, an HMAC-SHA256 made by :class:`itsdangerous.Signer` with a salt
-that is ours alone, so a token signed with the same secret for another purpose (Flask's
-own cookie, a password-reset link) is rejected here.
+carries ``ID.SIGNATURE`` (``SEPARATOR`` between them), an HMAC-SHA256 made by
+:class:`itsdangerous.Signer` with a salt that is ours alone, so a token signed with the
+same secret for another purpose (Flask's own cookie, a password-reset link) is rejected
+here.
 
 Key rotation: ``secret_keys`` is a list, oldest first. The newest key signs; every key
 in the list verifies. A cookie signed with an older key is reported as ``stale`` so the
 middleware re-issues it under the newest key. Remove a key from the list and the cookies
 it signed stop working; there is no unsigned fallback.
+
+Routing: every router hashes :func:`routing_key`, the ID alone, never the signature, so
+rotating the keys moves nobody. The balancer configurations spell the same rule in their
+own languages from ``SEPARATOR``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from itsdangerous import BadSignature, Signer
 from .exceptions import ConfigError
 
 SALT = "statescale.session-id"
+SEPARATOR = "."  # between the ID and its signature; IDs never hold it
 MIN_KEY_BYTES = 16
 MAX_COOKIE_VALUE = 512  # far above a real token (~87 chars); longer input is not hashed
 _ID_CHARS = re.compile(r"[A-Za-z0-9_-]{22,128}\Z")
@@ -32,6 +38,12 @@ _ID_CHARS = re.compile(r"[A-Za-z0-9_-]{22,128}\Z")
 def new_session_id() -> str:
     """A fresh session ID: 256 bits from the OS CSPRNG, URL-safe text."""
     return secrets.token_urlsafe(32)
+
+
+def routing_key(cookie_value: str) -> str:
+    """What every router hashes: the session ID, the cookie value up to its first
+    ``SEPARATOR`` (the signature after it changes when keys rotate; the ID never does)."""
+    return cookie_value.partition(SEPARATOR)[0]
 
 
 class Verified(NamedTuple):
@@ -80,7 +92,12 @@ class SessionSigner:
                     f"a secret key is {len(key)} characters; use at least {MIN_KEY_BYTES} "
                     "random ones, e.g. python -c 'import secrets; print(secrets.token_hex(32))'"
                 )
-        options = {"salt": salt, "key_derivation": "hmac", "digest_method": hashlib.sha256}
+        options = {
+            "salt": salt,
+            "sep": SEPARATOR,
+            "key_derivation": "hmac",
+            "digest_method": hashlib.sha256,
+        }
         self._newest = _Signer(keys[-1], **options)
         self._older = _Signer(keys[:-1], **options) if len(keys) > 1 else None
         self.new_id = id_factory

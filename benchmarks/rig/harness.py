@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from statescale.embedded import free_port
-from statescale.routing.lb_config import Backend, haproxy_config, nginx_config
+from statescale.routing.backends import Backend
+from statescale.routing.balancers import get as get_balancer
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: demo_app/ and benchmarks/
 SECRET = "integration-secret-0123456789abcdef"
@@ -279,18 +279,14 @@ def _sticky_env(node: Gunicorn, me: Backend, backends: list[Backend], balancer: 
 def start_balancer(
     kind: str, backends: list[Backend], port: int, folder: Path
 ) -> subprocess.Popen[bytes]:
-    """nginx or HAProxy on 127.0.0.1:``port``, from `statescale lb-config`'s file in ``folder``."""
+    """The balancer ``kind`` (a name in statescale's balancer registry) on
+    127.0.0.1:``port``, from the configuration `statescale lb-config` writes, in ``folder``."""
+    balancer = get_balancer(kind)
     listen = f"127.0.0.1:{port}"
-    if kind == "nginx":
-        (folder / "tmp").mkdir(exist_ok=True)
-        (folder / "nginx.conf").write_text(nginx_config(backends, listen=listen))
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"  # sbin: not on every PATH
-        command = [nginx, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-g", "daemon off;"]
-    else:
-        (folder / "haproxy.cfg").write_text(haproxy_config(backends, listen=listen))
-        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        command = [haproxy, "-db", "-f", str(folder / "haproxy.cfg")]
-    return subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    config = folder / balancer.config_name
+    config.write_text(balancer.config(backends, listen=listen, cookie="statescale"))
+    command = balancer.command(config, listen=listen, cookie="statescale")
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def start_router(

@@ -1,4 +1,4 @@
-"""HTTP load for ``statescale bench``: wrk when it is installed, else a small asyncio
+"""HTTP load for the benchmarks: wrk when it is installed, else a small asyncio
 generator, so the benchmark runs on a machine with nothing but the Python packages.
 
 Both take the same *mix*: each request is a write (``POST /api/incr?key=n``) with

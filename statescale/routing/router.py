@@ -29,7 +29,9 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from ..exceptions import ConfigError
-from .lb_config import Backend, BalancerRing
+from ..signing import routing_key
+from .backends import Backend, read_backends_file
+from .balancers import get as get_balancer
 
 log = logging.getLogger("statescale.router")
 
@@ -191,7 +193,7 @@ class Router:
     # -- membership and health -----------------------------------------------------
     def _set_members(self, backends: list[Backend]) -> None:
         self.members = {b.name: b for b in backends}
-        self.ring = BalancerRing("statescale", backends)
+        self.ring = get_balancer("statescale").ring(backends)
         self.down &= set(self.members)
         self._round_robin = itertools.cycle(list(self.members))
 
@@ -200,9 +202,7 @@ class Router:
         if self.backends_file is None:
             log.warning("statescale router: SIGHUP, but no --backends-file to re-read")
             return
-        lines = self.backends_file.read_text().splitlines()
-        specs = [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
-        self._set_members([Backend.parse(spec) for spec in specs])
+        self._set_members(read_backends_file(self.backends_file))
         log.warning("statescale router: backends now %s", ", ".join(self.members))
 
     def choose(self, cookie: str | None, client_ip: str) -> str | None:
@@ -211,7 +211,7 @@ class Router:
         if not up:
             return None
         if cookie:
-            return self.ring.owner(cookie.partition(".")[0], tuple(self.down))
+            return self.ring.owner(routing_key(cookie), tuple(self.down))
         if self.ip_hash:
             return self.ring.owner(client_ip, tuple(self.down))
         for _ in range(len(self.members)):

@@ -18,7 +18,8 @@ import pytest
 
 from benchmarks.rig.harness import start_balancer
 from statescale.embedded import free_port
-from statescale.routing.lb_config import Backend, BalancerRing
+from statescale.routing import balancers
+from statescale.routing.backends import Backend
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +90,7 @@ def test_1000_cookies_land_where_the_replica_predicts(
         port = free_port()
         process = start_balancer(balancer, members, port, tmp_path)
         try:
-            ring = BalancerRing(balancer, members)  # type: ignore[arg-type]
+            ring = balancers.get(balancer).ring(members)
             wrong = [
                 (c, got, want)
                 for c in cookies

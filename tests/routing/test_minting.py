@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from statescale.exceptions import ConfigError
-from statescale.routing.lb_config import Backend, BalancerRing
+from statescale.routing import balancers
+from statescale.routing.backends import Backend
 from statescale.routing.minting import owned_id_factory
 from statescale.routing.ring import Ring
 from statescale.signing import _ID_CHARS
@@ -13,7 +14,7 @@ BACKENDS = [Backend.parse(f"node{i}=127.0.0.1:{9000 + i}") for i in range(1, 5)]
 
 @pytest.mark.parametrize("balancer", ["statescale", "nginx", "haproxy"])
 def test_minted_ids_route_to_their_minter(balancer: str) -> None:
-    ring = BalancerRing(balancer, BACKENDS)  # type: ignore[arg-type]
+    ring = balancers.get(balancer).ring(BACKENDS)
     for backend in BACKENDS:
         mint = owned_id_factory(ring, backend.name)
         ids = {mint() for _ in range(200)}

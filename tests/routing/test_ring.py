@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from statescale.exceptions import ConfigError
-from statescale.routing.ring import HAProxyRing, NginxRing, Ring, full_hash, routing_key, sdbm
+from statescale.routing import HAProxyRing, NginxRing, Ring, routing_key
+from statescale.routing.balancers.haproxy import full_hash, sdbm
 
 node_names = st.lists(
     st.text(alphabet="abcdefghij0123456789-", min_size=1, max_size=8),

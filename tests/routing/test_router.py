@@ -26,7 +26,8 @@ from benchmarks.rig.harness import (
     sticky_nodes,
 )
 from statescale.embedded import free_port
-from statescale.routing.lb_config import Backend, BalancerRing
+from statescale.routing import balancers
+from statescale.routing.backends import Backend
 
 pytestmark = pytest.mark.integration
 
@@ -189,7 +190,7 @@ def test_a_cookie_goes_to_its_owner_and_a_dead_node_is_routed_around(
     echoes: list[tuple[str, ThreadingHTTPServer]],
 ) -> None:
     backends = backends_of(echoes)
-    ring = BalancerRing("statescale", backends)
+    ring = balancers.get("statescale").ring(backends)
     router = RouterProcess(backends)
     try:
         sessions = [f"session{i:03d}.sig" for i in range(60)]
@@ -214,7 +215,7 @@ def test_connections_to_a_node_are_kept_alive_and_a_stale_one_is_replaced(
     echoes: list[tuple[str, ThreadingHTTPServer]],
 ) -> None:
     backends = backends_of(echoes)
-    ring = BalancerRing("statescale", backends)
+    ring = balancers.get("statescale").ring(backends)
     sid = next(f"s{i}" for i in range(100) if ring.owner(f"s{i}") == "node2")
     node2 = echoes[1][1]
     router = RouterProcess(backends)
@@ -317,7 +318,7 @@ def test_a_node_that_comes_back_takes_its_sessions_back(
     echoes: list[tuple[str, ThreadingHTTPServer]],
 ) -> None:
     backends = backends_of(echoes)
-    ring = BalancerRing("statescale", backends)
+    ring = balancers.get("statescale").ring(backends)
     sid = next(f"s{i}" for i in range(200) if ring.owner(f"s{i}") == "node1")
     router = RouterProcess(backends)
     try:
@@ -347,7 +348,7 @@ def test_ip_hash_sends_a_client_without_a_session_to_one_node(
     echoes: list[tuple[str, ThreadingHTTPServer]],
 ) -> None:
     backends = backends_of(echoes)
-    ring = BalancerRing("statescale", backends)
+    ring = balancers.get("statescale").ring(backends)
     router = RouterProcess(backends, "--ip-hash")
     try:
         nodes = {json.loads(ask(router.port)[1])["node"] for _ in range(12)}
