@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from statescale.embedded import EmbeddedRedis, free_port
+from statescale.embedded import EmbeddedRedis
+from statescale.processes import free_port
 from statescale.routing.backends import Backend
 from statescale.routing.balancers import get as get_balancer
 

@@ -28,11 +28,16 @@ class DemoResult:
 
 
 def _demo_mode(mode: str, env: dict[str, str], workers: int, requests: int) -> DemoResult:
+    """``requests`` increments by one user; more, up to ten times as many, until two
+    workers have served (the kernel may hand a short run of connections to one)."""
     print(f"  {mode}: starting gunicorn -w {workers} demo_app:app ...", flush=True)
     with Gunicorn(env=env, workers=workers) as server:
         client = SessionClient(server.port)
-        values, pids = [], set()
-        for i in range(requests):
+        values: list[int] = []
+        pids: set[int] = set()
+        for i in range(requests * 10):
+            if i >= requests and (len(pids) > 1 or workers == 1):
+                break
             reply = client.post("/api/incr?key=c")
             if reply.status != 200:
                 raise RuntimeError(f"{mode}: POST /api/incr answered {reply.status}")
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if memory.warning:
         print(f"Its start-up warning said why:\n  {memory.warning}")
     # Consistency is the claim; how many workers served depends on who wins each accept.
-    return 0 if results[0].matching == args.requests else 1
+    return 0 if results[0].matching == len(results[0].values) else 1
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks.rig.harness import SessionClient, start_balancer, start_router, sticky_nodes
 from benchmarks.rig.loadgen import READ, run_load
-from statescale.embedded import free_port
+from statescale.processes import free_port
 
 
 def session_ids(count: int) -> list[str]:

@@ -1,7 +1,7 @@
 """The statescale demo: a small Flask app whose session shows which worker served it.
 
 Run it with ``gunicorn -w 4 demo_app:app`` from the repository root (the root's
-``gunicorn.conf.py`` starts one embedded Redis that all workers share when no
+``gunicorn.conf.py`` asks for one embedded Redis that all workers share when no
 ``STATESCALE_REDIS_URL`` is set). ``STATESCALE_STORE=memory`` shows what goes wrong
 without a shared store. Every JSON body carries ``pid``, the process that served it.
 """

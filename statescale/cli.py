@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
 
 from . import __version__
+from .config import MODES
 from .exceptions import StateScaleError
 
 DESCRIPTION = """\
@@ -79,13 +81,16 @@ def cmd_router(args: argparse.Namespace) -> int:
         check_interval=args.check_interval,
         backends_file=Path(args.backends_file) if args.backends_file else None,
     )
-    host, port = args.listen
+    listen: tuple[str, int] | socket.socket = args.listen
+    if args.fd is not None:
+        listen = socket.socket(fileno=args.fd)
+    host, port = listen.getsockname()[:2] if isinstance(listen, socket.socket) else listen
     print(
         f"statescale router on http://{host}:{port}/ -> {', '.join(specs)}"
         + (f"; admin on http://{args.admin[0]}:{args.admin[1]}/nodes" if args.admin else ""),
         flush=True,
     )
-    run(router, host, port, args.admin, use_uvloop=not args.no_uvloop)
+    run(router, listen, args.admin, use_uvloop=not args.no_uvloop)
     return 0
 
 
@@ -94,8 +99,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
     host, port = args.bind
     env = {**os.environ, "STATESCALE_MODE": args.mode}
-    if args.mode == "shared":
-        env.setdefault("STATESCALE_STORE", "redis")
+    embedded = args.mode == "shared" and not env.get("STATESCALE_REDIS_URL")
+    if embedded:  # gunicorn's environment: its hooks start one server for every worker
+        env["STATESCALE_EMBEDDED_REDIS"] = "1"
     command = [
         sys.executable,
         "-m",
@@ -108,11 +114,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         "python:statescale.gunicorn",
         args.app,
     ]
-    where = (
-        "a Redis store shared by all workers"
-        if args.mode == "shared"
-        else ("the sticky router in front, each worker keeping its sessions in memory")
-    )
+    where = {
+        "shared": "a Redis store shared by all workers"
+        + (" (an embedded redis-server: set STATESCALE_REDIS_URL for yours)" if embedded else ""),
+        "sticky": "the sticky router in front, each worker keeping its sessions in memory",
+    }[args.mode]
     print(f"statescale cluster: {args.workers} workers of {args.app}, {where}.")
     print(f"Point a browser at http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
     os.execve(sys.executable, command, env)  # noqa: S606 - gunicorn takes our place: signals reach it
@@ -135,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
         "session to its worker. shared: every worker uses one Redis (an embedded one unless "
         "STATESCALE_REDIS_URL is set).",
     )
-    cluster.add_argument("mode", choices=["sticky", "shared"])
+    cluster.add_argument("mode", choices=list(MODES))
     cluster.add_argument("app", help="the WSGI app, MODULE:VARIABLE (e.g. demo_app:app)")
     cluster.add_argument("--workers", type=int, default=4)
     cluster.add_argument("--bind", type=_address, default=("127.0.0.1", 8000), help="HOST:PORT")
@@ -177,7 +183,13 @@ def parser() -> argparse.ArgumentParser:
     )
     router.add_argument("--backend", action="append", metavar="NAME=HOST:PORT[*WEIGHT]")
     router.add_argument("--backends-file", help="one NAME=HOST:PORT a line; re-read on SIGHUP")
-    router.add_argument("--listen", type=_address, default=("127.0.0.1", 8080))
+    router.add_argument("--listen", type=_address, default=("127.0.0.1", 8080), help="HOST:PORT")
+    router.add_argument(
+        "--fd",
+        type=int,
+        help="serve on this inherited, listening socket instead of --listen (what the "
+        "gunicorn hooks pass in sticky mode)",
+    )
     router.add_argument("--admin", type=_address, help="HOST:PORT for GET/POST/DELETE /nodes")
     router.add_argument("--cookie", default="statescale", help="the session cookie's name")
     router.add_argument(

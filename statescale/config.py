@@ -1,27 +1,41 @@
-"""Options, as frozen dataclasses checked when they are made.
+"""Options, as frozen dataclasses checked when they are made. Every default is defined
+here, once.
 
 :meth:`Settings.from_env` is the only place statescale reads environment variables (the
-demo app, the CLI and the gunicorn hooks use it; a library user passes options).
+CLI and the gunicorn hooks use it); :meth:`Settings.from_mapping` reads the same names
+from any mapping whose values are strings or already typed (the Flask extension passes
+``app.config``); a library user passes options. :mod:`statescale.assemble` turns
+:class:`Settings` into a store, an ID factory and a middleware.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .exceptions import ConfigError
 from .routing import balancers
-
-log = logging.getLogger("statescale")
+from .routing.backends import Backend, check
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 token: a cookie name
 _SAMESITE = ("Strict", "Lax", "None")
 
 #: Used when STATESCALE_SECRET_KEYS is not set. Public, so only for development.
 DEVELOPMENT_SECRET = "statescale-development-key-NOT-SECRET"  # noqa: S105 - public on purpose
+
+DEFAULT_IDLE_TIMEOUT = 1800.0  # seconds a session may go unused
+DEFAULT_ABSOLUTE_LIFETIME = 7 * 86400.0  # seconds a session may live, however busy
+DEFAULT_MAX_SIZE = 64 * 1024  # bytes a session may take, encoded
+DEFAULT_REDIS_TIMEOUT = 0.4  # seconds per Redis attempt (redis-py retries once)
+DEFAULT_LOCAL_CACHE = 10_000  # session copies per process
+DEFAULT_COOKIE_NAME = "statescale"
+
+#: Each mode and the store it uses unless told otherwise.
+MODES = {"shared": "redis", "sticky": "memory"}
+STORES = ("redis", "memory")
 
 
 @dataclass(frozen=True)
@@ -31,7 +45,7 @@ class CookieOptions:
     plain-HTTP development. ``max_age=None`` makes a browser-session cookie; the
     server-side timeouts decide how long the session itself lives."""
 
-    name: str = "statescale"
+    name: str = DEFAULT_COOKIE_NAME
     path: str = "/"
     domain: str | None = None
     secure: bool = True
@@ -63,7 +77,7 @@ class SessionOptions:
 
     secret_keys: tuple[str, ...]
     cookie: CookieOptions = field(default_factory=CookieOptions)
-    max_size: int = 64 * 1024
+    max_size: int = DEFAULT_MAX_SIZE
     locking: bool = False
 
     def __post_init__(self) -> None:
@@ -71,89 +85,162 @@ class SessionOptions:
             raise ConfigError(f"max_size must be at least 64 bytes, not {self.max_size!r}")
 
 
-def parse_bool(name: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"{name}={value!r}: use 1/0, true/false, yes/no or on/off")
-
-
-def _number(env: Mapping[str, str], name: str, default: float | None) -> float | None:
-    value = env.get(name)
-    if value is None or value.strip() == "":
-        return default
-    if value.strip().lower() == "none":
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r}: expected a number of seconds") from None
-
-
 @dataclass(frozen=True)
 class Settings:
-    """Everything the demo app, the CLI and the gunicorn hooks configure."""
+    """Everything a deployment configures: the store, the mode and the sessions.
 
-    store: str = "redis"
+    ``store`` ``None`` means the mode's own (:data:`MODES`): see :attr:`store_kind`.
+    ``embedded_redis`` asks for a private ``redis-server`` when no ``redis_url`` is set:
+    for development and the demo only. Without either, building a Redis store is a
+    :class:`ConfigError`.
+    """
+
+    store: str | None = None
     redis_url: str | None = None
+    embedded_redis: bool = False
     mode: str = "shared"
     session: SessionOptions = field(
         default_factory=lambda: SessionOptions(secret_keys=(DEVELOPMENT_SECRET,))
     )
-    idle_timeout: float = 1800.0
-    absolute_lifetime: float | None = 7 * 86400.0
-    redis_timeout: float = 0.4
-    local_cache: int = 10_000
-    node: str | None = None  # sticky mode: this instance's name on the ring
-    backends: tuple[str, ...] = ()  # sticky mode: every instance, NAME=HOST:PORT
-    balancer: str = "statescale"  # whose ring routes: statescale, nginx or haproxy
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    absolute_lifetime: float | None = DEFAULT_ABSOLUTE_LIFETIME
+    redis_timeout: float = DEFAULT_REDIS_TIMEOUT
+    local_cache: int = DEFAULT_LOCAL_CACHE
+    node: str | None = None  # sticky routing: this instance's name on the ring
+    backends: tuple[Backend, ...] = ()  # sticky routing: every instance, in order
+    balancer: str = "statescale"  # whose ring routes sessions (routing.balancers)
     development_secret: bool = False
 
     def __post_init__(self) -> None:
-        if self.store not in ("redis", "memory"):
-            raise ConfigError(f"STATESCALE_STORE={self.store!r}: use 'redis' or 'memory'")
-        if self.mode not in ("shared", "sticky"):
-            raise ConfigError(f"STATESCALE_MODE={self.mode!r}: use 'shared' or 'sticky'")
+        if self.mode not in MODES:
+            raise ConfigError(f"STATESCALE_MODE={self.mode!r}: use one of {', '.join(MODES)}")
+        if self.store is not None and self.store not in STORES:
+            raise ConfigError(f"STATESCALE_STORE={self.store!r}: use one of {', '.join(STORES)}")
         if self.balancer not in balancers.names():
             raise ConfigError(
                 f"STATESCALE_BALANCER={self.balancer!r}: use one of {', '.join(balancers.names())}"
             )
-        if self.node is not None and not self.backends:
-            raise ConfigError("STATESCALE_NODE is set: list every node in STATESCALE_BACKENDS")
+        if self.backends:
+            check(self.backends)
+        if self.node is not None and self.node not in {b.name for b in self.backends}:
+            raise ConfigError(
+                f"STATESCALE_NODE={self.node!r}: list every node, this one included, in "
+                "STATESCALE_BACKENDS (NAME=HOST:PORT,...)"
+            )
+        if self.redis_timeout <= 0:
+            raise ConfigError(f"STATESCALE_REDIS_TIMEOUT={self.redis_timeout!r}: must be > 0")
+        if self.local_cache < 0:
+            raise ConfigError(f"STATESCALE_LOCAL_CACHE={self.local_cache!r}: must be >= 0")
+
+    @property
+    def store_kind(self) -> str:
+        """The store in use: ``store``, or the mode's own."""
+        return self.store or MODES[self.mode]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read ``STATESCALE_*`` variables (see the README's configuration table)."""
-        env = os.environ if env is None else env
-        raw_keys = env.get("STATESCALE_SECRET_KEYS", "")
-        keys = tuple(k.strip() for k in raw_keys.split(",") if k.strip())
-        cookie = CookieOptions(
-            name=env.get("STATESCALE_COOKIE_NAME", "statescale"),
-            secure=parse_bool("STATESCALE_COOKIE_SECURE", env.get("STATESCALE_COOKIE_SECURE", "1")),
-            domain=env.get("STATESCALE_COOKIE_DOMAIN") or None,
-        )
-        options = SessionOptions(
+        return cls.from_mapping(os.environ if env is None else env)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
+        """Read the ``STATESCALE_*`` names from ``values``: strings as in the
+        environment, or typed values (booleans, numbers, lists of keys or backends)."""
+        parts: dict[str, dict[str, Any]] = {"": {}, "session": {}, "cookie": {}}
+        for variable, (where, parse) in _VARIABLES.items():
+            value = values.get(variable)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                continue
+            part, _, name = where.rpartition(".")
+            parts[part][name] = parse(variable, value)
+        keys = parts["session"].pop("secret_keys", ())
+        session = SessionOptions(
             secret_keys=keys or (DEVELOPMENT_SECRET,),
-            cookie=cookie,
-            max_size=int(_number(env, "STATESCALE_MAX_SIZE", 64 * 1024) or 0),
-            locking=parse_bool("STATESCALE_LOCKING", env.get("STATESCALE_LOCKING", "0")),
+            cookie=CookieOptions(**parts["cookie"]),
+            **parts["session"],
         )
-        idle = _number(env, "STATESCALE_IDLE_TIMEOUT", 1800.0)
-        return cls(
-            store=env.get("STATESCALE_STORE", "redis").strip().lower(),
-            redis_url=env.get("STATESCALE_REDIS_URL") or None,
-            mode=env.get("STATESCALE_MODE", "shared").strip().lower(),
-            session=options,
-            idle_timeout=1800.0 if idle is None else idle,
-            absolute_lifetime=_number(env, "STATESCALE_ABSOLUTE_LIFETIME", 7 * 86400.0),
-            redis_timeout=_number(env, "STATESCALE_REDIS_TIMEOUT", 0.4) or 0.4,
-            local_cache=int(_number(env, "STATESCALE_LOCAL_CACHE", 10_000) or 0),
-            node=env.get("STATESCALE_NODE") or None,
-            backends=tuple(
-                b.strip() for b in env.get("STATESCALE_BACKENDS", "").split(",") if b.strip()
-            ),
-            balancer=env.get("STATESCALE_BALANCER", "statescale").strip().lower(),
-            development_secret=not keys,
-        )
+        return cls(session=session, development_secret=not keys, **parts[""])
+
+
+# -- reading one variable: a string from the environment, or an already typed value --
+def parse_bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={value!r}: use 1/0, true/false, yes/no or on/off")
+
+
+def _word(name: str, value: object) -> str:
+    return str(value).strip().lower()
+
+
+def _text(name: str, value: object) -> str:
+    return str(value).strip()
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return float(str(value))
+    except ValueError:
+        raise ConfigError(f"{name}={value!r}: expected a number") from None
+
+
+def _optional_number(name: str, value: object) -> float | None:
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    return _number(name, value)
+
+
+def _count(name: str, value: object) -> int:
+    number = _number(name, value)
+    if number != int(number):
+        raise ConfigError(f"{name}={value!r}: expected a whole number")
+    return int(number)
+
+
+def _items(value: object) -> list[object]:
+    if isinstance(value, str):
+        return [part for part in value.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _keys(name: str, value: object) -> tuple[str, ...]:
+    return tuple(str(key).strip() for key in _items(value))
+
+
+def _backends(name: str, value: object) -> tuple[Backend, ...]:
+    found = [
+        item if isinstance(item, Backend) else Backend.parse(str(item)) for item in _items(value)
+    ]
+    return tuple(check(found))
+
+
+#: Each variable: where it goes (a Settings field, or ``session.``/``cookie.`` one) and
+#: how its value is read. The README's configuration table lists exactly these.
+_VARIABLES: dict[str, tuple[str, Callable[[str, object], Any]]] = {
+    "STATESCALE_STORE": ("store", _word),
+    "STATESCALE_REDIS_URL": ("redis_url", _text),
+    "STATESCALE_EMBEDDED_REDIS": ("embedded_redis", parse_bool),
+    "STATESCALE_MODE": ("mode", _word),
+    "STATESCALE_SECRET_KEYS": ("session.secret_keys", _keys),
+    "STATESCALE_LOCKING": ("session.locking", parse_bool),
+    "STATESCALE_MAX_SIZE": ("session.max_size", _count),
+    "STATESCALE_COOKIE_NAME": ("cookie.name", _text),
+    "STATESCALE_COOKIE_SECURE": ("cookie.secure", parse_bool),
+    "STATESCALE_COOKIE_DOMAIN": ("cookie.domain", _text),
+    "STATESCALE_IDLE_TIMEOUT": ("idle_timeout", _number),
+    "STATESCALE_ABSOLUTE_LIFETIME": ("absolute_lifetime", _optional_number),
+    "STATESCALE_REDIS_TIMEOUT": ("redis_timeout", _number),
+    "STATESCALE_LOCAL_CACHE": ("local_cache", _count),
+    "STATESCALE_NODE": ("node", _text),
+    "STATESCALE_BACKENDS": ("backends", _backends),
+    "STATESCALE_BALANCER": ("balancer", _word),
+}

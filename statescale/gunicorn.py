@@ -2,159 +2,203 @@
 
     from statescale.gunicorn import on_exit, on_starting, post_fork, pre_fork, when_ready
 
+or run ``gunicorn -c python:statescale.gunicorn ...``. The hooks read
+:meth:`Settings.from_env <statescale.config.Settings.from_env>` once, in the master, and
+hand what they decide to the workers as typed state (:func:`statescale.assemble.host`),
+which every worker inherits when it is forked.
+
 Shared mode (the default):
 
-* ``on_starting`` (in the master, before any worker forks): with the Redis store and no
-  ``STATESCALE_REDIS_URL``, start one embedded ``redis-server`` and hand its URL to every
-  worker through the environment, so all workers share it.
-* ``when_ready``: warn loudly when the memory store runs under several workers without
+* with ``STATESCALE_EMBEDDED_REDIS=1`` and no ``STATESCALE_REDIS_URL``, ``on_starting``
+  starts the deployment's one embedded ``redis-server`` in the master (or finds the one
+  a ``--preload``\\ed app started), so every worker shares it. ``USR2`` is then refused:
+  a new master could not inherit that server, and every session would be lost.
+* ``when_ready`` warns loudly when the memory store runs under several workers without
   sticky routing (each worker would keep its own sessions).
 
 Sticky mode (``STATESCALE_MODE=sticky gunicorn -w N -b HOST:PORT APP``, with no
 ``STATESCALE_NODE``: an instance given a node name is one node behind an outside
 balancer, and the hooks leave it alone), all under the one gunicorn master:
 
-* every worker slot gets a private loopback port and a node name (``worker0`` ...);
-  each worker listens on its slot's port (``post_fork``), keeps sessions in its own
-  memory and mints session IDs the ring routes to itself;
-* the master starts ``statescale router`` on HOST:PORT (``when_ready``), which sends
-  every request of a session to the worker that owns it;
-* a worker that dies is re-forked into the same slot (``pre_fork``), so it owns the same
-  sessions again (they start afresh: its memory went with it);
-* ``--preload`` is refused: each worker must load the app knowing its own name.
+* the master opens one listening socket per worker slot on a loopback port of the
+  kernel's choosing, and keeps it open for its whole life; slot ``k`` is node
+  ``workerk`` of a rendezvous ring. Each worker accepts only on its slot's socket
+  (``post_fork``), keeps sessions in its own memory and mints session IDs the ring
+  routes to itself.
+* the master runs ``statescale router`` (``when_ready``) on gunicorn's own listener,
+  handed over as an inherited file descriptor, which sends every request of a session to
+  its slot's socket. The router dies with the master.
+* a worker that exits (a crash, ``--max-requests``, a ``HUP`` reload) is replaced in the
+  same slot (``pre_fork``). The slot's socket stays open meanwhile, so connections wait
+  in its queue for the replacement instead of being refused: reloads and recycling fail
+  no request. ``USR2`` starts a new master with slots and a router of its own on the
+  same inherited listener; both serve until the old master is stopped.
+* ``TTIN`` is refused: two workers on one slot would split its sessions.
 
 ``on_exit`` stops the router and the embedded server.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
+from dataclasses import dataclass, field
 from typing import Any
 
+from . import assemble, embedded
 from .config import Settings
-from .embedded import EmbeddedRedis, free_port
 from .exceptions import ConfigError
 from .middleware import MULTIPROCESS_WARNING
+from .processes import die_with_parent
+from .routing.backends import Backend
 
 _FIXED_SLOTS = (
     "statescale: sticky mode has %d slots, fixed at start (every node's ring must agree); "
     "%s. Restart with a larger -w to scale."
 )
-_embedded: list[EmbeddedRedis] = []
-_sticky: dict[str, Any] = {}  # in the master: public address, slot ports, slot -> worker
+_USR2_EMBEDDED = (
+    "statescale: USR2 ignored: this deployment's sessions live in an embedded redis-server "
+    "that a new master cannot inherit, so every session would be lost. Set "
+    "STATESCALE_REDIS_URL to a Redis of your own to upgrade in place, or restart."
+)
+
+
+@dataclass
+class _Slot:
+    """One sticky worker slot: a node of the ring, with its listening socket."""
+
+    backend: Backend
+    socket: Any  # gunicorn.sock.TCPSocket, open in the master for its whole life
+    workers: list[Any] = field(default_factory=list)  # the gunicorn Workers serving it
+
+
+@dataclass
+class _Master:
+    """What the hooks know in the master (and, by fork, in each worker)."""
+
+    settings: Settings
+    server: embedded.EmbeddedRedis | None = None  # the embedded Redis the master started
+    slots: list[_Slot] = field(default_factory=list)
+    router: subprocess.Popen[bytes] | None = None
+
+
+_master: _Master | None = None
 
 
 def on_starting(server: Any) -> None:
+    global _master
     settings = Settings.from_env()
+    _master = _Master(settings)
     if settings.mode == "sticky" and settings.node is None:
-        _prepare_sticky(server)
-        return
-    if settings.store != "redis" or settings.redis_url:
-        return
-    redis = EmbeddedRedis().start()
-    _embedded.append(redis)
-    os.environ["STATESCALE_REDIS_URL"] = redis.url
-    server.log.info(
-        "statescale: started an embedded redis-server at %s (pid %s) shared by all workers; "
-        "it stops with gunicorn. Set STATESCALE_REDIS_URL to use your own.",
-        redis.url,
-        redis.process.pid if redis.process else "?",
-    )
+        _prepare_sticky(server, _master)
+    elif settings.store_kind == "redis" and settings.redis_url is None and settings.embedded_redis:
+        _master.server = embedded.shared()
+        server.handle_usr2 = lambda: server.log.error(_USR2_EMBEDDED)
+        server.log.info(
+            "statescale: embedded redis-server at %s shared by all workers; it stops with "
+            "gunicorn. Set STATESCALE_REDIS_URL to use your own.",
+            _master.server.url,
+        )
 
 
-def _prepare_sticky(server: Any) -> None:
+def _prepare_sticky(server: Any, master: _Master) -> None:
+    from gunicorn.sock import TCPSocket
+
     if server.cfg.preload_app:
         raise ConfigError(
             "sticky mode loads the app in each worker (to know its name): drop --preload"
         )
     public = server.cfg.bind[0]
-    host, _, port = public.rpartition(":")
-    if public.startswith("unix:") or not host or not port.isdigit():
+    if public.startswith(("unix:", "fd://")) or ":" not in public:
         raise ConfigError(f"sticky mode needs a HOST:PORT bind for the router, not {public!r}")
-    ports = [free_port() for _ in range(server.cfg.workers)]
-    specs = [f"worker{slot}=127.0.0.1:{p}" for slot, p in enumerate(ports)]
-    os.environ.setdefault("STATESCALE_STORE", "memory")
-    os.environ["STATESCALE_BALANCER"] = "statescale"
-    os.environ["STATESCALE_BACKENDS"] = ",".join(specs)
-    # gunicorn's own listener moves out of the way (nothing connects to it); the router
-    # takes the public address and each worker gets a private port.
-    private = os.path.join(tempfile.mkdtemp(prefix="statescale-"), "unused.sock")
-    server.cfg.set("bind", [f"unix:{private}"])
-    _sticky.update(public=public, ports=ports, specs=specs, slots={}, router=None)
+    for slot in range(server.cfg.workers):
+        sock = TCPSocket(("127.0.0.1", 0), server.cfg, server.log)
+        port = sock.getsockname()[1]
+        master.slots.append(_Slot(Backend(f"worker{slot}", "127.0.0.1", port), sock))
+    backends = tuple(s.backend for s in master.slots)
+    assemble.host(assemble.Hosting(backends=backends, balancer="statescale"))
 
     def refuse_ttin() -> None:  # the arbiter looks its signal handlers up by name
-        server.log.error(_FIXED_SLOTS, len(ports), "TTIN ignored")
+        server.log.error(_FIXED_SLOTS, len(master.slots), "TTIN ignored")
 
     server.handle_ttin = refuse_ttin
-    server.log.info("statescale: sticky mode, %d workers: %s", len(ports), ", ".join(specs))
+    server.log.info(
+        "statescale: sticky mode, %d workers: %s",
+        len(backends),
+        ", ".join(b.spec for b in backends),
+    )
 
 
 def pre_fork(server: Any, worker: Any) -> None:
-    """Give the worker about to fork the lowest free slot (a dead worker's, if any)."""
-    if not _sticky:
+    """Give the worker about to fork the slot with the fewest live workers: a dead
+    worker's, or during a reload the slot of an old worker about to stop."""
+    if _master is None or not _master.slots:
         return
-    slots: dict[int, Any] = _sticky["slots"]
-    free = [
-        s
-        for s in range(len(_sticky["ports"]))
-        if slots.get(s) is None or slots[s].pid not in server.WORKERS
-    ]
-    if not free:  # more workers than slots by some way other than TTIN (refused above)
-        server.log.error(_FIXED_SLOTS, len(_sticky["ports"]), "not adding a worker")
-        server.num_workers = len(_sticky["ports"])
-        worker.statescale_slot = None
-        return
-    slots[free[0]] = worker
-    worker.statescale_slot = free[0]
+    for slot in _master.slots:
+        slot.workers = [w for w in slot.workers if w.pid in server.WORKERS]
+    chosen = min(_master.slots, key=lambda s: len(s.workers))
+    chosen.workers.append(worker)
+    worker.statescale_slot = chosen
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    """In the new worker: listen on its slot's port, and know its name."""
-    if not _sticky:
+    """In the new worker: accept on its slot's socket only, and know its node name."""
+    slot: _Slot | None = getattr(worker, "statescale_slot", None)
+    if slot is None:
         return
-    from gunicorn.sock import TCPSocket
-
-    slot = worker.statescale_slot
-    if slot is None:  # refused in pre_fork: leave quietly, the arbiter will not replace us
-        sys.exit(0)
-    worker.sockets = [TCPSocket(("127.0.0.1", _sticky["ports"][slot]), server.cfg, server.log)]
-    os.environ["STATESCALE_NODE"] = f"worker{slot}"
+    worker.sockets = [slot.socket]
+    assemble.host(
+        assemble.Hosting(
+            node=slot.backend.name,
+            backends=tuple(s.backend for s in _master.slots) if _master else None,
+            balancer="statescale",
+        )
+    )
 
 
 def when_ready(server: Any) -> None:
-    if _sticky:
-        args = [a for spec in _sticky["specs"] for a in ("--backend", spec)]
-        _sticky["router"] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "statescale",
-                "router",
-                *args,
-                "--listen",
-                _sticky["public"],
-                "--check-interval",
-                "0.5",
-            ],
-        )
-        server.log.info(
-            "statescale: sticky router on http://%s/ (pid %d)",
-            _sticky["public"],
-            _sticky["router"].pid,
-        )
+    if _master is not None and _master.slots:
+        _start_router(server, _master)
         return
-    settings = Settings.from_env()
-    if settings.store == "memory" and server.cfg.workers > 1:
+    settings = _master.settings if _master is not None else Settings.from_env()
+    if settings.store_kind == "memory" and server.cfg.workers > 1:
         server.log.warning(MULTIPROCESS_WARNING, "the memory store (STATESCALE_STORE=memory)")
 
 
+def _start_router(server: Any, master: _Master) -> None:
+    """``statescale router`` on gunicorn's own listener (an inherited descriptor), in
+    front of the slots; the kernel stops it if the master dies."""
+    listener = server.LISTENERS[0]
+    fd = listener.fileno()
+    host, port = listener.getsockname()[:2]
+    backends = [a for s in master.slots for a in ("--backend", s.backend.spec)]
+    cookie = master.settings.session.cookie.name
+    command = [
+        *die_with_parent(),
+        sys.executable,
+        "-m",
+        "statescale",
+        "router",
+        *backends,
+        "--fd",
+        str(fd),
+        "--cookie",
+        cookie,
+        "--check-interval",
+        "0.5",
+    ]
+    master.router = subprocess.Popen(command, pass_fds=(fd,))
+    server.log.info(
+        "statescale: sticky router on http://%s:%d/ (pid %d)", host, port, master.router.pid
+    )
+
+
 def on_exit(server: Any) -> None:
-    router = _sticky.get("router")
+    if _master is None:
+        return
+    router = _master.router
     if router is not None and router.poll() is None:
         router.terminate()
         router.wait(15)
-    while _embedded:
-        _embedded.pop().stop()
+    if _master.server is not None:
+        _master.server.stop()

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from werkzeug.wsgi import ClosingIterator
 
-from .config import CookieOptions, Settings
+from .config import DEFAULT_MAX_SIZE, CookieOptions
 from .cookies import CookieWriter, read_cookies
 from .exceptions import ConfigError, StoreError
 from .session import Record, Session
@@ -95,7 +95,7 @@ class StateScaleMiddleware:
         *,
         secret_keys: Sequence[str | bytes],
         cookie: CookieOptions | None = None,
-        max_size: int = 64 * 1024,
+        max_size: int = DEFAULT_MAX_SIZE,
         locking: bool = False,
         id_factory: Callable[[], str] = new_session_id,
         sticky: bool = False,
@@ -115,39 +115,8 @@ class StateScaleMiddleware:
         self.version_cookie = replace(self.cookie, name=self.cookie.name + "_v")
         self._versions = CookieWriter(self.version_cookie)
         self._refresh_cookie = self.cookie.max_age is not None
-        self._check_processes = store.per_process and not sticky
+        self._check_processes = not sticky  # until the first request from a multi-process server
         self._outage_log = _Throttle()
-
-    @classmethod
-    def from_settings(
-        cls, app: WSGIApplication, settings: Settings, store: Store | None = None, **options: Any
-    ) -> StateScaleMiddleware:
-        """The middleware ``settings`` describe (see :meth:`Settings.from_env`)."""
-        from .stores import build_store
-
-        if settings.development_secret:
-            log.warning(
-                "statescale: STATESCALE_SECRET_KEYS is not set; signing session cookies with "
-                "a PUBLIC development key. Anyone can forge sessions. Set it in production."
-            )
-        session = settings.session
-        if settings.node is not None and "id_factory" not in options:
-            from .routing.backends import parse_backends
-            from .routing.balancers import get as get_balancer
-            from .routing.minting import owned_id_factory
-
-            ring = get_balancer(settings.balancer).ring(parse_backends(settings.backends))
-            options["id_factory"] = owned_id_factory(ring, settings.node)
-        return cls(
-            app,
-            store or build_store(settings),
-            secret_keys=session.secret_keys,
-            cookie=session.cookie,
-            max_size=session.max_size,
-            locking=session.locking,
-            sticky=settings.mode == "sticky",
-            **options,
-        )
 
     def log_outage(self, exc: StoreError) -> None:
         """One log line (at most one a second) saying why a request got a 503."""
@@ -156,8 +125,11 @@ class StateScaleMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self._check_processes and environ.get("wsgi.multiprocess"):
             self._check_processes = False
-            log.warning(MULTIPROCESS_WARNING, type(self.store).__name__)
-        request = _Request(self, environ, start_response)
+            if self.store.per_process:
+                log.warning(MULTIPROCESS_WARNING, type(self.store).__name__)
+        request = _Request(start_response, self._commit, self.log_outage)
+        request.session = self._open(environ, request)
+        environ[ENVIRON_KEY] = request.session
         try:
             app_iter = self.app(environ, request.start_response)
             if not request.started:  # a generator app starts its response lazily
@@ -174,17 +146,31 @@ class StateScaleMiddleware:
         return app_iter
 
     def _open(self, environ: WSGIEnvironment, request: _Request) -> Session:
+        """The request's session, loaded (on first use) through ``request``'s lock."""
         value, version = read_cookies(
             environ.get("HTTP_COOKIE"), self.cookie.name, self.version_cookie.name
         )
         verified = self.signer.unsign(value) if value is not None else None
         if verified is None:
-            return Session(None, request.load, max_size=self.max_size)
-        if version is not None and version.isdigit() and len(version) < 19:
-            request.min_version = int(version)
+            return Session(None, self._loader(request, 0), max_size=self.max_size)
+        min_version = int(version) if version and version.isdigit() and len(version) < 19 else 0
         return Session(
-            verified.session_id, request.load, max_size=self.max_size, stale=verified.stale
+            verified.session_id,
+            self._loader(request, min_version),
+            max_size=self.max_size,
+            stale=verified.stale,
         )
+
+    def _loader(self, request: _Request, min_version: int) -> Callable[[str], Record | None]:
+        """Loads a session from the store, under its lock first when ``locking``."""
+        store, locking = self.store, self.locking
+
+        def load(session_id: str) -> Record | None:
+            if locking:
+                request.hold(store.lock(session_id))
+            return store.load(session_id, min_version=min_version)
+
+        return load
 
     def _commit(self, session: Session) -> list[tuple[str, str]]:
         """Save what the request changed; the headers that go with it."""
@@ -216,38 +202,41 @@ class StateScaleMiddleware:
 
 
 class _Request:
-    """One request's state: its session, its lock, whether the response has started."""
+    """One request's state: its session, the lock it holds, whether its response has
+    started. It talks to the middleware through the two callables it is given:
+    ``commit`` (save the session; the headers to add) and ``log_outage``."""
 
     __slots__ = (
+        "_commit",
         "_committed",
         "_lock",
+        "_log_outage",
         "_start",
         "failed",
-        "min_version",
-        "mw",
         "session",
         "started",
     )
 
     def __init__(
-        self, mw: StateScaleMiddleware, environ: WSGIEnvironment, start: StartResponse
+        self,
+        start: StartResponse,
+        commit: Callable[[Session], list[tuple[str, str]]],
+        log_outage: Callable[[StoreError], None],
     ) -> None:
-        self.mw = mw
         self._start = start
+        self._commit = commit
+        self._log_outage = log_outage
         self._lock: AbstractContextManager[None] | None = None
         self._committed = False
         self.started = False
         self.failed = False
-        self.min_version = 0
-        self.session = mw._open(environ, self)
-        environ[ENVIRON_KEY] = self.session
+        self.session: Session
 
-    def load(self, session_id: str) -> Record | None:
-        if self.mw.locking and self._lock is None:
-            lock = self.mw.store.lock(session_id)
+    def hold(self, lock: AbstractContextManager[None]) -> None:
+        """Take ``lock`` (once) and keep it until the response starts or fails."""
+        if self._lock is None:
             lock.__enter__()
             self._lock = lock
-        return self.mw.store.load(session_id, min_version=self.min_version)
 
     def release(self) -> None:
         lock, self._lock = self._lock, None
@@ -261,10 +250,10 @@ class _Request:
         if not self._committed:
             self._committed = True
             try:
-                headers = headers + self.mw._commit(self.session)
+                headers = headers + self._commit(self.session)
             except StoreError as exc:
                 self.failed = True
-                self._log(exc)
+                self._log_outage(exc)
                 return self._start(*unavailable_response(exc), exc_info)
             finally:
                 self.release()
@@ -284,15 +273,12 @@ class _Request:
         return ClosingIterator(itertools.chain((first,), iterator), [lambda: _close(app_iter)])
 
     def unavailable(self, exc: StoreError) -> Iterable[bytes]:
-        self._log(exc)
+        self._log_outage(exc)
         if self.started:  # the response went out already; nothing better to do
             raise exc
         self.started = self.failed = True
         self._start(*unavailable_response(exc))
         return [UNAVAILABLE_BODY]
-
-    def _log(self, exc: StoreError) -> None:
-        self.mw.log_outage(exc)
 
 
 def unavailable_response(exc: StoreError) -> tuple[str, list[tuple[str, str]]]:

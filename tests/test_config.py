@@ -79,3 +79,71 @@ def test_settings_from_env() -> None:
 def test_bad_env_says_which_variable(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match=next(iter(env))):
         Settings.from_env(env)
+
+
+def test_typed_values_read_as_their_strings_do() -> None:
+    typed = Settings.from_mapping(
+        {
+            "STATESCALE_SECRET_KEYS": ["k1-0123456789abcdef", "k2-0123456789abcdef"],
+            "STATESCALE_LOCKING": True,
+            "STATESCALE_COOKIE_SECURE": False,
+            "STATESCALE_IDLE_TIMEOUT": 60,
+            "STATESCALE_LOCAL_CACHE": 0,
+            "STATESCALE_BACKENDS": ["a=127.0.0.1:1", "b=127.0.0.1:2*2"],
+            "STATESCALE_NODE": "a",
+        }
+    )
+    strings = Settings.from_env(
+        {
+            "STATESCALE_SECRET_KEYS": "k1-0123456789abcdef,k2-0123456789abcdef",
+            "STATESCALE_LOCKING": "1",
+            "STATESCALE_COOKIE_SECURE": "0",
+            "STATESCALE_IDLE_TIMEOUT": "60",
+            "STATESCALE_LOCAL_CACHE": "0",
+            "STATESCALE_BACKENDS": "a=127.0.0.1:1, b=127.0.0.1:2*2",
+            "STATESCALE_NODE": "a",
+        }
+    )
+    assert typed == strings
+    assert typed.backends[1].weight == 2 and typed.local_cache == 0
+
+
+def test_defaults_are_defined_once() -> None:
+    from statescale import config
+    from statescale.middleware import StateScaleMiddleware
+    from statescale.stores.memory import MemoryStore
+    from statescale.stores.redis import RedisStore
+
+    settings = Settings()
+    assert settings.idle_timeout == config.DEFAULT_IDLE_TIMEOUT
+    assert settings.session.max_size == config.DEFAULT_MAX_SIZE
+    for function in (MemoryStore.__init__, RedisStore.__init__):
+        defaults = function.__kwdefaults__
+        assert defaults["idle_timeout"] == config.DEFAULT_IDLE_TIMEOUT
+        assert defaults["absolute_lifetime"] == config.DEFAULT_ABSOLUTE_LIFETIME
+    assert StateScaleMiddleware.__init__.__kwdefaults__["max_size"] == config.DEFAULT_MAX_SIZE
+    assert Settings.from_env({}) == Settings(development_secret=True)
+
+
+def test_the_store_follows_the_mode_unless_named() -> None:
+    assert Settings().store_kind == "redis"
+    assert Settings(mode="sticky").store_kind == "memory"
+    assert Settings(mode="sticky", store="redis").store_kind == "redis"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        pytest.param({"STATESCALE_NODE": "a"}, id="node-without-backends"),
+        pytest.param(
+            {"STATESCALE_NODE": "c", "STATESCALE_BACKENDS": "a=h:1,b=h:2"}, id="node-not-listed"
+        ),
+        pytest.param({"STATESCALE_BACKENDS": "a=h:1,a=h:2"}, id="duplicate-backends"),
+        pytest.param({"STATESCALE_BALANCER": "envoy"}, id="balancer"),
+        pytest.param({"STATESCALE_REDIS_TIMEOUT": "0"}, id="timeout"),
+        pytest.param({"STATESCALE_LOCAL_CACHE": "1.5"}, id="whole-number"),
+    ],
+)
+def test_settings_that_cannot_work(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        Settings.from_env(env)

@@ -19,7 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from statescale.embedded import free_port
+from statescale.processes import free_port
 from statescale.routing.backends import Backend
 from statescale.routing.balancers import get as get_balancer
 
@@ -108,6 +108,9 @@ class Gunicorn:
             **os.environ,
             "STATESCALE_SECRET_KEYS": SECRET,
             "STATESCALE_COOKIE_SECURE": "0",
+            # A Redis store with no STATESCALE_REDIS_URL gets the deployment's embedded
+            # server, which the hooks start in the master and every worker shares.
+            "STATESCALE_EMBEDDED_REDIS": "1",
             **(env or {}),
         }
         self.args = args

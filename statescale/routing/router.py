@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -478,8 +479,7 @@ class Router:
     # -- running -------------------------------------------------------------------
     async def serve(
         self,
-        host: str,
-        port: int,
+        listen: tuple[str, int] | socket.socket,
         *,
         admin: tuple[str, int] | None = None,
         ready: Callable[[], Awaitable[None] | None] | None = None,
@@ -490,15 +490,16 @@ class Router:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._safe_reload)
-        self._servers.append(
-            await asyncio.start_server(self.handle, host, port, limit=MAX_HEAD, backlog=1024)
-        )
+        if isinstance(listen, socket.socket):  # inherited, bound and listening already
+            public = await asyncio.start_server(self.handle, sock=listen, limit=MAX_HEAD)
+        else:
+            public = await asyncio.start_server(self.handle, *listen, limit=MAX_HEAD, backlog=1024)
+        self._servers.append(public)
+        where = ", ".join(str(s.getsockname()[:2]) for s in public.sockets)
         if admin is not None:
             self._servers.append(await asyncio.start_server(self.admin, *admin, limit=MAX_HEAD))
         checks = asyncio.create_task(self.check_loop())
-        log.warning(
-            "statescale router: listening on %s:%d, nodes %s", host, port, ", ".join(self.members)
-        )
+        log.warning("statescale router: listening on %s, nodes %s", where, ", ".join(self.members))
         if ready is not None:
             result = ready()
             if result is not None:
@@ -538,8 +539,7 @@ class _Sink:
 
 def run(
     router: Router,
-    host: str,
-    port: int,
+    listen: tuple[str, int] | socket.socket,
     admin: tuple[str, int] | None = None,
     *,
     use_uvloop: bool = True,
@@ -553,4 +553,4 @@ def run(
             runner = uvloop.run
         except ImportError:
             log.info("statescale router: uvloop is not installed; using asyncio's loop")
-    runner(router.serve(host, port, admin=admin))
+    runner(router.serve(listen, admin=admin))

@@ -33,9 +33,11 @@ class Store(Protocol):
     """Where sessions live. Every method may raise :class:`~statescale.StoreError`."""
 
     name: str
-    #: True when every process has its own copy (correct only with one process or
-    #: behind sticky routing); the middleware warns when it runs under several workers.
-    per_process: bool
+
+    @property
+    def per_process(self) -> bool:
+        """True when every process has its own sessions (correct only with one process
+        or behind sticky routing); the middleware warns under several workers."""
 
     def load(self, session_id: str, *, min_version: int = 0) -> Record | None:
         """The record, refreshing its idle timeout; ``None`` if unknown or expired.

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
+from ..config import DEFAULT_ABSOLUTE_LIFETIME, DEFAULT_IDLE_TIMEOUT
 from ..exceptions import ConfigError, LockTimeout
 from ..session import Changes, Record, Written
 from .base import Lifetime
@@ -44,8 +45,8 @@ class MemoryStore:
         self,
         *,
         max_sessions: int = 10_000,
-        idle_timeout: float = 1800.0,
-        absolute_lifetime: float | None = 7 * 86400.0,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        absolute_lifetime: float | None = DEFAULT_ABSOLUTE_LIFETIME,
         lock_wait: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:

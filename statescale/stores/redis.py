@@ -41,6 +41,12 @@ from contextlib import contextmanager
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
+from ..config import (
+    DEFAULT_ABSOLUTE_LIFETIME,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LOCAL_CACHE,
+    DEFAULT_REDIS_TIMEOUT,
+)
 from ..exceptions import ConfigError, LockTimeout, StoreUnavailable
 from ..session import Changes, Record, Written
 from ._cache import SessionCache, encode_delta
@@ -122,7 +128,7 @@ def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
     return hosts
 
 
-def client_from_url(url: str, *, timeout: float = 0.4, retries: int = 1) -> Any:
+def client_from_url(url: str, *, timeout: float = DEFAULT_REDIS_TIMEOUT, retries: int = 1) -> Any:
     """A redis-py client for ``url``. Nothing connects until it is first used.
 
     * ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS),
@@ -258,15 +264,14 @@ class RedisStore:
     """
 
     name = "redis"
-    per_process = False
 
     def __init__(
         self,
         client: Any,
         *,
         prefix: str = "statescale:",
-        idle_timeout: float = 1800.0,
-        absolute_lifetime: float | None = 7 * 86400.0,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        absolute_lifetime: float | None = DEFAULT_ABSOLUTE_LIFETIME,
         lock_expiry: float = 10.0,
         lock_wait: float = 5.0,
         clock: Callable[[], float] = time.time,
@@ -282,6 +287,9 @@ class RedisStore:
         self._clock = clock
         self._cluster = type(client).__name__ in ("RedisCluster", "_LazyCluster")
         self.cache = cache
+        #: The pid of the process whose private server this store talks to (an
+        #: embedded Redis it started), or None for a server every process can reach.
+        self.private_to: int | None = None
         self.channel = f"{prefix}changes"
         self._write = _script(client, WRITE_SCRIPT)
         self._delete = _script(client, DELETE_SCRIPT)
@@ -291,9 +299,9 @@ class RedisStore:
         cls,
         url: str,
         *,
-        timeout: float = 0.4,
+        timeout: float = DEFAULT_REDIS_TIMEOUT,
         retries: int = 1,
-        local_cache: int = 10_000,
+        local_cache: int = DEFAULT_LOCAL_CACHE,
         **options: Any,
     ) -> RedisStore:
         """A store on the server at ``url`` (see :func:`client_from_url`).
@@ -313,6 +321,12 @@ class RedisStore:
                 clock=store._clock,
             )
         return store
+
+    @property
+    def per_process(self) -> bool:
+        """Whether this process's sessions are its own: its private server, not one
+        inherited from the process that forked it."""
+        return self.private_to == os.getpid()
 
     def key(self, session_id: str) -> str:
         # The hash tag keeps a session's keys (record, lock) in one Cluster slot.

@@ -16,7 +16,7 @@ from benchmarks.rig.harness import (
     start_balancer,
     sticky_nodes,
 )
-from statescale.embedded import free_port
+from statescale.processes import free_port
 
 pytestmark = pytest.mark.integration
 

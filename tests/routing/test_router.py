@@ -25,7 +25,7 @@ from benchmarks.rig.harness import (
     start_router,
     sticky_nodes,
 )
-from statescale.embedded import free_port
+from statescale.processes import free_port
 from statescale.routing import balancers
 from statescale.routing.backends import Backend
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from statescale.embedded import find_redis_server, free_port
+from statescale.embedded import find_redis_server
+from statescale.processes import free_port
 from statescale.session import Changes
 from statescale.stores.redis import RedisStore
 

@@ -201,7 +201,7 @@ def test_sentinel_url_finds_the_master(own_redis: EmbeddedRedis, tmp_path: objec
     import pathlib
     import subprocess
 
-    from statescale.embedded import free_port
+    from statescale.processes import free_port
 
     port = free_port()
     conf = pathlib.Path(str(tmp_path)) / "sentinel.conf"

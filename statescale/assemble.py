@@ -1,0 +1,133 @@
+"""The one builder: :class:`~statescale.config.Settings` in, a store, a session-ID factory
+and a middleware out. The Flask extension and every deployment path build through here.
+
+A server that hosts the app may decide part of the settings for its processes: the
+gunicorn hooks (:mod:`statescale.gunicorn`), in sticky mode, give each worker its node
+name and the ring's members. They do so with :func:`host`, in the master before it
+forks, so the workers inherit the :class:`Hosting`; nothing travels through the
+environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from .config import Settings
+from .exceptions import ConfigError
+from .middleware import StateScaleMiddleware
+from .routing.backends import Backend
+from .signing import new_session_id
+from .stores.base import Store
+from .stores.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
+
+log = logging.getLogger("statescale")
+
+NO_REDIS_URL = (
+    "no Redis URL: set STATESCALE_REDIS_URL (redis://HOST:PORT/DB; see the README for "
+    "Sentinel and Cluster URLs), or STATESCALE_EMBEDDED_REDIS=1 to start a private "
+    "redis-server (development and demos only: it keeps nothing on disk)"
+)
+
+
+@dataclass(frozen=True)
+class Hosting:
+    """What the hosting server decided for this process; ``None`` keeps the setting."""
+
+    node: str | None = None
+    backends: tuple[Backend, ...] | None = None
+    balancer: str | None = None
+
+    def apply(self, settings: Settings) -> Settings:
+        if self == Hosting():
+            return settings
+        return replace(
+            settings,
+            node=settings.node if self.node is None else self.node,
+            backends=settings.backends if self.backends is None else self.backends,
+            balancer=settings.balancer if self.balancer is None else self.balancer,
+        )
+
+
+_hosting = Hosting()
+
+
+def host(hosting: Hosting) -> None:
+    """Set what the hosting server decided for this process (and the ones it forks)."""
+    global _hosting
+    _hosting = hosting
+
+
+def hosted(settings: Settings) -> Settings:
+    """``settings`` with what the hosting server decided applied over them."""
+    return _hosting.apply(settings)
+
+
+def build_store(settings: Settings) -> Store:
+    """The store ``settings`` ask for. A Redis store needs ``redis_url``, or
+    ``embedded_redis`` for this deployment's private server (:func:`embedded.shared`)."""
+    idle, absolute = settings.idle_timeout, settings.absolute_lifetime
+    if settings.store_kind == "memory":
+        return MemoryStore(idle_timeout=idle, absolute_lifetime=absolute)
+    from .stores.redis import RedisStore
+
+    url, private_to = settings.redis_url, None
+    if url is None:
+        if not settings.embedded_redis:
+            raise ConfigError(NO_REDIS_URL)
+        from . import embedded
+
+        server = embedded.shared()
+        url, private_to = server.url, server.owner_pid
+    store = RedisStore.from_url(
+        url,
+        timeout=settings.redis_timeout,
+        local_cache=settings.local_cache,
+        idle_timeout=idle,
+        absolute_lifetime=absolute,
+    )
+    # A server this process started is this process's alone, unless it forks workers
+    # after starting it (the gunicorn hooks, --preload): the store tells them apart.
+    store.private_to = private_to
+    return store
+
+
+def build_id_factory(settings: Settings) -> Callable[[], str]:
+    """How new session IDs are minted: at random, or, for a node of a sticky ring,
+    only IDs that the balancer's ring routes back to it."""
+    if settings.node is None:
+        return new_session_id
+    from .routing.balancers import get
+    from .routing.minting import owned_id_factory
+
+    ring = get(settings.balancer).ring(settings.backends)
+    return owned_id_factory(ring, settings.node)
+
+
+def build_middleware(
+    app: WSGIApplication, settings: Settings, *, store: Store | None = None
+) -> StateScaleMiddleware:
+    """``app`` wrapped in the middleware ``settings`` describe (with what the hosting
+    server decided applied), on ``store`` if given, else the one they ask for."""
+    settings = hosted(settings)
+    if settings.development_secret:
+        log.warning(
+            "statescale: STATESCALE_SECRET_KEYS is not set; signing session cookies with "
+            "a PUBLIC development key. Anyone can forge sessions. Set it in production."
+        )
+    session = settings.session
+    return StateScaleMiddleware(
+        app,
+        store if store is not None else build_store(settings),
+        secret_keys=session.secret_keys,
+        cookie=session.cookie,
+        max_size=session.max_size,
+        locking=session.locking,
+        id_factory=build_id_factory(settings),
+        sticky=settings.mode == "sticky",
+    )
