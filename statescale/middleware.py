@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from types import TracebackType
@@ -27,7 +27,7 @@ from werkzeug.wsgi import ClosingIterator
 from .config import DEFAULT_MAX_SIZE, CookieOptions
 from .cookies import CookieWriter, read_cookies
 from .exceptions import ConfigError, StoreError
-from .session import Record, Session
+from .session import Changes, Record, Session
 from .signing import SessionSigner, new_session_id
 from .stores.base import Store
 
@@ -58,8 +58,9 @@ def get_session(environ: WSGIEnvironment) -> Session:
 class _Throttle:
     """At most one log line per ``interval`` seconds, counting the ones held back."""
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, interval: float = 1.0, level: int = logging.ERROR) -> None:
         self.interval = interval
+        self.level = level
         self._next = 0.0
         self._held = 0
 
@@ -70,7 +71,7 @@ class _Throttle:
             return
         held, self._held, self._next = self._held, 0, now + self.interval
         suffix = f" (and {held} more since the last such line)" if held else ""
-        log.error(msg + suffix, *args)
+        log.log(self.level, msg + suffix, *args)
 
 
 class StateScaleMiddleware:
@@ -117,6 +118,7 @@ class StateScaleMiddleware:
         self._refresh_cookie = self.cookie.max_age is not None
         self._check_processes = not sticky  # until the first request from a multi-process server
         self._outage_log = _Throttle()
+        self._vanished_log = _Throttle(level=logging.WARNING)
 
     def log_outage(self, exc: StoreError) -> None:
         """One log line (at most one a second) saying why a request got a 503."""
@@ -176,19 +178,17 @@ class StateScaleMiddleware:
         """Save what the request changed; the headers that go with it."""
         plan = session.plan()
         headers = [("Vary", "Cookie")] if session.accessed else []
-        session_id, version = plan.session_id, 0
+        session_id, version, cookie = plan.session_id, 0, plan.cookie
         if plan.create is not None:
-            session_id = self.signer.new_id()
-            written = self.store.create(
-                session_id, plan.create, created=session.created, replaces=plan.drop
-            )
-            session.bind(session_id, written.created)
-            version = written.version
+            session_id, version = self._create(session, plan.create, plan.drop)
         elif plan.update is not None and session_id is not None:
-            version = self.store.save(session_id, plan.update, created=session.created or 0.0)
+            saved = self.store.save(session_id, plan.update, created=session.created or 0.0)
+            if saved is None:  # the record vanished underneath: see _vanished
+                session_id, version, cookie = self._vanished(session, session_id, plan.update)
+            else:
+                version = saved
         elif plan.drop is not None:
             self.store.delete(plan.drop)
-        cookie = plan.cookie
         if cookie is None and self._refresh_cookie and session_id is not None:
             cookie = "set"  # a Max-Age cookie slides with the session
         if cookie == "set" and session_id is not None:
@@ -199,6 +199,34 @@ class StateScaleMiddleware:
         if version:
             headers.append(("Set-Cookie", self._versions.set(str(version))))
         return headers
+
+    def _create(
+        self, session: Session, fields: Mapping[str, bytes], replaces: str | None
+    ) -> tuple[str, int]:
+        """Store ``fields`` as a new record under a fresh ID; the ID and its version."""
+        session_id = self.signer.new_id()
+        written = self.store.create(session_id, fields, created=session.created, replaces=replaces)
+        session.bind(session_id, written.created)
+        return session_id, written.version
+
+    def _vanished(
+        self, session: Session, session_id: str, changes: Changes
+    ) -> tuple[str | None, int, str]:
+        """A write found its record gone (flushed, evicted, deleted by an operator: a
+        forced logout). The store wrote nothing and dropped every copy. What this
+        request wrote, and only that, becomes a fresh session under a new ID: nothing
+        the request did not write comes back, and the client's next request sees
+        exactly what the store holds. A request that only deleted keys leaves no
+        session. Returns the new ID, its version and what to do with the cookie."""
+        self._vanished_log.log(
+            "statescale: a session's record was gone when a request wrote to it (flushed, "
+            "evicted or deleted); saved only what the request wrote, under a new ID"
+        )
+        if not changes.set:
+            return None, 0, "clear"
+        session.created = None
+        new_id, version = self._create(session, changes.set, session_id)
+        return new_id, version, "set"
 
 
 class _Request:

@@ -307,6 +307,50 @@ def test_19_failed_commit_sends_no_cookie_for_an_unsaved_id(own_redis: EmbeddedR
     assert "Set-Cookie" not in response.headers
 
 
+@pytest.mark.parametrize("kind", ["memory", "redis", "redis-cached"])
+def test_28_a_write_to_a_vanished_record_keeps_only_what_it_wrote(
+    kind: str, clock: Clock, request: pytest.FixtureRequest
+) -> None:
+    """Flushed, evicted or deleted by an operator (a forced logout) under a live cookie:
+    the write is not acknowledged as stored in the old record; what it wrote becomes a
+    fresh session under a new ID, and nothing it did not write comes back."""
+    if kind == "redis-cached":
+        url = request.getfixturevalue("redis_url")
+        store: Any = RedisStore.from_url(url)  # with this process's copies
+    else:
+        url = request.getfixturevalue("redis_url") if kind == "redis" else None
+        store = make_store(kind, clock, url)
+    client = client_for(store)
+    jar: dict[str, str] = {}
+
+    def send(path: str) -> TestResponse:  # a browser: every cookie back, version too
+        header = "; ".join(f"{k}={v}" for k, v in jar.items())
+        response = client.get(path, headers={"Cookie": header} if jar else {})
+        for name in ("statescale", "statescale_v"):
+            value = cookie_value(response, name)
+            if value is not None:
+                jar[name] = value
+        return response
+
+    send("/set?k=user&v=ada")
+    for _ in range(5):
+        send("/incr?k=c")
+    assert send("/read").json == {"user": "ada", "c": 5}
+    cookie = jar["statescale"]
+    signed = SessionSigner([SECRET]).unsign(cookie)
+    assert signed is not None
+    if kind == "memory":
+        store.delete(signed.session_id)
+    else:  # behind statescale's back: no change message reaches the copies
+        redis.Redis.from_url(url).delete(store.key(signed.session_id))
+    response = send("/incr?k=c")
+    answered = response.json
+    assert response.status_code == 200 and jar["statescale"] != cookie
+    assert send("/read").json == {"c": answered}  # exactly what it wrote, no "user"
+    assert send("/incr?k=c").json == answered + 1
+    assert call(client, "/read", cookie).json == {}  # the old cookie: nothing
+
+
 def test_24_memory_store_under_several_workers_warns(
     caplog: pytest.LogCaptureFixture, clock: Clock
 ) -> None:

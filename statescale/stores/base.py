@@ -43,9 +43,11 @@ class Store(Protocol):
         """The record, refreshing its idle timeout; ``None`` if unknown or expired.
         ``min_version``: the newest version this client has seen written."""
 
-    def save(self, session_id: str, changes: Changes, *, created: float) -> int:
+    def save(self, session_id: str, changes: Changes, *, created: float) -> int | None:
         """Apply ``changes`` to an existing record, all or nothing; the new version
-        (0: the store keeps none, or the record is gone)."""
+        (0: the store keeps none). ``None`` when no record stands under that ID any more
+        (expired, flushed, evicted, deleted): then nothing was written, and every copy
+        of the record is dropped."""
 
     def create(
         self,

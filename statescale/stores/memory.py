@@ -80,12 +80,12 @@ class MemoryStore:
             entry = self._live(session_id, now)
             return None if entry is None else Record(dict(entry.fields), entry.created)
 
-    def save(self, session_id: str, changes: Changes, *, created: float) -> int:
+    def save(self, session_id: str, changes: Changes, *, created: float) -> int | None:
         now = self._clock()
         with self._mutex:
             entry = self._live(session_id, now)
-            if entry is None:  # expired since it was loaded: nothing to apply it to
-                return 0
+            if entry is None:  # expired or evicted since it was loaded
+                return None
             for key in changes.deleted:
                 entry.fields.pop(key, None)
             entry.fields.update(changes.set)

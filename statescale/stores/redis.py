@@ -77,11 +77,15 @@ _VERSION = VERSION_FIELD.encode()
 # KEYS[1]: the session; KEYS[2] (optional): a session to delete in the same step.
 # ARGV: mode ('u' updates an existing record, 'c' creates one afresh), expiry in ms,
 # channel, delta body, the number of fields to delete, those fields, then field/value
-# pairs to set. Returns the record's new version, or 0 when 'u' finds no record.
+# pairs to set. Returns the record's new version (>= 1), or 0 when 'u' finds no record:
+# then it writes nothing and tells every process to drop its copy.
 WRITE_SCRIPT = """
 local key = KEYS[1]
 if ARGV[1] == 'u' then
-  if redis.call('EXISTS', key) == 0 then return 0 end
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('PUBLISH', ARGV[3], key .. '\\n0\\n')
+    return 0
+  end
 else
   redis.call('DEL', key)
 end
@@ -416,13 +420,18 @@ class RedisStore:
             args += (field, value)
         return args
 
-    def save(self, session_id: str, changes: Changes, *, created: float) -> int:
+    def save(self, session_id: str, changes: Changes, *, created: float) -> int | None:
         key = self.key(session_id)
         ttl_ms = self._ttl_ms(created)
         args = self._write_args("u", ttl_ms, changes.set, changes.deleted, None)
         with self._translated("save"):
             # This process's copy follows through the published change, like everyone's.
-            return int(self._write([key], args))
+            version = int(self._write([key], args))
+        if version == 0:  # gone: the script told every process to drop its copy
+            if self.cache is not None:
+                self.cache.discard(key)
+            return None
+        return version
 
     def create(
         self,
