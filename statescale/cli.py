@@ -102,10 +102,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     embedded = args.mode == "shared" and not env.get("STATESCALE_REDIS_URL")
     if embedded:  # gunicorn's environment: its hooks start one server for every worker
         env["STATESCALE_EMBEDDED_REDIS"] = "1"
+    from .gunicorn import command as gunicorn_command
+
     command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
+        *gunicorn_command(),
         "-w",
         str(args.workers),
         "-b",
@@ -121,7 +121,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     }[args.mode]
     print(f"statescale cluster: {args.workers} workers of {args.app}, {where}.")
     print(f"Point a browser at http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
-    os.execve(sys.executable, command, env)  # noqa: S606 - gunicorn takes our place: signals reach it
+    os.execve(command[0], command, env)  # noqa: S606 - gunicorn takes our place: signals reach it
 
 
 def parser() -> argparse.ArgumentParser:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import assemble, embedded
@@ -85,6 +86,15 @@ class _Master:
 _master: _Master | None = None
 
 
+def command() -> list[str]:
+    """How to start gunicorn with this interpreter: its console script beside it.
+    (``python -m gunicorn`` would not survive USR2, which re-executes the command line
+    as a script, and ``gunicorn/__main__.py`` run as a script shadows the stdlib's
+    ``http`` with gunicorn's own.)"""
+    script = Path(sys.executable).with_name("gunicorn")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gunicorn"]
+
+
 def on_starting(server: Any) -> None:
     global _master
     settings = Settings.from_env()
@@ -121,7 +131,16 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
     def refuse_ttin() -> None:  # the arbiter looks its signal handlers up by name
         server.log.error(_FIXED_SLOTS, len(master.slots), "TTIN ignored")
 
+    graceful_stop = server.handle_term
+
+    def stop_router_first() -> None:
+        # The router drains its requests while the workers still serve them; stopped
+        # after them, what it had queued at their sockets would be reset.
+        _stop_router(server, master)
+        graceful_stop()
+
     server.handle_ttin = refuse_ttin
+    server.handle_term = stop_router_first
     server.log.info(
         "statescale: sticky mode, %d workers: %s",
         len(backends),
@@ -193,12 +212,22 @@ def _start_router(server: Any, master: _Master) -> None:
     )
 
 
+def _stop_router(server: Any, master: _Master) -> None:
+    """SIGTERM the router: it stops accepting and finishes what is in flight."""
+    router, master.router = master.router, None
+    if router is None or router.poll() is not None:
+        return
+    router.terminate()
+    try:
+        router.wait(server.cfg.graceful_timeout + 1)
+    except subprocess.TimeoutExpired:
+        router.kill()
+        router.wait()
+
+
 def on_exit(server: Any) -> None:
     if _master is None:
         return
-    router = _master.router
-    if router is not None and router.poll() is None:
-        router.terminate()
-        router.wait(15)
+    _stop_router(server, _master)
     if _master.server is not None:
         _master.server.stop()

@@ -7,18 +7,21 @@ Needs gunicorn (``pip install 'statescale[demo]'``). Not part of the library's A
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from statescale.gunicorn import command as gunicorn_command
 from statescale.processes import free_port
 from statescale.routing.backends import Backend
 from statescale.routing.balancers import get as get_balancer
@@ -118,13 +121,12 @@ class Gunicorn:
         fd, self.log_path = tempfile.mkstemp(prefix="gunicorn-", suffix=".log")
         self.log_file = os.fdopen(fd, "wb")
         self.process: subprocess.Popen[bytes] | None = None
+        self.upgraded: int | None = None  # a new master started by upgrade()
         self._final_log = ""
 
     def start(self, timeout: float = 20.0) -> Gunicorn:
         command = [
-            sys.executable,
-            "-m",
-            "gunicorn",
+            *gunicorn_command(),
             "-w",
             str(self.workers),
             "-b",
@@ -159,26 +161,60 @@ class Gunicorn:
         self.stop()
         raise RuntimeError(f"gunicorn did not come up in {timeout}s:\n{self.log()}")
 
-    def worker_pids(self) -> set[int]:
-        assert self.process is not None
-        pids = set()
+    def children(self, master: int | None = None) -> dict[int, str]:
+        """The live children of ``master`` (default: the one this started), each with
+        what it runs: ``redis-server``, ``router`` (statescale's) or ``gunicorn``."""
+        if master is None:
+            assert self.process is not None
+            master = self.process.pid
+        found = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 comm, _, rest = stat.read_text().partition(") ")
-                fields = [comm, *rest.split()]
-            except OSError:
-                continue
-            # The master's children, less what a hook may start: the embedded
-            # redis-server, the sticky router.
-            if int(fields[2]) != self.process.pid or "redis" in fields[0] or fields[1] == "Z":
-                continue  # not ours, the embedded Redis, or dead and not yet reaped
-            try:
+                state, parent = rest.split()[:2]
                 cmdline = (stat.parent / "cmdline").read_bytes()
-            except OSError:
+            except (OSError, ValueError):
                 continue
-            if b"statescale\x00router" not in cmdline:
-                pids.add(int(stat.parent.name))
-        return pids
+            if int(parent) != master or state == "Z":  # not its child, or dead
+                continue
+            if "redis" in comm:
+                kind = "redis-server"
+            elif b"statescale\x00router" in cmdline:
+                kind = "router"
+            else:
+                kind = "gunicorn"
+            found[int(stat.parent.name)] = kind
+        return found
+
+    def worker_pids(self) -> set[int]:
+        """The master's workers: its children, less what a hook may start (the
+        embedded redis-server, the sticky router)."""
+        return {pid for pid, kind in self.children().items() if kind == "gunicorn"}
+
+    def upgrade(self, timeout: float = 20.0) -> int:
+        """An in-place upgrade: USR2 starts a new master beside this one; once it
+        serves, TERM stops the old one. The new master's pid (``stop`` ends it)."""
+        assert self.process is not None
+        old = self.process.pid
+        before = set(self.children())
+        self.signal(signal.SIGUSR2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            masters = [
+                pid
+                for pid in set(self.children()) - before
+                if self.children(pid) and len(self.children(pid)) > self.workers
+            ]
+            if masters:  # its workers and its router are up
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"no new master within {timeout}s:\n{self.log()}")
+        self.upgraded = masters[0]
+        self.signal(signal.SIGTERM)
+        self.process.wait(15)
+        assert old not in self.children(self.upgraded)
+        return self.upgraded
 
     def signal(self, signum: int) -> None:
         assert self.process is not None
@@ -192,6 +228,8 @@ class Gunicorn:
     def stop(self) -> None:
         if self.process is None:
             return
+        if self.upgraded is not None:  # the new master: our grandchild, now orphaned
+            _stop_pid(self.upgraded)
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(15)
@@ -205,6 +243,78 @@ class Gunicorn:
 
     def __enter__(self) -> Gunicorn:
         return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _stop_pid(pid: int, timeout: float = 15.0) -> None:
+    """SIGTERM a process that is not our child, and wait until it is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        state = (Path(f"/proc/{pid}/stat").read_text(errors="replace").rpartition(") ")[2])[:1]
+        if state == "Z":
+            return
+        time.sleep(0.05)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
+
+
+class Load:
+    """``users`` simulated users, each with its own cookie, incrementing ``key`` in a
+    loop on threads of their own until :meth:`stop`: what a fleet change happens under.
+    A failed request (a refused or reset connection, a status other than 200) is
+    counted, not raised."""
+
+    def __init__(self, port: int, users: int = 8, key: str = "c") -> None:
+        self.clients = [SessionClient(port) for _ in range(users)]
+        self.key = key
+        self.answers: list[list[int]] = [[] for _ in range(users)]
+        self.failures: list[str] = []
+        self._running = True
+        self._threads = [
+            threading.Thread(target=self._user, args=(n,), daemon=True) for n in range(users)
+        ]
+
+    def _user(self, n: int) -> None:
+        client = self.clients[n]
+        while self._running:
+            try:
+                reply = client.post(f"/api/incr?key={self.key}")
+            except OSError as exc:
+                self.failures.append(f"user {n}: {type(exc).__name__}: {exc}")
+                continue
+            if reply.status != 200:
+                self.failures.append(f"user {n}: {reply.status} {reply.body[:100]!r}")
+                continue
+            self.answers[n].append(reply.json["value"])
+
+    @property
+    def requests(self) -> int:
+        return sum(len(a) for a in self.answers) + len(self.failures)
+
+    def wrong(self) -> list[tuple[int, int, int]]:
+        """(user, previous, next) wherever a user's counter did not go on by one."""
+        return [
+            (n, a, b)
+            for n, seen in enumerate(self.answers)
+            for a, b in itertools.pairwise(seen)
+            if b != a + 1
+        ]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._running = False
+        for thread in self._threads:
+            thread.join(30)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
