@@ -12,7 +12,7 @@ import os
 
 from flask import Flask, Response, jsonify, request, session
 
-from statescale import get_session
+from statescale import SessionError, SessionTooLarge, get_session
 from statescale.flask import StateScale
 
 from .page import PAGE
@@ -52,6 +52,11 @@ def create_app(env: dict[str, str] | None = None) -> Flask:
     @app.errorhandler(_BadRequest)
     def bad_request(exc: _BadRequest) -> tuple[Response, int]:
         return reply(error=str(exc)), 400
+
+    @app.errorhandler(SessionError)
+    def session_error(exc: SessionError) -> tuple[Response, int]:
+        # A key or value the session cannot hold is the client's doing here: its query.
+        return reply(error=str(exc)), 413 if isinstance(exc, SessionTooLarge) else 400
 
     @app.get("/")
     def index() -> str:
@@ -108,4 +113,9 @@ def create_app(env: dict[str, str] | None = None) -> Flask:
     return app
 
 
-app = create_app()
+def __getattr__(name: str) -> Flask:
+    """``demo_app:app``, built from the environment when gunicorn first asks for it."""
+    if name == "app":
+        globals()["app"] = built = create_app()
+        return built
+    raise AttributeError(name)

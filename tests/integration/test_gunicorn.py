@@ -217,6 +217,23 @@ def test_28_flushall_under_load_loses_no_acknowledged_write(
         assert stored[n] == seen[-1]
 
 
+def test_the_demo_answers_bad_keys_and_oversized_sessions_with_json_errors(
+    redis_url: str,
+) -> None:
+    with Gunicorn(env={"STATESCALE_REDIS_URL": redis_url}, workers=2) as server:
+        client = SessionClient(server.port)
+        client.post("/api/set?key=kept&value=1")
+        nul = client.post("/api/incr?key=%00")
+        big = client.post("/api/set?key=big&value=" + "x" * 3000 + "&pad=" + "y" * 10)
+        for piece in range(30):  # 30 x 2.5 KB, over the 64 KB limit before the end
+            last = client.post(f"/api/set?key=p{piece}&value=" + "z" * 2500)
+        data = client.get("/api/session").json["data"]
+    assert nul.status == 400 and "NUL" in nul.json["error"]
+    assert big.status == 200
+    assert last.status == 413 and "over the limit" in last.json["error"]
+    assert data["kept"] == "1" and "p29" not in data
+
+
 def test_22_kill9_of_a_worker_keeps_the_session(redis_url: str) -> None:
     with Gunicorn(env={"STATESCALE_REDIS_URL": redis_url}) as server:
         client = SessionClient(server.port)
