@@ -1,29 +1,42 @@
-"""Reading the session cookie and writing ``Set-Cookie``. Pure; werkzeug does the parsing."""
+"""Reading the session cookie and writing ``Set-Cookie``. Pure.
+
+Reading is deliberately simple: the header is split on ``;`` alone (RFC 6265 5.4), and a
+pair counts when its name is exactly ours. statescale's own values are URL-safe text
+that holds no ``;``, ``"`` or ``=``, so nothing else the header carries (another
+application's cookies, an unbalanced quote, bytes that are not UTF-8, a duplicate of our
+name with another value) can hide one. Writing renders the attributes once, with
+werkzeug.
+"""
 
 from __future__ import annotations
 
-from werkzeug.http import dump_cookie, parse_cookie
+from werkzeug.http import dump_cookie
 
 from .config import CookieOptions
 
 _PLACEHOLDER = "statescalePLACEHOLDER"
 
 
-def read_cookies(cookie_header: str | None, *names: str) -> list[str | None]:
-    """The first value of each cookie in ``names`` in a ``Cookie`` header (``None``
-    where absent), from one parse of the header."""
-    if not cookie_header or names[0] not in cookie_header:
-        return [None] * len(names)
-    try:
-        cookies = parse_cookie(cookie_header)
-    except UnicodeDecodeError:  # werkzeug raises on non-UTF-8 bytes: treat as no cookie
-        return [None] * len(names)
-    return [cookies.get(name) for name in names]
+def cookie_values(cookie_header: str | None, name: str) -> list[str]:
+    """Every value of cookie ``name`` in a ``Cookie`` header, in the order sent (a
+    browser sends the most specific path first), surrounding DQUOTEs removed."""
+    if not cookie_header or name not in cookie_header:
+        return []
+    found = []
+    for pair in cookie_header.split(";"):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            found.append(value)
+    return found
 
 
 def read_cookie(cookie_header: str | None, name: str) -> str | None:
     """The first value of cookie ``name`` in a ``Cookie`` header, or ``None``."""
-    return read_cookies(cookie_header, name)[0]
+    values = cookie_values(cookie_header, name)
+    return values[0] if values else None
 
 
 class CookieWriter:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from werkzeug.wsgi import ClosingIterator
 
 from .config import DEFAULT_MAX_SIZE, CookieOptions
-from .cookies import CookieWriter, read_cookies
+from .cookies import CookieWriter, cookie_values
 from .exceptions import ConfigError, StoreError
 from .session import Changes, Record, Session
 from .signing import SessionSigner, new_session_id
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("statescale")
 
 ENVIRON_KEY = "statescale.session"
+MAX_CANDIDATES = 8  # values of the session cookie's name checked per request, at most
 UNAVAILABLE_BODY = b"503 Service Unavailable: the session store is unavailable; retry shortly.\n"
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
 
@@ -149,13 +150,18 @@ class StateScaleMiddleware:
 
     def _open(self, environ: WSGIEnvironment, request: _Request) -> Session:
         """The request's session, loaded (on first use) through ``request``'s lock."""
-        value, version = read_cookies(
-            environ.get("HTTP_COOKIE"), self.cookie.name, self.version_cookie.name
-        )
-        verified = self.signer.unsign(value) if value is not None else None
+        header = environ.get("HTTP_COOKIE")
+        verified = None
+        # The first value that is signed by us: a duplicate of our cookie's name with
+        # another value (another path's, or planted) cannot hide the real one.
+        for value in cookie_values(header, self.cookie.name)[:MAX_CANDIDATES]:
+            verified = self.signer.unsign(value)
+            if verified is not None:
+                break
         if verified is None:
             return Session(None, self._loader(request, 0), max_size=self.max_size)
-        min_version = int(version) if version and version.isdigit() and len(version) < 19 else 0
+        versions = cookie_values(header, self.version_cookie.name)
+        min_version = max((int(v) for v in versions if v.isdigit() and len(v) < 19), default=0)
         return Session(
             verified.session_id,
             self._loader(request, min_version),

@@ -59,9 +59,14 @@ class SessionClient:
     def cookie(self, value: str | None) -> None:
         self.cookies = {} if value is None else {self.cookie_name: value}
 
-    def request(self, method: str, path: str, timeout: float = 10.0) -> Reply:
+    def request(
+        self, method: str, path: str, timeout: float = 10.0, cookie_header: str | None = None
+    ) -> Reply:
+        """One request with the cookies kept so far (or ``cookie_header`` as it is)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         jar = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        if cookie_header is not None:
+            jar = cookie_header
         headers = {"Cookie": jar} if jar else {}
         started = time.monotonic()
         for attempt in range(40):  # a server that is still starting refuses for a moment
