@@ -71,9 +71,18 @@ def hosted(settings: Settings) -> Settings:
 def build_store(settings: Settings) -> Store:
     """The store ``settings`` ask for. A Redis store needs ``redis_url``, or
     ``embedded_redis`` for this deployment's private server (:func:`embedded.shared`)."""
-    idle, absolute = settings.idle_timeout, settings.absolute_lifetime
+    idle, absolute, first = (
+        settings.idle_timeout,
+        settings.absolute_lifetime,
+        settings.first_lifetime,
+    )
     if settings.store_kind == "memory":
-        return MemoryStore(idle_timeout=idle, absolute_lifetime=absolute)
+        return MemoryStore(
+            max_sessions=settings.memory_sessions,
+            idle_timeout=idle,
+            absolute_lifetime=absolute,
+            first_lifetime=first,
+        )
     from .stores.redis import RedisStore
 
     url, private_to = settings.redis_url, None
@@ -90,6 +99,7 @@ def build_store(settings: Settings) -> Store:
         local_cache=settings.local_cache,
         idle_timeout=idle,
         absolute_lifetime=absolute,
+        first_lifetime=first,
     )
     # A server this process started is this process's alone, unless it forks workers
     # after starting it (the gunicorn hooks, --preload): the store tells them apart.

@@ -28,6 +28,8 @@ DEVELOPMENT_SECRET = "statescale-development-key-NOT-SECRET"  # noqa: S105 - pub
 
 DEFAULT_IDLE_TIMEOUT = 1800.0  # seconds a session may go unused
 DEFAULT_ABSOLUTE_LIFETIME = 7 * 86400.0  # seconds a session may live, however busy
+DEFAULT_FIRST_LIFETIME = 120.0  # seconds a new session lives until its client comes back
+DEFAULT_MEMORY_SESSIONS = 10_000  # sessions a memory store keeps per process
 DEFAULT_MAX_SIZE = 64 * 1024  # bytes a session may take, encoded
 DEFAULT_REDIS_TIMEOUT = 0.4  # seconds per Redis attempt (redis-py retries once)
 DEFAULT_LOCAL_CACHE = 10_000  # session copies per process
@@ -104,6 +106,8 @@ class Settings:
     )
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     absolute_lifetime: float | None = DEFAULT_ABSOLUTE_LIFETIME
+    first_lifetime: float = DEFAULT_FIRST_LIFETIME
+    memory_sessions: int = DEFAULT_MEMORY_SESSIONS
     redis_timeout: float = DEFAULT_REDIS_TIMEOUT
     local_cache: int = DEFAULT_LOCAL_CACHE
     node: str | None = None  # sticky routing: this instance's name on the ring
@@ -129,6 +133,8 @@ class Settings:
             )
         if self.redis_timeout <= 0:
             raise ConfigError(f"STATESCALE_REDIS_TIMEOUT={self.redis_timeout!r}: must be > 0")
+        if self.memory_sessions < 1:
+            raise ConfigError(f"STATESCALE_MEMORY_SESSIONS={self.memory_sessions!r}: must be >= 1")
         if self.local_cache < 0:
             raise ConfigError(f"STATESCALE_LOCAL_CACHE={self.local_cache!r}: must be >= 0")
 
@@ -238,6 +244,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "STATESCALE_COOKIE_DOMAIN": ("cookie.domain", _text),
     "STATESCALE_IDLE_TIMEOUT": ("idle_timeout", _number),
     "STATESCALE_ABSOLUTE_LIFETIME": ("absolute_lifetime", _optional_number),
+    "STATESCALE_FIRST_LIFETIME": ("first_lifetime", _number),
+    "STATESCALE_MEMORY_SESSIONS": ("memory_sessions", _count),
     "STATESCALE_REDIS_TIMEOUT": ("redis_timeout", _number),
     "STATESCALE_LOCAL_CACHE": ("local_cache", _count),
     "STATESCALE_NODE": ("node", _text),

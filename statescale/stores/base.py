@@ -5,7 +5,10 @@ time. Two timeouts bound a record's life:
 
 * ``idle_timeout``: a record unused for this long is gone (sliding: each load and each
   save starts it again);
-* ``absolute_lifetime``: a record older than this is gone, however busy it is.
+* ``absolute_lifetime``: a record older than this is gone, however busy it is;
+* ``first_lifetime``: a new record whose client has not come back with its cookie yet
+  lives only this long (minutes, not the idle timeout), so a flood of one-shot
+  anonymous sessions is cheap; the client's first return extends it to the idle timeout.
 
 Load refreshes the idle timeout; save applies only the changed fields, so two requests
 that change different keys of one session do not overwrite each other.
@@ -58,7 +61,9 @@ class Store(Protocol):
         replaces: str | None = None,
     ) -> Written:
         """Write a whole record and delete ``replaces`` in the same step; returns the
-        creation time it stored (``created``, or now) and the record's version."""
+        creation time it stored (``created``, or now) and the record's version. A
+        record that replaces none is new: it gets the first lifetime until it is
+        loaded again."""
 
     def delete(self, session_id: str) -> None:
         """Remove a record; unknown IDs are fine."""
@@ -68,11 +73,13 @@ class Store(Protocol):
 
 
 class Lifetime:
-    """The two timeouts, checked once at construction."""
+    """The timeouts, checked once at construction."""
 
-    __slots__ = ("absolute", "idle")
+    __slots__ = ("absolute", "first", "idle")
 
-    def __init__(self, idle_timeout: float, absolute_lifetime: float | None) -> None:
+    def __init__(
+        self, idle_timeout: float, absolute_lifetime: float | None, first_lifetime: float
+    ) -> None:
         if idle_timeout <= 0:
             raise ConfigError(f"idle_timeout must be > 0 seconds, not {idle_timeout!r}")
         if absolute_lifetime is not None and absolute_lifetime < idle_timeout:
@@ -80,12 +87,16 @@ class Lifetime:
                 f"absolute_lifetime ({absolute_lifetime}s) is shorter than idle_timeout "
                 f"({idle_timeout}s); raise it or set it to None"
             )
+        if not first_lifetime > 0:
+            raise ConfigError(f"first_lifetime must be > 0 seconds, not {first_lifetime!r}")
         self.idle = float(idle_timeout)
         self.absolute = None if absolute_lifetime is None else float(absolute_lifetime)
+        self.first = min(float(first_lifetime), self.idle)
 
-    def remaining(self, created: float, now: float) -> float:
+    def remaining(self, created: float, now: float, *, first: bool = False) -> float:
         """Seconds a record created at ``created`` may still live, from ``now``
-        (``<= 0``: it is over)."""
+        (``<= 0``: it is over); ``first``: a new record nobody has come back to."""
+        idle = self.first if first else self.idle
         if self.absolute is None:
-            return self.idle
-        return min(self.idle, created + self.absolute - now)
+            return idle
+        return min(idle, created + self.absolute - now)

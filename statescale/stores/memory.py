@@ -1,9 +1,14 @@
-"""Sessions in this process's memory: bounded (LRU), with the same timeouts as Redis.
+"""Sessions in this process's memory: bounded, with the same timeouts as Redis.
 
 Use it for one process, for tests, or behind sticky routing, where every request of a
 session reaches the same process. Do not use it under several gunicorn workers without
 sticky routing: each worker has its own dict, so a user's next request lands on a worker
 that has never seen the session (the middleware warns loudly when this happens).
+
+When full it evicts in two segments (a segmented LRU): a new session waits on
+*probation*, with the short first lifetime, until its client comes back with the cookie,
+which *protects* it. Eviction takes the least recently used session on probation first,
+so a flood of one-shot anonymous sessions never pushes out a session whose user returned.
 """
 
 from __future__ import annotations
@@ -14,7 +19,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
-from ..config import DEFAULT_ABSOLUTE_LIFETIME, DEFAULT_IDLE_TIMEOUT
+from ..config import (
+    DEFAULT_ABSOLUTE_LIFETIME,
+    DEFAULT_FIRST_LIFETIME,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MEMORY_SESSIONS,
+)
 from ..exceptions import ConfigError, LockTimeout
 from ..session import Changes, Record, Written
 from .base import Lifetime
@@ -34,8 +44,8 @@ class _Entry:
 class MemoryStore:
     """A per-process, thread-safe store of at most ``max_sessions`` sessions.
 
-    When full, the least recently used session is evicted. ``lock_wait`` bounds how long
-    :meth:`lock` waits for another thread of this process holding the same session.
+    ``lock_wait`` bounds how long :meth:`lock` waits for another thread of this process
+    holding the same session.
     """
 
     name = "memory"
@@ -44,46 +54,59 @@ class MemoryStore:
     def __init__(
         self,
         *,
-        max_sessions: int = 10_000,
+        max_sessions: int = DEFAULT_MEMORY_SESSIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         absolute_lifetime: float | None = DEFAULT_ABSOLUTE_LIFETIME,
+        first_lifetime: float = DEFAULT_FIRST_LIFETIME,
         lock_wait: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if max_sessions < 1:
             raise ConfigError(f"max_sessions must be >= 1, not {max_sessions!r}")
         self.max_sessions = max_sessions
-        self.lifetime = Lifetime(idle_timeout, absolute_lifetime)
+        self.lifetime = Lifetime(idle_timeout, absolute_lifetime, first_lifetime)
         self.lock_wait = lock_wait
         self._clock = clock
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._probation: OrderedDict[str, _Entry] = OrderedDict()  # new, not returned to
+        self._protected: OrderedDict[str, _Entry] = OrderedDict()  # their clients came back
         self._mutex = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._probation) + len(self._protected)
 
-    def _live(self, session_id: str, now: float) -> _Entry | None:
-        entry = self._entries.get(session_id)
+    def _live(self, session_id: str, now: float, *, returning: bool) -> _Entry | None:
+        """The entry, if it has not expired; ``returning``: its client is back, so a
+        session on probation is protected from now on."""
+        segment = self._protected
+        entry = segment.get(session_id)
         if entry is None:
-            return None
+            segment = self._probation
+            entry = segment.get(session_id)
+            if entry is None:
+                return None
         if entry.expires <= now or self.lifetime.remaining(entry.created, now) <= 0:
-            del self._entries[session_id]
+            del segment[session_id]
             return None
-        self._entries.move_to_end(session_id)
-        entry.expires = now + self.lifetime.remaining(entry.created, now)
+        if returning and segment is self._probation:
+            del segment[session_id]
+            segment = self._protected
+            segment[session_id] = entry
+        segment.move_to_end(session_id)
+        first = segment is self._probation
+        entry.expires = now + self.lifetime.remaining(entry.created, now, first=first)
         return entry
 
     def load(self, session_id: str, *, min_version: int = 0) -> Record | None:
         now = self._clock()
         with self._mutex:
-            entry = self._live(session_id, now)
+            entry = self._live(session_id, now, returning=True)
             return None if entry is None else Record(dict(entry.fields), entry.created)
 
     def save(self, session_id: str, changes: Changes, *, created: float) -> int | None:
         now = self._clock()
         with self._mutex:
-            entry = self._live(session_id, now)
+            entry = self._live(session_id, now, returning=False)
             if entry is None:  # expired or evicted since it was loaded
                 return None
             for key in changes.deleted:
@@ -101,19 +124,24 @@ class MemoryStore:
     ) -> Written:
         now = self._clock()
         created = now if created is None else created
-        entry = _Entry(dict(fields), created, now + self.lifetime.remaining(created, now))
+        first = replaces is None  # a new session; one that replaces another has returned
+        expires = now + self.lifetime.remaining(created, now, first=first)
+        entry = _Entry(dict(fields), created, expires)
         with self._mutex:
             if replaces is not None:
-                self._entries.pop(replaces, None)
-            self._entries[session_id] = entry
-            self._entries.move_to_end(session_id)
-            while len(self._entries) > self.max_sessions:
-                self._entries.popitem(last=False)
+                self._probation.pop(replaces, None)
+                self._protected.pop(replaces, None)
+            segment = self._probation if first else self._protected
+            segment[session_id] = entry
+            segment.move_to_end(session_id)
+            while len(self) > self.max_sessions:  # probation first
+                (self._probation or self._protected).popitem(last=False)
         return Written(created)
 
     def delete(self, session_id: str) -> None:
         with self._mutex:
-            self._entries.pop(session_id, None)
+            self._probation.pop(session_id, None)
+            self._protected.pop(session_id, None)
 
     @contextmanager
     def lock(self, session_id: str) -> Iterator[None]:

@@ -43,6 +43,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..config import (
     DEFAULT_ABSOLUTE_LIFETIME,
+    DEFAULT_FIRST_LIFETIME,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LOCAL_CACHE,
     DEFAULT_REDIS_TIMEOUT,
@@ -276,6 +277,7 @@ class RedisStore:
         prefix: str = "statescale:",
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         absolute_lifetime: float | None = DEFAULT_ABSOLUTE_LIFETIME,
+        first_lifetime: float = DEFAULT_FIRST_LIFETIME,
         lock_expiry: float = 10.0,
         lock_wait: float = 5.0,
         clock: Callable[[], float] = time.time,
@@ -285,7 +287,7 @@ class RedisStore:
             raise ConfigError("RedisStore takes a client; for a URL use RedisStore.from_url(url)")
         self.client = client
         self.prefix = prefix
-        self.lifetime = Lifetime(idle_timeout, absolute_lifetime)
+        self.lifetime = Lifetime(idle_timeout, absolute_lifetime, first_lifetime)
         self.lock_expiry = lock_expiry
         self.lock_wait = lock_wait
         self._clock = clock
@@ -403,8 +405,9 @@ class RedisStore:
             return None, 0
         return Record(fields, created), number
 
-    def _ttl_ms(self, created: float) -> int:
-        return max(1, int(self.lifetime.remaining(created, self._clock()) * 1000))
+    def _ttl_ms(self, created: float, *, first: bool = False) -> int:
+        remaining = self.lifetime.remaining(created, self._clock(), first=first)
+        return max(1, int(remaining * 1000))
 
     def _write_args(
         self,
@@ -443,7 +446,10 @@ class RedisStore:
     ) -> Written:
         created = self._clock() if created is None else created
         key = self.key(session_id)
-        ttl_ms = self._ttl_ms(created)
+        # A new session lives for the first lifetime only; the first load of it (its
+        # client's return) finds the short TTL and slides it to the idle timeout.
+        first = replaces is None
+        ttl_ms = self._ttl_ms(created, first=first)
         record = {**fields, CREATED_FIELD: repr(created).encode()}
         args = self._write_args("c", ttl_ms, record, frozenset(), created)
         keys = [key]
@@ -453,7 +459,7 @@ class RedisStore:
             version = int(self._write(keys, args))
         if replaces is not None and self._cluster:  # another slot: a step of its own
             self.delete(replaces)
-        if self.cache is not None:
+        if self.cache is not None and not first:  # a new one is read from Redis on return
             self.cache.created(key, Record(dict(fields), created), version, ttl_ms, self._clock())
         return Written(created, version)
 

@@ -57,3 +57,31 @@ def test_ttin_cannot_add_a_worker_the_ring_has_no_slot_for() -> None:
         client = SessionClient(server.port)
         assert [client.post("/api/incr?key=c").json["value"] for _ in range(5)] == [1, 2, 3, 4, 5]
         assert "sticky mode has 2 slots" in server.log()
+
+
+def test_29_12000_one_shot_sessions_keep_a_returning_users_session() -> None:
+    """One worker's memory store holds 10,000 sessions; a client without a cookie makes
+    12,000 one-shot sessions through the router. A user who had come back keeps theirs."""
+    import http.client
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Gunicorn(env={"STATESCALE_MODE": "sticky"}, workers=1) as server:
+        user = SessionClient(server.port)
+        user.post("/api/incr?key=c")
+        assert user.post("/api/incr?key=c").json["value"] == 2  # back with its cookie
+
+        def one_shots(count: int) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            made = 0
+            for _ in range(count):  # keep-alive to the router; no cookie ever sent
+                conn.request("POST", "/api/incr?key=x")
+                response = conn.getresponse()
+                response.read()
+                made += response.status == 200 and response.getheader("Set-Cookie") is not None
+            conn.close()
+            return made
+
+        with ThreadPoolExecutor(4) as pool:
+            made = sum(pool.map(one_shots, [3000] * 4))
+        assert made == 12_000
+        assert user.post("/api/incr?key=c").json["value"] == 3

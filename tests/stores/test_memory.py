@@ -39,3 +39,31 @@ def test_evicts_least_recently_used(clock: Clock) -> None:
 def test_bad_options_fail_at_construction(options: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         MemoryStore(**options)  # type: ignore[arg-type]
+
+
+def test_one_shot_sessions_never_evict_one_whose_client_came_back(clock: Clock) -> None:
+    store = MemoryStore(max_sessions=100, clock=clock)
+    store.create("regular", {"a": b"1"})
+    assert store.load("regular") is not None  # its client came back: protected
+    for n in range(1200):  # a flood of anonymous one-shot sessions, 12x the room
+        store.create(f"one-shot-{n}", {"n": b"1"})
+    assert store.load("regular") is not None
+    assert len(store) == 100
+    assert store.load("one-shot-0") is None and store.load("one-shot-1199") is not None
+
+
+def test_a_new_session_lives_the_first_lifetime_until_its_client_returns(clock: Clock) -> None:
+    store = MemoryStore(idle_timeout=600, first_lifetime=60, clock=clock)
+    store.create("gone", {})
+    store.create("back", {})
+    store.create("login", {}, replaces="back")  # a regenerated session: it came back
+    clock.now += 30
+    assert store.load("back") is None  # replaced
+    assert store.load("login") is not None
+    store.create("back", {})
+    clock.now += 59
+    assert store.load("back") is not None  # returned within the first lifetime
+    clock.now += 61
+    assert store.load("gone") is None  # never came back: 120 s > 60 s
+    assert store.load("back") is not None  # now on the idle timeout
+    assert store.load("login") is not None

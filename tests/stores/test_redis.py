@@ -229,3 +229,19 @@ def test_sentinel_url_finds_the_master(own_redis: EmbeddedRedis, tmp_path: objec
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+@pytest.mark.parametrize("cache", [10_000, 0], ids=["local-cache", "no-cache"])
+def test_a_new_session_gets_the_first_lifetime_until_its_client_returns(
+    redis_url: str, raw_redis: redis.Redis, cache: int
+) -> None:
+    store = RedisStore.from_url(redis_url, local_cache=cache, idle_timeout=1800, first_lifetime=120)
+    store.create("one-shot", {"a": b"1"})
+    store.create("back", {"a": b"1"})
+    store.create("login", {"a": b"1"}, replaces="back")  # regenerated: it came back
+    assert 0 < raw_redis.pttl(store.key("one-shot")) <= 120_000
+    assert raw_redis.pttl(store.key("login")) > 1_700_000
+    store.create("back", {"a": b"1"})
+    assert store.load("back") is not None  # the client returns with its cookie
+    assert raw_redis.pttl(store.key("back")) > 1_700_000
+    assert raw_redis.pttl(store.key("one-shot")) <= 120_000
