@@ -272,8 +272,12 @@ def test_17_store_hung_is_503_within_budget(own_redis: EmbeddedRedis) -> None:
         started = time.monotonic()
         assert call(client, "/read", cookie).status_code == 503
         assert time.monotonic() - started < 1.5
+        started = time.monotonic()  # the breaker is open: the next one fails at once
+        assert call(client, "/read", cookie).status_code == 503
+        assert time.monotonic() - started < 0.3
     finally:
         own_redis.resume()
+    time.sleep(0.3)  # the next probe, a quarter second on, finds Redis back
     assert call(client, "/read", cookie).json == {"a": "1"}
 
 

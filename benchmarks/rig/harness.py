@@ -280,6 +280,7 @@ class Load:
         self.key = key
         self.answers: list[list[int]] = [[] for _ in range(users)]
         self.failures: list[str] = []
+        self.replies: list[tuple[int, float]] = []  # (status, seconds) of every reply
         self._running = True
         self._threads = [
             threading.Thread(target=self._user, args=(n,), daemon=True) for n in range(users)
@@ -293,6 +294,7 @@ class Load:
             except OSError as exc:
                 self.failures.append(f"user {n}: {type(exc).__name__}: {exc}")
                 continue
+            self.replies.append((reply.status, reply.elapsed))
             if reply.status != 200:
                 self.failures.append(f"user {n}: {reply.status} {reply.body[:100]!r}")
                 continue

@@ -53,8 +53,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..session import Record
+from ._breaker import Breaker
 
 _HiredisReader: Any
 try:  # hiredis parses a drained buffer in C; without it redis-py reads message by message
@@ -118,9 +120,11 @@ class SessionCache:
         max_entries: int,
         touch_interval: float,
         clock: Callable[[], float] = time.time,
+        breaker: Breaker | None = None,
     ) -> None:
         self._pool = pool
         self._clock = clock
+        self._breaker = breaker  # the store's: no catching up while Redis does not answer
         self.channel = channel
         self.max_entries = max_entries
         self.touch_interval = touch_interval
@@ -135,6 +139,8 @@ class SessionCache:
         self._last_drain = 0.0  # time.monotonic() of the last drain
         self._behind = False  # a drain met a backlog: sync before serving a copy
         self._pongs = 0
+        self._last_drop = ""
+        self._sync_timed_out = False
 
     # -- the subscription ------------------------------------------------------------
     def _forked(self) -> None:
@@ -189,6 +195,7 @@ class SessionCache:
                     self._drain()
 
     def _drop_subscription(self, why: str) -> None:
+        self._last_drop = why
         sub, self._sub = self._sub, None
         self._raw = self._reader = None
         self._entries.clear()
@@ -221,6 +228,17 @@ class SessionCache:
             self._behind = True
         return True
 
+    def _catch_up(self) -> bool:
+        """:meth:`_sync`, unless the store's breaker says Redis is not answering (then
+        no copy can be trusted, and nothing waits for a timeout)."""
+        if self._breaker is not None and self._breaker.open:
+            return False
+        if self._sync():
+            return True
+        if self._breaker is not None and self._sync_timed_out:
+            self._breaker.tripped(self._last_drop)
+        return False
+
     def _sync(self) -> bool:
         """Read every change published until now: send ``PING`` on the subscription and
         read up to its reply. False (the copies dropped) when that fails or times out."""
@@ -242,6 +260,7 @@ class SessionCache:
                 while self._pongs < expected:
                     self._on_message(sub.read_response())
         except (RedisError, OSError, ValueError) as exc:
+            self._sync_timed_out = isinstance(exc, (TimeoutError, RedisTimeoutError))
             self._drop_subscription(f"catching up failed ({type(exc).__name__}: {exc})")
             return False
         self._behind = False
@@ -314,7 +333,7 @@ class SessionCache:
         A copy older than ``min_version`` (the client's own last write) is not served:
         the change may still be on its way here."""
         with self._lock:
-            if not self._drain() or (self._behind and not self._sync()):
+            if not self._drain() or (self._behind and not self._catch_up()):
                 return None
             entry = self._entries.get(key)
             if (

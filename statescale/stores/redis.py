@@ -21,10 +21,12 @@ them, so a worker that reads a session again needs no round trip and a read-modi
 needs one. ``local_cache=0`` turns it off; every store publishes its changes either way,
 so processes with and without the cache can share one Redis.
 
-Timeouts are short on purpose: a dead or hung Redis must fail a request in about a
+Timeouts are short on purpose: a dead or hung Redis must fail a request well under a
 second (``StoreUnavailable``, which the middleware answers with 503), long before
-gunicorn's worker timeout. redis-py retries once with a short backoff; statescale adds
-no retries of its own (every write sets whole values, so a resent one does no harm).
+gunicorn's worker timeout. redis-py retries a lost connection once with a short backoff
+(every write sets whole values, so a resent one does no harm); a timeout is not retried,
+and it opens the store's breaker (:mod:`statescale.stores._breaker`), which fails the
+next requests at once until a short ``PING`` is answered.
 Nothing connects until the first request, so workers boot while Redis is down and
 recover by themselves when it is back.
 """
@@ -50,13 +52,16 @@ from ..config import (
 )
 from ..exceptions import ConfigError, LockTimeout, StoreUnavailable
 from ..session import Changes, Record, Written
+from ._breaker import PROBE_TIMEOUT, Breaker
 from ._cache import SessionCache, encode_delta
 from .base import CREATED_FIELD, Lifetime
 
 try:
     import redis
-    from redis.backoff import ExponentialBackoff
+    from redis.backoff import ExponentialBackoff, NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import NoScriptError, RedisError, ResponseError
+    from redis.exceptions import TimeoutError as RedisTimeout
     from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - exercised by the import test
     raise ImportError(
@@ -121,7 +126,13 @@ def client_options(timeout: float, retries: int) -> dict[str, Any]:
         "protocol": 2,  # plain replies; the tracking cache reads RESP2 pub/sub messages
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
-        "retry": Retry(ExponentialBackoff(cap=0.05, base=0.01), retries),
+        # A lost connection is retried (a pooled one the server closed, say); a timeout
+        # is not: a server that did not answer in time will not answer a resend sooner.
+        "retry": Retry(
+            ExponentialBackoff(cap=0.05, base=0.01),
+            retries,
+            supported_errors=(RedisConnectionError,),
+        ),
     }
 
 
@@ -244,20 +255,53 @@ class _DirectScript:
         return conn.retry.call_with_retry(once, lambda _error: conn.disconnect())
 
 
-def _script(client: Any, script: str) -> Callable[[list[str], list[Any]], Any]:
-    """``script`` registered with ``client``: direct when the client talks to one server
-    through redis-py's own connection classes, else redis-py's ``Script``."""
+def _single_server(client: Any) -> bool:
+    """Whether ``client`` talks to one server through redis-py's own connection classes
+    (so statescale may open connections of its own like the client's)."""
     pool = getattr(client, "connection_pool", None)
-    direct = (
+    return (
         isinstance(client, redis.Redis)
         and not _is_sentinel(client)
         and pool is not None
         and pool.connection_class
         in (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection)
     )
-    if direct:
+
+
+def _script(client: Any, script: str) -> Callable[[list[str], list[Any]], Any]:
+    """``script`` registered with ``client``: direct on a single server, else redis-py's
+    ``Script``."""
+    if _single_server(client):
         return _DirectScript(client, script)
     return cast("Callable[[list[str], list[Any]], Any]", client.register_script(script))
+
+
+def _pinger(client: Any) -> Callable[[], bool]:
+    """The breaker's probe: ``PING`` with a short timeout on a connection of its own, on
+    a single server; elsewhere the next real command is the probe."""
+    if not _single_server(client):
+        return lambda: True
+    pool = client.connection_pool
+    options = {
+        **pool.connection_kwargs,
+        "socket_timeout": PROBE_TIMEOUT,
+        "socket_connect_timeout": PROBE_TIMEOUT,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    kept: list[Any] = []
+
+    def ping() -> bool:
+        conn = kept.pop() if kept else pool.connection_class(**options)
+        try:
+            conn.send_command("PING", check_health=False)
+            conn.read_response()
+        except (RedisError, OSError):
+            conn.disconnect()  # a reply that comes later must not be read as the next
+            return False
+        kept.append(conn)
+        return True
+
+    return ping
 
 
 class RedisStore:
@@ -299,6 +343,7 @@ class RedisStore:
         self.channel = f"{prefix}changes"
         self._write = _script(client, WRITE_SCRIPT)
         self._delete = _script(client, DELETE_SCRIPT)
+        self.breaker = Breaker(_pinger(client))
 
     @classmethod
     def from_url(
@@ -325,6 +370,7 @@ class RedisStore:
                 max_entries=local_cache,
                 touch_interval=min(10.0, store.lifetime.idle / 10),
                 clock=store._clock,
+                breaker=store.breaker,
             )
         return store
 
@@ -340,10 +386,16 @@ class RedisStore:
 
     @contextmanager
     def _translated(self, what: str) -> Iterator[None]:
+        """Redis's errors become ``StoreUnavailable``; a timeout opens the breaker, which
+        fails the next requests at once while Redis does not answer."""
+        self.breaker.guard(what)
         try:
             yield
         except RedisError as exc:
-            raise StoreUnavailable("redis", f"{what}: {type(exc).__name__}: {exc}") from exc
+            reason = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, RedisTimeout):
+                self.breaker.tripped(reason)
+            raise StoreUnavailable("redis", f"{what}: {reason}") from exc
 
     def load(self, session_id: str, *, min_version: int = 0) -> Record | None:
         key = self.key(session_id)

@@ -8,12 +8,13 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
 
-from benchmarks.rig.harness import Gunicorn, SessionClient
+from benchmarks.rig.harness import Gunicorn, Load, Reply, SessionClient
 from statescale.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
@@ -158,12 +159,44 @@ def test_17_redis_hung_503_within_budget_no_worker_timeout(own_redis: EmbeddedRe
             r.elapsed for r in replies
         ]
         # A timed-out write may still be applied when Redis wakes (it sat in Redis's
-        # socket buffer): old state or new, never a mix (item 19). Every write here
-        # sets whole values, so redis-py resending one does no harm.
-        now = client.get("/api/session").json["data"]["c"]
+        # socket buffer): old state or new, never a mix (item 19). A worker that saw the
+        # timeout fails fast until its next probe (a quarter second) finds Redis back.
+        now = _served(lambda: client.get("/api/session")).json["data"]["c"]
         assert now in (1, 2)
-        assert client.post("/api/incr?key=c").json["value"] == now + 1
+        assert _served(lambda: client.post("/api/incr?key=c")).json["value"] == now + 1
         assert "WORKER TIMEOUT" not in server.log()
+
+
+def _served(request: Callable[[], Reply], within: float = 2.0) -> Reply:
+    """The first reply that is not a 503, asking again for up to ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while (reply := request()).status == 503 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return reply
+
+
+def test_6_a_frozen_redis_fails_fast_under_concurrent_users(own_redis: EmbeddedRedis) -> None:
+    """16 users writing (no copy can answer a write) while Redis is SIGSTOPped: the
+    first request in each worker waits out one timeout, the rest fail at once; every
+    worker recovers by itself once Redis answers."""
+    with Gunicorn(env={"STATESCALE_REDIS_URL": own_redis.url}) as server:
+        with Load(server.port, users=16) as load:
+            time.sleep(0.5)
+            before = len(load.replies)
+            own_redis.pause()
+            try:
+                time.sleep(2.0)
+                frozen = load.replies[before:]
+            finally:
+                own_redis.resume()
+            time.sleep(1.0)
+            after = load.replies[len(frozen) + before :]
+        log = server.log()
+    unavailable = sorted(t for status, t in frozen if status == 503)
+    assert {status for status, _ in frozen} <= {200, 503} and len(unavailable) > 100
+    assert unavailable[round(0.99 * len(unavailable)) - 1] <= 1.0, unavailable[-20:]
+    assert [status for status, _ in after[-32:]] == [200] * 32  # recovered by itself
+    assert "WORKER TIMEOUT" not in log
 
 
 def test_18_redis_restarted_under_traffic_keeps_the_cookie(own_redis: EmbeddedRedis) -> None:
