@@ -50,6 +50,7 @@ from statescale.routing.balancers import get as get_balancer
 
 from .rig.delay import DelayProxy
 from .rig.harness import (
+    ADMIN_TOKEN,
     Gunicorn,
     SessionClient,
     add_sticky_node,
@@ -213,7 +214,10 @@ def _router_add_node(
 
     def add_one() -> list[int]:
         _, backend = add_sticky_node(stack, backends, balancer="statescale")
-        reply = SessionClient(admin).post(f"/nodes?name={backend.name}&addr={backend.address}")
+        reply = SessionClient(admin).post(
+            f"/nodes?name={backend.name}&addr={backend.address}",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
         if reply.status != 200:
             raise RuntimeError(f"the router refused the new node: HTTP {reply.status}")
         return [port]

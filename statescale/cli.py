@@ -65,8 +65,9 @@ def _address(text: str) -> tuple[str, int]:
 def cmd_router(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .config import admin_token
     from .routing.backends import Backend, check, read_backends_file
-    from .routing.router import Router, run
+    from .routing.router import Router, Timeouts, run
 
     if not args.backend and not args.backends_file:
         raise StateScaleError("give --backend NAME=HOST:PORT (repeat) or --backends-file")
@@ -78,8 +79,10 @@ def cmd_router(args: argparse.Namespace) -> int:
         backends,
         cookie=args.cookie,
         ip_hash=args.ip_hash,
+        timeouts=Timeouts(idle=args.idle_timeout, header=args.header_timeout),
         check_interval=args.check_interval,
         backends_file=Path(args.backends_file) if args.backends_file else None,
+        max_body=args.max_body,
     )
     listen: tuple[str, int] | socket.socket = args.listen
     if args.fd is not None:
@@ -90,7 +93,15 @@ def cmd_router(args: argparse.Namespace) -> int:
         + (f"; admin on http://{args.admin[0]}:{args.admin[1]}/nodes" if args.admin else ""),
         flush=True,
     )
-    run(router, listen, args.admin, use_uvloop=not args.no_uvloop)
+    run(
+        router,
+        listen,
+        args.admin,
+        admin_token=admin_token(),
+        admin_remote=args.admin_remote,
+        max_connections=args.max_connections,
+        use_uvloop=not args.no_uvloop,
+    )
     return 0
 
 
@@ -178,8 +189,10 @@ def parser() -> argparse.ArgumentParser:
         "rendezvous ring gives for its session ID (start each node with "
         "STATESCALE_BALANCER=statescale, the same STATESCALE_BACKENDS and its STATESCALE_NODE). "
         "Requests without a session go round robin (or by client IP with --ip-hash). A node "
-        "that refuses connections is taken out at once; a check brings it back. SIGHUP "
-        "re-reads --backends-file; SIGTERM finishes requests in flight, then stops.",
+        "that refuses connections is taken out at once; a check brings it back. Ambiguous "
+        "HTTP framing is refused with 400; request bodies are read whole before they go on. "
+        "SIGHUP re-reads --backends-file; SIGTERM finishes requests in flight, then stops. "
+        "The admin endpoint needs STATESCALE_ADMIN_TOKEN (sent as Authorization: Bearer).",
     )
     router.add_argument("--backend", action="append", metavar="NAME=HOST:PORT[*WEIGHT]")
     router.add_argument("--backends-file", help="one NAME=HOST:PORT a line; re-read on SIGHUP")
@@ -190,13 +203,45 @@ def parser() -> argparse.ArgumentParser:
         help="serve on this inherited, listening socket instead of --listen (what the "
         "gunicorn hooks pass in sticky mode)",
     )
-    router.add_argument("--admin", type=_address, help="HOST:PORT for GET/POST/DELETE /nodes")
+    router.add_argument(
+        "--admin",
+        type=_address,
+        help="HOST:PORT (loopback) for GET/POST/DELETE /nodes; needs STATESCALE_ADMIN_TOKEN",
+    )
+    router.add_argument(
+        "--admin-remote",
+        action="store_true",
+        help="let --admin bind an address other than loopback",
+    )
     router.add_argument("--cookie", default="statescale", help="the session cookie's name")
     router.add_argument(
         "--ip-hash", action="store_true", help="route requests without a session by client IP"
     )
     router.add_argument(
         "--check-interval", type=float, default=1.0, help="seconds between checks of down nodes"
+    )
+    router.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=15.0,
+        help="seconds a connection may wait for a request (default 15)",
+    )
+    router.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds from a request's first byte to the end of its head (default 10)",
+    )
+    router.add_argument(
+        "--max-connections",
+        type=int,
+        help="client connections at once (default: what the file-descriptor limit allows)",
+    )
+    router.add_argument(
+        "--max-body",
+        type=int,
+        default=8 * 1024 * 1024,
+        help="bytes of a request body, at most (default 8 MiB; more is 413)",
     )
     router.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
     router.set_defaults(func=cmd_router)

@@ -168,6 +168,12 @@ class Settings:
         return cls(session=session, development_secret=not keys, **parts[""])
 
 
+def admin_token(env: Mapping[str, str] | None = None) -> str | None:
+    """``STATESCALE_ADMIN_TOKEN``: what ``statescale router``'s admin endpoint requires."""
+    token = (os.environ if env is None else env).get("STATESCALE_ADMIN_TOKEN", "").strip()
+    return token or None
+
+
 # -- reading one variable: a string from the environment, or an already typed value --
 def parse_bool(name: str, value: object) -> bool:
     if isinstance(value, bool):

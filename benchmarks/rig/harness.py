@@ -28,6 +28,7 @@ from statescale.routing.balancers import get as get_balancer
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: demo_app/ and benchmarks/
 SECRET = "integration-secret-0123456789abcdef"
+ADMIN_TOKEN = "integration-admin-token-0123456789"
 
 
 class Reply:
@@ -60,14 +61,19 @@ class SessionClient:
         self.cookies = {} if value is None else {self.cookie_name: value}
 
     def request(
-        self, method: str, path: str, timeout: float = 10.0, cookie_header: str | None = None
+        self,
+        method: str,
+        path: str,
+        timeout: float = 10.0,
+        cookie_header: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Reply:
         """One request with the cookies kept so far (or ``cookie_header`` as it is)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         jar = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
         if cookie_header is not None:
             jar = cookie_header
-        headers = {"Cookie": jar} if jar else {}
+        headers = {**({"Cookie": jar} if jar else {}), **(headers or {})}
         started = time.monotonic()
         for attempt in range(40):  # a server that is still starting refuses for a moment
             try:
@@ -93,8 +99,8 @@ class SessionClient:
                 self.cookies.pop(name, None)
         return Reply(response.status, dict(response.headers), body, elapsed)
 
-    def post(self, path: str) -> Reply:
-        return self.request("POST", path)
+    def post(self, path: str, headers: Mapping[str, str] | None = None) -> Reply:
+        return self.request("POST", path, headers=headers)
 
     def get(self, path: str) -> Reply:
         return self.request("GET", path)
@@ -412,7 +418,9 @@ def start_balancer(
 def start_router(
     backends: list[Backend], port: int, *extra: str, stderr: int = subprocess.DEVNULL
 ) -> subprocess.Popen[bytes]:
-    """`statescale router` on 127.0.0.1:``port`` in front of ``backends``."""
+    """`statescale router` on 127.0.0.1:``port`` in front of ``backends``; its admin
+    endpoint, if ``extra`` asks for one, takes ``ADMIN_TOKEN``."""
     args = [a for b in backends for a in ("--backend", b.spec)]
     command = [sys.executable, "-m", "statescale", "router", *args, "--listen", f"127.0.0.1:{port}"]
-    return subprocess.Popen([*command, *extra], stdout=subprocess.DEVNULL, stderr=stderr)
+    env = {**os.environ, "STATESCALE_ADMIN_TOKEN": ADMIN_TOKEN}
+    return subprocess.Popen([*command, *extra], stdout=subprocess.DEVNULL, stderr=stderr, env=env)

@@ -1,0 +1,303 @@
+"""HTTP/1.1 framing for the router: strict parsing on llhttp (through httptools), one
+normalized framing out. Pure: bytes in, events out; :mod:`.proxy` does the I/O.
+
+A request the router cannot frame one way only is refused with 400, and the router reads
+a request whole before it sends any of it on, so no node, however lenient, ever sees
+one (RFC 9112 6.1 and 6.3; nginx and HAProxy refuse them too): Content-Length beside
+Transfer-Encoding, repeated or malformed Content-Length, any Transfer-Encoding but
+``chunked``, a Transfer-Encoding in HTTP/1.0, malformed chunk sizes (``+5``, ``0x5``,
+``0_5``), bare CR or LF line ends, obsolete line folding, a missing or repeated Host.
+What goes on to a node is framed by the router itself: a request body with its exact
+Content-Length, a response body as it came or re-chunked; hop-by-hop headers are
+dropped.
+
+Events, in order, for each message: a head (:class:`RequestHead` or
+:class:`ResponseHead`), then body pieces (``bytes``), then ``END``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+try:
+    import httptools
+except ImportError as exc:  # pragma: no cover - the router extra installs it
+    raise ImportError(
+        "statescale router needs httptools: pip install 'statescale[router]'"
+    ) from exc
+
+MAX_HEAD = 64 * 1024  # bytes of a request head, at most
+MAX_HEADERS = 100
+END = None  # the event that ends a message
+
+#: Never forwarded: hop-by-hop (RFC 9110 7.6.1), framing (the router frames anew), and
+#: what the router sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"transfer-encoding",
+        b"content-length",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+    }
+)
+
+
+class BadRequest(Exception):
+    """A request the router refuses; ``status`` is what the client gets."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]  # as received, less nothing
+    keep_alive: bool
+    has_body: bool  # Content-Length > 0 or chunked
+    length: int  # the Content-Length, or -1 when chunked or absent
+    expect_continue: bool
+    cookie: bytes  # every Cookie header, joined with "; "
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool
+    length: int  # the Content-Length, or -1
+    chunked: bool
+
+
+Event = RequestHead | ResponseHead | bytes | None
+
+
+class _Parser:
+    """What requests and responses share: the event queue and the callbacks."""
+
+    def __init__(self) -> None:
+        self.events: deque[Event] = deque()
+        self.in_message = False  # a message has begun and not ended
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._size = 0
+        self._error: BadRequest | None = None
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self._headers = []
+        self._size = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._size += len(name) + len(value) + 4
+        if len(self._headers) >= MAX_HEADERS or self._size > MAX_HEAD:
+            self._fail(BadRequest(431, "request head too large"))
+        self._headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        self.events.append(END)
+
+    def _fail(self, error: BadRequest) -> None:
+        self._error = error
+        raise error
+
+
+class RequestParser(_Parser):
+    """Requests from one client connection, pipelined or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parser = httptools.HttpRequestParser(self)
+        self._target = b""
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._target = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._target += url
+        if len(self._target) > MAX_HEAD:
+            self._fail(BadRequest(414, "request target too long"))
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; :class:`BadRequest` for anything not framed one way only."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise BadRequest(501, "protocol upgrades are not supported") from None
+        except httptools.HttpParserError as exc:
+            if self._error is not None:
+                raise self._error from None
+            raise BadRequest(400, str(exc) or type(exc).__name__) from None
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = parser.get_http_version()
+        encodings: list[bytes] = []
+        lengths: list[bytes] = []
+        cookies: list[bytes] = []
+        hosts = 0
+        expect = False
+        for name, value in self._headers:  # one pass: this runs for every request
+            lowered = name.lower()
+            if lowered == b"cookie":
+                cookies.append(value)
+            elif lowered == b"host":
+                hosts += 1
+            elif lowered == b"transfer-encoding":
+                encodings.append(value.strip().lower())
+            elif lowered == b"content-length":
+                lengths.append(value)
+            elif lowered == b"expect":
+                expect = value.strip().lower() == b"100-continue"
+        if encodings and (version != "1.1" or encodings != [b"chunked"]):
+            self._fail(BadRequest(400, "only Transfer-Encoding: chunked, in HTTP/1.1"))
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            self._fail(BadRequest(400, "an HTTP/1.1 request carries exactly one Host"))
+        method = parser.get_method()
+        if method == b"CONNECT":
+            self._fail(BadRequest(405, "CONNECT is not supported"))
+        length = int(lengths[0]) if lengths else -1
+        self.events.append(
+            RequestHead(
+                method=method,
+                target=self._target,
+                headers=self._headers,
+                keep_alive=parser.should_keep_alive(),
+                has_body=bool(encodings) or length > 0,
+                length=-1 if encodings else length,
+                expect_continue=expect,
+                cookie=b"; ".join(cookies),
+            )
+        )
+
+
+class ResponseParser(_Parser):
+    """One node's responses on one connection. ``head_only``: the request was HEAD, so
+    the response ends with its head whatever it says of a body."""
+
+    def __init__(self, *, head_only: bool) -> None:
+        super().__init__()
+        self._parser = httptools.HttpResponseParser(self)
+        self._reason = b""
+        self.head_only = head_only
+        self.until_close = False  # the current response's body ends when the node closes
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; ``ValueError`` for a response that cannot be framed."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            raise ValueError(f"malformed response: {exc}") from None
+
+    def on_headers_complete(self) -> None:
+        parser, headers = self._parser, self._headers
+        lengths = [v for n, v in headers if n.lower() == b"content-length"]
+        chunked = any(n.lower() == b"transfer-encoding" for n, _ in headers)
+        status = parser.get_status_code()
+        self.events.append(
+            ResponseHead(
+                status=status,
+                reason=self._reason,
+                headers=headers,
+                keep_alive=parser.should_keep_alive(),
+                length=int(lengths[0]) if lengths and not chunked else -1,
+                chunked=chunked,
+            )
+        )
+        self._reason = b""
+        if self.head_only and status >= 200:
+            self.in_message = False
+            self.events.append(END)
+        else:
+            self.until_close = (
+                status >= 200 and status not in (204, 304) and not lengths and not chunked
+            )
+
+
+def forwarded_request(
+    head: RequestHead, body_length: int, extra: list[tuple[bytes, bytes]]
+) -> bytes:
+    """The head the router sends a node: HTTP/1.1, end-to-end headers only, the exact
+    Content-Length of the body it read whole, and ``extra``."""
+    dropped = HOP_BY_HOP | _connection_tokens(head.headers)
+    lines = [head.method + b" " + head.target + b" HTTP/1.1"]
+    lines += [n + b": " + v for n, v in head.headers if n.lower() not in dropped]
+    if head.has_body or head.length >= 0:
+        lines.append(b"Content-Length: " + str(body_length).encode())
+    lines += [n + b": " + v for n, v in extra]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def forwarded_response(head: ResponseHead, *, chunked: bool, keep_alive: bool) -> bytes:
+    """The head the router sends its client for ``head``: the node's status and
+    end-to-end headers, the router's own framing and connection."""
+    dropped = HOP_BY_HOP | _connection_tokens(head.headers)
+    lines = [b"HTTP/1.1 " + str(head.status).encode() + b" " + head.reason]
+    lines += [n + b": " + v for n, v in head.headers if n.lower() not in dropped]
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked")
+    elif head.length >= 0:
+        lines.append(b"Content-Length: " + str(head.length).encode())
+    lines.append(b"Connection: keep-alive" if keep_alive else b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked body (never empty: that would end it)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def reply(status: int, reason: str, body: str, *, close: bool = True) -> bytes:
+    """A short plain-text answer of the router's own."""
+    data = body.encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(data)}\r\nCache-Control: no-store\r\n"
+        f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n"
+    ).encode() + data
+
+
+REASONS = {
+    400: "Bad Request",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+
+
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The header names a Connection header lists: hop-by-hop for this message."""
+    return frozenset(
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    )

@@ -1,0 +1,511 @@
+"""The router's proxying: who is in the fleet, which node a request goes to, and the
+relay of one request and its response.
+
+Requests with a session cookie go to the node the rendezvous ring gives for the session
+ID (:func:`statescale.signing.routing_key`); requests without one go round robin (or by
+client IP with ``ip_hash``). Health: a node that refuses a connection (or does not
+accept one within ``connect_timeout``) is taken out at once and the request goes to the
+key's next choice; a check every ``check_interval`` seconds brings it back.
+
+Connections to nodes are kept alive and reused only after a response that ended
+cleanly: a connection that saw any error, a malformed response, or bytes beyond the
+response is closed, never pooled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ...exceptions import ConfigError
+from ...signing import routing_key
+from ..backends import Backend, check, read_backends_file
+from ..balancers import BackendRing
+from ..balancers import get as get_balancer
+from .http1 import (
+    CONTINUE,
+    END,
+    LAST_CHUNK,
+    REASONS,
+    BadRequest,
+    RequestHead,
+    RequestParser,
+    ResponseHead,
+    ResponseParser,
+    chunk,
+    forwarded_request,
+    forwarded_response,
+    reply,
+)
+from .upstream import NodeFailed, Upstream
+
+log = logging.getLogger("statescale.router")
+
+CHUNK = 64 * 1024
+MAX_BODY = 8 * 1024 * 1024  # bytes of a request body the router buffers, at most
+POOL_PER_NODE = 32  # idle keep-alive connections kept to each node
+_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]  # a client's
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds the router waits, each at most. The defaults follow nginx's spirit and
+    stay well under 30 s: a client cannot hold a connection by sending nothing."""
+
+    idle: float = 15.0  # for the first byte of a request (a new or kept-alive connection)
+    header: float = 10.0  # from the first byte of a request to the end of its head
+    body: float = 30.0  # between two pieces of a request body
+    connect: float = 1.0  # to connect to a node
+    response: float = 60.0  # for a node's response to begin, and between its pieces
+
+    def __post_init__(self) -> None:
+        for name in ("idle", "header", "body", "connect", "response"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"the router's {name} timeout must be > 0 seconds")
+
+
+class _Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
+class Deadline:
+    """When one connection's current wait must end. Arming it costs an attribute write,
+    not a timer: :class:`~.serve.Server` sweeps every connection's deadline a few times a
+    second and aborts the transport of one that has passed, which ends the wait as a
+    closed connection would."""
+
+    __slots__ = ("at", "target")
+
+    def __init__(self) -> None:
+        self.at = math.inf
+        self.target: _Abortable | None = None
+
+    def arm(self, seconds: float, target: _Abortable) -> None:
+        """``target`` (a transport, or a connection to a node) is aborted if the wait
+        lasts ``seconds``."""
+        self.at = time.monotonic() + seconds
+        self.target = target
+
+    def disarm(self) -> None:
+        self.at = math.inf
+        self.target = None
+
+    def enforce(self, now: float) -> bool:
+        """Abort the waiting target if the deadline has passed."""
+        if now < self.at or self.target is None:
+            return False
+        self.target.abort()
+        self.disarm()
+        return True
+
+
+class _Cancel:
+    """A deadline's target that cancels the task waiting on a connect."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.fired = False
+
+    def abort(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+
+class _Pending:
+    """What is to go to the client, written in one piece; ``sent``: whether any was."""
+
+    __slots__ = ("parts", "sent", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.parts: list[bytes] = []
+        self.sent = False
+
+    def add(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def write(self) -> None:
+        if self.parts:
+            self.writer.write(b"".join(self.parts))
+            self.parts.clear()
+            self.sent = True
+
+
+class _Stale(Exception):
+    """A pooled connection the node had closed; the request can go again on a new one."""
+
+
+class ClientGone(Exception):
+    """The client went away, or sent a body that ended early or too slowly."""
+
+
+class Membership:
+    """The fleet as the router sees it, swapped whole: a change either applies
+    entirely or leaves everything as it was."""
+
+    def __init__(self, backends: list[Backend]) -> None:
+        self.backends = check(backends)
+        self.by_name = {b.name: b for b in self.backends}
+        self.ring: BackendRing = get_balancer("statescale").ring(self.backends)
+
+    def with_backend(self, backend: Backend) -> Membership:
+        """Add ``backend``, or move the node of that name to its address."""
+        return Membership([*(b for b in self.backends if b.name != backend.name), backend])
+
+    def without(self, name: str) -> Membership:
+        if name not in self.by_name:
+            raise ConfigError(f"no node named {name!r}")
+        rest = [b for b in self.backends if b.name != name]
+        if not rest:
+            raise ConfigError(f"{name!r} is the last node; add another before removing it")
+        return Membership(rest)
+
+
+class Router:
+    """The proxy's state: members, the ring, which nodes are down, the pool."""
+
+    def __init__(
+        self,
+        backends: list[Backend],
+        *,
+        cookie: str = "statescale",
+        ip_hash: bool = False,
+        timeouts: Timeouts | None = None,
+        check_interval: float = 1.0,
+        backends_file: Path | None = None,
+        max_body: int = MAX_BODY,
+    ) -> None:
+        self.cookie = cookie.encode()
+        self.max_body = max_body
+        self.ip_hash = ip_hash
+        self.timeouts = timeouts or Timeouts()
+        self.check_interval = check_interval
+        self.backends_file = backends_file
+        self.down: set[str] = set()
+        self.membership = Membership(backends)
+        self._round_robin = itertools.cycle(list(self.membership.by_name))
+        self._pool: dict[str, list[Upstream]] = {}
+
+    # -- membership and health -----------------------------------------------------
+    @property
+    def members(self) -> dict[str, Backend]:
+        return self.membership.by_name
+
+    def set_membership(self, membership: Membership) -> None:
+        """Route by ``membership`` from now on (one assignment: atomic)."""
+        self.membership = membership
+        self.down &= set(membership.by_name)
+        self._round_robin = itertools.cycle(list(membership.by_name))
+        for name in set(self._pool) - set(membership.by_name):
+            for upstream in self._pool.pop(name):
+                upstream.close()
+
+    def reload(self) -> None:
+        """Re-read ``backends_file`` (one NAME=HOST:PORT a line; # comments)."""
+        if self.backends_file is None:
+            log.warning("statescale router: SIGHUP, but no --backends-file to re-read")
+            return
+        self.set_membership(Membership(read_backends_file(self.backends_file)))
+        log.warning("statescale router: backends now %s", ", ".join(self.members))
+
+    def choose(self, cookie: bytes, client_ip: str) -> str | None:
+        """The node for a request: the session's owner, else round robin (or by IP)."""
+        membership, down = self.membership, self.down
+        if len(down) >= len(membership.backends):
+            return None
+        value = _cookie_value(cookie, self.cookie) if cookie else None
+        if value:
+            return membership.ring.owner(routing_key(value), down)
+        if self.ip_hash:
+            return membership.ring.owner(client_ip, down)
+        for _ in range(len(membership.backends)):
+            name = next(self._round_robin)
+            if name not in down and name in membership.by_name:
+                return name
+        return next(b.name for b in membership.backends if b.name not in down)
+
+    def mark_down(self, name: str, why: str) -> None:
+        if name not in self.down and name in self.members:
+            self.down.add(name)
+            log.warning(
+                "statescale router: %s is down (%s); its sessions go to their next choice",
+                name,
+                why,
+            )
+
+    async def check_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval)
+            for name in list(self.down):
+                backend = self.members.get(name)
+                if backend is None:
+                    self.down.discard(name)
+                    continue
+                try:
+                    async with asyncio.timeout(self.timeouts.connect):
+                        _, writer = await asyncio.open_connection(backend.host, backend.port)
+                except (OSError, TimeoutError):
+                    continue
+                writer.close()
+                self.down.discard(name)
+                log.warning("statescale router: %s is back; its sessions flip back to it", name)
+
+    # -- connections to nodes ------------------------------------------------------
+    def _pooled(self, name: str) -> Upstream | None:
+        idle = self._pool.get(name, [])
+        while idle:
+            upstream = idle.pop()
+            if upstream.usable:
+                return upstream
+            upstream.close()
+        return None
+
+    def _release(self, name: str, upstream: Upstream, reusable: bool) -> None:
+        idle = self._pool.setdefault(name, [])
+        if reusable and name in self.members and len(idle) < POOL_PER_NODE:
+            idle.append(upstream)
+        else:
+            upstream.close()
+
+    async def _connect(
+        self, head: RequestHead, client_ip: str, deadline: Deadline, *, fresh: bool
+    ) -> tuple[str, Upstream, bool] | None:
+        """A connection to the request's node: (name, connection, reused)."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for _ in range(len(self.members)):
+            name = self.choose(head.cookie, client_ip)
+            if name is None:
+                return None
+            pooled = None if fresh else self._pooled(name)
+            if pooled is not None:
+                return name, pooled, True
+            backend = self.members[name]
+            try:
+                async with asyncio.timeout(self.timeouts.connect):
+                    _, upstream = await loop.create_connection(Upstream, backend.host, backend.port)
+            except (OSError, TimeoutError) as exc:
+                self.mark_down(name, type(exc).__name__)
+                continue
+            return name, upstream, False
+        return None
+
+    # -- one request ---------------------------------------------------------------
+    async def proxy(
+        self,
+        head: RequestHead,
+        parser: RequestParser,
+        client: _Conn,
+        client_ip: str,
+        deadline: Deadline,
+        *,
+        keep_open: bool,
+    ) -> bool:
+        """Relay one request and its response; whether the client connection stays
+        open (only if ``keep_open``, the client allows it and all went cleanly).
+
+        The body is read whole first (up to ``max_body``), as nginx does: no node sees
+        any part of a request the router would refuse, and a slow client never holds a
+        node's worker."""
+        reader, writer = client
+        if head.expect_continue and head.has_body:
+            writer.write(CONTINUE)  # the router reads the body itself; the node never asks
+        body = await self._read_body(head, parser, reader, deadline, writer.transport)
+        request = forwarded_request(head, len(body), self._extra(client_ip)) + body
+        client_keep = keep_open and head.keep_alive
+        for fresh in (False, True):
+            target = await self._connect(head, client_ip, deadline, fresh=fresh)
+            if target is None:
+                writer.write(reply(503, REASONS[503], "no backend node is available\n"))
+                return client_keep
+            name, upstream, reused = target
+            reusable = False
+            try:
+                upstream.begin(ResponseParser(head_only=head.method == b"HEAD"))
+                upstream.send(request)
+                keep = await self._relay(
+                    name,
+                    head,
+                    upstream,
+                    writer=writer,
+                    deadline=deadline,
+                    client_keep=client_keep,
+                    retry_ok=reused and not head.has_body,  # nothing sent that cannot go again
+                )
+                reusable = upstream.finish()
+                return keep
+            except _Stale:
+                continue  # the node had closed our pooled connection: once more, afresh
+            finally:
+                if not reusable:
+                    upstream.finish()
+                self._release(name, upstream, reusable)
+        return False
+
+    @staticmethod
+    def _extra(client_ip: str) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"X-Forwarded-For", client_ip.encode()),
+            (b"X-Forwarded-Proto", b"http"),
+            (b"Connection", b"keep-alive"),
+        ]
+
+    async def _read_body(
+        self,
+        head: RequestHead,
+        parser: RequestParser,
+        reader: asyncio.StreamReader,
+        deadline: Deadline,
+        transport: asyncio.WriteTransport,
+    ) -> bytes:
+        if head.length > self.max_body:
+            raise BadRequest(413, f"request body over {self.max_body} bytes")
+        pieces: list[bytes] = []
+        size = 0
+        while True:
+            while not parser.events:
+                deadline.arm(self.timeouts.body, transport)
+                data = await reader.read(CHUNK)
+                deadline.disarm()
+                if not data:
+                    raise ClientGone("request body ended early, or too slowly")
+                parser.feed(data)
+            event = parser.events.popleft()
+            if event is END:
+                return b"".join(pieces)
+            assert isinstance(event, bytes)
+            size += len(event)
+            if size > self.max_body:
+                raise BadRequest(413, f"request body over {self.max_body} bytes")
+            pieces.append(event)
+
+    async def _relay(
+        self,
+        name: str,
+        request: RequestHead,
+        upstream: Upstream,
+        *,
+        writer: asyncio.StreamWriter,
+        deadline: Deadline,
+        client_keep: bool,
+        retry_ok: bool,
+    ) -> bool:
+        """Relay the node's response; whether the client connection stays open.
+        ``retry_ok``: a pooled connection with nothing sent but the request may turn
+        out closed by the node; then raise :class:`_Stale` so the request goes again.
+        What goes to the client is written in one piece whenever the router is about to
+        wait for more from the node (a small response: one write)."""
+        out = _Pending(writer)
+        head: ResponseHead | None = None
+        chunked = False  # re-chunked for the client
+        try:
+            while True:
+                event = await self._next(upstream, out, deadline)
+                if event is END:
+                    if head is not None:
+                        break
+                    continue  # the end of an interim response (103, a stray 100)
+                if isinstance(event, ResponseHead):
+                    if event.status >= 200:  # interim ones are not relayed
+                        head = event
+                        bodiless = request.method == b"HEAD" or event.status in (204, 304)
+                        chunked = not bodiless and event.length < 0
+                        out.add(forwarded_response(event, chunked=chunked, keep_alive=client_keep))
+                elif head is not None:
+                    assert isinstance(event, bytes)
+                    out.add(chunk(event) if chunked else event)
+        except NodeFailed as exc:
+            if head is None and retry_ok and exc.closed:
+                raise _Stale from exc
+            if out.sent:  # the client has part of a response: it can only be cut
+                out.write()
+            else:
+                writer.write(reply(502, REASONS[502], f"node {name} failed: {exc}\n"))
+            log.warning("statescale router: %s failed a response: %s", name, exc)
+            return False
+        if chunked:
+            out.add(LAST_CHUNK)
+        out.write()
+        await writer.drain()
+        return client_keep
+
+    async def _next(self, upstream: Upstream, out: _Pending, deadline: Deadline) -> object:
+        """The response's next event. If the router must wait for the node (which then
+        has the response timeout to answer), what is pending goes to the client first,
+        unless the node has failed already: then nothing of it is sent."""
+        assert upstream.parser is not None
+        if upstream.parser.events:
+            return upstream.parser.events.popleft()
+        if out.parts and upstream.failure is None and not upstream.closed:
+            out.write()
+            await out.writer.drain()
+        deadline.arm(self.timeouts.response, upstream)
+        try:
+            return await upstream.next_event()
+        finally:
+            deadline.disarm()
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "nodes": [
+                {
+                    "name": b.name,
+                    "addr": b.address,
+                    "weight": b.weight,
+                    "up": b.name not in self.down,
+                }
+                for b in self.membership.backends
+            ]
+        }
+
+
+def _cookie_value(header: bytes, name: bytes) -> str | None:
+    """The first value of cookie ``name`` in a Cookie header (split on ';' alone, as the
+    middleware reads it)."""
+    if name not in header:
+        return None
+    for pair in header.split(b";"):
+        key, sep, value = pair.partition(b"=")
+        if sep and key.strip() == name:
+            try:
+                return value.strip().strip(b'"').decode("ascii")
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+async def read_head(
+    parser: RequestParser,
+    reader: asyncio.StreamReader,
+    timeouts: Timeouts,
+    deadline: Deadline,
+    transport: asyncio.WriteTransport,
+) -> RequestHead | None:
+    """The next request head on a client connection; ``None`` when the client closed
+    it, or sent nothing within the idle timeout, or not the whole head within the
+    header timeout of its first byte (the deadline then closes the connection)."""
+    deadline.arm(timeouts.header if parser.in_message else timeouts.idle, transport)
+    started = parser.in_message
+    while not parser.events:
+        data = await reader.read(CHUNK)
+        if not data:  # closed by the client, or by the deadline: nothing to answer
+            deadline.disarm()
+            return None
+        if not started:  # the first byte: the head must now complete in time
+            started = True
+            deadline.arm(timeouts.header, transport)
+        parser.feed(data)
+    deadline.disarm()
+    event = parser.events.popleft()
+    if not isinstance(event, RequestHead):  # cannot be: a head comes first
+        raise BadRequest(400, "malformed request")
+    return event

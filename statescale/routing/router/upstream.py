@@ -1,0 +1,129 @@
+"""One connection from the router to a node, as an asyncio protocol: what the node sends
+goes straight into the response's parser, and the request waits on one future only when
+the parser has nothing for it. (Streams cost a reader, a writer and a future per read,
+on the hottest path the router has.)
+
+A connection is reused only after a response that ended cleanly: any error, a malformed
+response, or a byte the node sends when no response is expected closes it for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+from .http1 import END, ResponseParser
+
+HIGH_WATER = 256  # parser events queued before the node is asked to pause
+LOW_WATER = 64
+
+
+class NodeFailed(Exception):
+    """The node's response failed; ``closed``: it closed before sending anything (a
+    pooled connection it had dropped: the request may go again on a new one)."""
+
+    def __init__(self, why: str, *, closed: bool = False) -> None:
+        super().__init__(why)
+        self.closed = closed
+
+
+class Upstream(asyncio.Protocol):
+    """A connection to a node; ``begin`` a response, ``send`` the request, then take the
+    response's events with ``next_event`` until ``END``."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser: ResponseParser | None = None
+        self.closed = False
+        self.failure: str | None = None
+        self.timed_out = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    # -- the protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast("asyncio.Transport", transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        parser = self.parser
+        if parser is None:  # nobody asked: the connection is not to be trusted again
+            self._fail("the node sent bytes outside a response")
+            return
+        try:
+            parser.feed(data)
+        except ValueError as exc:
+            self._fail(str(exc))
+            return
+        if len(parser.events) > HIGH_WATER and not self._paused and self.transport:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if exc is not None and self.failure is None:
+            self.failure = repr(exc)
+        self._wake()
+
+    def _fail(self, why: str) -> None:
+        self.failure = why
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- one exchange ----------------------------------------------------------------
+    @property
+    def usable(self) -> bool:
+        """Open, and never saw anything wrong."""
+        return not self.closed and self.failure is None and self.parser is None
+
+    def begin(self, parser: ResponseParser) -> None:
+        self.parser = parser
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def finish(self) -> bool:
+        """The response is done: whether the connection may carry another."""
+        parser, self.parser = self.parser, None
+        if parser is None or parser.events or parser.until_close or self._paused:
+            return False
+        return self.usable
+
+    async def next_event(self) -> object:
+        """The response's next event; :class:`NodeFailed` when the node failed it (or
+        the deadline aborted the wait: ``timed_out``)."""
+        parser = self.parser
+        assert parser is not None
+        while not parser.events:
+            if self.failure is not None:
+                raise NodeFailed("no answer in time" if self.timed_out else self.failure)
+            if self.closed:
+                if parser.in_message and parser.until_close:
+                    return END  # a body delimited by the node closing
+                if self.timed_out:
+                    raise NodeFailed("no answer in time")
+                raise NodeFailed("closed the connection", closed=not parser.in_message)
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self._paused and len(parser.events) < LOW_WATER and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return parser.events.popleft()
+
+    def abort(self) -> None:
+        """The response did not come in time (the connection's deadline passed)."""
+        self.timed_out = True
+        self._fail("no answer in time")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
