@@ -13,6 +13,7 @@ what changed to the store and adds ``Set-Cookie`` and ``Vary: Cookie`` where nee
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import time
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger("statescale")
+events = logging.getLogger("statescale.sessions")
 
 ENVIRON_KEY = "statescale.session"
 MAX_CANDIDATES = 8  # values of the session cookie's name checked per request, at most
@@ -120,6 +122,12 @@ class StateScaleMiddleware:
         self._check_processes = not sticky  # until the first request from a multi-process server
         self._outage_log = _Throttle()
         self._vanished_log = _Throttle(level=logging.WARNING)
+        self._forged_log = _Throttle(interval=10.0, level=logging.WARNING)
+        # Session life-cycle events name a session by a keyed hash: correlatable across
+        # processes (same keys), useless to anyone who reads the log.
+        self._log_key = hashlib.blake2b(
+            self.signer.sign("log-key").encode(), digest_size=16
+        ).digest()
 
     def log_outage(self, exc: StoreError) -> None:
         """One log line (at most one a second) saying why a request got a 503."""
@@ -154,11 +162,18 @@ class StateScaleMiddleware:
         verified = None
         # The first value that is signed by us: a duplicate of our cookie's name with
         # another value (another path's, or planted) cannot hide the real one.
-        for value in cookie_values(header, self.cookie.name)[:MAX_CANDIDATES]:
+        values = cookie_values(header, self.cookie.name)
+        for value in values[:MAX_CANDIDATES]:
             verified = self.signer.unsign(value)
             if verified is not None:
                 break
         if verified is None:
+            if values:  # a forged, tampered or stale-keyed cookie: worth knowing about
+                self._forged_log.log(
+                    "statescale: a session cookie with a bad signature from %s (a forged or "
+                    "guessed ID, or one signed by a key no longer listed); treated as none",
+                    environ.get("REMOTE_ADDR", "an unknown address"),
+                )
             return Session(None, self._loader(request, 0), max_size=self.max_size)
         versions = cookie_values(header, self.version_cookie.name)
         min_version = max((int(v) for v in versions if v.isdigit() and len(v) < 19), default=0)
@@ -180,7 +195,9 @@ class StateScaleMiddleware:
 
         return load
 
-    def _commit(self, session: Session) -> list[tuple[str, str]]:
+    def _commit(
+        self, session: Session, app_headers: list[tuple[str, str]]
+    ) -> list[tuple[str, str]]:
         """Save what the request changed; the headers that go with it."""
         plan = session.plan()
         headers = [("Vary", "Cookie")] if session.accessed else []
@@ -195,6 +212,7 @@ class StateScaleMiddleware:
                 version = saved
         elif plan.drop is not None:
             self.store.delete(plan.drop)
+            self._event("destroyed", plan.drop)
         if cookie is None and self._refresh_cookie and session_id is not None:
             cookie = "set"  # a Max-Age cookie slides with the session
         if cookie == "set" and session_id is not None:
@@ -204,7 +222,23 @@ class StateScaleMiddleware:
             headers.append(("Set-Cookie", self._versions.clear))
         if version:
             headers.append(("Set-Cookie", self._versions.set(str(version))))
+        if cookie is not None and not any(k.lower() == "cache-control" for k, _ in app_headers):
+            # A response that carries a session ID must not be cached for others.
+            headers.append(("Cache-Control", 'private, no-cache="Set-Cookie"'))
         return headers
+
+    def _event(self, what: str, session_id: str, other: str | None = None) -> None:
+        """One line on the ``statescale.sessions`` logger (INFO) for a session's life
+        cycle: created, regenerated, destroyed, or recreated after it vanished."""
+        if events.isEnabledFor(logging.INFO):
+            named = self._named(session_id)
+            if other is None:
+                events.info("session %s %s", named, what)
+            else:
+                events.info("session %s %s (was %s)", named, what, self._named(other))
+
+    def _named(self, session_id: str) -> str:
+        return hashlib.blake2b(session_id.encode(), key=self._log_key, digest_size=8).hexdigest()
 
     def _create(
         self, session: Session, fields: Mapping[str, bytes], replaces: str | None
@@ -213,6 +247,7 @@ class StateScaleMiddleware:
         session_id = self.signer.new_id()
         written = self.store.create(session_id, fields, created=session.created, replaces=replaces)
         session.bind(session_id, written.created)
+        self._event("created" if replaces is None else "regenerated", session_id, replaces)
         return session_id, written.version
 
     def _vanished(
@@ -254,7 +289,7 @@ class _Request:
     def __init__(
         self,
         start: StartResponse,
-        commit: Callable[[Session], list[tuple[str, str]]],
+        commit: Callable[[Session, list[tuple[str, str]]], list[tuple[str, str]]],
         log_outage: Callable[[StoreError], None],
     ) -> None:
         self._start = start
@@ -284,7 +319,7 @@ class _Request:
         if not self._committed:
             self._committed = True
             try:
-                headers = headers + self._commit(self.session)
+                headers = headers + self._commit(self.session, headers)
             except StoreError as exc:
                 self.failed = True
                 self._log_outage(exc)

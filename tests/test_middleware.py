@@ -18,6 +18,7 @@ from werkzeug.test import Client, TestResponse
 from statescale import CookieOptions, StateScaleMiddleware, get_session
 from statescale.embedded import EmbeddedRedis
 from statescale.signing import SessionSigner
+from statescale.stores import MemoryStore
 from statescale.stores.redis import RedisStore
 from tests.conftest import OLD_SECRET, SECRET, Clock, Counting, make_store
 
@@ -365,3 +366,48 @@ def test_24_memory_store_under_several_workers_warns(
     with caplog.at_level(logging.WARNING, "statescale"):
         client.get("/read", environ_overrides={"wsgi.multiprocess": True})
     assert "several worker processes" in caplog.text
+
+
+def test_a_forged_cookie_is_logged_with_the_address_never_the_value(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = client_for(MemoryStore())
+    forged = "x" * 43 + ".forged-signature"
+    with caplog.at_level(logging.WARNING, "statescale"):
+        response = client.get(
+            "/read",
+            headers={"Cookie": f"statescale={forged}"},
+            environ_base={"REMOTE_ADDR": "203.0.113.9"},
+        )
+    assert response.json == {}
+    assert "bad signature from 203.0.113.9" in caplog.text
+    assert forged not in caplog.text and "x" * 43 not in caplog.text
+
+
+def test_a_response_that_sets_the_session_cookie_is_not_cached_for_others() -> None:
+    def cached_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        get_session(environ)["a"] = 1
+        start_response("200 OK", [("Cache-Control", "public, max-age=60")])
+        return [b"ok"]
+
+    fresh = call(client_for(MemoryStore()), "/set?k=a")
+    assert fresh.headers["Cache-Control"] == 'private, no-cache="Set-Cookie"'
+    assert call(client_for(MemoryStore()), "/read").headers.get("Cache-Control") is None
+    own = call(client_for(MemoryStore(), app=cached_app), "/")
+    assert own.headers.getlist("Cache-Control") == ["public, max-age=60"]  # the app's own
+
+
+def test_the_session_life_cycle_is_logged_by_a_keyed_hash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = client_for(MemoryStore())
+    with caplog.at_level(logging.INFO, "statescale.sessions"):
+        first = cookie_value(call(client, "/set?k=a&v=1"))
+        second = cookie_value(call(client, "/login?user=ada", first))
+        call(client, "/logout", second)
+    lines = [r.getMessage() for r in caplog.records if r.name == "statescale.sessions"]
+    assert [line.split()[2] for line in lines] == ["created", "regenerated", "destroyed"]
+    named = {line.split()[1] for line in lines}
+    assert len(named) == 2 and all(len(n) == 16 for n in named)
+    for cookie in (first, second):
+        assert cookie is not None and cookie.partition(".")[0] not in caplog.text

@@ -66,3 +66,15 @@ def test_readme_extras_exist(extra: str) -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
     if f"[{extra}" in README or f",{extra}" in README:
         assert re.search(rf"^{extra} = \[", pyproject, flags=re.M)
+
+
+def test_every_test_the_security_review_names_exists() -> None:
+    review = (ROOT / "docs" / "SECURITY.md").read_text()
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", review)
+    assert len(named) > 20
+    missing = [
+        f"{path}::{name}"
+        for path, name in named
+        if not re.search(rf"^def {name}\(", (ROOT / path).read_text(), flags=re.M)
+    ]
+    assert missing == []
