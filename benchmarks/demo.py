@@ -45,7 +45,7 @@ def _demo_mode(mode: str, env: dict[str, str], workers: int, requests: int) -> D
             values.append(body["value"])
             pids.add(body["pid"])
             if (i + 1) % 50 == 0:
-                print(f"  {mode}: {i + 1}/{requests} requests", flush=True)
+                print(f"  {mode}: {i + 1} requests", flush=True)
         log = server.log().splitlines()
     warning = next((line for line in log if "several worker processes" in line), "")
     return DemoResult(mode, values, pids, warning)
