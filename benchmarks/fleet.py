@@ -1,0 +1,97 @@
+"""What one session write costs Redis as the fleet grows.
+
+    python -m benchmarks.fleet [--sizes 4,16,64,256] [--writes 3000]
+
+For each fleet size N, N processes' stores are connected to one private redis-server,
+each as the library sets it up (``RedisStore.from_url``: its own connections and its
+per-process copies), all in this process, which Redis cannot tell apart from N
+processes. Then a writer that holds no copy saves one session ``--writes`` times, twice:
+
+* *no copies*: every store has read some other session (so it is subscribed and keeps
+  copies), none the written one;
+* *all copies*: every store holds a copy of the written session.
+
+It prints Redis's own CPU time per write (``INFO cpu``, user + system) and the bytes it
+sent per write (``INFO stats`` ``total_net_output_bytes``), and the ratio to the
+smallest fleet. The cost of a write must not grow with the processes that hold no copy
+of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import redis
+
+from statescale.embedded import EmbeddedRedis
+from statescale.session import Changes
+from statescale.stores.redis import RedisStore
+
+WRITTEN = "fleet-written-session-0123456789abcdefghij"
+OTHER = "fleet-other-session-0123456789abcdefghij"
+
+
+def _usage(client: Any) -> tuple[float, int]:
+    cpu, stats = client.info("cpu"), client.info("stats")
+    return cpu["used_cpu_user"] + cpu["used_cpu_sys"], stats["total_net_output_bytes"]
+
+
+def measure(url: str, size: int, writes: int, *, holding: bool) -> tuple[float, float]:
+    """Redis CPU (µs) and bytes out per write, with ``size`` stores connected."""
+    admin = redis.Redis.from_url(url)
+    admin.flushall()
+    writer = RedisStore.from_url(url, local_cache=0)
+    created = writer.create(WRITTEN, {"n": b"0"}).created
+    writer.create(OTHER, {"n": b"0"})
+    fleet = [RedisStore.from_url(url) for _ in range(size)]
+    for store in fleet:
+        for _ in range(2):  # the first read subscribes, the second keeps the copy
+            store.load(WRITTEN if holding else OTHER)
+    time.sleep(0.2)
+    cpu0, out0 = _usage(admin)
+    for n in range(writes):
+        writer.save(WRITTEN, Changes({"n": str(n).encode()}, frozenset()), created=created)
+    cpu1, out1 = _usage(admin)
+    for store in fleet:
+        if store.cache is not None:
+            store.cache.discard(store.key(WRITTEN))
+    return (cpu1 - cpu0) / writes * 1e6, (out1 - out0) / writes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.fleet",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--sizes", default="4,16,64,256", help="fleet sizes (default 4,16,64,256)")
+    parser.add_argument("--writes", type=int, default=3000, help="writes per measurement")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = []
+    with EmbeddedRedis() as server:
+        for size in sizes:
+            for holding in (False, True):
+                cpu, out = measure(server.url, size, args.writes, holding=holding)
+                label = "all copies" if holding else "no copies"
+                print(f"  {size:>4} processes, {label:<10} {cpu:8.1f} us  {out:9.0f} B", flush=True)
+                rows.append((size, holding, cpu, out))
+    base = {holding: (cpu, out) for size, holding, cpu, out in rows if size == sizes[0]}
+    print(
+        "\n| processes | holding a copy | Redis CPU per write | x smallest | bytes out per write "
+        "| x smallest |\n|---|---|---|---|---|---|"
+    )
+    for size, holding, cpu, out in rows:
+        cpu0, out0 = base[holding]
+        print(
+            f"| {size} | {'all' if holding else 'none'} | {cpu:.1f} us | {cpu / cpu0:.2f} "
+            f"| {out:.0f} B | {out / max(out0, 1):.2f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
