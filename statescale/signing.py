@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -32,6 +33,7 @@ SALT = "statescale.session-id"
 SEPARATOR = "."  # between the ID and its signature; IDs never hold it
 MIN_KEY_BYTES = 16
 MAX_COOKIE_VALUE = 512  # far above a real token (~87 chars); longer input is not hashed
+VERIFIED_CACHE = 4096  # verified cookie values remembered per signer
 _ID_CHARS = re.compile(r"[A-Za-z0-9_-]{22,128}\Z")
 
 
@@ -101,6 +103,9 @@ class SessionSigner:
         self._newest = _Signer(keys[-1], **options)
         self._older = _Signer(keys[:-1], **options) if len(keys) > 1 else None
         self.new_id = id_factory
+        # Cookie values whose signature checked out, so a returning client costs a dict
+        # look-up, not an HMAC. Only verified values enter: a forger cannot fill it.
+        self._verified: OrderedDict[str, Verified] = OrderedDict()
 
     def sign(self, session_id: str) -> str:
         """The cookie value for ``session_id``, signed with the newest key."""
@@ -108,6 +113,9 @@ class SessionSigner:
 
     def unsign(self, value: str) -> Verified | None:
         """The ID inside a cookie value, or ``None`` for anything not signed by us."""
+        known = self._verified.get(value)
+        if known is not None:
+            return known
         if not value or len(value) > MAX_COOKIE_VALUE or not value.isascii():
             return None
         for signer, stale in ((self._newest, False), (self._older, True)):
@@ -118,5 +126,11 @@ class SessionSigner:
             except BadSignature:
                 continue
             # A second line behind the HMAC: only IDs of the shape we mint.
-            return Verified(session_id, stale) if _ID_CHARS.match(session_id) else None
+            if not _ID_CHARS.match(session_id):
+                return None
+            verified = Verified(session_id, stale)
+            self._verified[value] = verified
+            if len(self._verified) > VERIFIED_CACHE:
+                self._verified.popitem(last=False)  # the oldest; atomic under the GIL
+            return verified
         return None

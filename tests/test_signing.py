@@ -53,3 +53,16 @@ def test_same_secret_other_purpose_is_rejected() -> None:
 def test_bad_keys_fail_at_construction(keys: list[str]) -> None:
     with pytest.raises(ConfigError):
         SessionSigner(keys)
+
+
+def test_verified_values_are_remembered_and_forged_ones_never() -> None:
+    signer = SessionSigner(["k" * 32])
+    good = signer.sign("a" * 43)
+    assert signer.unsign(good) == signer.unsign(good)
+    assert list(signer._verified) == [good]
+    forged = good[:-2] + ("AA" if not good.endswith("AA") else "BB")
+    assert signer.unsign(forged) is None and forged not in signer._verified
+    for n in range(5000):  # bounded: the oldest go first
+        signer.unsign(signer.sign(f"{n:043d}"))
+    assert len(signer._verified) == 4096 and good not in signer._verified
+    assert signer.unsign(good) is not None  # still verifies, by HMAC again
