@@ -159,6 +159,7 @@ def parser() -> argparse.ArgumentParser:
     cluster.set_defaults(func=cmd_cluster)
 
     from .routing import balancers
+    from .routing.router.limits import MAX_BODY, Timeouts
 
     lb = sub.add_parser(
         "lb-config",
@@ -223,14 +224,15 @@ def parser() -> argparse.ArgumentParser:
     router.add_argument(
         "--idle-timeout",
         type=float,
-        default=15.0,
-        help="seconds a connection may wait for a request (default 15)",
+        default=Timeouts.idle,
+        help=f"seconds a connection may wait for a request (default {Timeouts.idle:g})",
     )
     router.add_argument(
         "--header-timeout",
         type=float,
-        default=10.0,
-        help="seconds from a request's first byte to the end of its head (default 10)",
+        default=Timeouts.header,
+        help="seconds from a request's first byte to the end of its head "
+        f"(default {Timeouts.header:g})",
     )
     router.add_argument(
         "--max-connections",
@@ -240,8 +242,8 @@ def parser() -> argparse.ArgumentParser:
     router.add_argument(
         "--max-body",
         type=int,
-        default=8 * 1024 * 1024,
-        help="bytes of a request body, at most (default 8 MiB; more is 413)",
+        default=MAX_BODY,
+        help=f"bytes of a request body, at most (default {MAX_BODY}; more is 413)",
     )
     router.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
     router.set_defaults(func=cmd_router)

@@ -33,7 +33,8 @@ balancer, and the hooks leave it alone), all under the one gunicorn master:
   in its queue for the replacement instead of being refused: reloads and recycling fail
   no request. ``USR2`` starts a new master with slots and a router of its own on the
   same inherited listener; both serve until the old master is stopped.
-* ``TTIN`` is refused: two workers on one slot would split its sessions.
+* ``TTIN`` and ``TTOU`` are refused: two workers on one slot would split its sessions,
+  and a slot without one would hold its sessions' requests forever.
 
 ``on_exit`` stops the router and the embedded server.
 """
@@ -131,6 +132,9 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
     def refuse_ttin() -> None:  # the arbiter looks its signal handlers up by name
         server.log.error(_FIXED_SLOTS, len(master.slots), "TTIN ignored")
 
+    def refuse_ttou() -> None:  # a slot without a worker would queue its sessions forever
+        server.log.error(_FIXED_SLOTS, len(master.slots), "TTOU ignored")
+
     graceful_stop = server.handle_term
 
     def stop_router_first() -> None:
@@ -140,6 +144,7 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
         graceful_stop()
 
     server.handle_ttin = refuse_ttin
+    server.handle_ttou = refuse_ttou
     server.handle_term = stop_router_first
     server.log.info(
         "statescale: sticky mode, %d workers: %s",
@@ -207,6 +212,15 @@ def _start_router(server: Any, master: _Master) -> None:
         "0.5",
     ]
     master.router = subprocess.Popen(command, pass_fds=(fd,))
+    try:  # a router that cannot start (a missing extra, say) must not go unnoticed
+        code = master.router.wait(0.5)
+    except subprocess.TimeoutExpired:
+        pass
+    else:
+        raise ConfigError(
+            f"statescale router exited at once (status {code}); nothing would serve "
+            f"{host}:{port}. Is the router extra installed? pip install 'statescale[gunicorn]'"
+        )
     server.log.info(
         "statescale: sticky router on http://%s:%d/ (pid %d)", host, port, master.router.pid
     )

@@ -229,7 +229,8 @@ class StateScaleMiddleware:
 
     def _event(self, what: str, session_id: str, other: str | None = None) -> None:
         """One line on the ``statescale.sessions`` logger (INFO) for a session's life
-        cycle: created, regenerated, destroyed, or recreated after it vanished."""
+        cycle: created, regenerated (also when a vanished record's write moves to a new
+        ID), destroyed."""
         if events.isEnabledFor(logging.INFO):
             named = self._named(session_id)
             if other is None:

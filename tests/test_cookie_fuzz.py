@@ -27,7 +27,7 @@ def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     return [json.dumps(dict(session)).encode()]
 
 
-STORE = MemoryStore()
+STORE = MemoryStore(idle_timeout=86400, first_lifetime=86400)  # made at import, used later
 MIDDLEWARE = StateScaleMiddleware(
     app, STORE, secret_keys=[SECRET], cookie=CookieOptions(secure=False)
 )

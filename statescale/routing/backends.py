@@ -11,6 +11,7 @@ from pathlib import Path
 from ..exceptions import ConfigError
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+_NUMBER = re.compile(r"[0-9]{1,5}\Z")  # ASCII digits only: str.isdigit() takes "²" too
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,9 @@ class Backend:
         name, sep, rest = spec.strip().partition("=")
         address, _, weight = rest.partition("*")
         host, _, port = address.rpartition(":")
-        if not sep or not _NAME.match(name) or not host or not port.isdigit():
+        if not sep or not _NAME.match(name) or not host or not _NUMBER.match(port):
             raise ConfigError(f"{spec!r}: a backend is NAME=HOST:PORT (or NAME=HOST:PORT*WEIGHT)")
-        if weight and (not weight.isdigit() or int(weight) < 1):
+        if weight and (not _NUMBER.match(weight) or int(weight) < 1):
             raise ConfigError(f"{spec!r}: the weight after * must be a whole number >= 1")
         if not 0 < int(port) < 65536:
             raise ConfigError(f"{spec!r}: the port must be between 1 and 65535")

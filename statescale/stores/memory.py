@@ -30,6 +30,7 @@ from ..session import Changes, Record, Written
 from .base import Lifetime
 
 _STRIPES = 64
+PROTECTED_SHARE = 0.8  # of max_sessions, at most, for sessions whose client came back
 
 
 class _Entry:
@@ -92,6 +93,7 @@ class MemoryStore:
             del segment[session_id]
             segment = self._protected
             segment[session_id] = entry
+            self._demote()
         segment.move_to_end(session_id)
         first = segment is self._probation
         entry.expires = now + self.lifetime.remaining(entry.created, now, first=first)
@@ -134,9 +136,18 @@ class MemoryStore:
             segment = self._probation if first else self._protected
             segment[session_id] = entry
             segment.move_to_end(session_id)
+            self._demote()
             while len(self) > self.max_sessions:  # probation first
                 (self._probation or self._protected).popitem(last=False)
         return Written(created)
+
+    def _demote(self) -> None:
+        """Keep room on probation: past ``PROTECTED_SHARE`` of the store, the least
+        recently used protected session goes back on probation (it is evicted before
+        the others only if nobody uses it while it waits there)."""
+        while len(self._protected) > self.max_sessions * PROTECTED_SHARE:
+            session_id, entry = self._protected.popitem(last=False)
+            self._probation[session_id] = entry
 
     def delete(self, session_id: str) -> None:
         with self._mutex:

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -293,3 +293,74 @@ def test_a_body_over_the_limit_is_413_and_never_reaches_a_node(
         process.terminate()
         process.wait(10)
     assert answer.startswith(b"HTTP/1.1 413 ") and reached == 0
+
+
+class _Large(BaseHTTPRequestHandler):
+    """/big: 24 MB with a Content-Length; /stream: a body of unknown length."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        if self.path == "/big":
+            self.send_header("Content-Length", str(24 << 20))
+            self.end_headers()
+            for _ in range(24):
+                self.wfile.write(b"x" * (1 << 20))
+        else:
+            self.send_header("Connection", "close")  # no length: the body ends at close
+            self.end_headers()
+            self.wfile.write(b"streamed to the end")
+            self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def large() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Large)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_large_response_to_a_slow_reader_arrives_whole(large: ThreadingHTTPServer) -> None:
+    router = RouterProcess([Backend("big", "127.0.0.1", large.server_address[1])])
+    try:
+        with socket.create_connection(("127.0.0.1", router.port), timeout=20) as sock:
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            time.sleep(1.0)  # the router must pause the node, then resume it
+            received = 0
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+    finally:
+        router.stop()
+    assert received > 24 << 20  # the head and every byte of the body
+
+
+def test_an_http10_client_gets_a_body_of_unknown_length_unchunked(
+    large: ThreadingHTTPServer,
+) -> None:
+    router = RouterProcess([Backend("big", "127.0.0.1", large.server_address[1])])
+    try:
+        answer = raw(router.port, b"GET /stream HTTP/1.0\r\n\r\n")
+        answer11 = raw(router.port, b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    finally:
+        router.stop()
+    assert answer.endswith(b"\r\n\r\nstreamed to the end") and b"chunked" not in answer
+    assert b"Transfer-Encoding: chunked" in answer11 and answer11.endswith(b"\r\n0\r\n\r\n")
+
+
+def test_31_a_head_over_the_limit_is_431_however_it_is_split(
+    echoes: list[tuple[str, ThreadingHTTPServer]],
+) -> None:
+    router = RouterProcess(backends_of(echoes))
+    try:
+        huge = "GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + "y" * 300_000 + "\r\n\r\n"
+        answer = raw(router.port, huge.encode())
+        reached = sum(s.connections for _, s in echoes)  # type: ignore[attr-defined]
+    finally:
+        router.stop()
+    assert answer.startswith(b"HTTP/1.1 431 ") and reached == 0

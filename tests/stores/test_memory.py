@@ -67,3 +67,14 @@ def test_a_new_session_lives_the_first_lifetime_until_its_client_returns(clock: 
     assert store.load("gone") is None  # never came back: 120 s > 60 s
     assert store.load("back") is not None  # now on the idle timeout
     assert store.load("login") is not None
+
+
+def test_new_sessions_keep_room_when_every_slot_was_once_protected(clock: Clock) -> None:
+    store = MemoryStore(max_sessions=10, clock=clock)
+    for n in range(10):  # ten users who all came back
+        store.create(f"regular-{n}", {})
+        store.load(f"regular-{n}")
+    store.create("newcomer", {})  # a new user must get a session, and keep it
+    assert store.load("newcomer") is not None
+    assert len(store) == 10
+    assert sum(store.load(f"regular-{n}") is not None for n in range(10)) == 9

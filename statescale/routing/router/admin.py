@@ -21,7 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 from ...exceptions import ConfigError
 from ..backends import Backend
 from .http1 import BadRequest, RequestHead, RequestParser
-from .proxy import Deadline, Router, Timeouts, read_head
+from .limits import Timeouts
+from .proxy import Deadline, Router, read_head
 
 log = logging.getLogger("statescale.router")
 
@@ -49,8 +50,10 @@ class Admin:
                 writer.close()
                 return
             status, body = self.answer(head)
-        except (BadRequest, TimeoutError) as exc:
-            status, body = 400, {"error": str(exc) or "request head too slow"}
+        except BadRequest as exc:
+            status, body = exc.status, {"error": exc.reason}
+        except TimeoutError:
+            status, body = 408, {"error": "request head too slow"}
         except ConnectionError:
             writer.close()
             return
@@ -100,5 +103,9 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
 }

@@ -69,6 +69,7 @@ class RequestHead:
     length: int  # the Content-Length, or -1 when chunked or absent
     expect_continue: bool
     cookie: bytes  # every Cookie header, joined with "; "
+    http11: bool  # HTTP/1.1 (else 1.0: no chunked response, the body ends by closing)
 
 
 @dataclass(slots=True)
@@ -124,6 +125,8 @@ class RequestParser(_Parser):
         super().__init__()
         self._parser = httptools.HttpRequestParser(self)
         self._target = b""
+        self._in_head = True  # between the end of a message and the end of the next head
+        self._head_bytes = 0
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -135,7 +138,12 @@ class RequestParser(_Parser):
             self._fail(BadRequest(414, "request target too long"))
 
     def feed(self, data: bytes) -> None:
-        """Parse ``data``; :class:`BadRequest` for anything not framed one way only."""
+        """Parse ``data``; :class:`BadRequest` for anything not framed one way only, or
+        a head over ``MAX_HEAD`` bytes (counted as fed: llhttp buffers a header whole)."""
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD + len(data) and not self.events:
+                raise BadRequest(431, "request head too large")
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -145,7 +153,12 @@ class RequestParser(_Parser):
                 raise self._error from None
             raise BadRequest(400, str(exc) or type(exc).__name__) from None
 
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._head_bytes = True, 0
+
     def on_headers_complete(self) -> None:
+        self._in_head = False
         parser = self._parser
         version = parser.get_http_version()
         encodings: list[bytes] = []
@@ -183,6 +196,7 @@ class RequestParser(_Parser):
                 length=-1 if encodings else length,
                 expect_continue=expect,
                 cookie=b"; ".join(cookies),
+                http11=version == "1.1",
             )
         )
 
@@ -197,22 +211,25 @@ class ResponseParser(_Parser):
         self._reason = b""
         self.head_only = head_only
         self.until_close = False  # the current response's body ends when the node closes
+        self.keep_alive = False  # the last response head let the connection be reused
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def feed(self, data: bytes) -> None:
-        """Parse ``data``; ``ValueError`` for a response that cannot be framed."""
+        """Parse ``data``; ``ValueError`` for a response that cannot be framed (or
+        switches protocols: the router relays HTTP only)."""
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            raise ValueError(f"malformed response: {exc}") from None
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            raise ValueError(f"malformed response: {exc!r}") from None
 
     def on_headers_complete(self) -> None:
         parser, headers = self._parser, self._headers
         lengths = [v for n, v in headers if n.lower() == b"content-length"]
         chunked = any(n.lower() == b"transfer-encoding" for n, _ in headers)
         status = parser.get_status_code()
+        self.keep_alive = parser.should_keep_alive()
         self.events.append(
             ResponseHead(
                 status=status,

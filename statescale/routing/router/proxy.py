@@ -19,7 +19,6 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -43,31 +42,14 @@ from .http1 import (
     forwarded_response,
     reply,
 )
+from .limits import MAX_BODY, Timeouts
 from .upstream import NodeFailed, Upstream
 
 log = logging.getLogger("statescale.router")
 
 CHUNK = 64 * 1024
-MAX_BODY = 8 * 1024 * 1024  # bytes of a request body the router buffers, at most
 POOL_PER_NODE = 32  # idle keep-alive connections kept to each node
 _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]  # a client's
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds the router waits, each at most. The defaults follow nginx's spirit and
-    stay well under 30 s: a client cannot hold a connection by sending nothing."""
-
-    idle: float = 15.0  # for the first byte of a request (a new or kept-alive connection)
-    header: float = 10.0  # from the first byte of a request to the end of its head
-    body: float = 30.0  # between two pieces of a request body
-    connect: float = 1.0  # to connect to a node
-    response: float = 60.0  # for a node's response to begin, and between its pieces
-
-    def __post_init__(self) -> None:
-        for name in ("idle", "header", "body", "connect", "response"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"the router's {name} timeout must be > 0 seconds")
 
 
 class _Abortable(Protocol):
@@ -103,20 +85,6 @@ class Deadline:
         self.target.abort()
         self.disarm()
         return True
-
-
-class _Cancel:
-    """A deadline's target that cancels the task waiting on a connect."""
-
-    __slots__ = ("fired", "task")
-
-    def __init__(self, task: asyncio.Task[object]) -> None:
-        self.task = task
-        self.fired = False
-
-    def abort(self) -> None:
-        self.fired = True
-        self.task.cancel()
 
 
 class _Pending:
@@ -276,12 +244,10 @@ class Router:
             upstream.close()
 
     async def _connect(
-        self, head: RequestHead, client_ip: str, deadline: Deadline, *, fresh: bool
+        self, head: RequestHead, client_ip: str, *, fresh: bool
     ) -> tuple[str, Upstream, bool] | None:
         """A connection to the request's node: (name, connection, reused)."""
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
         for _ in range(len(self.members)):
             name = self.choose(head.cookie, client_ip)
             if name is None:
@@ -317,18 +283,19 @@ class Router:
         any part of a request the router would refuse, and a slow client never holds a
         node's worker."""
         reader, writer = client
+        if head.length > self.max_body:
+            raise BadRequest(413, f"request body over {self.max_body} bytes")
         if head.expect_continue and head.has_body:
             writer.write(CONTINUE)  # the router reads the body itself; the node never asks
         body = await self._read_body(head, parser, reader, deadline, writer.transport)
         request = forwarded_request(head, len(body), self._extra(client_ip)) + body
         client_keep = keep_open and head.keep_alive
         for fresh in (False, True):
-            target = await self._connect(head, client_ip, deadline, fresh=fresh)
+            target = await self._connect(head, client_ip, fresh=fresh)
             if target is None:
                 writer.write(reply(503, REASONS[503], "no backend node is available\n"))
                 return client_keep
             name, upstream, reused = target
-            reusable = False
             try:
                 upstream.begin(ResponseParser(head_only=head.method == b"HEAD"))
                 upstream.send(request)
@@ -341,14 +308,11 @@ class Router:
                     client_keep=client_keep,
                     retry_ok=reused and not head.has_body,  # nothing sent that cannot go again
                 )
-                reusable = upstream.finish()
                 return keep
             except _Stale:
                 continue  # the node had closed our pooled connection: once more, afresh
             finally:
-                if not reusable:
-                    upstream.finish()
-                self._release(name, upstream, reusable)
+                self._release(name, upstream, upstream.finish())
         return False
 
     @staticmethod
@@ -367,8 +331,6 @@ class Router:
         deadline: Deadline,
         transport: asyncio.WriteTransport,
     ) -> bytes:
-        if head.length > self.max_body:
-            raise BadRequest(413, f"request body over {self.max_body} bytes")
         pieces: list[bytes] = []
         size = 0
         while True:
@@ -406,7 +368,7 @@ class Router:
         wait for more from the node (a small response: one write)."""
         out = _Pending(writer)
         head: ResponseHead | None = None
-        chunked = False  # re-chunked for the client
+        chunked = bodiless = False  # chunked: re-chunked for the client
         try:
             while True:
                 event = await self._next(upstream, out, deadline)
@@ -418,7 +380,8 @@ class Router:
                     if event.status >= 200:  # interim ones are not relayed
                         head = event
                         bodiless = request.method == b"HEAD" or event.status in (204, 304)
-                        chunked = not bodiless and event.length < 0
+                        # HTTP/1.0 cannot read chunks: its body ends when we close instead
+                        chunked = not bodiless and event.length < 0 and request.http11
                         out.add(forwarded_response(event, chunked=chunked, keep_alive=client_keep))
                 elif head is not None:
                     assert isinstance(event, bytes)
@@ -435,19 +398,26 @@ class Router:
         if chunked:
             out.add(LAST_CHUNK)
         out.write()
-        await writer.drain()
-        return client_keep
+        deadline.arm(self.timeouts.response, writer.transport)  # a client that never reads
+        try:
+            await writer.drain()
+        finally:
+            deadline.disarm()
+        return client_keep and (chunked or head.length >= 0 or bodiless)
 
     async def _next(self, upstream: Upstream, out: _Pending, deadline: Deadline) -> object:
         """The response's next event. If the router must wait for the node (which then
         has the response timeout to answer), what is pending goes to the client first,
         unless the node has failed already: then nothing of it is sent."""
-        assert upstream.parser is not None
-        if upstream.parser.events:
-            return upstream.parser.events.popleft()
+        if upstream.ready():
+            return await upstream.next_event()
         if out.parts and upstream.failure is None and not upstream.closed:
             out.write()
-            await out.writer.drain()
+            deadline.arm(self.timeouts.response, out.writer.transport)  # a client that never reads
+            try:
+                await out.writer.drain()
+            finally:
+                deadline.disarm()
         deadline.arm(self.timeouts.response, upstream)
         try:
             return await upstream.next_event()

@@ -1,7 +1,7 @@
 """Running the router: its listeners, the client connections and their limits, signals.
 
 * Every client connection waits at most the idle timeout for a request and the header
-  timeout for the rest of its head (:class:`~.proxy.Timeouts`): half-sent heads and idle
+  timeout for the rest of its head (:class:`~.limits.Timeouts`): half-sent heads and idle
   keep-alive connections are closed, not kept.
 * At most ``max_connections`` client connections at once (by default what the process's
   file-descriptor limit allows, two each: the client's and a node's). When full, a new
@@ -52,10 +52,9 @@ class _Client:
     """One client connection: whether it is only waiting for a request, and until when
     its current wait may last."""
 
-    __slots__ = ("deadline", "served", "task", "waiting", "writer")
+    __slots__ = ("deadline", "served", "task", "waiting")
 
-    def __init__(self, writer: asyncio.StreamWriter, task: asyncio.Task[None] | None) -> None:
-        self.writer = writer
+    def __init__(self, task: asyncio.Task[None] | None) -> None:
         self.task = task
         self.waiting = True
         self.served = 0
@@ -68,7 +67,7 @@ class Server:
     def __init__(self, router: Router, *, max_connections: int | None = None) -> None:
         self.router = router
         self.max_connections = connection_cap(max_connections)
-        self._clients: dict[int, _Client] = {}  # in the order they connected
+        self._clients: dict[_Client, None] = {}  # in the order they connected
         self._stopping = False
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -76,8 +75,8 @@ class Server:
             writer.write(reply(503, REASONS[503], "too many connections; retry shortly\n"))
             writer.close()
             return
-        client = _Client(writer, asyncio.current_task())
-        self._clients[id(client)] = client
+        client = _Client(asyncio.current_task())
+        self._clients[client] = None
         peer = writer.get_extra_info("peername")
         client_ip = peer[0] if peer else "unknown"
         parser = RequestParser()
@@ -102,12 +101,13 @@ class Server:
                     break
         except BadRequest as exc:
             writer.write(reply(exc.status, REASONS.get(exc.status, "Error"), f"{exc.reason}\n"))
+            await _linger(reader, writer)
         except (ClientGone, ConnectionError, asyncio.CancelledError):
             pass
         except Exception:  # a bug of ours: this connection ends, the router goes on
             log.exception("statescale router: a connection from %s failed", client_ip)
         finally:
-            del self._clients[id(client)]
+            self._clients.pop(client, None)
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
             writer.close()
@@ -117,15 +117,15 @@ class Server:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
-            for client in list(self._clients.values()):
+            for client in list(self._clients):
                 client.deadline.enforce(now)
 
     def _make_room(self) -> bool:
         """Close the oldest connection that is only waiting for a request, if any."""
-        for client in self._clients.values():
+        for client in self._clients:
             if client.waiting and client.task is not None:
-                client.task.cancel()
-                del self._clients[id(client)]
+                client.task.cancel()  # its own finally takes it off the list
+                self._clients.pop(client)
                 return True
         return False
 
@@ -185,15 +185,15 @@ class Server:
         self, servers: list[asyncio.Server], checks: asyncio.Task[None], grace: float
     ) -> None:
         self._stopping = True
-        busy = [c for c in self._clients.values() if not c.waiting]
+        busy = [c for c in self._clients if not c.waiting]
         log.warning("statescale router: stopping; %d requests in flight", len(busy))
         for server in servers:
             server.close()
         checks.cancel()
-        for client in list(self._clients.values()):  # idle keep-alive: nothing to finish
+        for client in list(self._clients):  # idle keep-alive: nothing to finish
             if client.waiting and client.served and client.task is not None:
                 client.task.cancel()
-        tasks = {c.task for c in self._clients.values() if c.task is not None}
+        tasks = {c.task for c in self._clients if c.task is not None}
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
 
@@ -202,6 +202,23 @@ class Server:
             self.router.reload()
         except (OSError, ConfigError) as exc:
             log.error("statescale router: could not re-read the backends: %s", exc)
+
+
+LINGER = 2.0  # seconds a refused client may go on sending before the connection closes
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """After refusing a request, let the client finish sending (what it sends is
+    dropped) before closing: closing with unread bytes resets the connection, and the
+    client would lose the answer (nginx's lingering close)."""
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(LINGER):
+            dropped = 0
+            while dropped < 1 << 20 and (data := await reader.read(65536)):
+                dropped += len(data)
 
 
 def run(

@@ -88,12 +88,17 @@ class Upstream(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
+    def ready(self) -> bool:
+        """Whether the response has an event waiting (no wait for the node)."""
+        return self.parser is not None and bool(self.parser.events)
+
     def finish(self) -> bool:
-        """The response is done: whether the connection may carry another."""
+        """The response is done: whether the connection may carry another (the node
+        said keep-alive, the response ended cleanly, nothing beyond it arrived)."""
         parser, self.parser = self.parser, None
         if parser is None or parser.events or parser.until_close or self._paused:
             return False
-        return self.usable
+        return parser.keep_alive and self.usable
 
     async def next_event(self) -> object:
         """The response's next event; :class:`NodeFailed` when the node failed it (or
@@ -102,7 +107,11 @@ class Upstream(asyncio.Protocol):
         assert parser is not None
         while not parser.events:
             if self.failure is not None:
-                raise NodeFailed("no answer in time" if self.timed_out else self.failure)
+                if self.timed_out:
+                    raise NodeFailed("no answer in time")
+                # a reset before any of the response: as good as closed (a dropped pool
+                # connection), unless the node had the response half sent
+                raise NodeFailed(self.failure, closed=self.closed and not parser.in_message)
             if self.closed:
                 if parser.in_message and parser.until_close:
                     return END  # a body delimited by the node closing
