@@ -10,6 +10,7 @@ from any mapping whose values are strings or already typed (the Flask extension 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -195,12 +196,15 @@ def _text(name: str, value: object) -> str:
 
 
 def _number(name: str, value: object) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     try:
-        return float(str(value))
+        if isinstance(value, bool):
+            raise ValueError(value)
+        number = float(value) if isinstance(value, (int, float)) else float(str(value))
     except ValueError:
         raise ConfigError(f"{name}={value!r}: expected a number") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name}={value!r}: expected a finite number")
+    return number
 
 
 def _optional_number(name: str, value: object) -> float | None:

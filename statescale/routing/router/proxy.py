@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Protocol
@@ -48,6 +49,7 @@ from .upstream import NodeFailed, Upstream
 log = logging.getLogger("statescale.router")
 
 CHUNK = 64 * 1024
+_SIGNED = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")  # the shape of ID.SIGNATURE
 POOL_PER_NODE = 32  # idle keep-alive connections kept to each node
 _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]  # a client's
 
@@ -280,7 +282,7 @@ class Router:
         open (only if ``keep_open``, the client allows it and all went cleanly).
 
         The body is read whole first (up to ``max_body``), as nginx does: no node sees
-        any part of a request the router would refuse, and a slow client never holds a
+        any part of a request the router would refuse, and a slow upload never holds a
         node's worker."""
         reader, writer = client
         if head.length > self.max_body:
@@ -439,17 +441,21 @@ class Router:
 
 
 def _cookie_value(header: bytes, name: bytes) -> str | None:
-    """The first value of cookie ``name`` in a Cookie header (split on ';' alone, as the
-    middleware reads it)."""
+    """The first value of cookie ``name`` in a Cookie header that has the shape of a
+    signed session ID (split on ';' alone, as the middleware reads it): junk under the
+    same name before it does not move the session to another node. (The router cannot
+    check signatures; a planted value of the right shape can still move it, and the
+    session then starts afresh there: a nuisance, never a takeover.)"""
     if name not in header:
         return None
     for pair in header.split(b";"):
         key, sep, value = pair.partition(b"=")
         if sep and key.strip() == name:
-            try:
-                return value.strip().strip(b'"').decode("ascii")
-            except UnicodeDecodeError:
-                return None
+            value = value.strip()
+            if len(value) >= 2 and value[:1] == value[-1:] == b'"':
+                value = value[1:-1]
+            if _SIGNED.match(value):
+                return value.decode("ascii")
     return None
 
 
