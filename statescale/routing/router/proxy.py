@@ -51,7 +51,6 @@ log = logging.getLogger("statescale.router")
 CHUNK = 64 * 1024
 _SIGNED = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")  # the shape of ID.SIGNATURE
 POOL_PER_NODE = 32  # idle keep-alive connections kept to each node
-_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]  # a client's
 
 
 class _Abortable(Protocol):
@@ -89,13 +88,27 @@ class Deadline:
         return True
 
 
+class Client(Protocol):
+    """A client connection as the relay sees it (:class:`~.serve.ClientConnection`)."""
+
+    ip: str
+    transport: asyncio.WriteTransport
+
+    async def next_event(self) -> object:
+        """The next parsed event of the client's requests; ``None`` when it is gone."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
 class _Pending:
     """What is to go to the client, written in one piece; ``sent``: whether any was."""
 
-    __slots__ = ("parts", "sent", "writer")
+    __slots__ = ("client", "parts", "sent")
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+    def __init__(self, client: Client) -> None:
+        self.client = client
         self.parts: list[bytes] = []
         self.sent = False
 
@@ -104,7 +117,7 @@ class _Pending:
 
     def write(self) -> None:
         if self.parts:
-            self.writer.write(b"".join(self.parts))
+            self.client.write(b"".join(self.parts))
             self.parts.clear()
             self.sent = True
 
@@ -271,9 +284,7 @@ class Router:
     async def proxy(
         self,
         head: RequestHead,
-        parser: RequestParser,
-        client: _Conn,
-        client_ip: str,
+        client: Client,
         deadline: Deadline,
         *,
         keep_open: bool,
@@ -284,33 +295,31 @@ class Router:
         The body is read whole first (up to ``max_body``), as nginx does: no node sees
         any part of a request the router would refuse, and a slow upload never holds a
         node's worker."""
-        reader, writer = client
         if head.length > self.max_body:
             raise BadRequest(413, f"request body over {self.max_body} bytes")
         if head.expect_continue and head.has_body:
-            writer.write(CONTINUE)  # the router reads the body itself; the node never asks
-        body = await self._read_body(head, parser, reader, deadline, writer.transport)
-        request = forwarded_request(head, len(body), self._extra(client_ip)) + body
+            client.write(CONTINUE)  # the router reads the body itself; the node never asks
+        body = await self._read_body(client, deadline)
+        request = forwarded_request(head, len(body), self._extra(client.ip)) + body
         client_keep = keep_open and head.keep_alive
         for fresh in (False, True):
-            target = await self._connect(head, client_ip, fresh=fresh)
+            target = await self._connect(head, client.ip, fresh=fresh)
             if target is None:
-                writer.write(reply(503, REASONS[503], "no backend node is available\n"))
+                client.write(reply(503, REASONS[503], "no backend node is available\n"))
                 return client_keep
             name, upstream, reused = target
             try:
                 upstream.begin(ResponseParser(head_only=head.method == b"HEAD"))
                 upstream.send(request)
-                keep = await self._relay(
+                return await self._relay(
                     name,
                     head,
                     upstream,
-                    writer=writer,
+                    client=client,
                     deadline=deadline,
                     client_keep=client_keep,
                     retry_ok=reused and not head.has_body,  # nothing sent that cannot go again
                 )
-                return keep
             except _Stale:
                 continue  # the node had closed our pooled connection: once more, afresh
             finally:
@@ -325,28 +334,19 @@ class Router:
             (b"Connection", b"keep-alive"),
         ]
 
-    async def _read_body(
-        self,
-        head: RequestHead,
-        parser: RequestParser,
-        reader: asyncio.StreamReader,
-        deadline: Deadline,
-        transport: asyncio.WriteTransport,
-    ) -> bytes:
+    async def _read_body(self, client: Client, deadline: Deadline) -> bytes:
         pieces: list[bytes] = []
         size = 0
         while True:
-            while not parser.events:
-                deadline.arm(self.timeouts.body, transport)
-                data = await reader.read(CHUNK)
+            deadline.arm(self.timeouts.body, client.transport)
+            try:
+                event = await client.next_event()
+            finally:
                 deadline.disarm()
-                if not data:
-                    raise ClientGone("request body ended early, or too slowly")
-                parser.feed(data)
-            event = parser.events.popleft()
             if event is END:
                 return b"".join(pieces)
-            assert isinstance(event, bytes)
+            if not isinstance(event, bytes):
+                raise ClientGone("request body ended early, or too slowly")
             size += len(event)
             if size > self.max_body:
                 raise BadRequest(413, f"request body over {self.max_body} bytes")
@@ -358,7 +358,7 @@ class Router:
         request: RequestHead,
         upstream: Upstream,
         *,
-        writer: asyncio.StreamWriter,
+        client: Client,
         deadline: Deadline,
         client_keep: bool,
         retry_ok: bool,
@@ -368,7 +368,7 @@ class Router:
         out closed by the node; then raise :class:`_Stale` so the request goes again.
         What goes to the client is written in one piece whenever the router is about to
         wait for more from the node (a small response: one write)."""
-        out = _Pending(writer)
+        out = _Pending(client)
         head: ResponseHead | None = None
         chunked = bodiless = False  # chunked: re-chunked for the client
         try:
@@ -394,15 +394,15 @@ class Router:
             if out.sent:  # the client has part of a response: it can only be cut
                 out.write()
             else:
-                writer.write(reply(502, REASONS[502], f"node {name} failed: {exc}\n"))
+                client.write(reply(502, REASONS[502], f"node {name} failed: {exc}\n"))
             log.warning("statescale router: %s failed a response: %s", name, exc)
             return False
         if chunked:
             out.add(LAST_CHUNK)
         out.write()
-        deadline.arm(self.timeouts.response, writer.transport)  # a client that never reads
+        deadline.arm(self.timeouts.response, client.transport)  # a client that never reads
         try:
-            await writer.drain()
+            await client.drain()
         finally:
             deadline.disarm()
         return client_keep and (chunked or head.length >= 0 or bodiless)
@@ -415,9 +415,9 @@ class Router:
             return await upstream.next_event()
         if out.parts and upstream.failure is None and not upstream.closed:
             out.write()
-            deadline.arm(self.timeouts.response, out.writer.transport)  # a client that never reads
+            deadline.arm(self.timeouts.response, out.client.transport)  # one that never reads
             try:
-                await out.writer.drain()
+                await out.client.drain()
             finally:
                 deadline.disarm()
         deadline.arm(self.timeouts.response, upstream)

@@ -23,11 +23,12 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from ...exceptions import ConfigError
 from .admin import Admin
-from .http1 import REASONS, BadRequest, RequestParser, reply
-from .proxy import ClientGone, Deadline, Router, read_head
+from .http1 import REASONS, BadRequest, RequestHead, RequestParser, reply
+from .proxy import ClientGone, Deadline, Router
 
 log = logging.getLogger("statescale.router")
 
@@ -48,17 +49,107 @@ def connection_cap(requested: int | None = None) -> int:
 SWEEP_INTERVAL = 0.25  # seconds between two sweeps of the connections' deadlines
 
 
-class _Client:
-    """One client connection: whether it is only waiting for a request, and until when
-    its current wait may last."""
+class ClientConnection(asyncio.Protocol):
+    """One client connection, as a protocol: what the client sends goes straight into
+    its request parser, and the relay waits on one future only when the parser has
+    nothing for it (streams would cost a buffer copy and a future per read)."""
 
-    __slots__ = ("deadline", "served", "task", "waiting")
-
-    def __init__(self, task: asyncio.Task[None] | None) -> None:
-        self.task = task
-        self.waiting = True
-        self.served = 0
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.parser = RequestParser()
         self.deadline = Deadline()
+        self.transport: asyncio.WriteTransport = cast("asyncio.WriteTransport", None)
+        self.ip = "unknown"
+        self.task: asyncio.Task[None] | None = None
+        self.waiting = True  # for a request (not in the middle of one)
+        self.served = 0
+        self.error: BadRequest | None = None
+        self.gone = False  # the client closed its side, or the connection was lost
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False  # the transport's write buffer is full
+        self._drained: asyncio.Future[None] | None = None
+
+    # -- the protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast("asyncio.WriteTransport", transport)
+        peer = transport.get_extra_info("peername")
+        self.ip = peer[0] if peer else "unknown"
+        if not self.server.admit(self):
+            self.transport.write(reply(503, REASONS[503], "too many connections; retry shortly\n"))
+            self.transport.close()
+            self.gone = True
+            return
+        self.deadline.arm(self.server.router.timeouts.idle, self.transport)
+        self.task = asyncio.get_running_loop().create_task(self.server.serve_client(self))
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return  # refused already: what else it sends is dropped
+        begun = self.parser.in_message
+        try:
+            self.parser.feed(data)
+        except BadRequest as exc:
+            self.error = exc
+        if self.waiting and not begun and self.deadline.target is not None:
+            # the first byte of a request: its head must now complete in time
+            self.deadline.arm(self.server.router.timeouts.header, self.transport)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.gone = True
+        self._wake()
+        return True  # keep our side open: the answer may still be on its way
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        self._wake()
+        self._paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- what the relay uses (proxy.Client) --------------------------------------------
+    async def next_event(self) -> object:
+        events = self.parser.events
+        while not events:
+            if self.error is not None:
+                raise self.error
+            if self.gone:
+                return None
+            await self.wait()
+        return events.popleft()
+
+    async def wait(self) -> None:
+        """Until the client sends something, or goes."""
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def write(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._paused and not self.gone:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await self._drained
+            finally:
+                self._drained = None
 
 
 class Server:
@@ -67,50 +158,49 @@ class Server:
     def __init__(self, router: Router, *, max_connections: int | None = None) -> None:
         self.router = router
         self.max_connections = connection_cap(max_connections)
-        self._clients: dict[_Client, None] = {}  # in the order they connected
+        self._clients: dict[ClientConnection, None] = {}  # in the order they connected
         self._stopping = False
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def admit(self, client: ClientConnection) -> bool:
+        """Take ``client`` on, making room if the cap is reached; False when every
+        connection is busy."""
         if len(self._clients) >= self.max_connections and not self._make_room():
-            writer.write(reply(503, REASONS[503], "too many connections; retry shortly\n"))
-            writer.close()
-            return
-        client = _Client(asyncio.current_task())
+            return False
         self._clients[client] = None
-        peer = writer.get_extra_info("peername")
-        client_ip = peer[0] if peer else "unknown"
-        parser = RequestParser()
+        return True
+
+    async def serve_client(self, client: ClientConnection) -> None:
+        """Relay one client's requests, one after another, until it or we are done."""
+        timeouts = self.router.timeouts
         try:
-            timeouts, deadline = self.router.timeouts, client.deadline
             while not (self._stopping and client.served):
                 client.waiting = True
-                head = await read_head(parser, reader, timeouts, deadline, writer.transport)
+                if client.deadline.target is None:  # armed at connect; again between requests
+                    wait = timeouts.header if client.parser.in_message else timeouts.idle
+                    client.deadline.arm(wait, client.transport)
+                head = await client.next_event()
+                client.deadline.disarm()
                 client.waiting = False
-                if head is None:
-                    break
+                if not isinstance(head, RequestHead):
+                    break  # gone (closed by the client, or by a deadline)
                 keep = await self.router.proxy(
-                    head,
-                    parser,
-                    (reader, writer),
-                    client_ip,
-                    deadline,
-                    keep_open=not self._stopping,
+                    head, client, client.deadline, keep_open=not self._stopping
                 )
                 client.served += 1
                 if not keep:
                     break
         except BadRequest as exc:
-            writer.write(reply(exc.status, REASONS.get(exc.status, "Error"), f"{exc.reason}\n"))
-            await _linger(reader, writer)
+            client.write(reply(exc.status, REASONS.get(exc.status, "Error"), f"{exc.reason}\n"))
+            await _linger(client)
         except (ClientGone, ConnectionError, asyncio.CancelledError):
             pass
         except Exception:  # a bug of ours: this connection ends, the router goes on
-            log.exception("statescale router: a connection from %s failed", client_ip)
+            log.exception("statescale router: a connection from %s failed", client.ip)
         finally:
             self._clients.pop(client, None)
             with contextlib.suppress(ConnectionError):
-                await writer.drain()
-            writer.close()
+                await client.drain()
+            client.transport.close()
 
     async def _sweep(self) -> None:
         """Enforce every connection's deadline, a few times a second."""
@@ -123,9 +213,9 @@ class Server:
     def _make_room(self) -> bool:
         """Close the oldest connection that is only waiting for a request, if any."""
         for client in self._clients:
-            if client.waiting and client.task is not None:
-                client.task.cancel()  # its own finally takes it off the list
+            if client.waiting:
                 self._clients.pop(client)
+                client.transport.abort()  # its wait ends as a closed connection would
                 return True
         return False
 
@@ -157,10 +247,14 @@ class Server:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._safe_reload)
+
+        def factory() -> ClientConnection:
+            return ClientConnection(self)
+
         if isinstance(listen, socket.socket):  # inherited, bound and listening already
-            public = await asyncio.start_server(self.handle, sock=listen)
+            public = await loop.create_server(factory, sock=listen)
         else:
-            public = await asyncio.start_server(self.handle, *listen, backlog=1024)
+            public = await loop.create_server(factory, *listen, backlog=1024)
         servers = [public]
         if admin_server is not None and admin is not None:
             servers.append(await asyncio.start_server(admin_server.handle, *admin))
@@ -191,8 +285,8 @@ class Server:
             server.close()
         checks.cancel()
         for client in list(self._clients):  # idle keep-alive: nothing to finish
-            if client.waiting and client.served and client.task is not None:
-                client.task.cancel()
+            if client.waiting and client.served:
+                client.transport.abort()
         tasks = {c.task for c in self._clients if c.task is not None}
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
@@ -207,18 +301,17 @@ class Server:
 LINGER = 2.0  # seconds a refused client may go on sending before the connection closes
 
 
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _linger(client: ClientConnection) -> None:
     """After refusing a request, let the client finish sending (what it sends is
     dropped) before closing: closing with unread bytes resets the connection, and the
     client would lose the answer (nginx's lingering close)."""
     with contextlib.suppress(ConnectionError, TimeoutError):
-        await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
+        await client.drain()
+        if client.transport.can_write_eof():
+            client.transport.write_eof()
         async with asyncio.timeout(LINGER):
-            dropped = 0
-            while dropped < 1 << 20 and (data := await reader.read(65536)):
-                dropped += len(data)
+            while not client.gone:
+                await client.wait()
 
 
 def run(
