@@ -21,12 +21,11 @@ from urllib.parse import parse_qs, urlsplit
 from ...exceptions import ConfigError
 from ..backends import Backend
 from .http1 import BadRequest, RequestHead, RequestParser
-from .limits import Timeouts
-from .proxy import Deadline, Router, read_head
+from .proxy import Router
 
 log = logging.getLogger("statescale.router")
 
-_TIMEOUTS = Timeouts(idle=5.0, header=5.0)
+HEAD_TIMEOUT = 5.0  # seconds an admin request's head may take
 
 
 class Admin:
@@ -44,8 +43,8 @@ class Admin:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             parser = RequestParser()
-            async with asyncio.timeout(_TIMEOUTS.header):
-                head = await read_head(parser, reader, _TIMEOUTS, Deadline(), writer.transport)
+            async with asyncio.timeout(HEAD_TIMEOUT):
+                head = await _read_head(parser, reader)
             if head is None:
                 writer.close()
                 return
@@ -109,3 +108,17 @@ _REASONS = {
     431: "Request Header Fields Too Large",
     501: "Not Implemented",
 }
+
+
+async def _read_head(parser: RequestParser, reader: asyncio.StreamReader) -> RequestHead | None:
+    """The next request head on an admin connection; ``None`` when the client closed
+    it (the caller bounds the wait as a whole)."""
+    while not parser.events:
+        data = await reader.read(65536)
+        if not data:
+            return None
+        parser.feed(data)
+    event = parser.events.popleft()
+    if not isinstance(event, RequestHead):  # cannot be: a head comes first
+        raise BadRequest(400, "malformed request")
+    return event

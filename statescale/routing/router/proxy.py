@@ -35,7 +35,6 @@ from .http1 import (
     REASONS,
     BadRequest,
     RequestHead,
-    RequestParser,
     ResponseHead,
     ResponseParser,
     chunk,
@@ -457,31 +456,3 @@ def _cookie_value(header: bytes, name: bytes) -> str | None:
             if _SIGNED.match(value):
                 return value.decode("ascii")
     return None
-
-
-async def read_head(
-    parser: RequestParser,
-    reader: asyncio.StreamReader,
-    timeouts: Timeouts,
-    deadline: Deadline,
-    transport: asyncio.WriteTransport,
-) -> RequestHead | None:
-    """The next request head on a client connection; ``None`` when the client closed
-    it, or sent nothing within the idle timeout, or not the whole head within the
-    header timeout of its first byte (the deadline then closes the connection)."""
-    deadline.arm(timeouts.header if parser.in_message else timeouts.idle, transport)
-    started = parser.in_message
-    while not parser.events:
-        data = await reader.read(CHUNK)
-        if not data:  # closed by the client, or by the deadline: nothing to answer
-            deadline.disarm()
-            return None
-        if not started:  # the first byte: the head must now complete in time
-            started = True
-            deadline.arm(timeouts.header, transport)
-        parser.feed(data)
-    deadline.disarm()
-    event = parser.events.popleft()
-    if not isinstance(event, RequestHead):  # cannot be: a head comes first
-        raise BadRequest(400, "malformed request")
-    return event
