@@ -151,7 +151,8 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
             setup.add_one = add_one
         setups.append(setup)
 
-    gunicorn("ceiling", redis, True)  # measured on /health only
+    # The ceiling: the same routes' /health in a Flask app with no session library.
+    gunicorn("ceiling", redis, True, app="benchmarks.rig.peer_apps:plain_app")
     gunicorn("shared", redis, True)
     gunicorn("shared+locking", lambda: {**redis(), "STATESCALE_LOCKING": "1"}, True)
     gunicorn("shared (Redis 1 ms away)", remote_redis, True)

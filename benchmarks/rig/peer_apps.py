@@ -1,7 +1,9 @@
 """The peers, on the demo's routes, for side-by-side runs under gunicorn.
 
 * ``flask_session_app``: Flask-Session 0.8 with Redis (``STATESCALE_REDIS_URL``);
-* ``signed_cookie_app``: Flask's own signed-cookie sessions (no server-side store).
+* ``signed_cookie_app``: Flask's own signed-cookie sessions (no server-side store);
+* ``plain_app``: no session library at all (Flask's own sessions switched off): the
+  ceiling every configuration is measured against.
 
 Needs the ``bench`` extra (Flask-Session).
 """
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 import os
 
-from flask import Flask, jsonify, request, session
+from flask import Flask, Request, jsonify, request, session
+from flask.sessions import SessionInterface
 from flask.wrappers import Response
 
 
@@ -62,9 +65,32 @@ def _signed_cookie() -> Flask:
     return _routes(app)
 
 
+class _NoSessions(SessionInterface):
+    """Flask with no session machinery: every request gets Flask's null session."""
+
+    def open_session(self, app: Flask, request: Request) -> None:
+        return None
+
+    def save_session(self, app: Flask, session: object, response: Response) -> None:
+        return None
+
+
+def _plain() -> Flask:
+    app = Flask(__name__)
+    app.session_interface = _NoSessions()
+
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify(pid=os.getpid(), ok=True)
+
+    return app
+
+
 def __getattr__(name: str) -> Flask:  # build only the app gunicorn asks for
     if name == "flask_session_app":
         return _flask_session()
     if name == "signed_cookie_app":
         return _signed_cookie()
+    if name == "plain_app":
+        return _plain()
     raise AttributeError(name)
