@@ -214,9 +214,9 @@ class Gunicorn:
             masters = [
                 pid
                 for pid in set(self.children()) - before
-                if self.children(pid) and len(self.children(pid)) > self.workers
+                if len(self.children(pid)) >= self.workers
             ]
-            if masters:  # its workers and its router are up
+            if masters:  # its workers are up (and its router, in sticky mode, starting)
                 break
             time.sleep(0.1)
         else:

@@ -63,6 +63,20 @@ def test_33_sticky_upgrade_fails_no_request_and_leaves_one_router() -> None:
     assert sorted(children.values()) == ["gunicorn"] * 4 + ["router"]
 
 
+def test_33_shared_upgrade_fails_no_request_and_loses_nothing(redis_url: str) -> None:
+    with Gunicorn(env={"STATESCALE_REDIS_URL": redis_url}) as server:
+        with Load(server.port, users=8) as load:
+            time.sleep(1.0)
+            new_master = server.upgrade()
+            served = load.requests
+            time.sleep(1.5)
+            assert load.requests > served  # the new master serves
+        children = server.children(new_master)
+    assert load.failures == [], load.failures[:5]
+    assert load.wrong() == []  # every counter went on by one: nothing lost
+    assert sorted(children.values()) == ["gunicorn"] * 4
+
+
 def test_7_upgrade_with_the_embedded_redis_is_refused_and_loses_nothing() -> None:
     with Gunicorn() as server:  # shared mode on the deployment's embedded server
         with Load(server.port, users=4) as load:
