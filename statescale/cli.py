@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 
 from . import __version__
-from .config import MODES
+from .config import DEFAULT_COOKIE_NAME, MODES
 from .exceptions import StateScaleError
 
 DESCRIPTION = """\
@@ -180,7 +180,7 @@ def parser() -> argparse.ArgumentParser:
         help="one instance (repeat, in a fixed order)",
     )
     lb.add_argument("--listen", default="127.0.0.1:8080", help="address:port to listen on")
-    lb.add_argument("--cookie", default="statescale", help="the session cookie's name")
+    lb.add_argument("--cookie", default=DEFAULT_COOKIE_NAME, help="the session cookie's name")
     lb.set_defaults(func=cmd_lb_config)
 
     router = sub.add_parser(
@@ -214,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let --admin bind an address other than loopback",
     )
-    router.add_argument("--cookie", default="statescale", help="the session cookie's name")
+    router.add_argument("--cookie", default=DEFAULT_COOKIE_NAME, help="the session cookie's name")
     router.add_argument(
         "--ip-hash", action="store_true", help="route requests without a session by client IP"
     )

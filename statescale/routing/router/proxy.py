@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from ...config import DEFAULT_COOKIE_NAME
 from ...exceptions import ConfigError
 from ...signing import routing_key
 from ..backends import Backend, check, read_backends_file
@@ -158,7 +159,7 @@ class Router:
         self,
         backends: list[Backend],
         *,
-        cookie: str = "statescale",
+        cookie: str = DEFAULT_COOKIE_NAME,
         ip_hash: bool = False,
         timeouts: Timeouts | None = None,
         check_interval: float = 1.0,
