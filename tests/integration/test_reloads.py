@@ -49,15 +49,21 @@ def test_33_sticky_reload_and_recycling_fail_no_request(args: tuple[str, ...]) -
     assert "Traceback" not in log
 
 
+def _upgrade_under_load(server: Gunicorn) -> tuple[Load, dict[int, str]]:
+    """USR2, then TERM of the old master, while 8 users loop; what they saw, and what
+    the new master runs."""
+    with Load(server.port, users=8) as load:
+        time.sleep(1.0)
+        new_master = server.upgrade()
+        served = load.requests
+        time.sleep(1.5)
+        assert load.requests > served  # the new master serves
+    return load, server.children(new_master)
+
+
 def test_33_sticky_upgrade_fails_no_request_and_leaves_one_router() -> None:
     with Gunicorn(env=STICKY) as server:
-        with Load(server.port, users=8) as load:
-            time.sleep(1.0)
-            new_master = server.upgrade()
-            served = load.requests
-            time.sleep(1.5)
-            assert load.requests > served  # the new master serves
-        children = server.children(new_master)
+        load, children = _upgrade_under_load(server)
         assert SessionClient(server.port).post("/api/incr?key=c").json["value"] == 1
     assert load.failures == [], load.failures[:5]
     assert sorted(children.values()) == ["gunicorn"] * 4 + ["router"]
@@ -65,13 +71,7 @@ def test_33_sticky_upgrade_fails_no_request_and_leaves_one_router() -> None:
 
 def test_33_shared_upgrade_fails_no_request_and_loses_nothing(redis_url: str) -> None:
     with Gunicorn(env={"STATESCALE_REDIS_URL": redis_url}) as server:
-        with Load(server.port, users=8) as load:
-            time.sleep(1.0)
-            new_master = server.upgrade()
-            served = load.requests
-            time.sleep(1.5)
-            assert load.requests > served  # the new master serves
-        children = server.children(new_master)
+        load, children = _upgrade_under_load(server)
     assert load.failures == [], load.failures[:5]
     assert load.wrong() == []  # every counter went on by one: nothing lost
     assert sorted(children.values()) == ["gunicorn"] * 4
