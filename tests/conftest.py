@@ -99,17 +99,20 @@ def make_store(kind: str, clock: Clock, redis_url: str | None = None, **options:
 
         return RedisStore(fakeredis.FakeRedis(), clock=clock, **options)
     assert redis_url is not None
+    if kind == "redis-copies":  # this process's copies, which Redis keeps current
+        return RedisStore(client_from_url(redis_url), clock=clock, local_cache=1000, **options)
     return RedisStore(client_from_url(redis_url), clock=clock, **options)
 
 
 STORE_KINDS = [
     pytest.param("memory", id="memory"),
     pytest.param("redis", id="redis-real"),
+    pytest.param("redis-copies", id="redis-copies"),
     pytest.param("fakeredis", id="fakeredis"),
 ]
 
 
 @pytest.fixture(params=STORE_KINDS)
 def any_store(request: pytest.FixtureRequest, clock: Clock) -> Any:
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    url = request.getfixturevalue("redis_url") if request.param.startswith("redis") else None
     return make_store(request.param, clock, url)

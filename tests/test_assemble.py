@@ -25,7 +25,7 @@ def test_a_redis_store_without_a_url_is_a_config_error() -> None:
 def test_memory_and_url_stores(redis_url: str) -> None:
     assert isinstance(assemble.build_store(Settings(mode="sticky")), MemoryStore)
     store = assemble.build_store(Settings(redis_url=redis_url, local_cache=0))
-    assert isinstance(store, RedisStore) and store.cache is None and not store.per_process
+    assert isinstance(store, RedisStore) and store.tracking is None and not store.per_process
 
 
 def test_the_embedded_server_only_when_asked_and_private_to_its_process(

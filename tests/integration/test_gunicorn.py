@@ -118,9 +118,10 @@ def test_redis_commands_per_request(redis_url: str, raw_redis: redis.Redis, cach
     if cache == "0":  # every read: HGETALL + PEXPIRE, one pipeline (one round trip)
         assert calls == {"cmdstat_hgetall": 40, "cmdstat_pexpire": 40}
     else:  # a worker reads (HGETALL + PTTL, one pipeline) until it holds a copy: its
-        # first read subscribes to the changes, its second is cached; then no round trip
-        assert calls["cmdstat_hgetall"] == calls["cmdstat_pttl"] <= 2 * 4
-        assert set(calls) == {"cmdstat_hgetall", "cmdstat_pttl"}
+        # first use of Redis subscribes to the invalidations, and a read made after is
+        # kept; then no round trip
+        assert calls.get("cmdstat_hgetall", 0) == calls.get("cmdstat_pttl", 0) <= 2 * 4
+        assert set(calls) <= {"cmdstat_hgetall", "cmdstat_pttl"}
 
 
 def test_16_redis_down_503_fast_workers_survive_and_recover(own_redis: EmbeddedRedis) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from statescale.exceptions import StoreUnavailable
-from statescale.stores._breaker import Breaker
+from statescale.stores.redis.breaker import Breaker
 from tests.conftest import Clock
 
 

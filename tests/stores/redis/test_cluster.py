@@ -79,7 +79,7 @@ def cluster(tmp_path: Path) -> Iterator[list[int]]:
 def test_sessions_on_a_real_cluster(cluster: list[int]) -> None:
     url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in cluster)
     store = RedisStore.from_url(url)
-    assert store.cache is None  # copies need one server's channel: Cluster reads through
+    assert store.tracking is None  # Cluster reads through
     created = []
     for i in range(30):  # spread over the slots, so over all three masters
         created.append(store.create(f"session-{i:02d}", {"n": b"0"}).created)

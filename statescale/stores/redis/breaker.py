@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..exceptions import StoreUnavailable
+from ...exceptions import StoreUnavailable
 
 #: Seconds between probes while the breaker is open.
 PROBE_INTERVAL = 0.25

@@ -1,0 +1,319 @@
+"""Sessions in Redis, shared by every worker on every machine.
+
+One Redis hash per session (:mod:`.codec`), under a key made from a hash of the session
+ID (someone who can list the keys learns no usable ID). Round trips per request:
+
+* a request that does not touch the session: none;
+* load: ``HGETALL`` with ``PEXPIRE`` (the sliding idle timeout) in one round trip; with
+  per-process copies (``local_cache``), none at all while this process's copy is
+  current, and ``HGETALL`` with ``PTTL`` when it is not;
+* save: one Lua script that applies the deleted and set fields, bumps the version and
+  sets the expiry, atomically (a failed write leaves the old state or the new, never a
+  mix). The script is loaded again after ``SCRIPT FLUSH`` or a restart.
+
+Copies (:mod:`.subscription`, :mod:`.copies`): each process keeps the records it has
+read, and Redis tells it, and only it, when one of those changes. A write costs Redis
+nothing for the processes that hold no copy, however many there are. On one server and
+on Sentinel's master; a Cluster always reads from Redis.
+
+Timeouts are short on purpose: a dead or hung Redis must fail a request well under a
+second (``StoreUnavailable``, which the middleware answers with 503), long before
+gunicorn's worker timeout. A lost connection is retried once with a short backoff (every
+write sets whole values, so a resent one does no harm); a timeout is not retried, and it
+opens the store's breaker (:mod:`.breaker`), which fails the next requests at once until
+a short ``PING`` is answered. Nothing connects until the first request, so workers boot
+while Redis is down and recover by themselves when it is back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeout
+
+from ...config import (
+    DEFAULT_ABSOLUTE_LIFETIME,
+    DEFAULT_FIRST_LIFETIME,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LOCAL_CACHE,
+    DEFAULT_REDIS_TIMEOUT,
+)
+from ...exceptions import ConfigError, LockTimeout, StoreUnavailable
+from ...session import Changes, Record, Written
+from ..base import CREATED_FIELD, Lifetime
+from . import codec
+from .breaker import Breaker
+from .client import client_from_url, is_cluster, own_connections
+from .copies import Copies
+from .subscription import Direct, Script, Tracking, pinger
+
+log = logging.getLogger("statescale")
+
+_WRITE = Script(codec.WRITE_SCRIPT)
+
+
+def _key_hash(session_id: str) -> str:
+    return hashlib.blake2b(session_id.encode(), digest_size=16).hexdigest()
+
+
+class RedisStore:
+    """The shared store. ``client`` is a redis-py client (``redis.Redis``, a Sentinel
+    master, a ``RedisCluster``), or use :meth:`from_url`.
+
+    ``local_cache``: how many records each process keeps copies of (0: none; see the
+    module's docstring). ``lock_expiry`` bounds how long a crashed request can hold a
+    session's lock; ``lock_wait`` how long another request waits for it before 503.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str = "statescale:",
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        absolute_lifetime: float | None = DEFAULT_ABSOLUTE_LIFETIME,
+        first_lifetime: float = DEFAULT_FIRST_LIFETIME,
+        local_cache: int = 0,
+        lock_expiry: float = 10.0,
+        lock_wait: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(client, str):
+            raise ConfigError("RedisStore takes a client; for a URL use RedisStore.from_url(url)")
+        if local_cache < 0:
+            raise ConfigError(f"local_cache must be >= 0 records, not {local_cache!r}")
+        self.client = client
+        self.prefix = prefix
+        self.lifetime = Lifetime(idle_timeout, absolute_lifetime, first_lifetime)
+        self.lock_expiry = lock_expiry
+        self.lock_wait = lock_wait
+        self._clock = clock
+        self._cluster = is_cluster(client)
+        #: The pid of the process whose private server this store talks to (an
+        #: embedded Redis it started), or None for a server every process can reach.
+        self.private_to: int | None = None
+        pool = None if self._cluster else own_connections(client)
+        self.breaker = Breaker(pinger(pool) if pool is not None else lambda: True)
+        #: How commands travel: this process's copies, statescale's own connections, or
+        #: (a Cluster, a test double) the client's.
+        self.tracking: Tracking | None = None
+        self._direct: Direct | None = None
+        if pool is not None and local_cache > 0:
+            touch = min(10.0, self.lifetime.idle / 10)
+            copies = Copies(max_entries=local_cache, touch_interval=touch, clock=clock)
+            self.tracking = self._direct = Tracking(pool, copies, self.breaker)
+        elif pool is not None:
+            self._direct = Direct(pool)
+        self._script: Any = None if self._direct else client.register_script(codec.WRITE_SCRIPT)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout: float = DEFAULT_REDIS_TIMEOUT,
+        retries: int = 1,
+        local_cache: int = DEFAULT_LOCAL_CACHE,
+        **options: Any,
+    ) -> RedisStore:
+        """A store on the server at ``url`` (see :func:`.client.client_from_url`)."""
+        client = client_from_url(url, timeout=timeout, retries=retries)
+        return cls(client, local_cache=local_cache, **options)
+
+    def close(self) -> None:
+        """Close statescale's own connections (and this process's copies with them);
+        the store connects again if it is used after."""
+        if self._direct is not None:
+            self._direct.close()
+
+    @property
+    def per_process(self) -> bool:
+        """Whether this process's sessions are its own: its private server, not one
+        inherited from the process that forked it."""
+        return self.private_to == os.getpid()
+
+    def key(self, session_id: str) -> str:
+        # The hash tag keeps a session's keys (record, lock) in one Cluster slot.
+        return f"{self.prefix}{{{_key_hash(session_id)}}}"
+
+    # -- sending -------------------------------------------------------------------------
+    @contextmanager
+    def _translated(self, what: str) -> Iterator[None]:
+        """Redis's errors become ``StoreUnavailable``; a timeout opens the breaker, which
+        fails the next requests at once while Redis does not answer."""
+        self.breaker.guard(what)
+        try:
+            yield
+        except RedisError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, RedisTimeout):
+                self.breaker.tripped(reason)
+            raise StoreUnavailable("redis", f"{what}: {reason}") from exc
+
+    def _call(self, *commands: Sequence[Any]) -> list[Any]:
+        if self._direct is not None:
+            return self._direct.call(*commands)
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return cast("list[Any]", pipe.execute())
+
+    def _write(self, keys: list[str], args: list[Any]) -> int:
+        if self._direct is not None:
+            return int(self._direct.run(_WRITE, keys, args))
+        return int(self._script(keys, args))
+
+    def _read(self, key: str, second: Sequence[Any]) -> tuple[Record | None, int, int]:
+        """``HGETALL`` with ``second`` in one round trip: the record, its version, and
+        the second command's reply."""
+        try:
+            raw, reply = self._call(("HGETALL", key), second)
+        except ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            log.warning("statescale: session key %s is not a hash; dropped it", key)
+            self._call(("DEL", key))
+            return None, 0, -2
+        if isinstance(raw, list):  # a client without hiredis's pairing: flat pairs
+            raw = dict(zip(raw[::2], raw[1::2], strict=True))
+        try:
+            decoded = codec.decode(raw)
+        except codec.Unreadable:
+            log.warning("statescale: session key %s has an unreadable record; dropped it", key)
+            return None, 0, int(reply)
+        if decoded is None:
+            return None, 0, int(reply)
+        if self.lifetime.remaining(decoded.created, self._clock()) <= 0:
+            self.delete_key(key)
+            return None, 0, int(reply)
+        return Record(decoded.fields, decoded.created), decoded.version, int(reply)
+
+    def _ttl_ms(self, created: float, *, first: bool = False) -> int:
+        remaining = self.lifetime.remaining(created, self._clock(), first=first)
+        return max(1, int(remaining * 1000))
+
+    # -- the Store protocol --------------------------------------------------------------
+    def load(self, session_id: str, *, min_version: int = 0) -> Record | None:
+        key = self.key(session_id)
+        tracking = self.tracking
+        if tracking is None:
+            with self._translated("load"):
+                return self._read(key, ("PEXPIRE", key, int(self.lifetime.idle * 1000)))[0]
+        cached = tracking.lookup(key, min_version)
+        if cached is not None and self.lifetime.remaining(cached.created, self._clock()) > 0:
+            return cached
+        token = tracking.begin(key)
+        record, version, pttl = None, 0, 0
+        try:
+            with self._translated("load"):
+                record, version, pttl = self._read(key, ("PTTL", key))
+                slide_below = (self.lifetime.idle - tracking.copies.touch_interval) * 1000
+                if record is not None and pttl < slide_below:
+                    # A copy serves reads without touching Redis, so the idle timeout
+                    # Redis keeps slides here, through the script (a write).
+                    pttl = self._ttl_ms(record.created)
+                    touch = codec.write_args(codec.UPDATE, pttl, {}, frozenset())
+                    version = self._write([key], touch)
+                    if version == 0:  # gone in between
+                        record = None
+        finally:
+            tracking.read(key, token, record, version, pttl)
+        return record
+
+    def save(self, session_id: str, changes: Changes, *, created: float) -> int | None:
+        key = self.key(session_id)
+        ttl_ms = self._ttl_ms(created)
+        args = codec.write_args(codec.UPDATE, ttl_ms, changes.set, changes.deleted)
+        tracking = self.tracking
+        if tracking is None:
+            with self._translated("save"):
+                version = self._write([key], args)
+            return version or None
+        token = tracking.begin(key)
+        version = 0
+        try:
+            with self._translated("save"):
+                version = self._write([key], args)
+        finally:
+            if version:
+                tracking.wrote(key, token, changes, version, ttl_ms)
+            else:  # failed, or no record any more: no copy either
+                tracking.read(key, token, None, 0, 0)
+        return version or None
+
+    def create(
+        self,
+        session_id: str,
+        fields: Mapping[str, bytes],
+        *,
+        created: float | None = None,
+        replaces: str | None = None,
+    ) -> Written:
+        created = self._clock() if created is None else created
+        key = self.key(session_id)
+        # A new session lives for the first lifetime only; the first load of it (its
+        # client's return) finds the short TTL and slides it to the idle timeout.
+        first = replaces is None
+        ttl_ms = self._ttl_ms(created, first=first)
+        record = {**fields, CREATED_FIELD: codec.created_field(created)}
+        args = codec.write_args(codec.CREATE, ttl_ms, record, frozenset())
+        keys = [key]
+        if replaces is not None and not self._cluster:
+            keys.append(self.key(replaces))  # dropped in the same step
+        tracking = self.tracking
+        token = tracking.begin(key) if tracking is not None else 0
+        version = 0
+        try:
+            with self._translated("create"):
+                version = self._write(keys, args)
+        finally:
+            if tracking is not None:
+                if version and not first:  # a new one is read from Redis on its return
+                    tracking.created(key, token, Record(dict(fields), created), version, ttl_ms)
+                else:
+                    tracking.read(key, token, None, 0, 0)
+        if replaces is not None:
+            if self._cluster:  # another slot: a step of its own
+                self.delete(replaces)
+            elif tracking is not None:
+                tracking.drop(self.key(replaces))
+        return Written(created, version)
+
+    def delete(self, session_id: str) -> None:
+        self.delete_key(self.key(session_id))
+
+    def delete_key(self, key: str) -> None:
+        if self.tracking is not None:
+            self.tracking.drop(key)
+        with self._translated("delete"):
+            self._call(("DEL", key))
+
+    @contextmanager
+    def lock(self, session_id: str) -> Iterator[None]:
+        lock = self.client.lock(
+            self.key(session_id) + ":lock",
+            timeout=self.lock_expiry,
+            blocking_timeout=self.lock_wait,
+            sleep=0.005,
+        )
+        with self._translated("lock"):
+            if not lock.acquire():
+                raise LockTimeout(self.lock_wait)
+        if self.tracking is not None:  # under the lock, read what Redis holds
+            self.tracking.drop(self.key(session_id))
+        try:
+            yield
+        finally:
+            try:
+                lock.release()
+            except RedisError as exc:  # expired (held too long) or Redis went away
+                log.warning("statescale: releasing a session lock failed: %s", exc)

@@ -1,0 +1,243 @@
+"""Per-process copies that Redis's invalidations keep current, on a real redis-server.
+
+Two stores with their own clients stand for two worker processes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from statescale.embedded import EmbeddedRedis
+from statescale.session import Changes
+from statescale.stores.redis import RedisStore, subscription
+from tests.conftest import Clock
+
+
+def fields(store: RedisStore, sid: str, min_version: int = 0) -> dict[str, bytes] | None:
+    record = store.load(sid, min_version=min_version)
+    return None if record is None else dict(record.fields)
+
+
+def later() -> None:
+    """The next request: it reaches a worker after the writer has answered its client,
+    so after Redis has sent the invalidation (the same event-loop pass as the writer's
+    reply). In one test process there is no such hop, so wait."""
+    time.sleep(0.02)
+
+
+def warm(store: RedisStore, sid: str) -> None:
+    """Two reads: the first subscribes, the second is kept."""
+    fields(store, sid)
+    fields(store, sid)
+    assert store.tracking is not None and store.key(sid) in store.tracking.copies._copies
+
+
+def calls(raw_redis: redis.Redis, command: str) -> int:
+    stats = raw_redis.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {"calls": 0})["calls"])
+
+
+def test_a_write_costs_one_read_in_each_other_holder_and_none_in_the_writer(
+    redis_url: str, raw_redis: redis.Redis
+) -> None:
+    a, b = RedisStore.from_url(redis_url), RedisStore.from_url(redis_url)
+    created = a.create("s", {"n": b"0"}).created
+    warm(a, "s")
+    warm(b, "s")
+    raw_redis.config_resetstat()
+    for n in range(1, 201):
+        writer, reader = (a, b) if n % 2 else (b, a)
+        assert fields(reader, "s") == {"n": str(n - 1).encode()}
+        version = writer.save("s", Changes({"n": str(n).encode()}, frozenset()), created=created)
+        # The client's next request carries the version it was told (the _v cookie): no
+        # copy older than that is served, however late the invalidation arrives.
+        assert fields(reader, "s", version) == {"n": str(n).encode()}
+        assert fields(writer, "s", version) == {"n": str(n).encode()}
+    # Each write cost the other holder one read; the writer's copy took its own write.
+    # (A read that an invalidation overtook is not kept, so now and then one more.)
+    assert 200 <= calls(raw_redis, "hgetall") <= 220
+    assert calls(raw_redis, "evalsha") == 200
+    assert calls(raw_redis, "ping") == 0  # a process that keeps up never has to catch up
+
+
+def test_processes_without_a_copy_cost_a_write_nothing(
+    redis_url: str, raw_redis: redis.Redis
+) -> None:
+    writer = RedisStore.from_url(redis_url)
+    created = writer.create("written", {"n": b"0"}).created
+    writer.create("other", {"n": b"0"})
+
+    def bytes_per_write() -> float:
+        before = raw_redis.info("stats")["total_net_output_bytes"]
+        for n in range(50):
+            writer.save("written", Changes({"n": str(n).encode()}, frozenset()), created=created)
+        return (raw_redis.info("stats")["total_net_output_bytes"] - before) / 50
+
+    alone = bytes_per_write()
+    fleet = [RedisStore.from_url(redis_url) for _ in range(20)]
+    for store in fleet:
+        warm(store, "other")  # subscribed, holding copies: just not of "written"
+    assert bytes_per_write() < alone + 1  # (INFO's own reply grows by a digit or two)
+    for store in fleet:
+        warm(store, "written")
+    # Holders hear of the first write only: Redis forgets a key once it has told.
+    assert bytes_per_write() < alone + 20 * 120 / 50  # one message of ~100 B each
+
+
+def test_deletes_reach_every_copy(redis_url: str) -> None:
+    a, b = RedisStore.from_url(redis_url), RedisStore.from_url(redis_url)
+    a.create("s", {"x": b"1"})
+    warm(b, "s")
+    a.delete("s")
+    later()
+    assert fields(b, "s") is None
+
+
+def test_regenerate_drops_the_old_record_everywhere(redis_url: str) -> None:
+    a, b = RedisStore.from_url(redis_url), RedisStore.from_url(redis_url)
+    a.create("old", {"x": b"1"})
+    warm(b, "old")
+    a.create("new", {"x": b"1"}, replaces="old")
+    later()
+    assert fields(b, "old") is None
+    assert fields(b, "new") == {"x": b"1"}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda r, key: r.delete(key), id="DEL"),
+        pytest.param(lambda r, key: r.hset(key, "x", b"2"), id="HSET"),
+        pytest.param(lambda r, key: r.flushall(), id="FLUSHALL"),
+        pytest.param(lambda r, key: r.pexpire(key, 1), id="expiry"),
+    ],
+)
+def test_a_change_made_behind_statescales_back_is_seen_at_once(
+    redis_url: str, raw_redis: redis.Redis, change: object
+) -> None:
+    store = RedisStore.from_url(redis_url)
+    store.create("s", {"x": b"1"})
+    warm(store, "s")
+    change(raw_redis, store.key("s"))  # type: ignore[operator]
+    time.sleep(0.2)  # an expiry is noticed by Redis's active expiry within 100 ms
+    assert fields(store, "s") in (None, {"x": b"2"})
+
+
+def test_idle_timeout_slides_through_the_script_when_it_runs_down(
+    redis_url: str, raw_redis: redis.Redis, clock: Clock
+) -> None:
+    a = RedisStore.from_url(redis_url, clock=clock, idle_timeout=600, absolute_lifetime=None)
+    b = RedisStore.from_url(redis_url, clock=clock, idle_timeout=600, absolute_lifetime=None)
+    assert a.tracking is not None
+    a.create("s", {"x": b"1"})
+    warm(a, "s")
+    warm(b, "s")
+    raw_redis.pexpire(a.key("s"), 100_000)  # as if 500 s had passed
+    later()
+    clock.now += a.tracking.copies.touch_interval + 1
+    assert fields(a, "s") == {"x": b"1"}  # a miss: reads, finds the TTL low, slides it
+    assert raw_redis.pttl(a.key("s")) > 590_000
+    assert fields(b, "s") == {"x": b"1"}
+
+
+def test_restart_clears_the_copies_and_invalidations_flow_again(
+    own_redis: EmbeddedRedis,
+) -> None:
+    a, b = RedisStore.from_url(own_redis.url), RedisStore.from_url(own_redis.url)
+    a.create("s", {"x": b"1"})
+    warm(b, "s")
+    own_redis.stop()
+    own_redis.start()  # an empty server
+    assert fields(b, "s") is None  # the old copy is not served
+    created = a.create("s", {"x": b"2"}).created
+    warm(b, "s")
+    assert fields(b, "s") == {"x": b"2"}
+    a.save("s", Changes({"x": b"3"}, frozenset()), created=created)
+    later()
+    assert fields(b, "s") == {"x": b"3"}  # no version asked for: the invalidation did it
+
+
+@pytest.mark.parametrize("victim", ["pubsub", "normal"])
+def test_a_lost_connection_drops_the_copies_and_tracking_resumes(
+    redis_url: str, raw_redis: redis.Redis, victim: str
+) -> None:
+    """Redis forgets what a closed connection read: without the subscription nothing
+    can be told, and a data connection's tracked keys are gone with it."""
+    a, b = RedisStore.from_url(redis_url), RedisStore.from_url(redis_url)
+    created = a.create("s", {"x": b"1"}).created
+    warm(b, "s")
+    raw_redis.client_kill_filter(_type=victim, skipme=True)
+    a.save("s", Changes({"x": b"2"}, frozenset()), created=created)
+    later()
+    assert fields(b, "s") == {"x": b"2"}
+    warm(b, "s")
+    a.save("s", Changes({"x": b"3"}, frozenset()), created=created)
+    later()
+    assert fields(b, "s") == {"x": b"3"}
+
+
+def test_an_idle_process_keeps_up(redis_url: str) -> None:
+    a, b = RedisStore.from_url(redis_url), RedisStore.from_url(redis_url)
+    created = a.create("keep", {"x": b"1"}).created
+    warm(b, "keep")
+    for n in range(2000):
+        a.save("keep", Changes({"n": str(n).encode()}, frozenset()), created=created)
+    later()
+    assert fields(b, "keep") == {"x": b"1", "n": b"1999"}
+
+
+def test_a_backlog_held_back_in_redis_is_read_before_a_copy_is_served(
+    redis_url: str, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # b neither serves nor drains (no background thread) while a changes thousands of
+    # the sessions b holds copies of: b may not have all of it in one read of its
+    # socket, so it must sync (PING) before it serves a copy.
+    monkeypatch.setattr(subscription, "IDLE_DRAIN", 3600.0)
+    a, b = RedisStore.from_url(redis_url), RedisStore.from_url(redis_url, local_cache=5000)
+    sessions = [f"flood-{n}" for n in range(3000)]
+    created = {sid: a.create(sid, {"x": b"1"}, replaces="nothing").created for sid in sessions}
+    for sid in sessions:
+        fields(b, sid)
+    warm(b, "flood-0")
+    time.sleep(0.1)  # the thread has drained once and now sleeps
+    for sid in sessions[1:]:
+        a.save(sid, Changes({"x": b"2"}, frozenset()), created=created[sid])
+    later()
+    raw_redis.config_resetstat()
+    assert fields(b, "flood-0") == {"x": b"1"}  # untouched: served from the copy...
+    assert calls(raw_redis, "ping") == 1  # ...after catching up
+    assert calls(raw_redis, "hgetall") == 0
+    assert fields(b, "flood-2999") == {"x": b"2"}
+
+
+def test_under_the_lock_reads_come_from_redis(redis_url: str, raw_redis: redis.Redis) -> None:
+    store = RedisStore.from_url(redis_url)
+    store.create("s", {"x": b"1"})
+    warm(store, "s")
+    raw_redis.config_resetstat()
+    with store.lock("s"):
+        assert fields(store, "s") == {"x": b"1"}
+    assert calls(raw_redis, "hgetall") == 1
+
+
+def test_a_forked_child_starts_with_no_copies(redis_url: str) -> None:
+    import os
+
+    store = RedisStore.from_url(redis_url)
+    created = store.create("s", {"x": b"1"}).created
+    warm(store, "s")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its parent's copy and subscription are not its own
+        try:
+            store.save("s", Changes({"x": b"2"}, frozenset()), created=created)
+            ok = fields(store, "s") == {"x": b"2"}
+            os.write(write, b"ok" if ok else b"no")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 2) == b"ok"
+    later()
+    assert fields(store, "s") == {"x": b"2"}  # the parent heard of the child's write
