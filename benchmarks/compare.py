@@ -133,7 +133,12 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
         return only is None or name in only
 
     def gunicorn(
-        name: str, env: Callable[[], dict[str, str]], consistent: bool, app: str = "demo_app:app"
+        name: str,
+        env: Callable[[], dict[str, str]],
+        consistent: bool,
+        app: str = "demo_app:app",
+        *,
+        routed: bool = False,
     ) -> None:
         if not want(name):
             return
@@ -147,13 +152,17 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
             return [server.port, other.port]
 
         setup = Setup(name, server.port, consistent, kill_one=_kill_worker(server))
-        if consistent:
+        if routed:  # the router inside the master routes over the slots it started with
+            setup.no_scale_out = "n/a: slots fixed at start"
+        elif consistent:
             setup.add_one = add_one
         setups.append(setup)
 
     # The ceiling: the same routes' /health in a Flask app with no session library.
     gunicorn("ceiling", redis, True, app="benchmarks.rig.peer_apps:plain_app")
     gunicorn("shared", redis, True)
+    affinity = {"STATESCALE_MODE": "affinity"}
+    gunicorn("affinity (gunicorn)", lambda: {**redis(), **affinity}, True, routed=True)
     gunicorn("shared+locking", lambda: {**redis(), "STATESCALE_LOCKING": "1"}, True)
     gunicorn("shared (Redis 1 ms away)", remote_redis, True)
     setups += _sticky_setups(stack, want, log)

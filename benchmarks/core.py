@@ -1,13 +1,17 @@
 """Requests per second of the session routes beside the session-less ceiling.
 
-    python -m benchmarks.core [--duration 5] [--rounds 3] [--connections 16]
+    python -m benchmarks.core [--mode shared|affinity] [--sessions 64] [--duration 5]
+                              [--rounds 3] [--connections 16]
 
-gunicorn -w 4 serves demo_app in shared mode (Redis store; an embedded redis-server
-unless STATESCALE_REDIS_URL is set). wrk drives, with one session cookie:
+gunicorn -w 4 serves demo_app in shared or affinity mode (Redis store; an embedded
+redis-server unless STATESCALE_REDIS_URL is set; affinity puts the router inside the
+master in front). wrk drives, each request carrying one of ``--sessions`` cookies:
 
-* GET /health         the same app with no session work: the ceiling
+* GET /health         the same server and path with no session work: the ceiling
 * GET /api/session    load the session (no round trip once a worker holds a copy)
-* POST /api/incr      load + save (the save's one round trip)
+* POST /api/incr      load + save (the save's one round trip; in shared mode the
+                      other workers' copies of that session go, so their next load
+                      reads Redis)
 
 The three alternate round by round in one run (this machine is noisy), and the table
 gives each route's median with min-max and its ratio to the ceiling's median.
@@ -32,23 +36,32 @@ ROUTES = [
 ]
 
 
-def wrk(port: int, method: str, path: str, cookie: str, duration: float, connections: int) -> float:
+def wrk(
+    port: int, method: str, path: str, cookies: list[str], duration: float, connections: int
+) -> float:
     """Requests per second (a run with any failed request is an error)."""
     route = (method, path)
     return run_load(
-        port, [cookie], writes=0.0, duration=duration, connections=connections, route=route
+        port, cookies, writes=0.0, duration=duration, connections=connections, route=route
     ).rps
 
 
-def run(duration: float, rounds: int, connections: int) -> dict[str, list[float]]:
+def run(
+    mode: str, sessions: int, duration: float, rounds: int, connections: int
+) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {name: [] for name, _, _ in ROUTES}
-    with Gunicorn(env={"STATESCALE_STORE": "redis"}, workers=4) as server:
-        client = SessionClient(server.port)
-        client.post("/api/set?key=user&value=" + "x" * 64)  # a ~100 B session
-        assert client.cookie is not None
+    env = {"STATESCALE_STORE": "redis", "STATESCALE_MODE": mode}
+    with Gunicorn(env=env, workers=4) as server:
+        cookies = []
+        for _ in range(sessions):
+            client = SessionClient(server.port)
+            client.post("/api/set?key=user&value=" + "x" * 64)  # a ~100 B session
+            client.get("/api/session")  # its return: the first lifetime slides
+            assert client.cookie is not None
+            cookies.append(client.cookie)
         for n in range(1, rounds + 1):
             for name, method, path in ROUTES:
-                rps = wrk(server.port, method, path, client.cookie, duration, connections)
+                rps = wrk(server.port, method, path, cookies, duration, connections)
                 results[name].append(rps)
                 print(f"  round {n}/{rounds}  {name:<24} {rps:9.0f} req/s", flush=True)
     return results
@@ -73,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--duration", type=float, default=5.0, help="seconds per wrk run (default 5)"
     )
+    parser.add_argument("--mode", choices=["shared", "affinity"], default="shared")
+    parser.add_argument("--sessions", type=int, default=64, help="session cookies (default 64)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -81,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks.core: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     print(
-        f"gunicorn -w 4 demo_app:app, shared mode; "
+        f"gunicorn -w 4 demo_app:app, {args.mode} mode, {args.sessions} sessions; "
         f"wrk -c{args.connections}, {args.duration:g}s runs"
     )
-    results = run(args.duration, args.rounds, args.connections)
+    results = run(args.mode, args.sessions, args.duration, args.rounds, args.connections)
     print()
     print(table(results))
     if args.json:

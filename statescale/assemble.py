@@ -139,5 +139,5 @@ def build_middleware(
         max_size=session.max_size,
         locking=session.locking,
         id_factory=build_id_factory(settings),
-        sticky=settings.mode == "sticky",
+        sticky=settings.routed,
     )

@@ -18,7 +18,7 @@ DESCRIPTION = """\
 statescale keeps WSGI session state consistent across gunicorn workers and machines,
 with a shared Redis store or sticky routing. Commands (each takes --help):
 
-  cluster    serve an app under gunicorn -w N in sticky or shared mode
+  cluster    serve an app under gunicorn -w N in shared, sticky or affinity mode
   lb-config  print an nginx or HAProxy configuration for sticky sessions
   router     run the built-in sticky reverse proxy
   redis      run a private redis-server on a free loopback port until Ctrl-C
@@ -110,7 +110,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
     host, port = args.bind
     env = {**os.environ, "STATESCALE_MODE": args.mode}
-    embedded = args.mode == "shared" and not env.get("STATESCALE_REDIS_URL")
+    embedded = MODES[args.mode] == "redis" and not env.get("STATESCALE_REDIS_URL")
     if embedded:  # gunicorn's environment: its hooks start one server for every worker
         env["STATESCALE_EMBEDDED_REDIS"] = "1"
     from .gunicorn import command as gunicorn_command
@@ -129,6 +129,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         "shared": "a Redis store shared by all workers"
         + (" (an embedded redis-server: set STATESCALE_REDIS_URL for yours)" if embedded else ""),
         "sticky": "the sticky router in front, each worker keeping its sessions in memory",
+        "affinity": "the sticky router in front of a Redis store, each worker keeping copies"
+        + (" (an embedded redis-server: set STATESCALE_REDIS_URL for yours)" if embedded else ""),
     }[args.mode]
     print(f"statescale cluster: {args.workers} workers of {args.app}, {where}.")
     print(f"Point a browser at http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
@@ -146,11 +148,12 @@ def parser() -> argparse.ArgumentParser:
 
     cluster = sub.add_parser(
         "cluster",
-        help="serve an app under gunicorn -w N in sticky or shared mode",
-        description="Run APP (module:variable) under gunicorn with statescale's hooks. sticky: "
-        "every worker keeps sessions in memory and statescale router on --bind sends each "
-        "session to its worker. shared: every worker uses one Redis (an embedded one unless "
-        "STATESCALE_REDIS_URL is set).",
+        help="serve an app under gunicorn -w N in shared, sticky or affinity mode",
+        description="Run APP (module:variable) under gunicorn with statescale's hooks. shared: "
+        "every worker uses one Redis (an embedded one unless STATESCALE_REDIS_URL is set). "
+        "sticky: every worker keeps sessions in memory and statescale router on --bind sends "
+        "each session to its worker. affinity: the router as in sticky, in front of one "
+        "Redis as in shared; each worker serves its sessions' reads from its copies.",
     )
     cluster.add_argument("mode", choices=list(MODES))
     cluster.add_argument("app", help="the WSGI app, MODULE:VARIABLE (e.g. demo_app:app)")

@@ -36,8 +36,10 @@ DEFAULT_REDIS_TIMEOUT = 0.4  # seconds per Redis attempt (redis-py retries once)
 DEFAULT_LOCAL_CACHE = 10_000  # session copies per process
 DEFAULT_COOKIE_NAME = "statescale"
 
-#: Each mode and the store it uses unless told otherwise.
-MODES = {"shared": "redis", "sticky": "memory"}
+#: Each mode and the store it uses unless told otherwise. Sticky and affinity route each
+#: session to its owner (a ring); affinity keeps the sessions in Redis behind that.
+MODES = {"shared": "redis", "sticky": "memory", "affinity": "redis"}
+ROUTED = ("sticky", "affinity")
 STORES = ("redis", "memory")
 
 
@@ -121,6 +123,11 @@ class Settings:
             raise ConfigError(f"STATESCALE_MODE={self.mode!r}: use one of {', '.join(MODES)}")
         if self.store is not None and self.store not in STORES:
             raise ConfigError(f"STATESCALE_STORE={self.store!r}: use one of {', '.join(STORES)}")
+        if self.mode == "affinity" and self.store_kind != "redis":
+            raise ConfigError(
+                "STATESCALE_MODE=affinity keeps sessions in Redis behind sticky routing; "
+                "for sessions in memory use STATESCALE_MODE=sticky"
+            )
         if self.balancer not in balancers.names():
             raise ConfigError(
                 f"STATESCALE_BALANCER={self.balancer!r}: use one of {', '.join(balancers.names())}"
@@ -143,6 +150,11 @@ class Settings:
     def store_kind(self) -> str:
         """The store in use: ``store``, or the mode's own."""
         return self.store or MODES[self.mode]
+
+    @property
+    def routed(self) -> bool:
+        """Whether a ring routes each session to its owner (sticky, affinity)."""
+        return self.mode in ROUTED
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -16,15 +16,16 @@ Shared mode (the default):
 * ``when_ready`` warns loudly when the memory store runs under several workers without
   sticky routing (each worker would keep its own sessions).
 
-Sticky mode (``STATESCALE_MODE=sticky gunicorn -w N -b HOST:PORT APP``, with no
-``STATESCALE_NODE``: an instance given a node name is one node behind an outside
-balancer, and the hooks leave it alone), all under the one gunicorn master:
+Sticky and affinity modes (``STATESCALE_MODE=sticky|affinity gunicorn -w N -b
+HOST:PORT APP``, with no ``STATESCALE_NODE``: an instance given a node name is one node
+behind an outside balancer, and the hooks leave it alone), all under the one gunicorn
+master (affinity keeps the sessions in Redis besides, as shared mode does):
 
 * the master opens one listening socket per worker slot on a loopback port of the
   kernel's choosing, and keeps it open for its whole life; slot ``k`` is node
   ``workerk`` of a rendezvous ring. Each worker accepts only on its slot's socket
-  (``post_fork``), keeps sessions in its own memory and mints session IDs the ring
-  routes to itself.
+  (``post_fork``), keeps sessions in its own memory (affinity: its copies of them)
+  and mints session IDs the ring routes to itself.
 * the master runs ``statescale router`` (``when_ready``) on gunicorn's own listener,
   handed over as an inherited file descriptor, which sends every request of a session to
   its slot's socket. The router dies with the master.
@@ -100,9 +101,9 @@ def on_starting(server: Any) -> None:
     global _master
     settings = Settings.from_env()
     _master = _Master(settings)
-    if settings.mode == "sticky" and settings.node is None:
+    if settings.routed and settings.node is None:
         _prepare_sticky(server, _master)
-    elif settings.store_kind == "redis" and settings.redis_url is None and settings.embedded_redis:
+    if settings.store_kind == "redis" and settings.redis_url is None and settings.embedded_redis:
         _master.server = embedded.shared()
         server.handle_usr2 = lambda: server.log.error(_USR2_EMBEDDED)
         server.log.info(
@@ -147,7 +148,8 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
     server.handle_ttou = refuse_ttou
     server.handle_term = stop_router_first
     server.log.info(
-        "statescale: sticky mode, %d workers: %s",
+        "statescale: %s mode, %d workers: %s",
+        master.settings.mode,
         len(backends),
         ", ".join(b.spec for b in backends),
     )

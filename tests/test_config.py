@@ -129,6 +129,14 @@ def test_the_store_follows_the_mode_unless_named() -> None:
     assert Settings().store_kind == "redis"
     assert Settings(mode="sticky").store_kind == "memory"
     assert Settings(mode="sticky", store="redis").store_kind == "redis"
+    assert Settings(mode="affinity").store_kind == "redis"
+    assert Settings(mode="affinity").routed and Settings(mode="sticky").routed
+    assert not Settings().routed
+
+
+def test_affinity_refuses_the_memory_store() -> None:
+    with pytest.raises(ConfigError, match="STATESCALE_MODE=sticky"):
+        Settings.from_env({"STATESCALE_MODE": "affinity", "STATESCALE_STORE": "memory"})
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,7 @@ def test_the_demo_shows_both_modes(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("mode", ["sticky", "shared"])
+@pytest.mark.parametrize("mode", ["sticky", "shared", "affinity"])
 def test_cluster_serves_consistent_sessions_and_stops_on_sigterm(mode: str) -> None:
     import os
     import signal

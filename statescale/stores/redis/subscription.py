@@ -121,11 +121,9 @@ class Direct:
             conn.disconnect()
 
     def _borrow_idle(self) -> list[Any]:
-        """The idle connections, held so that no thread uses one meanwhile."""
-        idle = []
-        with contextlib.suppress(IndexError):
-            while True:
-                idle.append(self._idle.pop())
+        """The idle connections, held so that no thread uses one meanwhile (one given
+        back meanwhile joins them: :meth:`_give_back` appends to the list it finds)."""
+        idle, self._idle = self._idle, []
         return idle
 
     def call(self, *commands: Command) -> list[Any]:
@@ -311,8 +309,11 @@ class Tracking(Direct):
             self.copies.drop(key)
 
     def _current(self) -> bool:
-        """Whether invalidations arrive: drained, and nothing lost."""
-        return self._pid == os.getpid() and self._drain()
+        """Whether invalidations arrive, as far as is known. No drain here: one that has
+        not been read yet is read by the next lookup, which then drops the copy; what
+        the token guards against is one read meanwhile (by another thread, or the idle
+        drainer)."""
+        return self._pid == os.getpid() and self._sub is not None
 
     # -- the subscription ------------------------------------------------------------
     def _subscribe(self) -> None:

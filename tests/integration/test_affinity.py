@@ -1,0 +1,98 @@
+"""Affinity mode under one gunicorn master: the router sends each session to its
+owner, which serves reads from its copy and writes through to Redis. A worker's crash
+or a reload loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import redis
+
+from benchmarks.rig.harness import Gunicorn, Load, SessionClient
+
+pytestmark = pytest.mark.integration
+
+USERS = 20
+
+
+def affinity(redis_url: str) -> dict[str, str]:
+    return {"STATESCALE_MODE": "affinity", "STATESCALE_REDIS_URL": redis_url}
+
+
+def _until(condition: object, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.1)
+
+
+def test_the_owner_serves_reads_from_its_copy(redis_url: str, raw_redis: redis.Redis) -> None:
+    with Gunicorn(env=affinity(redis_url)) as server:
+        children = server.children()
+        clients = [SessionClient(server.port) for _ in range(8)]
+        for n, client in enumerate(clients):
+            client.post(f"/api/set?key=a&value={n}")
+            client.get("/api/session")  # its return: the first lifetime slides
+        raw_redis.config_resetstat()
+        owners = set()
+        for _ in range(20):
+            for n, client in enumerate(clients):
+                reply = client.get("/api/session").json
+                assert reply["data"] == {"a": str(n)}
+                owners.add((n, reply["pid"]))
+        stats = raw_redis.info("commandstats")
+    assert sorted(children.values()) == ["gunicorn"] * 4 + ["router"]
+    assert len(owners) == len(clients)  # each session always reached one worker
+    assert "cmdstat_hgetall" not in stats  # ...which answered from its copy
+    assert "cmdstat_evalsha" not in stats
+
+
+def test_a_write_goes_through_to_redis_in_one_round_trip(
+    redis_url: str, raw_redis: redis.Redis
+) -> None:
+    with Gunicorn(env=affinity(redis_url)) as server:
+        client = SessionClient(server.port)
+        client.post("/api/incr?key=c")
+        client.get("/api/session")
+        raw_redis.config_resetstat()
+        values = [client.post("/api/incr?key=c").json["value"] for _ in range(30)]
+        stats = raw_redis.info("commandstats")
+    assert values == list(range(2, 32))
+    assert stats["cmdstat_evalsha"]["calls"] == 30
+    assert "cmdstat_hgetall" not in stats  # the owner's copy took its own writes
+
+
+def test_kill_9_of_a_worker_fails_at_most_the_requests_in_flight(redis_url: str) -> None:
+    with Gunicorn(env=affinity(redis_url)) as server, Load(server.port, users=USERS) as load:
+        time.sleep(1.0)
+        victim = min(server.worker_pids())
+        os.kill(victim, signal.SIGKILL)
+        _until(lambda: len(server.worker_pids() - {victim}) == 4)
+        served = load.requests
+        time.sleep(1.5)
+        assert load.requests > served + 100
+    assert max(load.failures_per_user()) <= 1, load.failures[:5]
+    assert load.wrong() == []  # nothing lost: every counter went on
+    assert all(len(seen) > 10 for seen in load.answers)
+
+
+@pytest.mark.parametrize("how", ["hup", "usr2"])
+def test_reload_and_upgrade_fail_nothing_and_lose_nothing(redis_url: str, how: str) -> None:
+    with Gunicorn(env=affinity(redis_url)) as server:
+        before = server.worker_pids()
+        with Load(server.port, users=USERS) as load:
+            time.sleep(1.0)
+            if how == "hup":
+                server.signal(signal.SIGHUP)
+                _until(lambda: not server.worker_pids() & before)
+                children = server.children()
+            else:
+                children = server.children(server.upgrade())
+            time.sleep(1.5)
+    assert load.failures == [], load.failures[:5]
+    assert load.wrong() == []
+    assert load.requests > 300
+    assert sorted(children.values()) == ["gunicorn"] * 4 + ["router"]
+    assert not set(children) & before  # every worker replaced
