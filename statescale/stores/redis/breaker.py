@@ -14,8 +14,10 @@ reply is an answer. Per store and thread-safe.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from ...exceptions import StoreUnavailable
@@ -24,6 +26,12 @@ from ...exceptions import StoreUnavailable
 PROBE_INTERVAL = 0.25
 #: Seconds a probe waits for PING's reply.
 PROBE_TIMEOUT = 0.1
+
+
+def _call(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    function = method()
+    if function is not None:
+        function()
 
 
 class Breaker:
@@ -43,6 +51,12 @@ class Breaker:
         self._open = False
         self._next_probe = 0.0
         self._reason = ""
+        # A fork copies the lock as it stands (maybe held by another thread).
+        reset = weakref.WeakMethod(self._reset_lock)
+        os.register_at_fork(after_in_child=lambda: _call(reset))
+
+    def _reset_lock(self) -> None:
+        self._lock = threading.Lock()
 
     @property
     def open(self) -> bool:

@@ -212,7 +212,7 @@ class RedisStore:
         if cached is not None and self.lifetime.remaining(cached.created, self._clock()) > 0:
             return cached
         token = tracking.begin(key)
-        record, version, pttl = None, 0, 0
+        answered = False
         try:
             with self._translated("load"):
                 record, version, pttl = self._read(key, ("PTTL", key))
@@ -220,13 +220,21 @@ class RedisStore:
                 if record is not None and pttl < slide_below:
                     # A copy serves reads without touching Redis, so the idle timeout
                     # Redis keeps slides here, through the script (a write).
-                    pttl = self._ttl_ms(record.created)
-                    touch = codec.write_args(codec.UPDATE, pttl, {}, frozenset())
-                    version = self._write([key], touch)
-                    if version == 0:  # gone in between
+                    ttl_ms = self._ttl_ms(record.created)
+                    touch = codec.write_args(codec.UPDATE, ttl_ms, {}, frozenset())
+                    touched = self._write([key], touch)
+                    if touched == 0:  # gone in between
                         record = None
+                    # Keep the copy only if the touch came right after the read: a write
+                    # in between (this process's own, which Redis does not echo) would
+                    # leave the copy's fields behind its version.
+                    version, pttl = (touched, ttl_ms) if touched == version + 1 else (0, 0)
+            answered = True
         finally:
-            tracking.read(key, token, record, version, pttl)
+            if answered:
+                tracking.read(key, token, record, version, pttl)
+            else:
+                tracking.abandon(key, token)
         return record
 
     def save(self, session_id: str, changes: Changes, *, created: float) -> int | None:
@@ -247,7 +255,7 @@ class RedisStore:
             if version:
                 tracking.wrote(key, token, changes, version, ttl_ms)
             else:  # failed, or no record any more: no copy either
-                tracking.read(key, token, None, 0, 0)
+                tracking.abandon(key, token)
         return version or None
 
     def create(
@@ -279,8 +287,10 @@ class RedisStore:
             if tracking is not None:
                 if version and not first:  # a new one is read from Redis on its return
                     tracking.created(key, token, Record(dict(fields), created), version, ttl_ms)
-                else:
+                elif version:  # Redis answers: subscribe now, so the return is kept
                     tracking.read(key, token, None, 0, 0)
+                else:
+                    tracking.abandon(key, token)
         if replaces is not None:
             if self._cluster:  # another slot: a step of its own
                 self.delete(replaces)
@@ -294,8 +304,12 @@ class RedisStore:
     def delete_key(self, key: str) -> None:
         if self.tracking is not None:
             self.tracking.drop(key)
-        with self._translated("delete"):
-            self._call(("DEL", key))
+        try:
+            with self._translated("delete"):
+                self._call(("DEL", key))
+        finally:  # and after: a read of this process in between may have kept it
+            if self.tracking is not None:
+                self.tracking.drop(key)
 
     @contextmanager
     def lock(self, session_id: str) -> Iterator[None]:

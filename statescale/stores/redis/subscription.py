@@ -100,8 +100,13 @@ class Direct:
         self._idle: list[Any] = []
         self._pid = os.getpid()
 
+    def _options(self, **extra: Any) -> dict[str, Any]:
+        """The pool's recipe; RESP2 whatever the client speaks (the replies parsed
+        here, and invalidations as pub/sub messages, are RESP2's)."""
+        return {**self._pool.connection_kwargs, "protocol": 2, **extra}
+
     def _new(self) -> Any:
-        return self._pool.connection_class(**self._pool.connection_kwargs)
+        return self._pool.connection_class(**self._options())
 
     def _take(self) -> Any:
         if self._pid != os.getpid():  # the parent's connections are not ours
@@ -157,16 +162,22 @@ class Direct:
 
 
 def _round_trip(conn: Any, packed: list[bytes], replies: int) -> list[Any]:
-    _connect(conn)
-    conn.send_packed_command(packed, check_health=False)
     out: list[Any] = []
     error: ResponseError | None = None
-    for _ in range(replies):
-        try:
-            out.append(conn.read_response())
-        except ResponseError as exc:  # read the rest, so the connection stays in step
-            error = error or exc
-            out.append(exc)
+    try:
+        _connect(conn)
+        conn.send_packed_command(packed, check_health=False)
+        for _ in range(replies):
+            try:
+                out.append(conn.read_response())
+            except ResponseError as exc:  # read the rest, so the connection stays in step
+                error = error or exc
+                out.append(exc)
+    except BaseException:
+        # A reply that comes late must never be read as the next command's: some
+        # connection classes (Sentinel's) stay open after a timeout unless told.
+        conn.disconnect()
+        raise
     if error is not None:
         raise error
     return out
@@ -217,9 +228,7 @@ class Tracking(Direct):
 
     # -- connections -------------------------------------------------------------------
     def _new(self) -> Any:
-        conn = self._pool.connection_class(
-            **self._pool.connection_kwargs, redis_connect_func=self._connected
-        )
+        conn = self._pool.connection_class(**self._options(redis_connect_func=self._connected))
         conn.statescale_generation = None  # never connected
         return conn
 
@@ -236,9 +245,12 @@ class Tracking(Direct):
         """redis-py's connect hook: the handshake, then tracking."""
         conn.on_connect()
         with self._lock:
-            if conn.statescale_generation is not None:  # again: its keys are not tracked
-                self.copies.invalidate(None)
-            conn.statescale_generation = -1
+            conn.statescale_generation, again = -1, conn.statescale_generation is not None
+            if again:
+                # Its tracked keys are gone, and the server may be another one (a
+                # restart, a failover) where the subscription's ID names someone else's
+                # client: subscribe afresh before anything is kept again.
+                self._drop("a data connection connected again")
             if self._id is None:
                 return  # not tracked; nothing read now is kept
             try:
@@ -290,19 +302,25 @@ class Tracking(Direct):
                 self.copies.read(key, token, None, 0, 0)
                 self._subscribe()
 
+    def abandon(self, key: str, token: int) -> None:
+        """What :meth:`begin` began failed: nothing is kept (and, Redis not having
+        answered, nothing subscribes)."""
+        with self._lock:
+            self.copies.read(key, token, None, 0, 0)
+
     def wrote(self, key: str, token: int, changes: Changes, version: int, ttl_ms: int) -> None:
         with self._lock:
             if self._current():
                 self.copies.wrote(key, token, changes, version, ttl_ms)
             else:
-                self.copies.read(key, token, None, 0, 0)
+                self.abandon(key, token)
 
     def created(self, key: str, token: int, record: Record, version: int, ttl_ms: int) -> None:
         with self._lock:
             if self._current():
                 self.copies.created(key, token, record, version, ttl_ms)
             else:
-                self.copies.read(key, token, None, 0, 0)
+                self.abandon(key, token)
 
     def drop(self, key: str) -> None:
         with self._lock:
@@ -320,7 +338,7 @@ class Tracking(Direct):
         """Subscribe, right after a read has shown that Redis answers (so a frozen
         Redis never costs a request a second timeout)."""
         try:
-            conn = self._pool.connection_class(**self._pool.connection_kwargs)
+            conn = self._pool.connection_class(**self._options())
             conn.connect()
             conn.send_command("CLIENT", "ID")
             client_id = int(conn.read_response())
@@ -386,19 +404,25 @@ class Tracking(Direct):
         self._last_drain = time.monotonic()
         idle = self._borrow_idle()
         try:
-            socks = [c._sock for c in idle if c._sock is not None]
+            poller = select.poll()  # (select() cannot watch descriptors past 1023)
+            for conn in idle:
+                if conn._sock is not None:
+                    poller.register(conn._sock, select.POLLIN)
             if self._raw is not None:
-                ready = select.select([self._raw, *socks], [], [], 0)[0]
-                seen = self._drain_socket() if self._raw in ready or self._buffered() else 0
+                poller.register(self._raw, select.POLLIN)
+            ready = {fd for fd, _ in poller.poll(0)}
+            if self._raw is not None:
+                raw_ready = self._raw.fileno() in ready or self._buffered()
+                seen = self._drain_socket() if raw_ready else 0
             else:  # pragma: no cover - without hiredis
-                ready = select.select(socks, [], [], 0)[0] if socks else []
                 seen = 0
                 while sub.can_read(timeout=0):
                     self._on_message(sub.read_response())
                     seen += 64
             for conn in idle:
-                if conn._sock is not None and conn._sock in ready:
+                if conn._sock is not None and conn._sock.fileno() in ready:
                     self._lost(conn)  # closed (no reply is due on an idle one)
+                    break  # the subscription went with it
         except (RedisError, OSError, ValueError) as exc:
             self._drop(f"the invalidation subscription failed ({type(exc).__name__})")
             return False
@@ -406,16 +430,15 @@ class Tracking(Direct):
             self._idle.extend(idle)
         if seen >= BACKLOG_BYTES:
             self._behind = True
-        return True
+        return self._sub is not None
 
     def _lost(self, conn: Any) -> None:
-        """A tracked data connection closed: what it read is no longer tracked."""
+        """A tracked data connection closed: what it read is no longer tracked, and
+        the server may be gone too."""
         conn.disconnect()
         if conn.statescale_generation is not None:
             conn.statescale_generation = None
-            self.copies.invalidate(None)
-            self.last_drop = "a data connection closed"
-            log.warning("statescale: local session copies cleared: %s", self.last_drop)
+            self._drop("a data connection closed")
 
     def _catch_up(self) -> bool:
         """:meth:`_sync`, unless the breaker says Redis is not answering (then no copy
@@ -442,7 +465,9 @@ class Tracking(Direct):
                     if remaining <= 0:
                         raise TimeoutError(f"no reply to PING within {timeout:g} s")
                     if not self._buffered():
-                        select.select([self._raw], [], [], remaining)
+                        poller = select.poll()
+                        poller.register(self._raw, select.POLLIN)
+                        poller.poll(remaining * 1000)
                     self._drain_socket()
             else:  # pragma: no cover - without hiredis
                 sub.send_command("PING")
@@ -492,13 +517,18 @@ def pinger(pool: Any) -> Callable[[], bool]:
     """The breaker's probe: ``PING`` with a short timeout on a connection of its own."""
     options = {
         **pool.connection_kwargs,
+        "protocol": 2,
         "socket_timeout": PROBE_TIMEOUT,
         "socket_connect_timeout": PROBE_TIMEOUT,
         "retry": Retry(NoBackoff(), 0),
     }
     kept: list[Any] = []
+    owner = [os.getpid()]
 
     def ping() -> bool:
+        if owner[0] != os.getpid():  # forked: the parent's connection is not ours
+            kept.clear()
+            owner[0] = os.getpid()
         conn = kept.pop() if kept else pool.connection_class(**options)
         try:
             _connect(conn)

@@ -256,3 +256,49 @@ def test_a_new_session_gets_the_first_lifetime_until_its_client_returns(
     assert store.load("back") is not None  # the client returns with its cookie
     assert raw_redis.pttl(store.key("back")) > 1_700_000
     assert raw_redis.pttl(store.key("one-shot")) <= 120_000
+
+
+def test_a_client_built_by_hand_keeps_copies(redis_url: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(redis_url)
+    store = RedisStore(redis.Redis(host=parts.hostname, port=parts.port), local_cache=100)
+    store.create("s", {"a": b"1"}, replaces="old")
+    store.load("s")
+    assert store.load("s") == store.load("s") and store.tracking is not None
+    assert len(store.tracking.copies) == 1
+
+
+def test_a_timed_out_reply_is_never_read_as_the_next_ones(own_redis: EmbeddedRedis) -> None:
+    store = RedisStore.from_url(own_redis.url, timeout=0.2, local_cache=0)
+    for name in ("alice", "bob"):
+        store.create(name, {"who": name.encode()}, replaces="x")
+    admin = redis.Redis.from_url(own_redis.url)
+    admin.client_pause(400)  # the next read times out; its reply comes later
+    with pytest.raises(StoreUnavailable):
+        store.load("alice")
+    time.sleep(0.5)  # the breaker's probe is due again
+    record = store.load("bob")
+    assert record is not None and dict(record.fields) == {"who": b"bob"}
+
+
+def test_a_write_between_a_read_and_its_slide_leaves_no_stale_copy(redis_url: str) -> None:
+    """A copy takes the version of the slide (touch) write only if nothing was written
+    in between: this process's own write would not come back as an invalidation."""
+    store = RedisStore.from_url(redis_url, local_cache=100)
+    written = store.create("sid", {"a": b"1"})  # first lifetime: the next load slides
+    read = store._read
+    versions = []
+
+    def read_then_write(key: str, second: object) -> object:
+        out = read(key, second)  # type: ignore[arg-type]
+        store._read = read  # type: ignore[method-assign]
+        versions.append(
+            store.save("sid", Changes({"a": b"2"}, frozenset()), created=written.created)
+        )
+        return out
+
+    store._read = read_then_write  # type: ignore[method-assign]
+    store.load("sid")
+    record = store.load("sid", min_version=versions[0])
+    assert record is not None and dict(record.fields) == {"a": b"2"}
