@@ -13,6 +13,10 @@ processes. Then a writer that holds no copy saves one session ``--writes`` times
   tells a holder once, then forgets it until it reads again), so every write meets N
   holders. The reads' own cost, measured alone with the same stores, is taken off.
 
+With ``--masters M``, it also measures it with real processes: bytes Redis sends per
+write made through one ``gunicorn -w 4`` alone, then with ``M - 1`` more masters of
+``gunicorn -w 4`` on the same Redis, every worker of theirs serving other sessions.
+
 It prints Redis's own CPU time per write (``INFO cpu``, user + system) and the bytes it
 sent per write (``INFO stats`` ``total_net_output_bytes``), and the ratio to the
 smallest fleet. The cost of a write must not grow with the processes that hold no copy
@@ -83,6 +87,39 @@ def measure(url: str, size: int, writes: int, *, holding: bool) -> tuple[float, 
             store.close()
 
 
+def _bytes_per_write(admin: Any, client: Any, writes: int) -> float:
+    out0 = admin.info("stats")["total_net_output_bytes"]
+    for _ in range(writes):
+        assert client.post("/api/incr?key=n").status == 200
+    return float(admin.info("stats")["total_net_output_bytes"] - out0) / writes
+
+
+def fanout(url: str, masters: int, writes: int) -> tuple[float, float]:
+    """Bytes out per write through one master, alone and beside ``masters - 1`` more."""
+    from contextlib import ExitStack
+
+    from benchmarks.rig.harness import Gunicorn, SessionClient
+
+    admin = redis.Redis.from_url(url)
+    env = {"STATESCALE_REDIS_URL": url}
+    with ExitStack() as stack:
+        first = stack.enter_context(Gunicorn(env=env))
+        client = SessionClient(first.port)
+        client.post("/api/incr?key=n")
+        client.get("/api/session")
+        alone = _bytes_per_write(admin, client, writes)
+        others = [stack.enter_context(Gunicorn(env=env)) for _ in range(masters - 1)]
+        for server in others:  # their workers hold copies of sessions of their own
+            for _ in range(8):
+                other = SessionClient(server.port)
+                other.post("/api/incr?key=n")
+                for _ in range(8):
+                    other.get("/api/session")
+        time.sleep(0.2)
+        beside = _bytes_per_write(admin, client, writes)
+    return alone, beside
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.fleet",
@@ -91,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sizes", default="4,16,64,256", help="fleet sizes (default 4,16,64,256)")
     parser.add_argument("--writes", type=int, default=3000, help="writes per measurement")
+    parser.add_argument(
+        "--masters", type=int, default=0, help="also measure with this many gunicorn -w 4"
+    )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
@@ -111,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {size} | {'all' if holding else 'none'} | {cpu:.1f} us | {cpu / cpu0:.2f} "
             f"| {out:.0f} B | {out / max(out0, 1):.2f} |"
+        )
+    if args.masters > 1:
+        with EmbeddedRedis() as server:
+            alone, beside = fanout(server.url, args.masters, min(args.writes, 500))
+        print(
+            f"\nbytes Redis sends per write through one gunicorn -w 4: {alone:.0f} B alone, "
+            f"{beside:.0f} B beside {args.masters - 1} more ({4 * args.masters} workers): "
+            f"{beside / alone:.2f}x"
         )
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import Settings
@@ -42,9 +43,12 @@ class Hosting:
     node: str | None = None
     backends: tuple[Backend, ...] | None = None
     balancer: str | None = None
+    #: Sticky mode under one master: the directory where this worker's slot hands its
+    #: sessions from one worker to the next (:mod:`statescale.handoff`).
+    handoff: Path | None = None
 
     def apply(self, settings: Settings) -> Settings:
-        if self == Hosting():
+        if self.node is None and self.backends is None and self.balancer is None:
             return settings
         return replace(
             settings,
@@ -77,12 +81,21 @@ def build_store(settings: Settings) -> Store:
         settings.first_lifetime,
     )
     if settings.store_kind == "memory":
-        return MemoryStore(
+        memory = MemoryStore(
             max_sessions=settings.memory_sessions,
             idle_timeout=idle,
             absolute_lifetime=absolute,
             first_lifetime=first,
         )
+        if _hosting.handoff is None:
+            return memory
+        from .handoff import Handoff, HandoffStore
+
+        newest = settings.session.secret_keys[-1]
+        key = newest.encode() if isinstance(newest, str) else newest
+        handoff = Handoff(_hosting.handoff, memory, key)
+        handoff.take_over()
+        return HandoffStore(handoff)
     from .stores.redis import RedisStore
 
     url, private_to = settings.redis_url, None

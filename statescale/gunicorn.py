@@ -1,6 +1,8 @@
 """gunicorn server hooks. Use them from a ``gunicorn.conf.py``::
 
-    from statescale.gunicorn import on_exit, on_starting, post_fork, pre_fork, when_ready
+    from statescale.gunicorn import (
+        on_exit, on_starting, post_fork, pre_fork, when_ready, worker_exit,
+    )
 
 or run ``gunicorn -c python:statescale.gunicorn ...``. The hooks read
 :meth:`Settings.from_env <statescale.config.Settings.from_env>` once, in the master, and
@@ -34,6 +36,10 @@ master (affinity keeps the sessions in Redis besides, as shared mode does):
   in its queue for the replacement instead of being refused: reloads and recycling fail
   no request. ``USR2`` starts a new master with slots and a router of its own on the
   same inherited listener; both serve until the old master is stopped.
+* sticky mode (sessions in memory): a worker that stops gracefully (a reload,
+  recycling, the old master's ``TERM`` after ``USR2``) hands its sessions to the next
+  worker of its slot (``worker_exit``; :mod:`statescale.handoff`), so only a crash
+  loses them.
 * ``TTIN`` and ``TTOU`` are refused: two workers on one slot would split its sessions,
   and a slot without one would hold its sessions' requests forever.
 
@@ -42,8 +48,10 @@ master (affinity keeps the sessions in Redis besides, as shared mode does):
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +89,7 @@ class _Master:
 
     settings: Settings
     server: embedded.EmbeddedRedis | None = None  # the embedded Redis the master started
+    handoff: Path | None = None  # sticky, memory: where slots hand sessions over
     slots: list[_Slot] = field(default_factory=list)
     router: subprocess.Popen[bytes] | None = None
 
@@ -129,6 +138,8 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
         master.slots.append(_Slot(Backend(f"worker{slot}", "127.0.0.1", port), sock))
     backends = tuple(s.backend for s in master.slots)
     assemble.host(assemble.Hosting(backends=backends, balancer="statescale"))
+    if master.settings.store_kind == "memory":
+        master.handoff = _handoff_root(public)
 
     def refuse_ttin() -> None:  # the arbiter looks its signal handlers up by name
         server.log.error(_FIXED_SLOTS, len(master.slots), "TTIN ignored")
@@ -173,13 +184,31 @@ def post_fork(server: Any, worker: Any) -> None:
     if slot is None:
         return
     worker.sockets = [slot.socket]
+    handoff = _master.handoff if _master else None
     assemble.host(
         assemble.Hosting(
             node=slot.backend.name,
             backends=tuple(s.backend for s in _master.slots) if _master else None,
             balancer="statescale",
+            handoff=None if handoff is None else handoff / slot.backend.name,
         )
     )
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """In a worker that stops gracefully: hand its sessions to its slot's next worker."""
+    from .handoff import stop_all
+
+    stop_all()
+
+
+def _handoff_root(bind: str) -> Path:
+    """The hand-off directories of the deployment on ``bind``: private to this user,
+    and the same for the next master of a USR2 upgrade."""
+    from .handoff import private_directory
+
+    base = private_directory(Path(tempfile.gettempdir()) / f"statescale-{os.getuid()}")
+    return private_directory(base / ("handoff-" + bind.replace(":", "-").strip("[]")))
 
 
 def when_ready(server: Any) -> None:

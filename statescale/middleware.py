@@ -186,7 +186,10 @@ class StateScaleMiddleware:
 
     def _loader(self, request: _Request, min_version: int) -> Callable[[str], Record | None]:
         """Loads a session from the store, under its lock first when ``locking``."""
-        store, locking = self.store, self.locking
+        store = self.store
+        # A store that hands sessions between processes (sticky hand-over) is told
+        # which ones a request holds, through the same lock, with or without locking.
+        locking = self.locking or getattr(store, "holds_sessions", False)
 
         def load(session_id: str) -> Record | None:
             if locking:

@@ -149,6 +149,34 @@ class MemoryStore:
             session_id, entry = self._protected.popitem(last=False)
             self._probation[session_id] = entry
 
+    def holds(self, session_id: str) -> bool:
+        """Whether a live record stands under ``session_id`` (touching nothing)."""
+        with self._mutex:
+            entry = self._protected.get(session_id) or self._probation.get(session_id)
+            return entry is not None and entry.expires > self._clock()
+
+    def take(self, session_id: str) -> Record | None:
+        """Remove a live record and return it (a hand-over to another process)."""
+        now = self._clock()
+        with self._mutex:
+            entry = self._live(session_id, now, returning=False)
+            if entry is None:
+                return None
+            self._probation.pop(session_id, None)
+            self._protected.pop(session_id, None)
+            return Record(entry.fields, entry.created)
+
+    def items(self) -> list[tuple[str, Record]]:
+        """Every live record (a worker that stops hands them over)."""
+        now = self._clock()
+        with self._mutex:
+            return [
+                (sid, Record(dict(e.fields), e.created))
+                for segment in (self._probation, self._protected)
+                for sid, e in segment.items()
+                if e.expires > now and self.lifetime.remaining(e.created, now) > 0
+            ]
+
     def delete(self, session_id: str) -> None:
         with self._mutex:
             self._probation.pop(session_id, None)

@@ -43,6 +43,7 @@ def test_33_sticky_reload_and_recycling_fail_no_request(args: tuple[str, ...]) -
         assert server.process is not None and server.process.poll() is None  # the master
         log = server.log()
     assert load.failures == [], load.failures[:5]
+    assert load.wrong() == []  # handed over: every counter went on by one
     assert load.requests > 200
     assert not set(after) & before  # every worker replaced
     assert sorted(after.values()).count("router") == 1, after
@@ -66,6 +67,7 @@ def test_33_sticky_upgrade_fails_no_request_and_leaves_one_router() -> None:
         load, children = _upgrade_under_load(server)
         assert SessionClient(server.port).post("/api/incr?key=c").json["value"] == 1
     assert load.failures == [], load.failures[:5]
+    assert load.wrong() == []  # handed over: every counter went on by one
     assert sorted(children.values()) == ["gunicorn"] * 4 + ["router"]
 
 

@@ -1,0 +1,87 @@
+"""Sticky sessions handed between the workers of one slot, over real Unix sockets and
+files (two Handoff objects stand for two workers; the gunicorn reload tests run the
+real thing)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from statescale.exceptions import ConfigError
+from statescale.handoff import Handoff, HandoffStore
+from statescale.session import Changes
+from statescale.stores.memory import MemoryStore
+
+KEY = b"handoff-test-key-0123456789abcdef"
+
+
+def worker(directory: Path, name: str, key: bytes = KEY) -> HandoffStore:
+    return HandoffStore(Handoff(directory, MemoryStore(), key, name=name))
+
+
+def fields(store: HandoffStore, session_id: str) -> dict[str, bytes] | None:
+    with store.lock(session_id):
+        record = store.load(session_id)
+    return None if record is None else dict(record.fields)
+
+
+def test_a_session_moves_to_the_worker_that_misses_it(tmp_path: Path) -> None:
+    old, new = worker(tmp_path, "old"), worker(tmp_path, "new")
+    old.create("s", {"n": b"1"}, replaces="s")
+    assert fields(new, "s") == {"n": b"1"}
+    assert not old.memory.holds("s")  # one holder at a time
+    assert fields(old, "s") == {"n": b"1"}  # ...and back, where its requests go
+
+
+def test_a_stopping_worker_leaves_its_sessions_to_the_next(tmp_path: Path) -> None:
+    old = worker(tmp_path, "old")
+    for n in range(100):
+        old.create(f"s{n}", {"n": str(n).encode()}, replaces="x")
+    old.handoff.stop()
+    assert not list(tmp_path.glob("*.sock"))
+    new = worker(tmp_path, "new")
+    new.handoff.take_over()
+    assert len(new.memory) == 100 and fields(new, "s42") == {"n": b"42"}
+    assert not list(tmp_path.glob("*.json"))  # claimed, and gone
+
+
+def test_a_file_left_while_the_next_worker_runs_is_claimed_on_a_miss(tmp_path: Path) -> None:
+    old, new = worker(tmp_path, "old"), worker(tmp_path, "new")
+    old.create("s", {"n": b"1"}, replaces="x")
+    old.handoff.stop()
+    assert fields(new, "s") == {"n": b"1"}
+
+
+def test_a_session_in_use_is_given_when_its_request_ends(tmp_path: Path) -> None:
+    old, new = worker(tmp_path, "old"), worker(tmp_path, "new")
+    created = old.create("s", {"n": b"1"}, replaces="x").created
+    got: list[dict[str, bytes] | None] = []
+    with old.lock("s"):
+        assert old.load("s") is not None
+        asking = threading.Thread(target=lambda: got.append(fields(new, "s")))
+        asking.start()
+        time.sleep(0.2)
+        assert got == []  # waits for the request that holds it...
+        old.save("s", Changes({"n": b"2"}, frozenset()), created=created)
+    asking.join(5)
+    assert got == [{"n": b"2"}]  # ...and gets what that request saved
+
+
+def test_a_peer_without_the_keys_gets_nothing(tmp_path: Path) -> None:
+    old, stranger = worker(tmp_path, "old"), worker(tmp_path, "x", key=b"another-key-" * 3)
+    old.create("s", {"n": b"1"}, replaces="x")
+    assert fields(stranger, "s") is None
+    assert old.memory.holds("s")
+    old.handoff.stop()  # a file sealed with the other key is not taken in either
+    assert fields(stranger, "s") is None
+
+
+def test_the_directory_must_be_private(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(ConfigError, match="0700"):
+        worker(shared, "w")
