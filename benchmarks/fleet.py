@@ -95,29 +95,32 @@ def _bytes_per_write(admin: Any, client: Any, writes: int) -> float:
 
 
 def fanout(url: str, masters: int, writes: int) -> tuple[float, float]:
-    """Bytes out per write through one master, alone and beside ``masters - 1`` more."""
+    """Bytes out per write through one master: alone (before the others start and after
+    they stop, averaged: which of its own workers hold a copy drifts), and beside
+    ``masters - 1`` more."""
     from contextlib import ExitStack
 
     from benchmarks.rig.harness import Gunicorn, SessionClient
 
     admin = redis.Redis.from_url(url)
     env = {"STATESCALE_REDIS_URL": url}
-    with ExitStack() as stack:
-        first = stack.enter_context(Gunicorn(env=env))
+    with Gunicorn(env=env) as first:
         client = SessionClient(first.port)
         client.post("/api/incr?key=n")
         client.get("/api/session")
-        alone = _bytes_per_write(admin, client, writes)
-        others = [stack.enter_context(Gunicorn(env=env)) for _ in range(masters - 1)]
-        for server in others:  # their workers hold copies of sessions of their own
-            for _ in range(8):
-                other = SessionClient(server.port)
-                other.post("/api/incr?key=n")
+        before = _bytes_per_write(admin, client, writes)
+        with ExitStack() as stack:
+            others = [stack.enter_context(Gunicorn(env=env)) for _ in range(masters - 1)]
+            for server in others:  # their workers hold copies of sessions of their own
                 for _ in range(8):
-                    other.get("/api/session")
-        time.sleep(0.2)
-        beside = _bytes_per_write(admin, client, writes)
-    return alone, beside
+                    other = SessionClient(server.port)
+                    other.post("/api/incr?key=n")
+                    for _ in range(8):
+                        other.get("/api/session")
+            time.sleep(0.2)
+            beside = _bytes_per_write(admin, client, writes)
+        after = _bytes_per_write(admin, client, writes)
+    return (before + after) / 2, beside
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.masters > 1:
         with EmbeddedRedis() as server:
-            alone, beside = fanout(server.url, args.masters, min(args.writes, 500))
+            alone, beside = fanout(server.url, args.masters, min(args.writes, 1000))
         print(
             f"\nbytes Redis sends per write through one gunicorn -w 4: {alone:.0f} B alone, "
             f"{beside:.0f} B beside {args.masters - 1} more ({4 * args.masters} workers): "

@@ -27,6 +27,8 @@ from .stores.memory import MemoryStore
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
 
+    from .handoff import RemotePeers
+
 log = logging.getLogger("statescale")
 
 NO_REDIS_URL = (
@@ -87,13 +89,14 @@ def build_store(settings: Settings) -> Store:
             absolute_lifetime=absolute,
             first_lifetime=first,
         )
-        if _hosting.handoff is None:
+        peers = _ring_peers(settings) if _hosting.handoff is None else None
+        if _hosting.handoff is None and peers is None:
             return memory
         from .handoff import Handoff, HandoffStore
 
         newest = settings.session.secret_keys[-1]
         key = newest.encode() if isinstance(newest, str) else newest
-        handoff = Handoff(_hosting.handoff, memory, key)
+        handoff = Handoff(memory, key, directory=_hosting.handoff, peers=peers)
         handoff.take_over()
         return HandoffStore(handoff)
     from .stores.redis import RedisStore
@@ -118,6 +121,17 @@ def build_store(settings: Settings) -> Store:
     # after starting it (the gunicorn hooks, --preload): the store tells them apart.
     store.private_to = private_to
     return store
+
+
+def _ring_peers(settings: Settings) -> RemotePeers | None:
+    """A sticky node behind an outside balancer hands sessions to and from the other
+    nodes of its ring (:class:`statescale.handoff.RemotePeers`)."""
+    if settings.mode != "sticky" or settings.node is None or len(settings.backends) < 2:
+        return None
+    from .handoff import RemotePeers
+    from .routing.balancers import get
+
+    return RemotePeers(get(settings.balancer).ring(settings.backends), settings.node)
 
 
 def build_id_factory(settings: Settings) -> Callable[[], str]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .exceptions import ConfigError
+from .routing.balancers._base import BackendRing
 from .session import Changes, Record, Written
 from .stores.memory import MemoryStore
 
@@ -55,6 +57,11 @@ log = logging.getLogger("statescale")
 #: a peer waits for an answer.
 GIVE_WAIT = 5.0
 _MAX_MESSAGE = 64 * 1024 * 1024
+#: The largest hand-off call a node's middleware reads.
+MAX_HANDOFF = _MAX_MESSAGE
+
+#: Where a node's middleware answers its ring peers' hand-off calls.
+HANDOFF_PATH = "/.statescale/handoff"
 
 _handoffs: list[Handoff] = []  # this process's, for the exit hooks
 
@@ -95,25 +102,34 @@ class Handoff:
     :meth:`stop` hands everything over)."""
 
     def __init__(
-        self, directory: Path, memory: MemoryStore, key: bytes, *, name: str | None = None
+        self,
+        memory: MemoryStore,
+        key: bytes,
+        *,
+        directory: Path | None = None,
+        peers: RemotePeers | None = None,
+        name: str | None = None,
     ) -> None:
-        self.directory = private_directory(directory)
         self.memory = memory
         self._mac = _Mac(key)
+        self.peers = peers
         # Files and sockets are named by pid (a test runs several in one process, each
         # ``<pid>-<name>``): a socket whose pid is gone was left by a crash.
         self._name = str(os.getpid()) if name is None else f"{os.getpid()}-{name}"
-        self._path = self.directory / f"{self._name}.sock"
         self._in_use: dict[str, int] = {}  # session -> requests of this process holding it
         self._cond = threading.Condition()
         self._stopped = False
         self._handed = threading.Event()  # the file is written
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
-        self._listener.bind(str(self._path))
-        self._listener.listen(16)
-        threading.Thread(target=self._serve, name="statescale-handoff", daemon=True).start()
+        self.directory = None if directory is None else private_directory(directory)
+        self._listener: socket.socket | None = None
+        if self.directory is not None:
+            self._path = self.directory / f"{self._name}.sock"
+            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()
+            self._listener.bind(str(self._path))
+            self._listener.listen(16)
+            threading.Thread(target=self._serve, name="statescale-handoff", daemon=True).start()
         _handoffs.append(self)
 
     # -- the requests of this process ----------------------------------------------------
@@ -138,7 +154,11 @@ class Handoff:
         record = self.memory.load(session_id)
         if record is not None or self._stopped:
             return record
-        found = self._ask_peers(session_id) or self._claim_files(session_id)
+        found: Record | None = None
+        if self.directory is not None:
+            found = self._ask_peers(session_id) or self._claim_files(session_id)
+        if found is None and self.peers is not None:
+            found = self.peers.fetch(session_id, self._mac)
         if found is None:
             return None
         self.memory.create(session_id, found.fields, created=found.created, replaces=session_id)
@@ -146,6 +166,7 @@ class Handoff:
 
     # -- giving ----------------------------------------------------------------------------
     def _serve(self) -> None:
+        assert self._listener is not None
         while True:
             try:
                 conn, _ = self._listener.accept()
@@ -154,19 +175,31 @@ class Handoff:
             with conn:
                 try:
                     conn.settimeout(GIVE_WAIT + 1)
-                    self._answer(conn)
+                    reply = self.answer(_read_all(conn))
+                    if reply is not None:
+                        conn.sendall(reply)
                 except (OSError, ValueError) as exc:
                     log.warning("statescale: a hand-off request failed: %s", exc)
 
-    def _answer(self, conn: socket.socket) -> None:
-        body = self._mac.open(_read_all(conn))
+    def answer(self, sealed: bytes) -> bytes | None:
+        """A peer's sealed request, answered sealed (``None``: refused). ``give``: the
+        session, taken from here; ``take``: sessions for this node to keep."""
+        body = self._mac.open(sealed)
         if body is None:
             log.warning("statescale: refused a hand-off request with a bad signature")
-            return
-        session_id = json.loads(body)["give"]
-        record = self._take(session_id)
-        reply = json.dumps({"record": None if record is None else _encode(record)})
-        conn.sendall(self._mac.seal(reply.encode()))
+            return None
+        request = json.loads(body)
+        if "take" in request:
+            for session_id, data in request["take"].items():
+                if not self.memory.holds(session_id):
+                    given = _decode(data)
+                    self.memory.create(
+                        session_id, given.fields, created=given.created, replaces=session_id
+                    )
+            return self._mac.seal(b"{}")
+        taken = self._take(request["give"])
+        reply = json.dumps({"record": None if taken is None else _encode(taken)})
+        return self._mac.seal(reply.encode())
 
     def _take(self, session_id: str) -> Record | None:
         """Remove and return a session, once no request of this process holds it."""
@@ -184,6 +217,7 @@ class Handoff:
 
     # -- asking ----------------------------------------------------------------------------
     def _peers(self) -> Iterator[Path]:
+        assert self.directory is not None
         for path in self.directory.glob("*.sock"):
             if path != self._path:
                 yield path
@@ -215,6 +249,8 @@ class Handoff:
         """Take in every session of the files that stopped workers left; the one
         ``wanted``, if it was there."""
         found = None
+        if self.directory is None:
+            return None
         for path in self.directory.glob("*.json"):
             claimed = path.with_suffix(f".claimed-{self._name}")
             try:
@@ -256,16 +292,81 @@ class Handoff:
             self._stopped = True
             self._cond.notify_all()
             sessions = {sid: _encode(record) for sid, record in self.memory.items()}
+        if self.directory is None:
+            if self.peers is not None and sessions:
+                self.peers.push(sessions, self._mac)
+            log.info("statescale: handed over %d sessions to their next owners", len(sessions))
+            return
         if sessions:
             body = json.dumps({"sessions": sessions}).encode()
             temporary = self.directory / f"{self._name}.tmp"
             temporary.write_bytes(self._mac.seal(body))
             temporary.rename(self.directory / f"{self._name}.json")
         self._handed.set()
-        self._listener.close()
+        if self._listener is not None:
+            self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()
         log.info("statescale: handed over %d sessions (%s)", len(sessions), self._name)
+
+
+class RemotePeers:
+    """The other nodes of a sticky ring, over HTTP (``POST HANDOFF_PATH`` on each node's
+    own address, where its middleware answers).
+
+    A node that misses a session asks the nodes the ring ranks above it for that
+    session (they may have left the routers' ring while still running: a scale-in),
+    then the one ranked just below it (the owner before this node joined). A node that
+    stops gracefully sends each session it holds to its owner on the ring without it.
+    """
+
+    def __init__(self, ring: BackendRing, node: str, *, timeout: float = 1.0) -> None:
+        self.ring = ring
+        self.node = node
+        self.timeout = timeout
+        self._address = {b.name: (b.host, b.port) for b in ring.backends}
+
+    def candidates(self, session_id: str) -> list[str]:
+        ranking: list[str] = []
+        with contextlib.suppress(LookupError):
+            while len(ranking) < len(self._address):
+                ranking.append(self.ring.owner(session_id, down=ranking))
+        here = ranking.index(self.node) if self.node in ranking else len(ranking)
+        return ranking[:here] + ranking[here + 1 : here + 2]
+
+    def fetch(self, session_id: str, mac: _Mac) -> Record | None:
+        request = mac.seal(json.dumps({"give": session_id}).encode())
+        for name in self.candidates(session_id):
+            reply = self._post(name, request, mac)
+            data = None if reply is None else json.loads(reply).get("record")
+            if data is not None:
+                return _decode(data)
+        return None
+
+    def push(self, sessions: Mapping[str, Any], mac: _Mac) -> None:
+        """Each session to its owner on the ring without this node."""
+        by_owner: dict[str, dict[str, Any]] = {}
+        for session_id, data in sessions.items():
+            with contextlib.suppress(LookupError):
+                owner = self.ring.owner(session_id, down=[self.node])
+                by_owner.setdefault(owner, {})[session_id] = data
+        for owner, batch in by_owner.items():
+            if self._post(owner, mac.seal(json.dumps({"take": batch}).encode()), mac) is None:
+                log.warning("statescale: %d sessions could not be handed to %s", len(batch), owner)
+
+    def _post(self, name: str, sealed: bytes, mac: _Mac) -> bytes | None:
+        host, port = self._address[name]
+        conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        try:
+            conn.request("POST", HANDOFF_PATH, body=sealed)
+            response = conn.getresponse()
+            body = response.read(_MAX_MESSAGE)
+        except OSError as exc:
+            log.info("statescale: hand-off call to %s failed: %s", name, exc)
+            return None
+        finally:
+            conn.close()
+        return mac.open(body) if response.status == 200 else None
 
 
 class HandoffStore:

@@ -28,6 +28,7 @@ from werkzeug.wsgi import ClosingIterator
 from .config import DEFAULT_MAX_SIZE, CookieOptions
 from .cookies import CookieWriter, cookie_values
 from .exceptions import ConfigError, StoreError
+from .handoff import HANDOFF_PATH, MAX_HANDOFF
 from .session import Changes, Record, Session
 from .signing import SessionSigner, new_session_id
 from .stores.base import Store
@@ -120,6 +121,8 @@ class StateScaleMiddleware:
         self._versions = CookieWriter(self.version_cookie)
         self._refresh_cookie = self.cookie.max_age is not None
         self._check_processes = not sticky  # until the first request from a multi-process server
+        # A sticky node's ring peers call it here to take or give sessions (handoff.py).
+        self._handoff = getattr(store, "handoff", None)
         self._outage_log = _Throttle()
         self._vanished_log = _Throttle(level=logging.WARNING)
         self._forged_log = _Throttle(interval=10.0, level=logging.WARNING)
@@ -134,6 +137,8 @@ class StateScaleMiddleware:
         self._outage_log.log("statescale: answering 503: %s", exc)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self._handoff is not None and environ.get("PATH_INFO") == HANDOFF_PATH:
+            return self._answer_handoff(environ, start_response)
         if self._check_processes and environ.get("wsgi.multiprocess"):
             self._check_processes = False
             if self.store.per_process:
@@ -155,6 +160,23 @@ class StateScaleMiddleware:
             _close(app_iter)
             return [UNAVAILABLE_BODY]
         return app_iter
+
+    def _answer_handoff(
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        """A ring peer's sealed hand-off call; anything else there is a 404."""
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = -1
+        reply, handoff = None, self._handoff
+        if environ.get("REQUEST_METHOD") == "POST" and 0 < length <= MAX_HANDOFF and handoff:
+            reply = handoff.answer(environ["wsgi.input"].read(length))
+        if reply is None:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [reply]
 
     def _open(self, environ: WSGIEnvironment, request: _Request) -> Session:
         """The request's session, loaded (on first use) through ``request``'s lock."""

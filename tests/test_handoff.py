@@ -19,7 +19,7 @@ KEY = b"handoff-test-key-0123456789abcdef"
 
 
 def worker(directory: Path, name: str, key: bytes = KEY) -> HandoffStore:
-    return HandoffStore(Handoff(directory, MemoryStore(), key, name=name))
+    return HandoffStore(Handoff(MemoryStore(), key, directory=directory, name=name))
 
 
 def fields(store: HandoffStore, session_id: str) -> dict[str, bytes] | None:
@@ -85,3 +85,42 @@ def test_the_directory_must_be_private(tmp_path: Path) -> None:
     shared.chmod(0o777)
     with pytest.raises(ConfigError, match="0700"):
         worker(shared, "w")
+
+
+def test_a_joining_node_asks_the_nodes_ranked_above_it_then_the_next_one() -> None:
+    from statescale.handoff import RemotePeers
+    from statescale.routing.backends import Backend
+    from statescale.routing.balancers import get
+
+    backends = [Backend(f"n{i}", "127.0.0.1", 9000 + i) for i in range(5)]
+    ring = get("statescale").ring(backends)
+    for session_id in ("a", "b", "c", "d", "e", "f"):
+        ranking: list[str] = []
+        while len(ranking) < 5:
+            ranking.append(ring.owner(session_id, down=ranking))
+        for place, node in enumerate(ranking):
+            asked = RemotePeers(ring, node).candidates(session_id)
+            assert asked == ranking[:place] + ranking[place + 1 : place + 2]
+
+
+def test_the_middleware_answers_sealed_calls_only(tmp_path: Path) -> None:
+    from werkzeug.test import Client
+
+    from statescale.handoff import HANDOFF_PATH, _Mac
+    from statescale.middleware import StateScaleMiddleware
+
+    store = worker(tmp_path, "node")
+    store.create("s", {"n": b"1"}, replaces="x")
+
+    def app(environ: object, start_response: object) -> list[bytes]:
+        raise AssertionError("the app never sees a hand-off call")
+
+    client = Client(StateScaleMiddleware(app, store, secret_keys=["k" * 32]))
+    forged = _Mac(b"not-the-key").seal(b'{"give": "s"}')
+    assert client.post(HANDOFF_PATH, data=forged).status_code == 404
+    assert store.memory.holds("s")
+    mac = _Mac(KEY)
+    reply = client.post(HANDOFF_PATH, data=mac.seal(b'{"give": "s"}'))
+    assert reply.status_code == 200
+    assert b'"n": "1"' in (mac.open(reply.data) or b"")
+    assert not store.memory.holds("s")

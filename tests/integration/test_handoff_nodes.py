@@ -1,0 +1,74 @@
+"""Sticky nodes behind statescale's router hand sessions over when the ring changes:
+a node that joins fetches its sessions from their previous owner, and a node taken out
+gives its sessions to their next owners (while it still runs, and when it stops)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from contextlib import ExitStack
+
+import pytest
+
+from benchmarks.rig.harness import (
+    ADMIN_TOKEN,
+    Load,
+    SessionClient,
+    add_sticky_node,
+    start_router,
+    sticky_nodes,
+)
+from statescale.processes import free_port
+
+pytestmark = pytest.mark.integration
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def _router(stack: ExitStack, backends: list, port: int, admin: int) -> None:  # type: ignore[type-arg]
+    proc = start_router(backends, port, "--admin", f"127.0.0.1:{admin}")
+    stack.callback(lambda: (proc.send_signal(signal.SIGTERM), proc.wait(15)))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if SessionClient(port).get("/health").status == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the router did not come up"
+        time.sleep(0.1)
+
+
+def test_a_node_that_joins_takes_its_sessions_over() -> None:
+    port, admin = free_port(), free_port()
+    with ExitStack() as stack:
+        _, backends = sticky_nodes(stack)
+        _router(stack, backends, port, admin)
+        with Load(port, users=20) as load:
+            time.sleep(1.0)
+            _, new = add_sticky_node(stack, backends)
+            reply = SessionClient(admin).post(
+                f"/nodes?name={new.name}&addr={new.address}", headers=AUTH
+            )
+            assert reply.status == 200
+            time.sleep(1.5)
+        moved = SessionClient(new.port)  # the new node served some users' sessions...
+        assert moved.get("/health").status == 200
+    assert load.failures == [], load.failures[:5]
+    assert load.wrong() == []  # ...and none of them started afresh
+
+
+def test_a_node_taken_out_gives_its_sessions_to_their_next_owners() -> None:
+    port, admin = free_port(), free_port()
+    with ExitStack() as stack:
+        nodes, backends = sticky_nodes(stack)
+        _router(stack, backends, port, admin)
+        with Load(port, users=20) as load:
+            time.sleep(1.0)
+            reply = SessionClient(admin).request("DELETE", "/nodes?name=node1", headers=AUTH)
+            assert reply.status == 200
+            time.sleep(1.0)  # its sessions' next owners ask it for them
+            nodes[0].stop()  # a graceful stop: what is left goes to the next owners
+            time.sleep(1.0)
+    assert load.failures == [], load.failures[:5]
+    assert load.wrong() == []
