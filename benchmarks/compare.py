@@ -645,8 +645,9 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.compare",
-        description="Start every configuration at once (shared, affinity under gunicorn, shared+locking, shared with "
-        "Redis 1 ms away, sticky under gunicorn, sticky behind the router and behind nginx, "
+        description="Start every configuration at once (shared, affinity under gunicorn, "
+        "shared+locking, shared with Redis 1 ms away, sticky under gunicorn, sticky behind "
+        "the router and behind nginx, "
         "memory without stickiness, the session-less ceiling, Flask-Session 0.8 and signed "
         "cookies), alternate load runs between them (a read-heavy and a write-heavy mix), "
         "check consistency with simulated users, lost updates, a node killed and a node "
