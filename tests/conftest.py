@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,8 @@ def redis_server() -> Iterator[EmbeddedRedis]:
     use ``own_redis`` instead."""
     with EmbeddedRedis() as server:
         yield server
+        # Stores still alive would each log that their subscription closed: expected.
+        logging.getLogger("statescale").setLevel(logging.ERROR)
 
 
 @pytest.fixture

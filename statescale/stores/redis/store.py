@@ -14,7 +14,8 @@ ID (someone who can list the keys learns no usable ID). Round trips per request:
 Copies (:mod:`.subscription`, :mod:`.copies`): each process keeps the records it has
 read, and Redis tells it, and only it, when one of those changes. A write costs Redis
 nothing for the processes that hold no copy, however many there are. On one server and
-on Sentinel's master; a Cluster always reads from Redis.
+on Sentinel's master, and on each master of a Cluster (one subscription per master: Redis
+tracks keys per server).
 
 Timeouts are short on purpose: a dead or hung Redis must fail a request well under a
 second (``StoreUnavailable``, which the middleware answers with 503), long before
@@ -57,6 +58,11 @@ from .subscription import Direct, Script, Tracking, pinger
 log = logging.getLogger("statescale")
 
 _WRITE = Script(codec.WRITE_SCRIPT)
+
+
+def _moved(exc: ResponseError) -> bool:
+    """A Cluster redirection: the slot is served elsewhere (now, or for this key)."""
+    return str(exc).startswith(("MOVED", "ASK"))
 
 
 def _key_hash(session_id: str) -> str:
@@ -107,13 +113,34 @@ class RedisStore:
         #: (a Cluster, a test double) the client's.
         self.tracking: Tracking | None = None
         self._direct: Direct | None = None
+        self._local_cache = local_cache
+        #: A Cluster's copies: one :class:`Tracking` per master, by node name (Redis
+        #: tracks keys per server, and tells clients of that server only).
+        self.shards: dict[str, Tracking] | None = {} if self._cluster and local_cache else None
         if pool is not None and local_cache > 0:
-            touch = min(10.0, self.lifetime.idle / 10)
-            copies = Copies(max_entries=local_cache, touch_interval=touch, clock=clock)
-            self.tracking = self._direct = Tracking(pool, copies, self.breaker)
+            self.tracking = self._direct = Tracking(pool, self._copies(), self.breaker)
         elif pool is not None:
             self._direct = Direct(pool)
         self._script: Any = None if self._direct else client.register_script(codec.WRITE_SCRIPT)
+
+    def _copies(self) -> Copies:
+        touch = min(10.0, self.lifetime.idle / 10)
+        return Copies(max_entries=self._local_cache, touch_interval=touch, clock=self._clock)
+
+    def _tracking(self, key: str) -> Tracking | None:
+        """Where ``key``'s copies live: this process's one :class:`Tracking`, or on a
+        Cluster the one of the master that holds ``key``'s slot."""
+        if self.shards is None:
+            return self.tracking
+        with self._translated("route"):
+            node = self.client.get_node_from_key(key)
+            shard = self.shards.get(node.name)
+            if shard is None:
+                pool = self.client.get_redis_connection(node).connection_pool
+                shard = self.shards.setdefault(
+                    node.name, Tracking(pool, self._copies(), self.breaker)
+                )
+        return shard
 
     @classmethod
     def from_url(
@@ -134,6 +161,8 @@ class RedisStore:
         the store connects again if it is used after."""
         if self._direct is not None:
             self._direct.close()
+        for shard in (self.shards or {}).values():
+            shard.close()
 
     @property
     def per_process(self) -> bool:
@@ -159,24 +188,44 @@ class RedisStore:
                 self.breaker.tripped(reason)
             raise StoreUnavailable("redis", f"{what}: {reason}") from exc
 
-    def _call(self, *commands: Sequence[Any]) -> list[Any]:
-        if self._direct is not None:
-            return self._direct.call(*commands)
+    def _call(self, *commands: Sequence[Any], via: Direct | None = None) -> list[Any]:
+        direct = via or self._direct
+        if direct is not None:
+            try:
+                return direct.call(*commands)
+            except ResponseError as exc:
+                if direct is self._direct or not _moved(exc):
+                    raise
+                self._slot_moved(direct)
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         return cast("list[Any]", pipe.execute())
 
-    def _write(self, keys: list[str], args: list[Any]) -> int:
-        if self._direct is not None:
-            return int(self._direct.run(_WRITE, keys, args))
+    def _write(self, keys: list[str], args: list[Any], via: Direct | None = None) -> int:
+        direct = via or self._direct
+        if direct is not None:
+            try:
+                return int(direct.run(_WRITE, keys, args))
+            except ResponseError as exc:
+                if direct is self._direct or not _moved(exc):
+                    raise
+                self._slot_moved(direct)
         return int(self._script(keys, args))
 
-    def _read(self, key: str, second: Sequence[Any]) -> tuple[Record | None, int, int]:
+    def _slot_moved(self, shard: Direct) -> None:
+        """A Cluster slot moved off ``shard``: the client follows it (and learns the new
+        map); what ``shard`` read of it is no longer tracked there."""
+        if isinstance(shard, Tracking):
+            shard.drop_all()
+
+    def _read(
+        self, key: str, second: Sequence[Any], via: Direct | None = None
+    ) -> tuple[Record | None, int, int]:
         """``HGETALL`` with ``second`` in one round trip: the record, its version, and
         the second command's reply."""
         try:
-            raw, reply = self._call(("HGETALL", key), second)
+            raw, reply = self._call(("HGETALL", key), second, via=via)
         except ResponseError as exc:
             if "WRONGTYPE" not in str(exc):
                 raise
@@ -204,7 +253,7 @@ class RedisStore:
     # -- the Store protocol --------------------------------------------------------------
     def load(self, session_id: str, *, min_version: int = 0) -> Record | None:
         key = self.key(session_id)
-        tracking = self.tracking
+        tracking = self._tracking(key)
         if tracking is None:
             with self._translated("load"):
                 return self._read(key, ("PEXPIRE", key, int(self.lifetime.idle * 1000)))[0]
@@ -215,14 +264,14 @@ class RedisStore:
         answered = False
         try:
             with self._translated("load"):
-                record, version, pttl = self._read(key, ("PTTL", key))
+                record, version, pttl = self._read(key, ("PTTL", key), via=tracking)
                 slide_below = (self.lifetime.idle - tracking.copies.touch_interval) * 1000
                 if record is not None and pttl < slide_below:
                     # A copy serves reads without touching Redis, so the idle timeout
                     # Redis keeps slides here, through the script (a write).
                     ttl_ms = self._ttl_ms(record.created)
                     touch = codec.write_args(codec.UPDATE, ttl_ms, {}, frozenset())
-                    touched = self._write([key], touch)
+                    touched = self._write([key], touch, via=tracking)
                     if touched == 0:  # gone in between
                         record = None
                     # Keep the copy only if the touch came right after the read: a write
@@ -241,7 +290,7 @@ class RedisStore:
         key = self.key(session_id)
         ttl_ms = self._ttl_ms(created)
         args = codec.write_args(codec.UPDATE, ttl_ms, changes.set, changes.deleted)
-        tracking = self.tracking
+        tracking = self._tracking(key)
         if tracking is None:
             with self._translated("save"):
                 version = self._write([key], args)
@@ -250,7 +299,7 @@ class RedisStore:
         version = 0
         try:
             with self._translated("save"):
-                version = self._write([key], args)
+                version = self._write([key], args, via=tracking)
         finally:
             if version:
                 tracking.wrote(key, token, changes, version, ttl_ms)
@@ -277,12 +326,12 @@ class RedisStore:
         keys = [key]
         if replaces is not None and not self._cluster:
             keys.append(self.key(replaces))  # dropped in the same step
-        tracking = self.tracking
+        tracking = self._tracking(key)
         token = tracking.begin(key) if tracking is not None else 0
         version = 0
         try:
             with self._translated("create"):
-                version = self._write(keys, args)
+                version = self._write(keys, args, via=tracking)
         finally:
             if tracking is not None:
                 if version and not first:  # a new one is read from Redis on its return
@@ -302,14 +351,15 @@ class RedisStore:
         self.delete_key(self.key(session_id))
 
     def delete_key(self, key: str) -> None:
-        if self.tracking is not None:
-            self.tracking.drop(key)
+        tracking = self._tracking(key)
+        if tracking is not None:
+            tracking.drop(key)
         try:
             with self._translated("delete"):
-                self._call(("DEL", key))
+                self._call(("DEL", key), via=tracking)
         finally:  # and after: a read of this process in between may have kept it
-            if self.tracking is not None:
-                self.tracking.drop(key)
+            if tracking is not None:
+                tracking.drop(key)
 
     @contextmanager
     def lock(self, session_id: str) -> Iterator[None]:
@@ -322,8 +372,9 @@ class RedisStore:
         with self._translated("lock"):
             if not lock.acquire():
                 raise LockTimeout(self.lock_wait)
-        if self.tracking is not None:  # under the lock, read what Redis holds
-            self.tracking.drop(self.key(session_id))
+        tracking = self._tracking(self.key(session_id))
+        if tracking is not None:  # under the lock, read what Redis holds
+            tracking.drop(self.key(session_id))
         try:
             yield
         finally:

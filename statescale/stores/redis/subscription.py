@@ -326,6 +326,10 @@ class Tracking(Direct):
         with self._lock:
             self.copies.drop(key)
 
+    def drop_all(self) -> None:
+        with self._lock:
+            self.copies.invalidate(None)
+
     def _current(self) -> bool:
         """Whether invalidations arrive, as far as is known. No drain here: one that has
         not been read yet is read by the next lookup, which then drops the copy; what

@@ -79,7 +79,7 @@ def cluster(tmp_path: Path) -> Iterator[list[int]]:
 def test_sessions_on_a_real_cluster(cluster: list[int]) -> None:
     url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in cluster)
     store = RedisStore.from_url(url)
-    assert store.tracking is None  # Cluster reads through
+    assert store.tracking is None and store.shards == {}  # copies per master
     created = []
     for i in range(30):  # spread over the slots, so over all three masters
         created.append(store.create(f"session-{i:02d}", {"n": b"0"}).created)
@@ -88,6 +88,18 @@ def test_sessions_on_a_real_cluster(cluster: list[int]) -> None:
     for i in range(30):
         record = store.load(f"session-{i:02d}")
         assert record is not None and dict(record.fields) == {"n": b"1"}
+    # Copies: kept per master, each told of changes by its own server.
+    for i in range(30):
+        store.load(f"session-{i:02d}")
+    assert store.shards is not None and len(store.shards) == 3
+    assert sum(len(shard.copies) for shard in store.shards.values()) == 30
+    other = RedisStore.from_url(url, local_cache=0)  # another process, no copies
+    for i in range(0, 30, 3):
+        other.save(f"session-{i:02d}", Changes({"n": b"2"}, frozenset()), created=created[i])
+    time.sleep(0.05)
+    for i in range(30):
+        record = store.load(f"session-{i:02d}")
+        assert record is not None and dict(record.fields) == {"n": b"2" if i % 3 == 0 else b"1"}
     # regenerate across slots: the old record goes in a step of its own
     store.create("session-new", {"n": b"1"}, created=created[0], replaces="session-00")
     assert store.load("session-00") is None

@@ -290,8 +290,8 @@ def test_a_write_between_a_read_and_its_slide_leaves_no_stale_copy(redis_url: st
     read = store._read
     versions = []
 
-    def read_then_write(key: str, second: object) -> object:
-        out = read(key, second)  # type: ignore[arg-type]
+    def read_then_write(key: str, second: object, via: object = None) -> object:
+        out = read(key, second, via)  # type: ignore[arg-type]
         store._read = read  # type: ignore[method-assign]
         versions.append(
             store.save("sid", Changes({"a": b"2"}, frozenset()), created=written.created)
