@@ -94,9 +94,8 @@ def build_store(settings: Settings) -> Store:
             return memory
         from .handoff import Handoff, HandoffStore
 
-        newest = settings.session.secret_keys[-1]
-        key = newest.encode() if isinstance(newest, str) else newest
-        handoff = Handoff(memory, key, directory=_hosting.handoff, peers=peers)
+        keys = [k.encode() if isinstance(k, str) else k for k in settings.session.secret_keys]
+        handoff = Handoff(memory, keys, directory=_hosting.handoff, peers=peers)
         handoff.take_over()
         return HandoffStore(handoff)
     from .stores.redis import RedisStore

@@ -1,4 +1,4 @@
-"""Sticky sessions handed from one worker to the next that serves the same slot.
+"""Sticky sessions handed from one process to the next that owns them.
 
 Under one gunicorn master in sticky mode, slot ``k``'s sessions live in the memory of
 the worker serving slot ``k``. A worker that is replaced gracefully (a ``HUP`` reload,
@@ -19,13 +19,22 @@ upgrade finds the old one's workers there:
   closes its socket. A worker that misses a session after that claims the file
   (renames it) and takes in every session in it.
 
+Sticky nodes behind a balancer do the same over HTTP (:class:`RemotePeers`): a node
+that misses a session asks the nodes its ring ranks around it, and a node that stops
+sends what it holds to the sessions' next owners.
+
 In flight: between the old worker's last request and the new one's first, a session is
 in the old worker's memory, then in its file: never nowhere. A request for it on the
 new worker waits for the hand-over (one Unix-socket round trip, or the file: under a
-millisecond for a session, tens of milliseconds for 10,000 in a file).
+millisecond for a session, tens of milliseconds for 10,000 in a file). A session keeps
+its expiry and its place in the store (returned or not) across a hand-over.
 
-Every message and file carries an HMAC-SHA256 under the newest signing key, so only a
-process that holds the keys can take or plant sessions.
+Every message and file carries an HMAC-SHA256 under each signing key, and a process
+that knows any of them opens it (a key rotation does not cut old and new workers off).
+A request also carries its time and a nonce, answered only within ``MAX_AGE`` seconds
+and once, and the answer repeats the nonce: a captured call cannot be replayed to take a session
+again, nor a captured answer passed off for another session. The node-to-node calls are
+plain HTTP, as the Redis traffic is: keep both on a private network.
 """
 
 from __future__ import annotations
@@ -37,11 +46,12 @@ import http.client
 import json
 import logging
 import os
+import secrets
 import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,16 +59,20 @@ from typing import Any
 from .exceptions import ConfigError
 from .routing.balancers._base import BackendRing
 from .session import Changes, Record, Written
-from .stores.memory import MemoryStore
+from .stores.memory import Kept, MemoryStore
 
 log = logging.getLogger("statescale")
 
-#: Seconds a ``give`` waits for the holder's own request of that session to end, and
-#: a peer waits for an answer.
+#: Seconds a ``give`` waits for the holder's own request of that session to end.
 GIVE_WAIT = 5.0
-_MAX_MESSAGE = 64 * 1024 * 1024
-#: The largest hand-off call a node's middleware reads.
-MAX_HANDOFF = _MAX_MESSAGE
+#: Seconds a node waits for a peer node's answer.
+PEER_TIMEOUT = 3.0
+#: Seconds a sealed request stays valid (against replays; clocks must agree this well).
+MAX_AGE = 30.0
+#: The largest hand-off message read, from a socket or by a node's middleware.
+MAX_HANDOFF = 16 * 1024 * 1024
+#: A stopping node sends its sessions in batches of about this many bytes.
+_BATCH = 4 * 1024 * 1024
 
 #: Where a node's middleware answers its ring peers' hand-off calls.
 HANDOFF_PATH = "/.statescale/handoff"
@@ -76,50 +90,109 @@ def private_directory(path: Path) -> Path:
     return path
 
 
-class _Mac:
-    def __init__(self, key: bytes) -> None:
-        self._key = hashlib.sha256(b"statescale handoff\x00" + key).digest()
+class Sealer:
+    """HMAC-SHA256 seals under keys derived from the signing keys. Requests carry a
+    time and a nonce, each accepted once."""
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        if not keys:
+            raise ConfigError("hand-overs need at least one signing key")
+        self._keys = [hashlib.sha256(b"statescale handoff\x00" + k).digest() for k in keys]
+        self._seen: dict[str, float] = {}  # nonce -> when it stops mattering
+        self._lock = threading.Lock()
 
     def seal(self, body: bytes) -> bytes:
-        return hmac.new(self._key, body, hashlib.sha256).hexdigest().encode() + b" " + body
+        """``body`` with a MAC under each key: a process that knows any of them opens
+        it (during a rotation, old and new processes know different lists)."""
+        return b",".join(self._mac(key, body) for key in self._keys) + b" " + body
 
     def open(self, sealed: bytes) -> bytes | None:
-        mac, _, body = sealed.partition(b" ")
-        expected = hmac.new(self._key, body, hashlib.sha256).hexdigest().encode()
-        return body if hmac.compare_digest(mac, expected) else None
+        macs, _, body = sealed.partition(b" ")
+        ours = [self._mac(key, body) for key in self._keys]
+        for mac in macs.split(b",")[:8]:
+            if any(hmac.compare_digest(mac, expected) for expected in ours):
+                return body
+        return None
+
+    @staticmethod
+    def _mac(key: bytes, body: bytes) -> bytes:
+        return hmac.new(key, body, hashlib.sha256).hexdigest().encode()
+
+    def request(self, **message: Any) -> tuple[bytes, str]:
+        """A sealed request and its nonce."""
+        nonce = secrets.token_urlsafe(16)
+        body = json.dumps({**message, "t": time.time(), "n": nonce}).encode()
+        return self.seal(body), nonce
+
+    def open_request(self, sealed: bytes) -> dict[str, Any] | None:
+        """A request's message, if sealed by a key holder, fresh, and not seen before."""
+        body = self.open(sealed)
+        if body is None:
+            return None
+        message = json.loads(body)
+        if not isinstance(message, dict):
+            return None
+        now, nonce = time.time(), str(message.get("n"))
+        if abs(now - float(message.get("t", 0))) > MAX_AGE:
+            return None
+        with self._lock:
+            if nonce in self._seen:
+                return None
+            for old in [n for n, until in self._seen.items() if until < now]:
+                del self._seen[old]
+            self._seen[nonce] = now + 2 * MAX_AGE
+        return message
+
+    def answer(self, nonce: str, **message: Any) -> bytes:
+        return self.seal(json.dumps({**message, "n": nonce}).encode())
+
+    def open_answer(self, sealed: bytes, nonce: str) -> dict[str, Any] | None:
+        """The answer to the request with ``nonce``, and no other."""
+        body = self.open(sealed)
+        if body is None:
+            return None
+        message = json.loads(body)
+        if not isinstance(message, dict) or message.get("n") != nonce:
+            return None
+        return message
 
 
-def _encode(record: Record) -> dict[str, Any]:
-    return {"f": {k: v.decode() for k, v in record.fields.items()}, "c": record.created}
+def _encode(kept: Kept) -> dict[str, Any]:
+    fields = {k: v.decode() for k, v in kept.record.fields.items()}
+    return {"f": fields, "c": kept.record.created, "e": kept.expires, "r": kept.returned}
 
 
-def _decode(data: Mapping[str, Any]) -> Record:
-    return Record({k: v.encode() for k, v in data["f"].items()}, float(data["c"]))
+def _decode(data: Mapping[str, Any]) -> Kept:
+    fields = {str(k): str(v).encode() for k, v in data["f"].items()}
+    record = Record(fields, float(data["c"]))
+    return Kept(record, float(data["e"]), bool(data["r"]))
 
 
 class Handoff:
-    """This worker's part in its slot's hand-overs (:class:`HandoffStore` is its store;
-    :meth:`stop` hands everything over)."""
+    """This process's part in the hand-overs: the slot directory's socket and files
+    (``directory``), the ring's other nodes (``peers``), or both.
+    :class:`HandoffStore` is its store; :meth:`stop` hands everything over."""
 
     def __init__(
         self,
         memory: MemoryStore,
-        key: bytes,
+        keys: Sequence[bytes],
         *,
         directory: Path | None = None,
         peers: RemotePeers | None = None,
         name: str | None = None,
     ) -> None:
         self.memory = memory
-        self._mac = _Mac(key)
+        self.sealer = Sealer(keys)
         self.peers = peers
         # Files and sockets are named by pid (a test runs several in one process, each
         # ``<pid>-<name>``): a socket whose pid is gone was left by a crash.
         self._name = str(os.getpid()) if name is None else f"{os.getpid()}-{name}"
         self._in_use: dict[str, int] = {}  # session -> requests of this process holding it
         self._cond = threading.Condition()
+        self._claiming = threading.Lock()  # one thread takes in files at a time
         self._stopped = False
-        self._handed = threading.Event()  # the file is written
+        self._handed = threading.Event()  # what is left is where peers will look
         self.directory = None if directory is None else private_directory(directory)
         self._listener: socket.socket | None = None
         if self.directory is not None:
@@ -150,21 +223,27 @@ class Handoff:
                 self._cond.notify_all()
 
     def load(self, session_id: str) -> Record | None:
-        """The session from this worker's memory, else from a peer or a file."""
+        """The session from this process's memory, else from a peer or a file."""
         record = self.memory.load(session_id)
         if record is not None or self._stopped:
             return record
-        found: Record | None = None
+        found: Kept | None = None
         if self.directory is not None:
-            found = self._ask_peers(session_id) or self._claim_files(session_id)
+            found = self._ask_slot(session_id)
+            if found is None:
+                with self._claiming:  # another thread may be taking in its file
+                    record = self.memory.load(session_id)
+                    if record is not None:
+                        return record
+                    found = self._claim_files(session_id)
         if found is None and self.peers is not None:
-            found = self.peers.fetch(session_id, self._mac)
+            found = self.peers.fetch(session_id, self.sealer)
         if found is None:
             return None
-        self.memory.create(session_id, found.fields, created=found.created, replaces=session_id)
+        self.memory.put(session_id, found)
         return self.memory.load(session_id)
 
-    # -- giving ----------------------------------------------------------------------------
+    # -- answering -------------------------------------------------------------------------
     def _serve(self) -> None:
         assert self._listener is not None
         while True:
@@ -183,25 +262,28 @@ class Handoff:
 
     def answer(self, sealed: bytes) -> bytes | None:
         """A peer's sealed request, answered sealed (``None``: refused). ``give``: the
-        session, taken from here; ``take``: sessions for this node to keep."""
-        body = self._mac.open(sealed)
-        if body is None:
-            log.warning("statescale: refused a hand-off request with a bad signature")
+        session, taken from here; ``take``: sessions for this process to keep."""
+        try:
+            request = self.sealer.open_request(sealed)
+            if request is None:
+                log.warning("statescale: refused a hand-off request: bad seal, stale or replayed")
+                return None
+            nonce = request["n"]
+            if "take" in request:
+                for session_id, data in dict(request["take"]).items():
+                    if not self.memory.holds(session_id):
+                        self.memory.put(str(session_id), _decode(data))
+                return self.sealer.answer(nonce)
+            session_id = str(request["give"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("statescale: refused a malformed hand-off request: %r", exc)
             return None
-        request = json.loads(body)
-        if "take" in request:
-            for session_id, data in request["take"].items():
-                if not self.memory.holds(session_id):
-                    given = _decode(data)
-                    self.memory.create(
-                        session_id, given.fields, created=given.created, replaces=session_id
-                    )
-            return self._mac.seal(b"{}")
-        taken = self._take(request["give"])
-        reply = json.dumps({"record": None if taken is None else _encode(taken)})
-        return self._mac.seal(reply.encode())
+        taken = self._take(session_id)
+        return self.sealer.answer(
+            nonce, id=session_id, record=None if taken is None else _encode(taken)
+        )
 
-    def _take(self, session_id: str) -> Record | None:
+    def _take(self, session_id: str) -> Kept | None:
         """Remove and return a session, once no request of this process holds it."""
         deadline = time.monotonic() + GIVE_WAIT
         with self._cond:
@@ -212,41 +294,36 @@ class Handoff:
                     return None  # held too long: keep it here
             if not self._stopped:
                 return self.memory.take(session_id)
-        self._handed.wait(GIVE_WAIT)  # stopping: once the file is there, the asker looks
+        self._handed.wait(GIVE_WAIT)  # stopping: once it is handed on, the asker looks
         return None
 
     # -- asking ----------------------------------------------------------------------------
-    def _peers(self) -> Iterator[Path]:
+    def _ask_slot(self, session_id: str) -> Kept | None:
         assert self.directory is not None
         for path in self.directory.glob("*.sock"):
-            if path != self._path:
-                yield path
-
-    def _ask_peers(self, session_id: str) -> Record | None:
-        request = self._mac.seal(json.dumps({"give": session_id}).encode())
-        for path in self._peers():
+            if path == self._path:
+                continue
+            request, nonce = self.sealer.request(give=session_id)
             try:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
                     conn.settimeout(GIVE_WAIT + 1)
                     conn.connect(str(path))
                     conn.sendall(request)
                     conn.shutdown(socket.SHUT_WR)
-                    body = self._mac.open(_read_all(conn))
+                    answer = self.sealer.open_answer(_read_all(conn), nonce)
             except (ConnectionRefusedError, FileNotFoundError):
                 _remove_if_dead(path)
                 continue
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 log.warning("statescale: asking %s for a session failed: %s", path.name, exc)
                 continue
-            if body is None:
-                continue
-            data = json.loads(body)["record"]
-            if data is not None:
-                return _decode(data)
+            found = _given(answer, session_id)
+            if found is not None:
+                return found
         return None
 
-    def _claim_files(self, wanted: str | None) -> Record | None:
-        """Take in every session of the files that stopped workers left; the one
+    def _claim_files(self, wanted: str | None) -> Kept | None:
+        """Take in every session of the files that stopped processes left; the one
         ``wanted``, if it was there."""
         found = None
         if self.directory is None:
@@ -254,11 +331,11 @@ class Handoff:
         for path in self.directory.glob("*.json"):
             claimed = path.with_suffix(f".claimed-{self._name}")
             try:
-                path.rename(claimed)  # one worker takes a file
+                path.rename(claimed)  # one process takes a file
                 sealed = claimed.read_bytes()
             except OSError:
                 continue
-            body = self._mac.open(sealed)
+            body = self.sealer.open(sealed)
             if body is None:  # not ours to take: leave it for whoever holds its key
                 log.warning("statescale: ignored hand-off file %s: bad signature", path.name)
                 with contextlib.suppress(OSError):
@@ -268,39 +345,40 @@ class Handoff:
                 claimed.unlink()
             sessions = json.loads(body)["sessions"]
             for session_id, data in sessions.items():
-                record = _decode(data)
+                kept = _decode(data)
                 if session_id == wanted:
-                    found = record
-                elif self.memory.load(session_id) is None:
-                    self.memory.create(
-                        session_id, record.fields, created=record.created, replaces=session_id
-                    )
+                    found = kept
+                elif not self.memory.holds(session_id):
+                    self.memory.put(session_id, kept)  # (an expired one is not kept)
             log.info("statescale: took in %d sessions handed over in %s", len(sessions), path.name)
         return found
 
     def take_over(self) -> None:
         """At start: the sessions in any files waiting here."""
-        self._claim_files(None)
+        with self._claiming:
+            self._claim_files(None)
 
     # -- stopping --------------------------------------------------------------------------
     def stop(self) -> None:
-        """Hand over what this worker holds: its file first, then close its socket (so
-        a peer that finds the socket gone finds the file)."""
+        """Hand over what this process holds: to its slot's file first, then close its
+        socket (a peer that finds the socket gone finds the file); or to the ring's
+        next owners."""
         with self._cond:
             if self._stopped:
                 return
             self._stopped = True
             self._cond.notify_all()
-            sessions = {sid: _encode(record) for sid, record in self.memory.items()}
+            sessions = {sid: _encode(kept) for sid, kept in self.memory.items()}
         if self.directory is None:
             if self.peers is not None and sessions:
-                self.peers.push(sessions, self._mac)
+                self.peers.push(sessions, self.sealer)
+            self._handed.set()
             log.info("statescale: handed over %d sessions to their next owners", len(sessions))
             return
         if sessions:
             body = json.dumps({"sessions": sessions}).encode()
             temporary = self.directory / f"{self._name}.tmp"
-            temporary.write_bytes(self._mac.seal(body))
+            temporary.write_bytes(self.sealer.seal(body))
             temporary.rename(self.directory / f"{self._name}.json")
         self._handed.set()
         if self._listener is not None:
@@ -308,6 +386,16 @@ class Handoff:
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()
         log.info("statescale: handed over %d sessions (%s)", len(sessions), self._name)
+
+
+def _given(answer: Mapping[str, Any] | None, session_id: str) -> Kept | None:
+    """The session in a ``give`` answer, if it is that session's."""
+    if answer is None or answer.get("id") != session_id or answer.get("record") is None:
+        return None
+    try:
+        return _decode(answer["record"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 class RemotePeers:
@@ -318,9 +406,11 @@ class RemotePeers:
     session (they may have left the routers' ring while still running: a scale-in),
     then the one ranked just below it (the owner before this node joined). A node that
     stops gracefully sends each session it holds to its owner on the ring without it.
+    Take a node out of the routers before stopping it: while it still runs, its
+    sessions' next owners fetch them as their users arrive.
     """
 
-    def __init__(self, ring: BackendRing, node: str, *, timeout: float = 1.0) -> None:
+    def __init__(self, ring: BackendRing, node: str, *, timeout: float = PEER_TIMEOUT) -> None:
         self.ring = ring
         self.node = node
         self.timeout = timeout
@@ -334,43 +424,56 @@ class RemotePeers:
         here = ranking.index(self.node) if self.node in ranking else len(ranking)
         return ranking[:here] + ranking[here + 1 : here + 2]
 
-    def fetch(self, session_id: str, mac: _Mac) -> Record | None:
-        request = mac.seal(json.dumps({"give": session_id}).encode())
+    def fetch(self, session_id: str, sealer: Sealer) -> Kept | None:
         for name in self.candidates(session_id):
-            reply = self._post(name, request, mac)
-            data = None if reply is None else json.loads(reply).get("record")
-            if data is not None:
-                return _decode(data)
+            request, nonce = sealer.request(give=session_id)
+            found = _given(self._post(name, request, nonce, sealer), session_id)
+            if found is not None:
+                return found
         return None
 
-    def push(self, sessions: Mapping[str, Any], mac: _Mac) -> None:
-        """Each session to its owner on the ring without this node."""
-        by_owner: dict[str, dict[str, Any]] = {}
+    def push(self, sessions: Mapping[str, Any], sealer: Sealer) -> None:
+        """Each session to its owner on the ring without this node, in batches."""
+        by_owner: dict[str, list[tuple[str, Any]]] = {}
         for session_id, data in sessions.items():
             with contextlib.suppress(LookupError):
                 owner = self.ring.owner(session_id, down=[self.node])
-                by_owner.setdefault(owner, {})[session_id] = data
-        for owner, batch in by_owner.items():
-            if self._post(owner, mac.seal(json.dumps({"take": batch}).encode()), mac) is None:
-                log.warning("statescale: %d sessions could not be handed to %s", len(batch), owner)
+                by_owner.setdefault(owner, []).append((session_id, data))
+        for owner, items in by_owner.items():
+            batch: dict[str, Any] = {}
+            size = 0
+            for n, (session_id, data) in enumerate(items, 1):
+                batch[session_id] = data
+                size += sum(len(v) for v in data["f"].values()) + 64
+                if size >= _BATCH or n == len(items):
+                    request, nonce = sealer.request(take=batch)
+                    if self._post(owner, request, nonce, sealer) is None:
+                        log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
+                    batch, size = {}, 0
 
-    def _post(self, name: str, sealed: bytes, mac: _Mac) -> bytes | None:
+    def _post(self, name: str, request: bytes, nonce: str, sealer: Sealer) -> dict[str, Any] | None:
         host, port = self._address[name]
         conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
         try:
-            conn.request("POST", HANDOFF_PATH, body=sealed)
+            conn.request("POST", HANDOFF_PATH, body=request)
             response = conn.getresponse()
-            body = response.read(_MAX_MESSAGE)
-        except OSError as exc:
+            body = response.read(MAX_HANDOFF)
+        except (OSError, http.client.HTTPException) as exc:
             log.info("statescale: hand-off call to %s failed: %s", name, exc)
             return None
         finally:
             conn.close()
-        return mac.open(body) if response.status == 200 else None
+        if response.status != 200:
+            return None
+        try:
+            return sealer.open_answer(body, nonce)
+        except ValueError:
+            return None
 
 
 class HandoffStore:
-    """The memory store, with sessions it misses fetched from its slot's peers."""
+    """The memory store, with sessions it misses fetched from the process or node
+    that held them before."""
 
     name = "memory"
     per_process = True
@@ -413,13 +516,13 @@ def _read_all(conn: socket.socket) -> bytes:
     while chunk := conn.recv(65536):
         chunks.append(chunk)
         size += len(chunk)
-        if size > _MAX_MESSAGE:
+        if size > MAX_HANDOFF:
             raise ValueError("hand-off message too large")
     return b"".join(chunks)
 
 
 def _remove_if_dead(path: Path) -> None:
-    """A socket left by a worker that crashed."""
+    """A socket left by a process that crashed."""
     try:
         pid = int(path.stem.partition("-")[0])
         os.kill(pid, 0)

@@ -328,8 +328,10 @@ class _Request:
         self.session: Session
 
     def hold(self, lock: AbstractContextManager[None]) -> None:
-        """Take ``lock`` (once) and keep it until the response starts or fails."""
-        if self._lock is None:
+        """Take ``lock`` (once) and keep it until the response starts or fails. Not
+        once the response has started: nothing this request does is saved any more,
+        and nothing would release it."""
+        if self._lock is None and not self._committed:
             lock.__enter__()
             self._lock = lock
 

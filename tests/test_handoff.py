@@ -19,7 +19,7 @@ KEY = b"handoff-test-key-0123456789abcdef"
 
 
 def worker(directory: Path, name: str, key: bytes = KEY) -> HandoffStore:
-    return HandoffStore(Handoff(MemoryStore(), key, directory=directory, name=name))
+    return HandoffStore(Handoff(MemoryStore(), [key], directory=directory, name=name))
 
 
 def fields(store: HandoffStore, session_id: str) -> dict[str, bytes] | None:
@@ -103,10 +103,10 @@ def test_a_joining_node_asks_the_nodes_ranked_above_it_then_the_next_one() -> No
             assert asked == ranking[:place] + ranking[place + 1 : place + 2]
 
 
-def test_the_middleware_answers_sealed_calls_only(tmp_path: Path) -> None:
+def test_the_middleware_answers_sealed_fresh_calls_only(tmp_path: Path) -> None:
     from werkzeug.test import Client
 
-    from statescale.handoff import HANDOFF_PATH, _Mac
+    from statescale.handoff import HANDOFF_PATH, Sealer
     from statescale.middleware import StateScaleMiddleware
 
     store = worker(tmp_path, "node")
@@ -116,11 +116,64 @@ def test_the_middleware_answers_sealed_calls_only(tmp_path: Path) -> None:
         raise AssertionError("the app never sees a hand-off call")
 
     client = Client(StateScaleMiddleware(app, store, secret_keys=["k" * 32]))
-    forged = _Mac(b"not-the-key").seal(b'{"give": "s"}')
+    forged, _ = Sealer([b"not-the-key"]).request(give="s")
     assert client.post(HANDOFF_PATH, data=forged).status_code == 404
     assert store.memory.holds("s")
-    mac = _Mac(KEY)
-    reply = client.post(HANDOFF_PATH, data=mac.seal(b'{"give": "s"}'))
+    sealer = Sealer([KEY])
+    request, nonce = sealer.request(give="s")
+    reply = client.post(HANDOFF_PATH, data=request)
     assert reply.status_code == 200
-    assert b'"n": "1"' in (mac.open(reply.data) or b"")
+    answer = sealer.open_answer(reply.data, nonce)
+    assert answer is not None and answer["id"] == "s" and answer["record"]["f"] == {"n": "1"}
     assert not store.memory.holds("s")
+    store.create("s", {"n": b"2"}, replaces="x")
+    assert client.post(HANDOFF_PATH, data=request).status_code == 404  # a replay
+    assert store.memory.holds("s")
+
+
+def test_workers_with_rotated_keys_still_hand_over(tmp_path: Path) -> None:
+    old = HandoffStore(Handoff(MemoryStore(), [b"a" * 32], directory=tmp_path, name="old"))
+    new = HandoffStore(
+        Handoff(MemoryStore(), [b"a" * 32, b"b" * 32], directory=tmp_path, name="new")
+    )
+    old.create("s", {"n": b"1"}, replaces="x")
+    old.create("t", {"n": b"2"}, replaces="x")
+    assert fields(new, "s") == {"n": b"1"}  # asked over the socket
+    old.handoff.stop()
+    assert fields(new, "t") == {"n": b"2"}  # from the file
+
+
+def test_a_hand_over_keeps_expiry_and_probation(tmp_path: Path) -> None:
+    from tests.conftest import Clock
+
+    clock = Clock()
+    old = HandoffStore(Handoff(MemoryStore(clock=clock), [KEY], directory=tmp_path, name="o"))
+    new = HandoffStore(Handoff(MemoryStore(clock=clock), [KEY], directory=tmp_path, name="n"))
+    old.create("fresh", {"n": b"1"})  # new, its client not back yet: 120 s
+    old.create("back", {"n": b"1"}, replaces="x")
+    clock.now += 100
+    old.handoff.stop()
+    new.handoff.take_over()
+    clock.now += 30  # "fresh" had 20 s left when it moved
+    assert fields(new, "fresh") is None
+    assert fields(new, "back") == {"n": b"1"}
+
+
+def test_two_threads_missing_sessions_of_one_file_both_find_theirs(tmp_path: Path) -> None:
+    old = HandoffStore(
+        Handoff(MemoryStore(max_sessions=50000), [KEY], directory=tmp_path, name="old")
+    )
+    for n in range(20000):
+        old.create(f"s{n}", {"n": b"1"}, replaces="x")
+    old.handoff.stop()
+    new = HandoffStore(Handoff(MemoryStore(max_sessions=50000), [KEY], directory=tmp_path))
+    found: dict[str, dict[str, bytes] | None] = {}
+    threads = [
+        threading.Thread(target=lambda sid=sid: found.setdefault(sid, fields(new, sid)))
+        for sid in ("s1", "s19999")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert found == {"s1": {"n": b"1"}, "s19999": {"n": b"1"}}

@@ -417,3 +417,23 @@ def test_the_session_life_cycle_is_logged_by_a_keyed_hash(
     assert len(named) == 2 and all(len(n) == 16 for n in named)
     for cookie in (first, second):
         assert cookie is not None and cookie.partition(".")[0] not in caplog.text
+
+
+def test_a_session_first_read_after_the_response_started_holds_no_lock() -> None:
+    """Plain WSGI may render the body after start_response; with locking on, such a
+    read must not take the session's lock (nothing would release it)."""
+
+    def late(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        session = environ["statescale.session"]
+        if environ["PATH_INFO"] == "/set":
+            session["a"] = 1
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"set"]
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(session.get("a")).encode()]  # read after the response started
+
+    store = MemoryStore(lock_wait=0.2)
+    client = client_for(store, app=late, locking=True)
+    cookie = cookie_value(call(client, "/set"))
+    for _ in range(3):  # a lock left held would time out the next request
+        assert call(client, "/read", cookie).data == b"1"

@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from ..config import (
     DEFAULT_ABSOLUTE_LIFETIME,
@@ -31,6 +32,15 @@ from .base import Lifetime
 
 _STRIPES = 64
 PROTECTED_SHARE = 0.8  # of max_sessions, at most, for sessions whose client came back
+
+
+class Kept(NamedTuple):
+    """A record as this store keeps it: when it expires, and whether its client has
+    come back (what a hand-over carries, so the next process keeps it the same way)."""
+
+    record: Record
+    expires: float
+    returned: bool
 
 
 class _Entry:
@@ -155,27 +165,47 @@ class MemoryStore:
             entry = self._protected.get(session_id) or self._probation.get(session_id)
             return entry is not None and entry.expires > self._clock()
 
-    def take(self, session_id: str) -> Record | None:
+    def take(self, session_id: str) -> Kept | None:
         """Remove a live record and return it (a hand-over to another process)."""
         now = self._clock()
         with self._mutex:
-            entry = self._live(session_id, now, returning=False)
-            if entry is None:
+            returned = session_id in self._protected
+            entry = (self._protected if returned else self._probation).pop(session_id, None)
+            if entry is None or not self._alive(entry, now):
                 return None
-            self._probation.pop(session_id, None)
-            self._protected.pop(session_id, None)
-            return Record(entry.fields, entry.created)
+            return Kept(Record(entry.fields, entry.created), entry.expires, returned)
 
-    def items(self) -> list[tuple[str, Record]]:
+    def items(self) -> list[tuple[str, Kept]]:
         """Every live record (a worker that stops hands them over)."""
         now = self._clock()
         with self._mutex:
             return [
-                (sid, Record(dict(e.fields), e.created))
+                (
+                    sid,
+                    Kept(Record(dict(e.fields), e.created), e.expires, segment is self._protected),
+                )
                 for segment in (self._probation, self._protected)
                 for sid, e in segment.items()
-                if e.expires > now and self.lifetime.remaining(e.created, now) > 0
+                if self._alive(e, now)
             ]
+
+    def put(self, session_id: str, kept: Kept) -> None:
+        """Keep a record handed over by another process as it was there: its expiry,
+        and whether its client had come back. One that has expired meanwhile is not."""
+        if not self._alive(_Entry({}, kept.record.created, kept.expires), self._clock()):
+            return
+        entry = _Entry(dict(kept.record.fields), kept.record.created, kept.expires)
+        with self._mutex:
+            self._probation.pop(session_id, None)
+            self._protected.pop(session_id, None)
+            segment = self._protected if kept.returned else self._probation
+            segment[session_id] = entry
+            self._demote()
+            while len(self) > self.max_sessions:  # probation first
+                (self._probation or self._protected).popitem(last=False)
+
+    def _alive(self, entry: _Entry, now: float) -> bool:
+        return entry.expires > now and self.lifetime.remaining(entry.created, now) > 0
 
     def delete(self, session_id: str) -> None:
         with self._mutex:
