@@ -51,6 +51,7 @@ import socket
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +72,8 @@ PEER_TIMEOUT = 3.0
 MAX_AGE = 30.0
 #: The largest hand-off message read, from a socket or by a node's middleware.
 MAX_HANDOFF = 16 * 1024 * 1024
+#: Sessions given away whose new holder a node remembers.
+MAX_GONE = 10_000
 #: A stopping node sends its sessions in batches of about this many bytes.
 _BATCH = 4 * 1024 * 1024
 
@@ -191,6 +194,10 @@ class Handoff:
         self._in_use: dict[str, int] = {}  # session -> requests of this process holding it
         self._cond = threading.Condition()
         self._claiming = threading.Lock()  # one thread takes in files at a time
+        # Sessions given to a node, and its address: while routers disagree (a
+        # balancer's old workers still use the old ring), a request for one may come
+        # back here, and is fetched back from there (the old ring does not know it).
+        self._gone_to: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._stopped = False
         self._handed = threading.Event()  # what is left is where peers will look
         self.directory = None if directory is None else private_directory(directory)
@@ -237,7 +244,9 @@ class Handoff:
                         return record
                     found = self._claim_files(session_id)
         if found is None and self.peers is not None:
-            found = self.peers.fetch(session_id, self.sealer)
+            with self._cond:
+                gone_to = self._gone_to.pop(session_id, None)
+            found = self.peers.fetch(session_id, self.sealer, first=gone_to)
         if found is None:
             return None
         self.memory.put(session_id, found)
@@ -275,10 +284,17 @@ class Handoff:
                         self.memory.put(str(session_id), _decode(data))
                 return self.sealer.answer(nonce)
             session_id = str(request["give"])
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            asker = request.get("from")
+            to = None if asker is None else (str(asker[0]), int(asker[1]))
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             log.warning("statescale: refused a malformed hand-off request: %r", exc)
             return None
         taken = self._take(session_id)
+        if taken is not None and to is not None:
+            with self._cond:
+                self._gone_to[session_id] = to
+                while len(self._gone_to) > MAX_GONE:
+                    self._gone_to.popitem(last=False)
         return self.sealer.answer(
             nonce, id=session_id, record=None if taken is None else _encode(taken)
         )
@@ -407,7 +423,9 @@ class RemotePeers:
     then the one ranked just below it (the owner before this node joined). A node that
     stops gracefully sends each session it holds to its owner on the ring without it.
     Take a node out of the routers before stopping it: while it still runs, its
-    sessions' next owners fetch them as their users arrive.
+    sessions' next owners fetch them as their users arrive. Run nodes with a thread to
+    spare (``gunicorn --threads 2``): one whose only thread waits on a peer cannot
+    answer that peer's call at the same time.
     """
 
     def __init__(self, ring: BackendRing, node: str, *, timeout: float = PEER_TIMEOUT) -> None:
@@ -424,10 +442,18 @@ class RemotePeers:
         here = ranking.index(self.node) if self.node in ranking else len(ranking)
         return ranking[:here] + ranking[here + 1 : here + 2]
 
-    def fetch(self, session_id: str, sealer: Sealer) -> Kept | None:
-        for name in self.candidates(session_id):
-            request, nonce = sealer.request(give=session_id)
-            found = _given(self._post(name, request, nonce, sealer), session_id)
+    def fetch(
+        self, session_id: str, sealer: Sealer, *, first: tuple[str, int] | None = None
+    ) -> Kept | None:
+        """Ask ``first`` (where this node gave the session), then the candidates."""
+        here = list(self._address[self.node]) if self.node in self._address else None
+        addresses = [self._address[name] for name in self.candidates(session_id)]
+        for address in [first] if first is not None else []:
+            if address not in addresses:
+                addresses.insert(0, address)
+        for address in addresses:
+            request, nonce = sealer.request(give=session_id, **({"from": here} if here else {}))
+            found = _given(self._post(address, request, nonce, sealer), session_id)
             if found is not None:
                 return found
         return None
@@ -447,19 +473,21 @@ class RemotePeers:
                 size += sum(len(v) for v in data["f"].values()) + 64
                 if size >= _BATCH or n == len(items):
                     request, nonce = sealer.request(take=batch)
-                    if self._post(owner, request, nonce, sealer) is None:
+                    if self._post(self._address[owner], request, nonce, sealer) is None:
                         log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
                     batch, size = {}, 0
 
-    def _post(self, name: str, request: bytes, nonce: str, sealer: Sealer) -> dict[str, Any] | None:
-        host, port = self._address[name]
+    def _post(
+        self, address: tuple[str, int], request: bytes, nonce: str, sealer: Sealer
+    ) -> dict[str, Any] | None:
+        host, port = address
         conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
         try:
             conn.request("POST", HANDOFF_PATH, body=request)
             response = conn.getresponse()
             body = response.read(MAX_HANDOFF)
         except (OSError, http.client.HTTPException) as exc:
-            log.info("statescale: hand-off call to %s failed: %s", name, exc)
+            log.info("statescale: hand-off call to %s:%d failed: %s", host, port, exc)
             return None
         finally:
             conn.close()

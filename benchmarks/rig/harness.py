@@ -376,12 +376,12 @@ def interleaved_increments(port: int, users: int, rounds: int, key: str = "c") -
 
 
 def sticky_nodes(
-    stack: ExitStack, count: int = 4, balancer: str = "statescale"
+    stack: ExitStack, count: int = 4, balancer: str = "statescale", args: tuple[str, ...] = ()
 ) -> tuple[list[Gunicorn], list[Backend]]:
     """``count`` single-worker demo_app nodes in sticky mode on the memory store, each
     told every node (``STATESCALE_BACKENDS``), its own name and whose ring routes them;
-    stopped when ``stack`` closes."""
-    nodes = [Gunicorn(workers=1) for _ in range(count)]
+    stopped when ``stack`` closes. ``args``: more gunicorn options for each."""
+    nodes = [Gunicorn(workers=1, args=args) for _ in range(count)]
     backends = [Backend(f"node{i}", "127.0.0.1", g.port) for i, g in enumerate(nodes, 1)]
     for backend, node in zip(backends, nodes, strict=True):
         _sticky_env(node, backend, backends, balancer)
@@ -390,10 +390,13 @@ def sticky_nodes(
 
 
 def add_sticky_node(
-    stack: ExitStack, backends: list[Backend], balancer: str = "statescale"
+    stack: ExitStack,
+    backends: list[Backend],
+    balancer: str = "statescale",
+    args: tuple[str, ...] = (),
 ) -> tuple[Gunicorn, Backend]:
     """One more node beside ``backends`` (the new node knows them all; they are not told)."""
-    node = Gunicorn(workers=1)
+    node = Gunicorn(workers=1, args=args)
     backend = Backend(f"node{len(backends) + 1}", "127.0.0.1", node.port)
     _sticky_env(node, backend, [*backends, backend], balancer)
     stack.enter_context(node)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from benchmarks.rig.harness import (
     Load,
     SessionClient,
     add_sticky_node,
+    start_balancer,
     start_router,
     sticky_nodes,
 )
@@ -23,11 +25,16 @@ from statescale.processes import free_port
 pytestmark = pytest.mark.integration
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+THREADED = ("--threads", "4")
 
 
 def _router(stack: ExitStack, backends: list, port: int, admin: int) -> None:  # type: ignore[type-arg]
     proc = start_router(backends, port, "--admin", f"127.0.0.1:{admin}")
     stack.callback(lambda: (proc.send_signal(signal.SIGTERM), proc.wait(15)))
+    _wait(port)
+
+
+def _wait(port: int) -> None:
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -70,5 +77,32 @@ def test_a_node_taken_out_gives_its_sessions_to_their_next_owners() -> None:
             time.sleep(1.0)  # its sessions' next owners ask it for them
             nodes[0].stop()  # a graceful stop: what is left goes to the next owners
             time.sleep(1.0)
+    assert load.failures == [], load.failures[:5]
+    assert load.wrong() == []
+
+
+def test_a_node_that_joins_behind_nginx_takes_its_sessions_over(tmp_path: Path) -> None:
+    """The same behind nginx, whose ring the nodes replicate: the new node asks the
+    owner nginx's ring gave the session before it joined. nginx's old workers go on with
+    the old ring for a while, so a session may go back and forth, and two nodes may ask
+    each other at once: nodes with a thread to spare answer while they wait."""
+    from statescale.routing.balancers import get
+
+    port = free_port()
+    with ExitStack() as stack:
+        _, backends = sticky_nodes(stack, balancer="nginx", args=THREADED)
+        nginx = start_balancer("nginx", backends, port, tmp_path)
+        stack.callback(lambda: (nginx.send_signal(signal.SIGTERM), nginx.wait(10)))
+        _wait(port)
+        with Load(port, users=20) as load:
+            time.sleep(1.0)
+            _, new = add_sticky_node(stack, backends, balancer="nginx", args=THREADED)
+            balancer = get("nginx")
+            config = balancer.config(
+                [*backends, new], listen=f"127.0.0.1:{port}", cookie="statescale"
+            )
+            (tmp_path / balancer.config_name).write_text(config)
+            nginx.send_signal(signal.SIGHUP)  # new workers, with the new ring
+            time.sleep(2.0)
     assert load.failures == [], load.failures[:5]
     assert load.wrong() == []
