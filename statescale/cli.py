@@ -198,7 +198,12 @@ def parser() -> argparse.ArgumentParser:
         "SIGHUP re-reads --backends-file; SIGTERM finishes requests in flight, then stops. "
         "The admin endpoint needs STATESCALE_ADMIN_TOKEN (sent as Authorization: Bearer).",
     )
-    router.add_argument("--backend", action="append", metavar="NAME=HOST:PORT[*WEIGHT]")
+    router.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME=HOST:PORT[*WEIGHT]",
+        help="one node (repeat, in a fixed order); NAME=unix:/PATH for a Unix socket",
+    )
     router.add_argument("--backends-file", help="one NAME=HOST:PORT a line; re-read on SIGHUP")
     router.add_argument("--listen", type=_address, default=("127.0.0.1", 8080), help="HOST:PORT")
     router.add_argument(

@@ -25,7 +25,13 @@ class Backend:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.host if self.unix else f"{self.host}:{self.port}"
+
+    @property
+    def unix(self) -> str | None:
+        """The socket's path for a ``unix:/path`` backend (one machine only: the
+        statescale router inside a gunicorn master), else ``None``."""
+        return self.host[len("unix:") :] if self.host.startswith("unix:") else None
 
     @property
     def spec(self) -> str:
@@ -34,9 +40,13 @@ class Backend:
 
     @classmethod
     def parse(cls, spec: str) -> Backend:
-        """``NAME=HOST:PORT`` or ``NAME=HOST:PORT*WEIGHT``."""
+        """``NAME=HOST:PORT`` or ``NAME=HOST:PORT*WEIGHT`` (or ``NAME=unix:/path``)."""
         name, sep, rest = spec.strip().partition("=")
         address, _, weight = rest.partition("*")
+        if address.startswith("unix:/") and sep and _NAME.match(name):
+            if weight and (not _NUMBER.match(weight) or int(weight) < 1):
+                raise ConfigError(f"{spec!r}: the weight after * must be a whole number >= 1")
+            return cls(name, address, 0, int(weight or 1))
         host, _, port = address.rpartition(":")
         if not sep or not _NAME.match(name) or not host or not _NUMBER.match(port):
             raise ConfigError(f"{spec!r}: a backend is NAME=HOST:PORT (or NAME=HOST:PORT*WEIGHT)")

@@ -78,6 +78,7 @@ def test_a_new_balancer_is_one_new_module(tmp_path: Path, monkeypatch: pytest.Mo
         pytest.param("n1=10.0.0.1:8000", Backend("n1", "10.0.0.1", 8000), id="plain"),
         pytest.param("n1=h:8000*3", Backend("n1", "h", 8000, 3), id="weight"),
         pytest.param(" n1=h:1 ", Backend("n1", "h", 1), id="spaces"),
+        pytest.param("w0=unix:/run/w0.sock", Backend("w0", "unix:/run/w0.sock", 0), id="unix"),
     ],
 )
 def test_backend_specs(spec: str, expected: Backend) -> None:
@@ -87,7 +88,17 @@ def test_backend_specs(spec: str, expected: Backend) -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    ["n1", "n1=host", "=h:1", "n1=h:port", "n 1=h:1", "n1=h:1*x", "n1=h:1*0", "n1=h:70000"],
+    [
+        "n1",
+        "n1=host",
+        "=h:1",
+        "n1=h:port",
+        "n 1=h:1",
+        "n1=h:1*x",
+        "n1=h:1*0",
+        "n1=h:70000",
+        "n1=unix:/s*0",
+    ],
 )
 def test_bad_backend_specs_say_the_format(spec: str) -> None:
     with pytest.raises(ConfigError, match=r"NAME=HOST:PORT|weight|port"):

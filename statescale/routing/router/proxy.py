@@ -234,7 +234,10 @@ class Router:
                     continue
                 try:
                     async with asyncio.timeout(self.timeouts.connect):
-                        _, writer = await asyncio.open_connection(backend.host, backend.port)
+                        if backend.unix:
+                            _, writer = await asyncio.open_unix_connection(backend.unix)
+                        else:
+                            _, writer = await asyncio.open_connection(backend.host, backend.port)
                 except (OSError, TimeoutError):
                     continue
                 writer.close()
@@ -273,7 +276,12 @@ class Router:
             backend = self.members[name]
             try:
                 async with asyncio.timeout(self.timeouts.connect):
-                    _, upstream = await loop.create_connection(Upstream, backend.host, backend.port)
+                    if backend.unix:
+                        _, upstream = await loop.create_unix_connection(Upstream, backend.unix)
+                    else:
+                        _, upstream = await loop.create_connection(
+                            Upstream, backend.host, backend.port
+                        )
             except (OSError, TimeoutError) as exc:
                 self.mark_down(name, type(exc).__name__)
                 continue
