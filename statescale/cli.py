@@ -11,8 +11,9 @@ import time
 from collections.abc import Sequence
 
 from . import __version__
-from .config import DEFAULT_COOKIE_NAME, MODES
+from .config import MODES
 from .exceptions import StateScaleError
+from .signing import DEFAULT_COOKIE_NAME
 
 DESCRIPTION = """\
 statescale keeps WSGI session state consistent across gunicorn workers and machines,

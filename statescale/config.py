@@ -20,6 +20,7 @@ from typing import Any
 from .exceptions import ConfigError
 from .routing import balancers
 from .routing.backends import Backend, check
+from .signing import DEFAULT_COOKIE_NAME
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 token: a cookie name
 _SAMESITE = ("Strict", "Lax", "None")
@@ -34,7 +35,6 @@ DEFAULT_MEMORY_SESSIONS = 10_000  # sessions a memory store keeps per process
 DEFAULT_MAX_SIZE = 64 * 1024  # bytes a session may take, encoded
 DEFAULT_REDIS_TIMEOUT = 0.4  # seconds per Redis attempt (redis-py retries once)
 DEFAULT_LOCAL_CACHE = 10_000  # session copies per process
-DEFAULT_COOKIE_NAME = "statescale"
 
 #: Each mode and the store it uses unless told otherwise. Sticky and affinity route each
 #: session to its owner (a ring); affinity keeps the sessions in Redis behind that.

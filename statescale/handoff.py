@@ -370,9 +370,18 @@ class Handoff:
         return found
 
     def take_over(self) -> None:
-        """At start: the sessions in any files waiting here."""
+        """At start: the sessions in any files waiting here, and the leftovers of
+        processes that crashed half-way (a file half written, or half taken in)."""
         with self._claiming:
             self._claim_files(None)
+        if self.directory is None:
+            return
+        for path in self.directory.iterdir():
+            claimed = ".claimed-" in path.name
+            owner = path.suffix.partition("-")[2] if claimed else path.stem
+            if (claimed or path.suffix == ".tmp") and _dead(owner):
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     # -- stopping --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -551,14 +560,20 @@ def _read_all(conn: socket.socket) -> bytes:
 
 def _remove_if_dead(path: Path) -> None:
     """A socket left by a process that crashed."""
-    try:
-        pid = int(path.stem.partition("-")[0])
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if _dead(path.stem):
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def _dead(name: str) -> bool:
+    """Whether the process a file is named after (``<pid>`` or ``<pid>-<name>``) is gone."""
+    try:
+        os.kill(int(name.partition("-")[0]), 0)
+    except ProcessLookupError:
+        return True
     except (ValueError, PermissionError):
-        pass
+        return False
+    return False
 
 
 def stop_all() -> None:

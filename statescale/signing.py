@@ -31,6 +31,9 @@ from .exceptions import ConfigError
 
 SALT = "statescale.session-id"
 SEPARATOR = "."  # between the ID and its signature; IDs never hold it
+#: The session cookie's name unless configured: what routers look for (and where the
+#: routing key, the ID before ``SEPARATOR``, is found).
+DEFAULT_COOKIE_NAME = "statescale"
 MIN_KEY_BYTES = 16
 MAX_COOKIE_VALUE = 512  # far above a real token (~87 chars); longer input is not hashed
 VERIFIED_CACHE = 4096  # verified cookie values remembered per signer

@@ -177,3 +177,11 @@ def test_two_threads_missing_sessions_of_one_file_both_find_theirs(tmp_path: Pat
     for thread in threads:
         thread.join(10)
     assert found == {"s1": {"n": b"1"}, "s19999": {"n": b"1"}}
+
+
+def test_leftovers_of_a_crash_are_swept_at_start(tmp_path: Path) -> None:
+    dead = 2**22 + 12345  # above pid_max's default: no such process
+    (tmp_path / f"{dead}.tmp").write_bytes(b"half written")
+    (tmp_path / f"{dead}.claimed-{dead}").write_bytes(b"half taken in")
+    worker(tmp_path, "new").handoff.take_over()
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.claimed-*"))

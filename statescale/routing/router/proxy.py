@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from ...config import DEFAULT_COOKIE_NAME
 from ...exceptions import ConfigError
-from ...signing import routing_key
+from ...signing import DEFAULT_COOKIE_NAME, routing_key
 from ..backends import Backend, check, read_backends_file
 from ..balancers import BackendRing
 from ..balancers import get as get_balancer
