@@ -72,7 +72,7 @@ def cmd_router(args: argparse.Namespace) -> int:
 
     if not args.backend and not args.backends_file:
         raise StateScaleError("give --backend NAME=HOST:PORT (repeat) or --backends-file")
-    backends = [Backend.parse(spec) for spec in args.backend or []]
+    backends = [Backend.parse(spec, unix=True) for spec in args.backend or []]
     if args.backends_file:
         backends += read_backends_file(Path(args.backends_file))
     specs = [b.spec for b in check(backends)]

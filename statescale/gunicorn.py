@@ -139,6 +139,11 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
     master.slot_dir = _private(f"slots-{os.getpid()}")
     for slot in range(server.cfg.workers):
         path = master.slot_dir / f"worker{slot}.sock"
+        if len(str(path).encode()) > 100 or set(str(path)) & set("*,#= "):
+            raise ConfigError(
+                f"sticky mode's worker sockets would be at {path}: too long for a Unix "
+                "socket, or holding * , # = or a space. Set TMPDIR to a short plain path."
+            )
         sock = UnixSocket(str(path), server.cfg, server.log)
         master.slots.append(_Slot(Backend(f"worker{slot}", f"unix:{path}", 0), sock))
     backends = tuple(s.backend for s in master.slots)

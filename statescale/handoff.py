@@ -64,10 +64,11 @@ from .stores.memory import Kept, MemoryStore
 
 log = logging.getLogger("statescale")
 
-#: Seconds a ``give`` waits for the holder's own request of that session to end.
-GIVE_WAIT = 5.0
-#: Seconds a node waits for a peer node's answer.
-PEER_TIMEOUT = 3.0
+#: Seconds a process waits for a peer's answer (a slot's worker, or a node). The peer
+#: waits for its own request that holds the session only as long as the asker waits,
+#: less a margin: a session is never taken for an asker that has given up.
+ASK_TIMEOUT = 3.0
+_MARGIN = 0.5
 #: Seconds a sealed request stays valid (against replays; clocks must agree this well).
 MAX_AGE = 30.0
 #: The largest hand-off message read, from a socket or by a node's middleware.
@@ -204,6 +205,11 @@ class Handoff:
         self._listener: socket.socket | None = None
         if self.directory is not None:
             self._path = self.directory / f"{self._name}.sock"
+            if len(str(self._path).encode()) > 100:
+                raise ConfigError(
+                    f"the hand-off socket {self._path} is too long for a Unix socket: "
+                    "set TMPDIR to a short path"
+                )
             self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             with contextlib.suppress(FileNotFoundError):
                 self._path.unlink()
@@ -262,7 +268,7 @@ class Handoff:
                 return  # closed: stopped
             with conn:
                 try:
-                    conn.settimeout(GIVE_WAIT + 1)
+                    conn.settimeout(ASK_TIMEOUT)
                     reply = self.answer(_read_all(conn))
                     if reply is not None:
                         conn.sendall(reply)
@@ -289,28 +295,31 @@ class Handoff:
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             log.warning("statescale: refused a malformed hand-off request: %r", exc)
             return None
-        taken = self._take(session_id)
+        taken = self._take(session_id, float(request["t"]) + ASK_TIMEOUT - _MARGIN)
         if taken is not None and to is not None:
             with self._cond:
                 self._gone_to[session_id] = to
+                self._gone_to.move_to_end(session_id)
                 while len(self._gone_to) > MAX_GONE:
                     self._gone_to.popitem(last=False)
         return self.sealer.answer(
             nonce, id=session_id, record=None if taken is None else _encode(taken)
         )
 
-    def _take(self, session_id: str) -> Kept | None:
-        """Remove and return a session, once no request of this process holds it."""
-        deadline = time.monotonic() + GIVE_WAIT
+    def _take(self, session_id: str, until: float) -> Kept | None:
+        """Remove and return a session, once no request of this process holds it, if
+        that happens before ``until`` (the asker's deadline, epoch seconds)."""
         with self._cond:
             if not self._stopped and not self.memory.holds(session_id):
                 return None  # (a request here may miss it too: it asks, it does not hold)
             while self._in_use.get(session_id) and not self._stopped:
-                if not self._cond.wait(deadline - time.monotonic()):
+                if not self._cond.wait(max(0.0, until - time.time())):
                     return None  # held too long: keep it here
             if not self._stopped:
+                if time.time() >= until:
+                    return None  # the asker has given up: keep it here
                 return self.memory.take(session_id)
-        self._handed.wait(GIVE_WAIT)  # stopping: once it is handed on, the asker looks
+        self._handed.wait(max(0.0, until - time.time()))  # once handed on, the asker looks
         return None
 
     # -- asking ----------------------------------------------------------------------------
@@ -322,7 +331,7 @@ class Handoff:
             request, nonce = self.sealer.request(give=session_id)
             try:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                    conn.settimeout(GIVE_WAIT + 1)
+                    conn.settimeout(ASK_TIMEOUT)
                     conn.connect(str(path))
                     conn.sendall(request)
                     conn.shutdown(socket.SHUT_WR)
@@ -437,7 +446,7 @@ class RemotePeers:
     answer that peer's call at the same time.
     """
 
-    def __init__(self, ring: BackendRing, node: str, *, timeout: float = PEER_TIMEOUT) -> None:
+    def __init__(self, ring: BackendRing, node: str, *, timeout: float = ASK_TIMEOUT) -> None:
         self.ring = ring
         self.node = node
         self.timeout = timeout
@@ -457,9 +466,8 @@ class RemotePeers:
         """Ask ``first`` (where this node gave the session), then the candidates."""
         here = list(self._address[self.node]) if self.node in self._address else None
         addresses = [self._address[name] for name in self.candidates(session_id)]
-        for address in [first] if first is not None else []:
-            if address not in addresses:
-                addresses.insert(0, address)
+        if first is not None:
+            addresses = [first, *(a for a in addresses if a != first)]
         for address in addresses:
             request, nonce = sealer.request(give=session_id, **({"from": here} if here else {}))
             found = _given(self._post(address, request, nonce, sealer), session_id)

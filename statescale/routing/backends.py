@@ -39,19 +39,23 @@ class Backend:
         return f"{self.name}={self.address}" + ("" if self.weight == 1 else f"*{self.weight}")
 
     @classmethod
-    def parse(cls, spec: str) -> Backend:
-        """``NAME=HOST:PORT`` or ``NAME=HOST:PORT*WEIGHT`` (or ``NAME=unix:/path``)."""
+    def parse(cls, spec: str, *, unix: bool = False) -> Backend:
+        """``NAME=HOST:PORT`` or ``NAME=HOST:PORT*WEIGHT``; with ``unix``, also
+        ``NAME=unix:/path`` (the statescale router's command line only: what the gunicorn
+        hooks give the router inside a master; no balancer, node or admin call takes it)."""
         name, sep, rest = spec.strip().partition("=")
         address, _, weight = rest.partition("*")
-        if address.startswith("unix:/") and sep and _NAME.match(name):
-            if weight and (not _NUMBER.match(weight) or int(weight) < 1):
-                raise ConfigError(f"{spec!r}: the weight after * must be a whole number >= 1")
+        if weight and (not _NUMBER.match(weight) or int(weight) < 1):
+            raise ConfigError(f"{spec!r}: the weight after * must be a whole number >= 1")
+        if address.startswith("unix:"):
+            if not unix:
+                raise ConfigError(f"{spec!r}: a backend is NAME=HOST:PORT (no Unix sockets here)")
+            if not sep or not _NAME.match(name) or not address.startswith("unix:/"):
+                raise ConfigError(f"{spec!r}: a Unix-socket backend is NAME=unix:/PATH")
             return cls(name, address, 0, int(weight or 1))
         host, _, port = address.rpartition(":")
         if not sep or not _NAME.match(name) or not host or not _NUMBER.match(port):
             raise ConfigError(f"{spec!r}: a backend is NAME=HOST:PORT (or NAME=HOST:PORT*WEIGHT)")
-        if weight and (not _NUMBER.match(weight) or int(weight) < 1):
-            raise ConfigError(f"{spec!r}: the weight after * must be a whole number >= 1")
         if not 0 < int(port) < 65536:
             raise ConfigError(f"{spec!r}: the port must be between 1 and 65535")
         return cls(name, host, int(port), int(weight or 1))

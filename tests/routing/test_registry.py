@@ -78,12 +78,19 @@ def test_a_new_balancer_is_one_new_module(tmp_path: Path, monkeypatch: pytest.Mo
         pytest.param("n1=10.0.0.1:8000", Backend("n1", "10.0.0.1", 8000), id="plain"),
         pytest.param("n1=h:8000*3", Backend("n1", "h", 8000, 3), id="weight"),
         pytest.param(" n1=h:1 ", Backend("n1", "h", 1), id="spaces"),
-        pytest.param("w0=unix:/run/w0.sock", Backend("w0", "unix:/run/w0.sock", 0), id="unix"),
     ],
 )
 def test_backend_specs(spec: str, expected: Backend) -> None:
     assert Backend.parse(spec) == expected
     assert Backend.parse(expected.spec) == expected
+
+
+def test_unix_socket_backends_are_for_the_routers_command_line_only() -> None:
+    unix = Backend("w0", "unix:/run/w0.sock", 0)
+    assert Backend.parse("w0=unix:/run/w0.sock", unix=True) == unix
+    assert Backend.parse(unix.spec, unix=True) == unix and unix.unix == "/run/w0.sock"
+    with pytest.raises(ConfigError, match="no Unix sockets here"):
+        Backend.parse("w0=unix:/run/w0.sock")  # balancers, nodes, admin calls, files
 
 
 @pytest.mark.parametrize(
@@ -97,7 +104,7 @@ def test_backend_specs(spec: str, expected: Backend) -> None:
         "n1=h:1*x",
         "n1=h:1*0",
         "n1=h:70000",
-        "n1=unix:/s*0",
+        "n1=unix:/s",
     ],
 )
 def test_bad_backend_specs_say_the_format(spec: str) -> None:
