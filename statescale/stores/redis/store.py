@@ -189,29 +189,40 @@ class RedisStore:
             raise StoreUnavailable("redis", f"{what}: {reason}") from exc
 
     def _call(self, *commands: Sequence[Any], via: Direct | None = None) -> list[Any]:
-        direct = via or self._direct
-        if direct is not None:
-            try:
-                return direct.call(*commands)
-            except ResponseError as exc:
-                if direct is self._direct or not _moved(exc):
-                    raise
-                self._slot_moved(direct)
+        return cast(
+            "list[Any]",
+            self._send(via, lambda direct: direct.call(*commands), lambda: self._pipe(commands)),
+        )
+
+    def _pipe(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         return cast("list[Any]", pipe.execute())
 
     def _write(self, keys: list[str], args: list[Any], via: Direct | None = None) -> int:
-        direct = via or self._direct
-        if direct is not None:
-            try:
-                return int(direct.run(_WRITE, keys, args))
-            except ResponseError as exc:
-                if direct is self._direct or not _moved(exc):
-                    raise
-                self._slot_moved(direct)
-        return int(self._script(keys, args))
+        return int(
+            self._send(
+                via, lambda direct: direct.run(_WRITE, keys, args), lambda: self._script(keys, args)
+            )
+        )
+
+    def _send(
+        self, via: Direct | None, direct: Callable[[Direct], Any], client: Callable[[], Any]
+    ) -> Any:
+        """On statescale's own connections (``via``, a Cluster master's, or this store's),
+        else through the client; a Cluster slot that moved off ``via`` goes through the
+        client too, which follows the redirection."""
+        own = via or self._direct
+        if own is None:
+            return client()
+        try:
+            return direct(own)
+        except ResponseError as exc:
+            if own is self._direct or not _moved(exc):
+                raise
+            self._slot_moved(own)
+        return client()
 
     def _slot_moved(self, shard: Direct) -> None:
         """A Cluster slot moved off ``shard``: the client follows it (and learns the new

@@ -299,7 +299,7 @@ class Tracking(Direct):
             if self._current():
                 self.copies.read(key, token, record, version, ttl_ms)
             else:
-                self.copies.read(key, token, None, 0, 0)
+                self.abandon(key, token)
                 self._subscribe()
 
     def abandon(self, key: str, token: int) -> None:
