@@ -85,15 +85,9 @@ class Copies:
         return pending[1] > token or self._everything_at > token
 
     def read(self, key: str, token: int, record: Record | None, version: int, ttl_ms: int) -> None:
-        """What a read of ``key`` returned: kept, unless invalidated meanwhile."""
+        """What a read of ``key`` returned, or the whole record this process wrote:
+        kept, unless invalidated meanwhile."""
         if self._spoilt(key, token) or record is None or version <= 0:
-            self._copies.pop(key, None)
-            return
-        self._put(key, dict(record.fields), record.created, version, ttl_ms)
-
-    def created(self, key: str, token: int, record: Record, version: int, ttl_ms: int) -> None:
-        """This process wrote a whole record."""
-        if self._spoilt(key, token):
             self._copies.pop(key, None)
             return
         self._put(key, dict(record.fields), record.created, version, ttl_ms)

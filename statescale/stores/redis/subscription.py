@@ -318,7 +318,7 @@ class Tracking(Direct):
     def created(self, key: str, token: int, record: Record, version: int, ttl_ms: int) -> None:
         with self._lock:
             if self._current():
-                self.copies.created(key, token, record, version, ttl_ms)
+                self.copies.read(key, token, record, version, ttl_ms)
             else:
                 self.abandon(key, token)
 
