@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # command -> Debian package
-packages=(redis-server:redis-server nginx:nginx-light haproxy:haproxy wrk:wrk)
+packages=(redis-server:redis-server etcd:etcd-server nginx:nginx-light haproxy:haproxy wrk:wrk)
 need=()
 for pair in "${packages[@]}"; do
     tool=${pair%%:*}

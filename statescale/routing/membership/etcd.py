@@ -1,0 +1,157 @@
+"""The etcd registry, through etcd3gw (etcd's v3 JSON gateway; the ``etcd`` extra).
+
+Each member is one key, ``PREFIX/members/NAME``, whose value is ``TOKEN SPEC``, attached
+to a lease of its own: renewing is a lease keep-alive, a crashed member's key goes when
+its lease runs out, and deregistering revokes the lease (a new master that has put the
+same name since holds it on a lease of its own, which stays). A follower opens a watch
+stream on the prefix, reads the members once the watch exists, and reads them again
+after every event.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import math
+import socket
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+from ...exceptions import ConfigError
+from ..backends import Backend
+from .registry import Changed, RegistryUnavailable, sort
+
+log = logging.getLogger("statescale.registry")
+
+DEFAULT_PREFIX = "/statescale/registry"
+TIMEOUT = 2.0  # seconds per etcd call (and to open a watch)
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+class EtcdRegistry:
+    """``etcd://HOST:PORT[/PREFIX]``, or ``etcd+https://`` for TLS."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import etcd3gw
+            import requests
+        except ImportError as exc:
+            raise ConfigError(
+                f"{url!r}: the etcd registry needs etcd3gw: pip install 'statescale[etcd]'"
+            ) from exc
+        parts = urlsplit(url)
+        if not parts.hostname:
+            raise ConfigError(f"{url!r}: give the etcd endpoint, etcd://HOST:2379[/PREFIX]")
+        self.url = url
+        protocol = "https" if parts.scheme.endswith("https") else "http"
+        self._client: Any = etcd3gw.Etcd3Client(
+            host=parts.hostname, port=parts.port or 2379, protocol=protocol, timeout=TIMEOUT
+        )
+        self._errors: tuple[type[Exception], ...] = (
+            requests.RequestException,
+            etcd3gw.exceptions.Etcd3Exception,
+            OSError,
+            ValueError,
+            KeyError,
+        )
+        self.prefix = (parts.path.rstrip("/") or DEFAULT_PREFIX) + "/members/"
+        self._leases: dict[str, tuple[Any, str]] = {}  # name -> (lease, value put)
+        self._lock = threading.Lock()
+
+    def members(self) -> list[Backend]:
+        try:
+            values = self._client.get_prefix(self.prefix)
+        except self._errors as exc:
+            raise RegistryUnavailable(f"the etcd registry failed: {exc}") from exc
+        members = []
+        for value, _ in values:
+            spec = value.decode().partition(" ")[2]
+            try:
+                members.append(Backend.parse(spec))
+            except ConfigError as exc:
+                log.warning("statescale: the registry holds a bad entry %r: %s", spec, exc)
+        return sort(members)
+
+    def register(self, backend: Backend, *, ttl: float, token: str) -> None:
+        value = f"{token} {backend.spec}"
+        with self._lock:
+            try:
+                held = self._leases.get(backend.name)
+                if held is not None and held[1] == value and held[0].refresh() > 0:
+                    return  # renewed
+                lease = self._client.lease(ttl=max(2, math.ceil(ttl)))
+                self._client.put(self.prefix + backend.name, value, lease=lease)
+            except self._errors as exc:
+                raise RegistryUnavailable(f"the etcd registry failed: {exc}") from exc
+            self._leases[backend.name] = (lease, value)
+            if held is not None:  # a changed entry: the old lease goes
+                self._revoke(held[0])
+
+    def deregister(self, name: str, *, token: str) -> None:
+        with self._lock:
+            held = self._leases.get(name)
+            if held is not None and held[1].startswith(f"{token} "):
+                del self._leases[name]
+                self._revoke(held[0])
+
+    def _revoke(self, lease: Any) -> None:
+        try:
+            lease.revoke()
+        except self._errors as exc:
+            raise RegistryUnavailable(f"the etcd registry failed: {exc}") from exc
+
+    def watch(self, changed: Changed, stop: threading.Event) -> None:
+        end = self.prefix[:-1] + chr(ord(self.prefix[-1]) + 1)
+        request = {"create_request": {"key": _b64(self.prefix), "range_end": _b64(end)}}
+        try:
+            stream = self._client.session.post(
+                self._client.get_url("/watch"), json=request, stream=True, timeout=(TIMEOUT, None)
+            )
+        except self._errors as exc:
+            raise RegistryUnavailable(f"the etcd registry's watch failed: {exc}") from exc
+        closer = threading.Thread(target=_close_on, args=(stop, stream), daemon=True)
+        closer.start()
+        members: list[Backend] | None = None
+        try:
+            for line in stream.iter_lines():
+                if stop.is_set():
+                    return
+                if not line.strip():
+                    continue
+                result = json.loads(line).get("result", {})
+                if result.get("canceled"):
+                    raise RegistryUnavailable(f"etcd cancelled the watch: {result}")
+                if result.get("created") or result.get("events"):
+                    fresh = self.members()
+                    if fresh != members:
+                        members = fresh
+                        changed(members)
+        except self._errors as exc:
+            if not stop.is_set():
+                raise RegistryUnavailable(f"the etcd registry's watch failed: {exc}") from exc
+        finally:
+            stream.close()
+        if not stop.is_set():
+            raise RegistryUnavailable("the etcd watch stream ended")
+
+    def close(self) -> None:
+        self._client.session.close()
+
+
+def _close_on(stop: threading.Event, stream: Any) -> None:
+    """End a blocking watch read once ``stop`` is set: shut its socket down (closing
+    the response from another thread would not wake the reader)."""
+    while not stop.wait(1.0):
+        if stream.raw is None or stream.raw.closed:
+            return
+    with (
+        contextlib.suppress(OSError, ValueError, AttributeError),
+        socket.fromfd(stream.raw.fileno(), socket.AF_INET, socket.SOCK_STREAM) as sock,
+    ):
+        sock.shutdown(socket.SHUT_RDWR)

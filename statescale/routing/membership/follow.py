@@ -1,0 +1,131 @@
+"""The threads that keep an instance in a registry and a process up to date with one.
+
+* :class:`Heartbeat`: registers an instance, renews it every third of its TTL, and
+  deregisters it when stopped;
+* :class:`Follower`: runs a registry's watch and hands every new membership to a
+  callback; when the registry fails it keeps the last membership, says so once, and
+  tries again with a growing pause (0.1 s up to 2 s) until it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+
+from ..backends import Backend
+from .registry import Changed, Registry, RegistryUnavailable
+
+log = logging.getLogger("statescale.registry")
+
+DEFAULT_TTL = 6.0  # seconds a registration lasts without a renewal
+_RETRY = (0.1, 2.0)  # the first and the longest pause before trying a registry again
+
+
+class Heartbeat:
+    """Keeps ``backend`` registered in ``registry`` from a daemon thread."""
+
+    def __init__(self, registry: Registry, backend: Backend, *, ttl: float = DEFAULT_TTL) -> None:
+        self.registry = registry
+        self.backend = backend
+        self.ttl = ttl
+        self.token = secrets.token_hex(8)  # this registration's, against a successor's
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Register now (a registry that is down is tried again from the thread), then
+        renew until :meth:`stop`."""
+        registered = self._renew()
+        self._thread = threading.Thread(
+            target=self._run, args=(registered,), name="statescale-heartbeat", daemon=True
+        )
+        self._thread.start()
+
+    def _renew(self) -> bool:
+        try:
+            self.registry.register(self.backend, ttl=self.ttl, token=self.token)
+        except RegistryUnavailable as exc:
+            log.warning("statescale: could not register %s: %s", self.backend.spec, exc)
+            return False
+        return True
+
+    def _run(self, registered: bool) -> None:
+        while not self._stop.wait(self.ttl / 3 if registered else _RETRY[0] * 5):
+            registered = self._renew()
+
+    def stop(self, *, deregister: bool = True) -> None:
+        """Stop renewing; with ``deregister``, leave the registry at once."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if deregister:
+            try:
+                self.registry.deregister(self.backend.name, token=self.token)
+            except RegistryUnavailable as exc:
+                log.warning(
+                    "statescale: could not deregister %s (it drops out in %g s): %s",
+                    self.backend.name,
+                    self.ttl,
+                    exc,
+                )
+
+
+class Follower:
+    """Calls ``changed(members)`` with the registry's membership and each change."""
+
+    def __init__(self, registry: Registry, changed: Changed) -> None:
+        self.registry = registry
+        self._changed = changed
+        self.members: list[Backend] | None = None
+        self._failing = False
+        self._seen = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="statescale-follower", daemon=True)
+
+    def start(self) -> Follower:
+        self._thread.start()
+        return self
+
+    def _on_change(self, members: list[Backend]) -> None:
+        if self._failing:
+            log.warning("statescale: following %s again", self.registry.url)
+            self._failing = False
+        try:
+            self._changed(members)
+        except Exception:  # a consumer's bug must not stop the following
+            log.exception("statescale: applying a membership change failed")
+        with self._seen:
+            self.members = members
+            self._seen.notify_all()
+
+    def _run(self) -> None:
+        pause = _RETRY[0]
+        while not self._stop.is_set():
+            try:
+                self.registry.watch(self._on_change, self._stop)
+            except RegistryUnavailable as exc:
+                if not self._failing:
+                    log.warning(
+                        "statescale: following %s: %s; keeping the last membership, retrying",
+                        self.registry.url,
+                        exc,
+                    )
+                    self._failing, pause = True, _RETRY[0]
+            except Exception:
+                log.exception("statescale: following %s failed", self.registry.url)
+                self._failing = True
+            self._stop.wait(pause)
+            pause = min(pause * 2, _RETRY[1])
+
+    def wait(self, until: Callable[[list[Backend]], bool], timeout: float) -> bool:
+        """Whether the membership comes to satisfy ``until`` within ``timeout`` seconds."""
+        with self._seen:
+            return self._seen.wait_for(
+                lambda: self.members is not None and until(self.members), timeout
+            )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(3)

@@ -1,0 +1,176 @@
+"""The registries, each against its real server (a throwaway redis-server and etcd):
+registering, renewing, expiring, deregistering, and a follower's view of every change."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from benchmarks.rig.etcd import EtcdServer
+from statescale.embedded import EmbeddedRedis
+from statescale.exceptions import ConfigError
+from statescale.routing.backends import Backend
+from statescale.routing.membership import (
+    Fleet,
+    Follower,
+    Heartbeat,
+    Registry,
+    RegistryUnavailable,
+    open_registry,
+)
+
+A = Backend("a", "127.0.0.1", 9001)
+B = Backend("b", "127.0.0.1", 9002, 2)
+C = Backend("c", "127.0.0.1", 9003)
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["redis", "etcd"])
+def registry(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Registry]:
+    if request.param == "redis":
+        url = f"{redis_url}?prefix=test-{time.monotonic_ns()}"
+    else:
+        url = f"{request.getfixturevalue('etcd').url}/test-{time.monotonic_ns()}"
+    found = open_registry(url)
+    yield found
+    found.close()
+
+
+def _following(registry: Registry) -> tuple[Follower, list[list[Backend]]]:
+    seen: list[list[Backend]] = []
+    return Follower(registry, seen.append).start(), seen
+
+
+def test_register_renew_deregister(registry: Registry) -> None:
+    registry.register(B, ttl=5, token="t1")
+    registry.register(A, ttl=5, token="t2")
+    registry.register(A, ttl=5, token="t2")  # a renewal: the same members
+    assert registry.members() == [A, B]  # sorted by name, weights kept
+    registry.deregister("a", token="not-mine")
+    assert registry.members() == [A, B]  # another registration's token removes nothing
+    registry.deregister("a", token="t2")
+    assert registry.members() == [B]
+
+
+def test_a_member_that_stops_renewing_drops_out_after_its_ttl(registry: Registry) -> None:
+    registry.register(A, ttl=60, token="t")
+    registry.register(C, ttl=2, token="t")
+    follower, seen = _following(registry)
+    try:
+        assert follower.wait(lambda m: m == [A, C], 5)
+        started = time.monotonic()
+        assert follower.wait(lambda m: m == [A], 6)  # woken by the expiry, not a poll
+        assert time.monotonic() - started < 4.5
+    finally:
+        follower.stop()
+    assert seen[0] == [A, C] and seen[-1] == [A]
+
+
+def test_a_follower_sees_each_change_quickly(registry: Registry) -> None:
+    registry.register(A, ttl=30, token="t")
+    follower, seen = _following(registry)
+    try:
+        assert follower.wait(lambda m: m == [A], 5)
+        delays = []
+        for change in range(4):
+            started = time.monotonic()
+            if change % 2 == 0:
+                registry.register(B, ttl=30, token="t")
+                assert follower.wait(lambda m: m == [A, B], 2)
+            else:
+                registry.deregister("b", token="t")
+                assert follower.wait(lambda m: m == [A], 2)
+            delays.append(time.monotonic() - started)
+        assert max(delays) < 2.0
+    finally:
+        follower.stop()
+    assert [len(m) for m in seen] == [1, 2, 1, 2, 1]  # one call per change, no repeats
+
+
+def test_a_heartbeat_keeps_a_member_in_and_leaves_on_stop(registry: Registry) -> None:
+    beat = Heartbeat(registry, C, ttl=2)
+    beat.start()
+    try:
+        time.sleep(3)  # past the TTL: only the renewals keep it
+        assert registry.members() == [C]
+    finally:
+        beat.stop()
+    assert registry.members() == []
+
+
+def test_a_successor_keeps_the_name_its_predecessor_leaves(registry: Registry) -> None:
+    """A USR2 upgrade: the new master registers the same name; the old one, stopping,
+    must not remove it."""
+    old, new = Heartbeat(registry, A, ttl=5), Heartbeat(registry, A, ttl=5)
+    old.start()
+    new.start()
+    old.stop()
+    assert registry.members() == [A]
+    new.stop()
+    assert registry.members() == []
+
+
+def test_a_follower_rides_out_a_redis_restart() -> None:
+    with EmbeddedRedis() as server:
+        registry = open_registry(server.url)
+        registry.register(A, ttl=60, token="t")
+        follower, _ = _following(registry)
+        try:
+            assert follower.wait(lambda m: m == [A], 5)
+            server.stop()
+            with pytest.raises(RegistryUnavailable):
+                registry.members()
+            server.start()  # empty now: a new member is what it holds
+            registry.register(B, ttl=60, token="t")
+            assert follower.wait(lambda m: m == [B], 10)
+        finally:
+            follower.stop()
+            registry.close()
+
+
+def test_the_file_registry_follows_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "backends"
+    path.write_text("a=127.0.0.1:9001\n")
+    registry = open_registry(f"file://{path}")
+    follower, _ = _following(registry)
+    try:
+        assert follower.wait(lambda m: m == [A], 3)
+        path.write_text("# two now\nb=127.0.0.1:9002*2\na=127.0.0.1:9001\n")
+        assert follower.wait(lambda m: m == [A, B], 3)
+    finally:
+        follower.stop()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("zk://h:2181", "unknown scheme"),
+        ("file://relative/path", "absolute path"),
+        ("redis+cluster://h:7000", "one Redis server"),
+    ],
+)
+def test_bad_registry_urls_say_what_to_change(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        open_registry(url)
+
+
+def test_a_fleet_remembers_the_rings_it_replaced() -> None:
+    now = [0.0]
+    fleet = Fleet("statescale", [A, B], keep=10, clock=lambda: now[0])
+    assert not fleet.update([A, B]) and not fleet.update([])
+    assert fleet.update([A, B, C])
+    assert fleet.ring.names == ("a", "b", "c")
+    assert [r.names for r in fleet.previous] == [("a", "b")]
+    assert fleet.address("c") == ("127.0.0.1", 9003)
+    fleet.update([A, C])
+    assert fleet.address("b") == ("127.0.0.1", 9002)  # left lately: still reachable
+    now[0] = 11
+    assert fleet.previous == [] and fleet.address("b") is None
