@@ -11,6 +11,7 @@ environment.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
 
     from .handoff import RemotePeers
+    from .routing.membership import Fleet
 
 log = logging.getLogger("statescale")
 
@@ -125,24 +127,63 @@ def build_store(settings: Settings) -> Store:
 def _ring_peers(settings: Settings) -> RemotePeers | None:
     """A sticky node behind an outside balancer hands sessions to and from the other
     nodes of its ring (:class:`statescale.handoff.RemotePeers`)."""
-    if settings.mode != "sticky" or settings.node is None or len(settings.backends) < 2:
+    if settings.mode != "sticky" or settings.node is None:
+        return None
+    if settings.registry is None and len(settings.backends) < 2:
         return None
     from .handoff import RemotePeers
-    from .routing.balancers import get
 
-    return RemotePeers(get(settings.balancer).ring(settings.backends), settings.node)
+    return RemotePeers(node_fleet(settings), settings.node)
+
+
+_fleets: dict[tuple[int, Settings], Fleet] = {}
+
+
+def node_fleet(settings: Settings) -> Fleet:
+    """This process's view of the ring ``settings`` put it on: fixed by
+    ``STATESCALE_BACKENDS``, or following ``STATESCALE_REGISTRY`` from a thread of its
+    own (started here, in the process that serves: after gunicorn's fork). One per
+    process and settings: the IDs it mints and the peers it asks agree."""
+    from .routing.membership import Fleet, Follower, RegistryUnavailable, open_registry
+
+    key = (os.getpid(), settings)
+    fleet = _fleets.get(key)
+    if fleet is not None:
+        return fleet
+    if settings.registry is None:
+        fleet = Fleet(settings.balancer, settings.backends)
+    else:
+        registry = open_registry(settings.registry)
+        try:
+            members = registry.members() or list(settings.backends)
+        except RegistryUnavailable as exc:
+            if not settings.backends:
+                raise ConfigError(
+                    f"{exc}; set STATESCALE_BACKENDS too, to start while it is down"
+                ) from exc
+            members = list(settings.backends)
+        if not members:
+            raise ConfigError(
+                f"{settings.registry} lists no node yet (not even {settings.node}): start "
+                "this instance under gunicorn with statescale's hooks, which register it"
+            )
+        fleet = Fleet(settings.balancer, members)
+        Follower(registry, fleet.follow).start()
+    _fleets[key] = fleet
+    return fleet
 
 
 def build_id_factory(settings: Settings) -> Callable[[], str]:
     """How new session IDs are minted: at random, or, for a node of a sticky ring,
-    only IDs that the balancer's ring routes back to it."""
+    only IDs that the balancer's ring in use routes back to it."""
     if settings.node is None:
         return new_session_id
-    from .routing.balancers import get
-    from .routing.minting import owned_id_factory
+    from .routing.minting import following_id_factory, owned_id_factory
 
-    ring = get(settings.balancer).ring(settings.backends)
-    return owned_id_factory(ring, settings.node)
+    fleet = node_fleet(settings)
+    if settings.registry is None:
+        return owned_id_factory(fleet.ring, settings.node)
+    return following_id_factory(lambda: fleet.ring, settings.node)
 
 
 def build_middleware(

@@ -9,11 +9,16 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import MODES
 from .exceptions import StateScaleError
 from .signing import DEFAULT_COOKIE_NAME
+
+if TYPE_CHECKING:
+    from .routing.backends import Backend
+    from .routing.membership import Registry
 
 DESCRIPTION = """\
 statescale keeps WSGI session state consistent across gunicorn workers and machines,
@@ -70,11 +75,19 @@ def cmd_router(args: argparse.Namespace) -> int:
     from .routing.backends import Backend, check, read_backends_file
     from .routing.router import Router, Timeouts, run
 
-    if not args.backend and not args.backends_file:
-        raise StateScaleError("give --backend NAME=HOST:PORT (repeat) or --backends-file")
+    if not args.backend and not args.backends_file and not args.registry:
+        raise StateScaleError(
+            "give --registry URL, --backend NAME=HOST:PORT (repeat) or --backends-file"
+        )
     backends = [Backend.parse(spec, unix=True) for spec in args.backend or []]
     if args.backends_file:
         backends += read_backends_file(Path(args.backends_file))
+    registry = None
+    if args.registry:
+        from .routing.membership import open_registry
+
+        registry = open_registry(args.registry)
+        backends = backends or _first_members(registry, args.wait)
     specs = [b.spec for b in check(backends)]
     router = Router(
         backends,
@@ -102,8 +115,32 @@ def cmd_router(args: argparse.Namespace) -> int:
         admin_remote=args.admin_remote,
         max_connections=args.max_connections,
         use_uvloop=not args.no_uvloop,
+        registry=registry,
     )
     return 0
+
+
+def _first_members(registry: Registry, wait: float) -> list[Backend]:
+    """The registry's members, once it lists one (``wait`` seconds at most)."""
+    from .routing.membership import RegistryUnavailable
+
+    deadline = time.monotonic() + wait
+    said = 0.0
+    while True:
+        try:
+            members = registry.members()
+        except RegistryUnavailable as exc:
+            members, why = [], str(exc)
+        else:
+            why = "no node has registered yet"
+        if members:
+            return members
+        if time.monotonic() >= deadline:
+            raise StateScaleError(f"{registry.url}: {why} (waited {wait:g} s; see --wait)")
+        if time.monotonic() - said >= 5:
+            print(f"waiting for nodes in {registry.url}: {why}", file=sys.stderr, flush=True)
+            said = time.monotonic()
+        time.sleep(0.2)
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -206,6 +243,18 @@ def parser() -> argparse.ArgumentParser:
         help="one node (repeat, in a fixed order); NAME=unix:/PATH for a Unix socket",
     )
     router.add_argument("--backends-file", help="one NAME=HOST:PORT a line; re-read on SIGHUP")
+    router.add_argument(
+        "--registry",
+        metavar="URL",
+        help="follow the membership in this registry (redis://..., etcd://HOST:PORT, "
+        "file:///PATH): each change takes effect within a second or two",
+    )
+    router.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        help="with --registry and no --backend: seconds to wait for a first node (default 30)",
+    )
     router.add_argument("--listen", type=_address, default=("127.0.0.1", 8080), help="HOST:PORT")
     router.add_argument(
         "--fd",

@@ -35,6 +35,7 @@ DEFAULT_MEMORY_SESSIONS = 10_000  # sessions a memory store keeps per process
 DEFAULT_MAX_SIZE = 64 * 1024  # bytes a session may take, encoded
 DEFAULT_REDIS_TIMEOUT = 0.4  # seconds per Redis attempt (redis-py retries once)
 DEFAULT_LOCAL_CACHE = 10_000  # session copies per process
+DEFAULT_DRAIN = 2.0  # seconds a registered instance serves on after leaving the registry
 
 #: Each mode and the store it uses unless told otherwise. Sticky and affinity route each
 #: session to its owner (a ring); affinity keeps the sessions in Redis behind that.
@@ -116,6 +117,14 @@ class Settings:
     node: str | None = None  # sticky routing: this instance's name on the ring
     backends: tuple[Backend, ...] = ()  # sticky routing: every instance, in order
     balancer: str = "statescale"  # whose ring routes sessions (routing.balancers)
+    #: A membership registry (routing.membership): this instance registers in it as
+    #: ``node`` at ``advertise`` (default: gunicorn's bind) with ``weight``, and its
+    #: ring follows it. On a graceful stop it leaves, then serves ``drain`` seconds more
+    #: while the routers follow, then hands its sessions on.
+    registry: str | None = None
+    advertise: str | None = None
+    weight: int = 1
+    drain: float = DEFAULT_DRAIN
     development_secret: bool = False
 
     def __post_init__(self) -> None:
@@ -134,7 +143,12 @@ class Settings:
             )
         if self.backends:
             check(self.backends)
-        if self.node is not None and self.node not in {b.name for b in self.backends}:
+        self._check_registry()
+        if (
+            self.registry is None
+            and self.node is not None
+            and self.node not in {b.name for b in self.backends}
+        ):
             raise ConfigError(
                 f"STATESCALE_NODE={self.node!r}: list every node, this one included, in "
                 "STATESCALE_BACKENDS (NAME=HOST:PORT,...)"
@@ -145,6 +159,19 @@ class Settings:
             raise ConfigError(f"STATESCALE_MEMORY_SESSIONS={self.memory_sessions!r}: must be >= 1")
         if self.local_cache < 0:
             raise ConfigError(f"STATESCALE_LOCAL_CACHE={self.local_cache!r}: must be >= 0")
+
+    def _check_registry(self) -> None:
+        if self.weight < 1:
+            raise ConfigError(f"STATESCALE_WEIGHT={self.weight!r}: must be a whole number >= 1")
+        if self.drain < 0:
+            raise ConfigError(f"STATESCALE_DRAIN={self.drain!r}: must be >= 0")
+        if self.advertise is not None:
+            Backend.parse(f"x={self.advertise}")  # HOST:PORT, or a ConfigError saying so
+        if self.registry is not None and self.node is None:
+            raise ConfigError(
+                "STATESCALE_REGISTRY needs STATESCALE_NODE: the name this instance "
+                "registers under (unique in the fleet)"
+            )
 
     @property
     def store_kind(self) -> str:
@@ -273,4 +300,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "STATESCALE_NODE": ("node", _text),
     "STATESCALE_BACKENDS": ("backends", _backends),
     "STATESCALE_BALANCER": ("balancer", _word),
+    "STATESCALE_REGISTRY": ("registry", _text),
+    "STATESCALE_ADVERTISE": ("advertise", _text),
+    "STATESCALE_WEIGHT": ("weight", _count),
+    "STATESCALE_DRAIN": ("drain", _number),
 }

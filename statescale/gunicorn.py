@@ -53,9 +53,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import assemble, embedded
 from .config import Settings
@@ -63,6 +64,9 @@ from .exceptions import ConfigError
 from .middleware import MULTIPROCESS_WARNING
 from .processes import die_with_parent
 from .routing.backends import Backend
+
+if TYPE_CHECKING:
+    from .routing.membership import Heartbeat
 
 _FIXED_SLOTS = (
     "statescale: sticky mode has %d slots, fixed at start (every node's ring must agree); "
@@ -94,6 +98,7 @@ class _Master:
     slot_dir: Path | None = None  # where the slots' sockets are
     slots: list[_Slot] = field(default_factory=list)
     router: subprocess.Popen[bytes] | None = None
+    heartbeat: Heartbeat | None = None  # this instance's registration, if it has a registry
 
 
 _master: _Master | None = None
@@ -114,6 +119,8 @@ def on_starting(server: Any) -> None:
     _master = _Master(settings)
     if settings.routed and settings.node is None:
         _prepare_sticky(server, _master)
+    if settings.registry is not None:
+        _register(server, _master)
     if settings.store_kind == "redis" and settings.redis_url is None and settings.embedded_redis:
         _master.server = embedded.shared()
         server.handle_usr2 = lambda: server.log.error(_USR2_EMBEDDED)
@@ -174,6 +181,43 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
         len(backends),
         ", ".join(b.spec for b in backends),
     )
+
+
+def _register(server: Any, master: _Master) -> None:
+    """Register this instance (``STATESCALE_NODE`` at ``STATESCALE_ADVERTISE``, default
+    the bind address) and keep it registered from a thread of the master's. A graceful
+    stop (``TERM``) leaves the registry first, serves ``STATESCALE_DRAIN`` seconds more
+    while routers and peers follow (they fetch the sessions that move from here), and
+    only then stops the workers, which hand what is left to the next owners. ``INT``
+    and ``QUIT`` (fast stops) leave without the wait."""
+    from .routing.membership import Heartbeat, open_registry
+
+    settings = master.settings
+    advertise = settings.advertise or server.cfg.bind[0]
+    backend = Backend.parse(f"{settings.node}={advertise}*{settings.weight}")
+    if backend.host in ("0.0.0.0", "::", "[::]", ""):
+        raise ConfigError(
+            f"gunicorn binds {advertise}, which nobody can connect to: set "
+            "STATESCALE_ADVERTISE=HOST:PORT, the address other instances reach this one at"
+        )
+    master.heartbeat = Heartbeat(open_registry(settings.registry or ""), backend)
+    master.heartbeat.start()
+    server.log.info("statescale: registered %s in %s", backend.spec, settings.registry)
+    stops = {"handle_term": settings.drain, "handle_int": 0.0, "handle_quit": 0.0}
+    for name, drain in stops.items():
+        setattr(server, name, _leaving_first(server, master, getattr(server, name), drain))
+
+
+def _leaving_first(server: Any, master: _Master, stop: Any, drain: float) -> Any:
+    def leave_then_stop() -> None:
+        heartbeat, master.heartbeat = master.heartbeat, None
+        if heartbeat is not None:
+            heartbeat.stop(deregister=True)
+            server.log.info("statescale: left the registry; serving %g s more", drain)
+            time.sleep(drain)
+        stop()
+
+    return leave_then_stop
 
 
 def pre_fork(server: Any, worker: Any) -> None:
@@ -288,6 +332,8 @@ def _stop_router(server: Any, master: _Master) -> None:
 def on_exit(server: Any) -> None:
     if _master is None:
         return
+    if _master.heartbeat is not None:
+        _master.heartbeat.stop(deregister=True)
     _stop_router(server, _master)
     if _master.slot_dir is not None:
         shutil.rmtree(_master.slot_dir, ignore_errors=True)

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from .exceptions import ConfigError
-from .routing.balancers._base import BackendRing
+from .routing.membership.fleet import Fleet
 from .session import Changes, Record, Written
 from .stores.memory import Kept, MemoryStore
 
@@ -446,26 +446,35 @@ class RemotePeers:
     answer that peer's call at the same time.
     """
 
-    def __init__(self, ring: BackendRing, node: str, *, timeout: float = ASK_TIMEOUT) -> None:
-        self.ring = ring
+    def __init__(self, fleet: Fleet, node: str, *, timeout: float = ASK_TIMEOUT) -> None:
+        self.fleet = fleet
         self.node = node
         self.timeout = timeout
-        self._address = {b.name: (b.host, b.port) for b in ring.backends}
 
     def candidates(self, session_id: str) -> list[str]:
-        ranking: list[str] = []
+        """Who may hold ``session_id``: the nodes the ring ranks above this one, its
+        owners on the rings the fleet replaced lately (newest first: a membership
+        change moved it), then the node just below this one."""
+        ring, ranking = self.fleet.ring, list[str]()
         with contextlib.suppress(LookupError):
-            while len(ranking) < len(self._address):
-                ranking.append(self.ring.owner(session_id, down=ranking))
+            while len(ranking) < len(ring.backends):
+                ranking.append(ring.owner(session_id, down=ranking))
         here = ranking.index(self.node) if self.node in ranking else len(ranking)
-        return ranking[:here] + ranking[here + 1 : here + 2]
+        asked = ranking[:here]
+        for previous in self.fleet.previous:
+            owner = previous.owner(session_id)
+            if owner != self.node and owner not in asked:
+                asked.append(owner)
+        return asked + [n for n in ranking[here + 1 : here + 2] if n not in asked]
 
     def fetch(
         self, session_id: str, sealer: Sealer, *, first: tuple[str, int] | None = None
     ) -> Kept | None:
         """Ask ``first`` (where this node gave the session), then the candidates."""
-        here = list(self._address[self.node]) if self.node in self._address else None
-        addresses = [self._address[name] for name in self.candidates(session_id)]
+        where = self.fleet.address
+        mine = where(self.node)
+        here = list(mine) if mine is not None else None
+        addresses = [a for a in map(where, self.candidates(session_id)) if a is not None]
         if first is not None:
             addresses = [first, *(a for a in addresses if a != first)]
         for address in addresses:
@@ -477,12 +486,17 @@ class RemotePeers:
 
     def push(self, sessions: Mapping[str, Any], sealer: Sealer) -> None:
         """Each session to its owner on the ring without this node, in batches."""
+        ring = self.fleet.ring
+        down = [self.node] if self.node in ring.names else []
         by_owner: dict[str, list[tuple[str, Any]]] = {}
         for session_id, data in sessions.items():
             with contextlib.suppress(LookupError):
-                owner = self.ring.owner(session_id, down=[self.node])
+                owner = ring.owner(session_id, down=down)
                 by_owner.setdefault(owner, []).append((session_id, data))
         for owner, items in by_owner.items():
+            where = self.fleet.address(owner)
+            if where is None:
+                continue
             batch: dict[str, Any] = {}
             size = 0
             for n, (session_id, data) in enumerate(items, 1):
@@ -490,7 +504,7 @@ class RemotePeers:
                 size += sum(len(v) for v in data["f"].values()) + 64
                 if size >= _BATCH or n == len(items):
                     request, nonce = sealer.request(take=batch)
-                    if self._post(self._address[owner], request, nonce, sealer) is None:
+                    if self._post(where, request, nonce, sealer) is None:
                         log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
                     batch, size = {}, 0
 

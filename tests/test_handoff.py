@@ -90,17 +90,34 @@ def test_the_directory_must_be_private(tmp_path: Path) -> None:
 def test_a_joining_node_asks_the_nodes_ranked_above_it_then_the_next_one() -> None:
     from statescale.handoff import RemotePeers
     from statescale.routing.backends import Backend
-    from statescale.routing.balancers import get
+    from statescale.routing.membership import Fleet
 
     backends = [Backend(f"n{i}", "127.0.0.1", 9000 + i) for i in range(5)]
-    ring = get("statescale").ring(backends)
+    fleet = Fleet("statescale", backends)
     for session_id in ("a", "b", "c", "d", "e", "f"):
         ranking: list[str] = []
         while len(ranking) < 5:
-            ranking.append(ring.owner(session_id, down=ranking))
+            ranking.append(fleet.ring.owner(session_id, down=ranking))
         for place, node in enumerate(ranking):
-            asked = RemotePeers(ring, node).candidates(session_id)
+            asked = RemotePeers(fleet, node).candidates(session_id)
             assert asked == ranking[:place] + ranking[place + 1 : place + 2]
+
+
+def test_after_a_membership_change_a_node_asks_the_previous_owner() -> None:
+    """A node that left (a scale-in: it drains) or a ring that gained a node: the
+    session's owner before the change is asked, though the ring in use has moved on."""
+    from statescale.handoff import RemotePeers
+    from statescale.routing.backends import Backend
+    from statescale.routing.membership import Fleet
+
+    backends = [Backend(f"n{i}", "127.0.0.1", 9000 + i) for i in range(4)]
+    fleet = Fleet("statescale", backends)
+    fleet.update(backends[1:])  # n0 leaves
+    moved = [s for s in map(str, range(200)) if Fleet("statescale", backends).ring.owner(s) == "n0"]
+    for session_id in moved:
+        owner = fleet.ring.owner(session_id)
+        assert RemotePeers(fleet, owner).candidates(session_id)[0] == "n0"
+        assert fleet.address("n0") == ("127.0.0.1", 9000)
 
 
 def test_the_middleware_answers_sealed_fresh_calls_only(tmp_path: Path) -> None:

@@ -285,6 +285,7 @@ class Load:
         self.clients = [SessionClient(port) for _ in range(users)]
         self.key = key
         self.answers: list[list[int]] = [[] for _ in range(users)]
+        self.pids: list[list[int]] = [[] for _ in range(users)]  # who served each answer
         self.failures: list[str] = []
         self.failed_at: list[list[int]] = [[] for _ in range(users)]  # answers before each
         self.replies: list[tuple[int, float]] = []  # (status, seconds) of every reply
@@ -307,7 +308,9 @@ class Load:
                 self.failures.append(f"user {n}: {reply.status} {reply.body[:100]!r}")
                 self.failed_at[n].append(len(self.answers[n]))
                 continue
-            self.answers[n].append(reply.json["value"])
+            body = reply.json
+            self.answers[n].append(body["value"])
+            self.pids[n].append(body["pid"])
 
     @property
     def requests(self) -> int:
@@ -411,6 +414,31 @@ def _sticky_env(node: Gunicorn, me: Backend, backends: list[Backend], balancer: 
         STATESCALE_BACKENDS=",".join(b.spec for b in backends),
         STATESCALE_NODE=me.name,
     )
+
+
+def registered_node(
+    stack: ExitStack,
+    registry: str,
+    name: str,
+    *,
+    mode: str = "sticky",
+    workers: int = 1,
+    args: tuple[str, ...] = ("--threads", "4"),
+) -> Gunicorn:
+    """A demo_app node that registers itself in ``registry`` as ``name`` and follows it
+    (sticky mode on the memory store, or ``mode``); stopped when ``stack`` closes."""
+    node = Gunicorn(workers=workers, args=args)
+    node.env.update(
+        STATESCALE_MODE=mode,
+        STATESCALE_REGISTRY=registry,
+        STATESCALE_NODE=name,
+        STATESCALE_ADVERTISE=f"127.0.0.1:{node.port}",
+        STATESCALE_DRAIN="1.5",
+    )
+    if mode == "sticky":
+        node.env["STATESCALE_STORE"] = "memory"
+    stack.enter_context(node)
+    return node
 
 
 def start_balancer(

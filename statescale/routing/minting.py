@@ -32,9 +32,22 @@ def owned_id_factory(
     """A session-ID factory for node ``me`` of ``ring``."""
     if me not in ring.names:
         raise ConfigError(f"node {me!r} is not on the ring ({sorted(ring.names)})")
-    owner = ring.owner
+    return following_id_factory(lambda: ring, me, new_id=new_id)
+
+
+def following_id_factory(
+    current: Callable[[], Routes], me: str, *, new_id: Callable[[], str] = new_session_id
+) -> Callable[[], str]:
+    """A session-ID factory for node ``me`` of a ring that changes (``current()`` gives
+    it, as a registry's follower keeps it): IDs the ring in use at each call routes to
+    ``me``, or plain random ones while ``me`` is not on it (while it joins or leaves,
+    routers send it no new user anyway)."""
 
     def mint() -> str:
+        ring = current()
+        if me not in ring.names:
+            return new_id()
+        owner = ring.owner
         for _ in range(MAX_TRIES):
             session_id = new_id()
             if owner(session_id) == me:

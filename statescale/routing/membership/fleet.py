@@ -50,6 +50,10 @@ class Fleet:
         self.ring = ring  # one assignment: readers see the old ring or the new one
         return True
 
+    def follow(self, members: list[Backend]) -> None:
+        """:meth:`update`, as a :class:`~.follow.Follower` calls it."""
+        self.update(members)
+
     @property
     def previous(self) -> list[BackendRing]:
         """The rings replaced within ``keep`` seconds, newest first."""

@@ -183,12 +183,13 @@ class Router:
 
     def set_membership(self, membership: Membership) -> None:
         """Route by ``membership`` from now on (one assignment: atomic)."""
-        self.membership = membership
+        before, self.membership = self.membership, membership
         self.down &= set(membership.by_name)
         self._round_robin = itertools.cycle(list(membership.by_name))
-        for name in set(self._pool) - set(membership.by_name):
-            for upstream in self._pool.pop(name):
-                upstream.close()
+        for name in list(self._pool):  # gone, or moved: its pooled connections go too
+            if membership.by_name.get(name) != before.by_name.get(name):
+                for upstream in self._pool.pop(name):
+                    upstream.close()
 
     def reload(self) -> None:
         """Re-read ``backends_file`` (one NAME=HOST:PORT a line; # comments)."""

@@ -11,6 +11,8 @@
 * SIGTERM/SIGINT: stop accepting, let requests in flight finish (``grace`` seconds at
   most); a connection that has not sent its first request yet still may; idle keep-alive
   connections are closed. SIGHUP re-reads the backends file.
+* With a registry (:mod:`statescale.routing.membership`), the membership follows it:
+  each change it announces takes effect at once, on the loop's thread.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from ...exceptions import ConfigError
+from ..backends import Backend
+from ..membership import Follower, Registry
 from .admin import Admin
 from .http1 import REASONS, BadRequest, RequestHead, RequestParser, reply
-from .proxy import ClientGone, Deadline, Router
+from .proxy import ClientGone, Deadline, Membership, Router
 
 log = logging.getLogger("statescale.router")
 
@@ -228,6 +232,7 @@ class Server:
         admin_remote: bool = False,
         ready: Callable[[], Awaitable[None] | None] | None = None,
         grace: float = 10.0,
+        registry: Registry | None = None,
     ) -> None:
         admin_server = None
         if admin is not None:
@@ -258,6 +263,7 @@ class Server:
         servers = [public]
         if admin_server is not None and admin is not None:
             servers.append(await asyncio.start_server(admin_server.handle, *admin))
+        follower = None if registry is None else self._follow(registry, loop)
         checks = asyncio.create_task(self.router.check_loop())
         sweeper = asyncio.create_task(self._sweep())
         where = ", ".join(str(s.getsockname()[:2]) for s in public.sockets)
@@ -272,8 +278,35 @@ class Server:
             if result is not None:
                 await result
         await stop.wait()
+        if follower is not None:
+            follower.stop()
         await self._stop(servers, checks, grace)
         sweeper.cancel()
+
+    def _follow(self, registry: Registry, loop: asyncio.AbstractEventLoop) -> Follower:
+        """Route by the registry's membership, from the loop's thread, at each change."""
+
+        def changed(members: list[Backend]) -> None:
+            loop.call_soon_threadsafe(self._apply, members, registry.url)
+
+        return Follower(registry, changed).start()
+
+    def _apply(self, members: list[Backend], where: str) -> None:
+        if not members:
+            log.error(
+                "statescale router: %s lists no node; still routing to %s",
+                where,
+                ", ".join(self.router.members),
+            )
+            return
+        if members == self.router.membership.backends:
+            return
+        self.router.set_membership(Membership(members))
+        log.warning(
+            "statescale router: membership from %s now %s",
+            where,
+            ", ".join(b.spec for b in members),
+        )
 
     async def _stop(
         self, servers: list[asyncio.Server], checks: asyncio.Task[None], grace: float
@@ -323,6 +356,7 @@ def run(
     admin_remote: bool = False,
     max_connections: int | None = None,
     use_uvloop: bool = True,
+    registry: Registry | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT, on uvloop when it is installed (and wanted)."""
     server = Server(router, max_connections=max_connections)
@@ -334,4 +368,12 @@ def run(
             runner = uvloop.run
         except ImportError:
             log.info("statescale router: uvloop is not installed; using asyncio's loop")
-    runner(server.serve(listen, admin=admin, admin_token=admin_token, admin_remote=admin_remote))
+    runner(
+        server.serve(
+            listen,
+            admin=admin,
+            admin_token=admin_token,
+            admin_remote=admin_remote,
+            registry=registry,
+        )
+    )

@@ -1,0 +1,72 @@
+"""A fleet that changes under load, every part following one registry: nodes register
+themselves, the router and every node's ring follow, a node that joins takes its
+sessions over and a node that stops hands its own on."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import pytest
+
+from benchmarks.rig.etcd import EtcdServer
+from benchmarks.rig.harness import Load, SessionClient, registered_node, start_router
+from statescale.processes import free_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["redis", "etcd"])
+def registry(request: pytest.FixtureRequest, redis_url: str) -> Iterator[str]:
+    if request.param == "redis":
+        yield f"{redis_url}?prefix=fleet-{time.monotonic_ns()}"
+    else:
+        with EtcdServer() as etcd:
+            yield f"{etcd.url}/fleet"
+
+
+def _router(stack: ExitStack, registry: str) -> int:
+    port = free_port()
+    proc = start_router([], port, "--registry", registry)
+    stack.callback(lambda: (proc.send_signal(signal.SIGTERM), proc.wait(15)))
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if SessionClient(port).get("/health").status == 200:
+                return port
+        except OSError:
+            pass
+        assert proc.poll() is None, "the router exited"
+        assert time.monotonic() < deadline, "the router did not come up"
+        time.sleep(0.1)
+
+
+def test_sticky_nodes_scale_out_and_in_through_a_registry(registry: str) -> None:
+    """Three registered nodes behind `statescale router --registry`, 30 users: a fourth
+    node joins, 30 more users arrive, an old node gets SIGTERM. Nobody fails, nothing
+    is lost, old users and new alike."""
+    with ExitStack() as stack:
+        nodes = [registered_node(stack, registry, f"node{i}") for i in (1, 2, 3)]
+        port = _router(stack, registry)
+        with Load(port, users=30) as old:
+            time.sleep(1.0)
+            joined = registered_node(stack, registry, "node4")
+            time.sleep(1.0)
+            with Load(port, users=30, key="n") as new:
+                time.sleep(1.0)
+                left = nodes[0].worker_pids()
+                nodes[0].stop()  # SIGTERM: leave, drain, hand over
+                time.sleep(1.5)
+        for load in (old, new):
+            assert load.failures == []
+            assert load.wrong() == []
+            assert min(len(a) for a in load.answers) >= 3  # every user got going
+        # Sessions really moved: to the node that joined, and off the one that left,
+        # carrying on from where they were.
+        (fourth,) = joined.worker_pids()
+        moved_in = [p.index(fourth) for p in old.pids if fourth in p]
+        assert moved_in and all(i > 0 for i in moved_in)
+        assert any(fourth in p for p in new.pids)
+        assert all(p[-1] != p[0] for p in old.pids if p[0] in left)
