@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
 
     from .handoff import RemotePeers
+    from .routing.balancers import BackendRing
     from .routing.membership import Fleet
 
 log = logging.getLogger("statescale")
@@ -50,6 +51,12 @@ class Hosting:
     #: Sticky mode under one master: the directory where this worker's slot hands its
     #: sessions from one worker to the next (:mod:`statescale.handoff`).
     handoff: Path | None = None
+    #: A node of a fleet (``STATESCALE_NODE``) serving with several workers: its own
+    #: router sends each session to one of them. This worker's slot and every slot (the
+    #: second ring an ID this worker mints must route to it on); ``node`` and
+    #: ``backends`` stay the fleet's.
+    slot: str | None = None
+    slots: tuple[Backend, ...] = ()
 
     def apply(self, settings: Settings) -> Settings:
         if self.node is None and self.backends is None and self.balancer is None:
@@ -91,13 +98,19 @@ def build_store(settings: Settings) -> Store:
             absolute_lifetime=absolute,
             first_lifetime=first,
         )
-        peers = _ring_peers(settings) if _hosting.handoff is None else None
+        peers = _ring_peers(settings) if _hosting.handoff is None or _hosting.slot else None
         if _hosting.handoff is None and peers is None:
             return memory
         from .handoff import Handoff, HandoffStore
 
         keys = [k.encode() if isinstance(k, str) else k for k in settings.session.secret_keys]
-        handoff = Handoff(memory, keys, directory=_hosting.handoff, peers=peers)
+        handoff = Handoff(
+            memory,
+            keys,
+            directory=_hosting.handoff,
+            peers=peers,
+            slots=_slot_ring() if _hosting.slot else None,
+        )
         handoff.take_over()
         return HandoffStore(handoff)
     from .stores.redis import RedisStore
@@ -133,7 +146,15 @@ def _ring_peers(settings: Settings) -> RemotePeers | None:
         return None
     from .handoff import RemotePeers
 
-    return RemotePeers(node_fleet(settings), settings.node)
+    return RemotePeers(node_fleet(settings), settings.node, cookie=settings.session.cookie.name)
+
+
+def _slot_ring() -> tuple[BackendRing, str]:
+    """This worker's node's own ring of worker slots, and this worker's slot."""
+    from .routing.balancers import get
+
+    assert _hosting.slot is not None
+    return get("statescale").ring(_hosting.slots), _hosting.slot
 
 
 _fleets: dict[tuple[int, Settings], Fleet] = {}
@@ -181,9 +202,10 @@ def build_id_factory(settings: Settings) -> Callable[[], str]:
     from .routing.minting import following_id_factory, owned_id_factory
 
     fleet = node_fleet(settings)
-    if settings.registry is None:
+    if settings.registry is None and _hosting.slot is None:
         return owned_id_factory(fleet.ring, settings.node)
-    return following_id_factory(lambda: fleet.ring, settings.node)
+    also = [_slot_ring()] if _hosting.slot else []
+    return following_id_factory(lambda: fleet.ring, settings.node, also=also)
 
 
 def build_middleware(

@@ -117,7 +117,7 @@ def on_starting(server: Any) -> None:
     global _master
     settings = Settings.from_env()
     _master = _Master(settings)
-    if settings.routed and settings.node is None:
+    if settings.routed and (settings.node is None or server.cfg.workers > 1):
         _prepare_sticky(server, _master)
     if settings.registry is not None:
         _register(server, _master)
@@ -154,7 +154,8 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
         sock = UnixSocket(str(path), server.cfg, server.log)
         master.slots.append(_Slot(Backend(f"worker{slot}", f"unix:{path}", 0), sock))
     backends = tuple(s.backend for s in master.slots)
-    assemble.host(assemble.Hosting(backends=backends, balancer="statescale"))
+    if master.settings.node is None:  # else the fleet's ring stays the node's
+        assemble.host(assemble.Hosting(backends=backends, balancer="statescale"))
     if master.settings.store_kind == "memory":
         master.handoff = _handoff_root(public)
 
@@ -213,6 +214,10 @@ def _leaving_first(server: Any, master: _Master, stop: Any, drain: float) -> Any
         heartbeat, master.heartbeat = master.heartbeat, None
         if heartbeat is not None:
             heartbeat.stop(deregister=True)
+            if master.handoff is not None:  # its workers hand sessions to the fleet
+                from .handoff import leaving_mark
+
+                leaving_mark(master.handoff, os.getpid()).touch()
             server.log.info("statescale: left the registry; serving %g s more", drain)
             time.sleep(drain)
         stop()
@@ -237,16 +242,17 @@ def post_fork(server: Any, worker: Any) -> None:
     slot: _Slot | None = getattr(worker, "statescale_slot", None)
     if slot is None:
         return
+    assert _master is not None
     worker.sockets = [slot.socket]
-    handoff = _master.handoff if _master else None
-    assemble.host(
-        assemble.Hosting(
-            node=slot.backend.name,
-            backends=tuple(s.backend for s in _master.slots) if _master else None,
-            balancer="statescale",
-            handoff=None if handoff is None else handoff / slot.backend.name,
+    handoff = None if _master.handoff is None else _master.handoff / slot.backend.name
+    slots = tuple(s.backend for s in _master.slots)
+    if _master.settings.node is None:  # the master's workers are the whole ring
+        hosting = assemble.Hosting(
+            node=slot.backend.name, backends=slots, balancer="statescale", handoff=handoff
         )
-    )
+    else:  # a node of a fleet: a ring of its own workers behind the fleet's
+        hosting = assemble.Hosting(handoff=handoff, slot=slot.backend.name, slots=slots)
+    assemble.host(hosting)
 
 
 def worker_exit(server: Any, worker: Any) -> None:

@@ -58,8 +58,10 @@ from pathlib import Path
 from typing import Any
 
 from .exceptions import ConfigError
+from .routing.balancers import BackendRing
 from .routing.membership.fleet import Fleet
 from .session import Changes, Record, Written
+from .signing import DEFAULT_COOKIE_NAME
 from .stores.memory import Kept, MemoryStore
 
 log = logging.getLogger("statescale")
@@ -184,11 +186,15 @@ class Handoff:
         *,
         directory: Path | None = None,
         peers: RemotePeers | None = None,
+        slots: tuple[BackendRing, str] | None = None,
         name: str | None = None,
     ) -> None:
         self.memory = memory
         self.sealer = Sealer(keys)
         self.peers = peers
+        # A node with several workers: its ring of worker slots and this one's. Peers'
+        # sessions for another slot are relayed to that slot's directory.
+        self.slots = slots
         # Files and sockets are named by pid (a test runs several in one process, each
         # ``<pid>-<name>``): a socket whose pid is gone was left by a crash.
         self._name = str(os.getpid()) if name is None else f"{os.getpid()}-{name}"
@@ -285,11 +291,12 @@ class Handoff:
                 return None
             nonce = request["n"]
             if "take" in request:
-                for session_id, data in dict(request["take"]).items():
-                    if not self.memory.holds(session_id):
-                        self.memory.put(str(session_id), _decode(data))
+                self._keep(dict(request["take"]))
                 return self.sealer.answer(nonce)
             session_id = str(request["give"])
+            if self.directory is not None and not self.memory.holds(session_id):
+                with self._claiming:  # it may wait in a file (this slot's worker reloaded)
+                    self._claim_files(None)
             asker = request.get("from")
             to = None if asker is None else (str(asker[0]), int(asker[1]))
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
@@ -305,6 +312,25 @@ class Handoff:
         return self.sealer.answer(
             nonce, id=session_id, record=None if taken is None else _encode(taken)
         )
+
+    def _keep(self, sessions: Mapping[str, Any]) -> None:
+        """Sessions a peer hands over: kept here, or, on a node with several workers,
+        relayed to the directory of the slot that owns each (its worker claims them)."""
+        relay: dict[str, dict[str, Any]] = {}
+        ring, mine = self.slots or (None, None)
+        for session_id, data in sessions.items():
+            owner = None if ring is None else ring.owner(str(session_id))
+            if owner is not None and owner != mine:
+                relay.setdefault(owner, {})[str(session_id)] = data
+            elif not self.memory.holds(session_id):
+                self.memory.put(str(session_id), _decode(data))
+        for slot, batch in relay.items():
+            assert self.directory is not None
+            there = self.directory.parent / slot
+            name = f"{self._name}-relay-{secrets.token_hex(4)}"
+            temporary = there / f"{name}.tmp"
+            temporary.write_bytes(self.sealer.seal(json.dumps({"sessions": batch}).encode()))
+            temporary.rename(there / f"{name}.json")
 
     def _take(self, session_id: str, until: float) -> Kept | None:
         """Remove and return a session, once no request of this process holds it, if
@@ -403,7 +429,10 @@ class Handoff:
             self._stopped = True
             self._cond.notify_all()
             sessions = {sid: _encode(kept) for sid, kept in self.memory.items()}
-        if self.directory is None:
+        leaving = self.directory is not None and (
+            leaving_mark(self.directory.parent, os.getppid()).exists()
+        )
+        if self.directory is None or (leaving and self.peers is not None):
             if self.peers is not None and sessions:
                 self.peers.push(sessions, self.sealer)
             self._handed.set()
@@ -420,6 +449,12 @@ class Handoff:
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()
         log.info("statescale: handed over %d sessions (%s)", len(sessions), self._name)
+
+
+def leaving_mark(root: Path, master: int) -> Path:
+    """The file by which a node's master, leaving the fleet for good, tells its
+    workers to hand their sessions to the fleet rather than to their slots' successors."""
+    return root / f"leaving-{master}"
 
 
 def _given(answer: Mapping[str, Any] | None, session_id: str) -> Kept | None:
@@ -446,9 +481,17 @@ class RemotePeers:
     answer that peer's call at the same time.
     """
 
-    def __init__(self, fleet: Fleet, node: str, *, timeout: float = ASK_TIMEOUT) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        node: str,
+        *,
+        cookie: str = DEFAULT_COOKIE_NAME,
+        timeout: float = ASK_TIMEOUT,
+    ) -> None:
         self.fleet = fleet
         self.node = node
+        self.cookie = cookie
         self.timeout = timeout
 
     def candidates(self, session_id: str) -> list[str]:
@@ -479,7 +522,10 @@ class RemotePeers:
             addresses = [first, *(a for a in addresses if a != first)]
         for address in addresses:
             request, nonce = sealer.request(give=session_id, **({"from": here} if here else {}))
-            found = _given(self._post(address, request, nonce, sealer), session_id)
+            # The session's ID as its cookie would carry it (unsigned: only routers read
+            # it), so a node's own router sends the call to the worker that holds it.
+            routed = {"Cookie": f"{self.cookie}={session_id}.handoff"}
+            found = _given(self._post(address, request, nonce, sealer, routed), session_id)
             if found is not None:
                 return found
         return None
@@ -509,12 +555,17 @@ class RemotePeers:
                     batch, size = {}, 0
 
     def _post(
-        self, address: tuple[str, int], request: bytes, nonce: str, sealer: Sealer
+        self,
+        address: tuple[str, int],
+        request: bytes,
+        nonce: str,
+        sealer: Sealer,
+        headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any] | None:
         host, port = address
         conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
         try:
-            conn.request("POST", HANDOFF_PATH, body=request)
+            conn.request("POST", HANDOFF_PATH, body=request, headers=dict(headers or {}))
             response = conn.getresponse()
             body = response.read(MAX_HANDOFF)
         except (OSError, http.client.HTTPException) as exc:

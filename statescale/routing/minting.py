@@ -8,7 +8,7 @@ on average (about 1 µs each).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from ..exceptions import ConfigError, StateScaleError
@@ -36,21 +36,25 @@ def owned_id_factory(
 
 
 def following_id_factory(
-    current: Callable[[], Routes], me: str, *, new_id: Callable[[], str] = new_session_id
+    current: Callable[[], Routes],
+    me: str,
+    *,
+    also: Sequence[tuple[Routes, str]] = (),
+    new_id: Callable[[], str] = new_session_id,
 ) -> Callable[[], str]:
     """A session-ID factory for node ``me`` of a ring that changes (``current()`` gives
     it, as a registry's follower keeps it): IDs the ring in use at each call routes to
     ``me``, or plain random ones while ``me`` is not on it (while it joins or leaves,
-    routers send it no new user anyway)."""
+    routers send it no new user anyway). ``also``: more rings and the node each must
+    route the ID to (a node's own workers behind its router: two levels, N x M tries)."""
+    fixed = [(ring.owner, name) for ring, name in also]
 
     def mint() -> str:
         ring = current()
-        if me not in ring.names:
-            return new_id()
-        owner = ring.owner
+        checks = [(ring.owner, me), *fixed] if me in ring.names else fixed
         for _ in range(MAX_TRIES):
             session_id = new_id()
-            if owner(session_id) == me:
+            if all(owner(session_id) == name for owner, name in checks):
                 return session_id
         raise StateScaleError(f"no ID owned by {me!r} in {MAX_TRIES} tries; check the ring")
 
