@@ -32,7 +32,7 @@ def run_example(source: str, redis_url: str) -> dict[str, Any]:
 
 
 def test_the_wsgi_example(redis_url: str) -> None:
-    wsgi, _flask = blocks("python")
+    wsgi, _flask, *_client = blocks("python")
     app = run_example(wsgi, redis_url)["app"]
     client = Client(app)
     # The example keeps the secure default; a Secure cookie would not come back over
@@ -44,7 +44,7 @@ def test_the_wsgi_example(redis_url: str) -> None:
 
 
 def test_the_flask_example(redis_url: str) -> None:
-    _wsgi, flask_source = blocks("python")
+    _wsgi, flask_source, *_client = blocks("python")
     app = run_example(flask_source, redis_url)["app"]
     client = app.test_client()
     first = client.post("/cart/apple")
