@@ -77,6 +77,11 @@ MAX_AGE = 30.0
 MAX_HANDOFF = 16 * 1024 * 1024
 #: Sessions given away whose new holder a node remembers.
 MAX_GONE = 10_000
+#: Nodes ranked below this one that it asks for a session it misses: its owner before
+#: this node joined, and before the others that joined with it.
+MAX_BELOW = 3
+#: Nodes a node asks, at most, for one session it misses.
+MAX_ASKED = 8
 #: A stopping node sends its sessions in batches of about this many bytes.
 _BATCH = 4 * 1024 * 1024
 
@@ -205,8 +210,12 @@ class Handoff:
         # balancer's old workers still use the old ring), a request for one may come
         # back here, and is fetched back from there (the old ring does not know it).
         self._gone_to: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self._pushing: dict[str, tuple[str, int]] = {}  # on their way to a peer: where
         self._stopped = False
         self._handed = threading.Event()  # what is left is where peers will look
+        self._member = peers is not None and peers.node in peers.fleet.ring.names
+        if peers is not None:
+            peers.fleet.listeners.append(self.ring_changed)
         self.directory = None if directory is None else private_directory(directory)
         self._listener: socket.socket | None = None
         if self.directory is not None:
@@ -230,7 +239,8 @@ class Handoff:
         """While a request of this process holds ``session_id`` (the middleware holds
         it from its load until the response starts, when the session is saved), no
         peer takes it."""
-        with self._cond:
+        with self._cond:  # one on its way to a peer is not served here until it lands
+            self._cond.wait_for(lambda: session_id not in self._pushing, ASK_TIMEOUT)
             self._in_use[session_id] = self._in_use.get(session_id, 0) + 1
         try:
             yield
@@ -240,6 +250,11 @@ class Handoff:
                 if left:
                     self._in_use[session_id] = left
                 self._cond.notify_all()
+                # Out of the fleet (leaving, or a router that has not followed yet sent
+                # this request here): the session goes on to its owner at once.
+                leaving = self.peers is not None and not self._member and not self._stopped
+            if leaving and not left:
+                threading.Thread(target=self.hand_over, daemon=True).start()
 
     def load(self, session_id: str) -> Record | None:
         """The session from this process's memory, else from a peer or a file."""
@@ -256,12 +271,24 @@ class Handoff:
                         return record
                     found = self._claim_files(session_id)
         if found is None and self.peers is not None:
-            with self._cond:
+            with self._cond:  # on its way to a peer: once there, ask that peer first
+                self._cond.wait_for(lambda: session_id not in self._pushing, ASK_TIMEOUT)
                 gone_to = self._gone_to.pop(session_id, None)
             found = self.peers.fetch(session_id, self.sealer, first=gone_to)
+            if found is None:  # a stopping peer may have sent it here meanwhile
+                return self._arrived(session_id)
         if found is None:
             return None
         self.memory.put(session_id, found)
+        return self.memory.load(session_id)
+
+    def _arrived(self, session_id: str) -> Record | None:
+        """``session_id``, if a peer's hand-over brought it while this process asked."""
+        if self.directory is not None:
+            with self._claiming:
+                found = self._claim_files(session_id)
+            if found is not None:
+                self.memory.put(session_id, found)
         return self.memory.load(session_id)
 
     # -- answering -------------------------------------------------------------------------
@@ -302,16 +329,19 @@ class Handoff:
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             log.warning("statescale: refused a malformed hand-off request: %r", exc)
             return None
-        taken = self._take(session_id, float(request["t"]) + ASK_TIMEOUT - _MARGIN)
+        taken, at = self._take(session_id, to, float(request["t"]) + ASK_TIMEOUT - _MARGIN)
         if taken is not None and to is not None:
             with self._cond:
-                self._gone_to[session_id] = to
-                self._gone_to.move_to_end(session_id)
-                while len(self._gone_to) > MAX_GONE:
-                    self._gone_to.popitem(last=False)
-        return self.sealer.answer(
-            nonce, id=session_id, record=None if taken is None else _encode(taken)
-        )
+                self._remember(session_id, to)
+        record = None if taken is None else _encode(taken)
+        return self.sealer.answer(nonce, id=session_id, record=record, at=at)
+
+    def _remember(self, session_id: str, to: tuple[str, int]) -> None:
+        """Where a session went (under ``_cond``)."""
+        self._gone_to[session_id] = to
+        self._gone_to.move_to_end(session_id)
+        while len(self._gone_to) > MAX_GONE:
+            self._gone_to.popitem(last=False)
 
     def _keep(self, sessions: Mapping[str, Any]) -> None:
         """Sessions a peer hands over: kept here, or, on a node with several workers,
@@ -326,27 +356,43 @@ class Handoff:
                 self.memory.put(str(session_id), _decode(data))
         for slot, batch in relay.items():
             assert self.directory is not None
-            there = self.directory.parent / slot
             name = f"{self._name}-relay-{secrets.token_hex(4)}"
-            temporary = there / f"{name}.tmp"
-            temporary.write_bytes(self.sealer.seal(json.dumps({"sessions": batch}).encode()))
-            temporary.rename(there / f"{name}.json")
+            try:
+                there = private_directory(self.directory.parent / slot)
+                temporary = there / f"{name}.tmp"
+                temporary.write_bytes(self.sealer.seal(json.dumps({"sessions": batch}).encode()))
+                temporary.rename(there / f"{name}.json")
+            except (OSError, ConfigError) as exc:  # kept here instead: asked for, it is found
+                log.warning(
+                    "statescale: could not relay %d sessions to %s: %s", len(batch), slot, exc
+                )
+                for session_id, data in batch.items():
+                    if not self.memory.holds(session_id):
+                        self.memory.put(session_id, _decode(data))
 
-    def _take(self, session_id: str, until: float) -> Kept | None:
+    def _take(
+        self, session_id: str, asker: tuple[str, int] | None, until: float
+    ) -> tuple[Kept | None, tuple[str, int] | None]:
         """Remove and return a session, once no request of this process holds it, if
-        that happens before ``until`` (the asker's deadline, epoch seconds)."""
+        that happens before ``until`` (the asker's deadline, epoch seconds); or, if it
+        has just been sent elsewhere, where."""
         with self._cond:
+            going = self._pushing.get(session_id)
+            if going is not None and going != asker:  # it lands there first
+                self._cond.wait_for(lambda: session_id not in self._pushing, until - time.time())
+                if not self.memory.holds(session_id):
+                    return None, self._gone_to.get(session_id)
             if not self._stopped and not self.memory.holds(session_id):
-                return None  # (a request here may miss it too: it asks, it does not hold)
+                return None, None  # (a request here may miss it too: it asks, it does not hold)
             while self._in_use.get(session_id) and not self._stopped:
                 if not self._cond.wait(max(0.0, until - time.time())):
-                    return None  # held too long: keep it here
+                    return None, None  # held too long: keep it here
             if not self._stopped:
                 if time.time() >= until:
-                    return None  # the asker has given up: keep it here
-                return self.memory.take(session_id)
+                    return None, None  # the asker has given up: keep it here
+                return self.memory.take(session_id), None
         self._handed.wait(max(0.0, until - time.time()))  # once handed on, the asker looks
-        return None
+        return None, None
 
     # -- asking ----------------------------------------------------------------------------
     def _ask_slot(self, session_id: str) -> Kept | None:
@@ -418,20 +464,70 @@ class Handoff:
                 with contextlib.suppress(OSError):
                     path.unlink()
 
+    # -- leaving the fleet ---------------------------------------------------------------
+    def ring_changed(self, names: Sequence[str]) -> None:
+        """The fleet's ring is now ``names`` (its follower's thread calls this). When
+        this node has left it (its master deregistered it: a scale-in), hand its
+        sessions on at once, while it still answers: a request for one that still
+        arrives here (a router yet to follow) fetches it back."""
+        assert self.peers is not None
+        member, self._member = self._member, self.peers.node in names
+        if member and not self._member:
+            threading.Thread(target=self.hand_over, name="statescale-leaving", daemon=True).start()
+
+    def hand_over(self) -> None:
+        """Send every session no request holds to its next owner on the ring. While one
+        is on its way, a request here for it waits, and so does a peer asking for it,
+        unless that peer is where it goes (it gets it at once: the copy that arrives
+        later finds it held, and is dropped)."""
+        if self.peers is None:
+            return
+        if self.directory is not None:
+            with self._claiming:
+                self._claim_files(None)
+        with self._cond:
+            if self._stopped:
+                return
+            free = {
+                s: k
+                for s, k in self.memory.items()
+                if not self._in_use.get(s) and s not in self._pushing  # (another thread's)
+            }
+            targets = {s: t for s in free if (t := self.peers.target(s)) is not None}
+            self._pushing.update(targets)
+        delivered: dict[str, tuple[str, int]] = {}
+        try:
+            encoded = {sid: _encode(free[sid]) for sid in targets}
+            delivered = self.peers.push(encoded, self.sealer)
+        finally:
+            with self._cond:
+                for session_id in delivered:
+                    if self.memory.take(session_id) is not None:
+                        self._remember(session_id, delivered[session_id])
+                for session_id in targets:
+                    self._pushing.pop(session_id, None)
+                self._cond.notify_all()
+        log.info("statescale: left the fleet; handed %d sessions on", len(delivered))
+
     # -- stopping --------------------------------------------------------------------------
     def stop(self) -> None:
         """Hand over what this process holds: to its slot's file first, then close its
         socket (a peer that finds the socket gone finds the file); or to the ring's
         next owners."""
+        leaving = self.directory is not None and (
+            leaving_mark(self.directory.parent, os.getppid()).exists()
+        )
+        if leaving and self.peers is not None:  # what waits in files goes too
+            with self._claiming:
+                self._claim_files(None)
         with self._cond:
             if self._stopped:
                 return
             self._stopped = True
             self._cond.notify_all()
+            # Let hand-overs in flight land, or come back here, first.
+            self._cond.wait_for(lambda: not self._pushing, ASK_TIMEOUT)
             sessions = {sid: _encode(kept) for sid, kept in self.memory.items()}
-        leaving = self.directory is not None and (
-            leaving_mark(self.directory.parent, os.getppid()).exists()
-        )
         if self.directory is None or (leaving and self.peers is not None):
             if self.peers is not None and sessions:
                 self.peers.push(sessions, self.sealer)
@@ -503,12 +599,17 @@ class RemotePeers:
             while len(ranking) < len(ring.backends):
                 ranking.append(ring.owner(session_id, down=ranking))
         here = ranking.index(self.node) if self.node in ranking else len(ranking)
-        asked = ranking[:here]
-        for previous in self.fleet.previous:
-            owner = previous.owner(session_id)
-            if owner != self.node and owner not in asked:
-                asked.append(owner)
-        return asked + [n for n in ranking[here + 1 : here + 2] if n not in asked]
+        previous = self.fleet.previous
+        owners = [ring.owner(session_id) for ring in previous]
+        gone = [b.name for ring in previous for b in ring.backends if b.name not in ranking]
+        # Below this node: its owner before this node joined, and, if others joined at
+        # the same time, the owner before them.
+        below = ranking[here + 1 : here + 1 + MAX_BELOW]
+        asked: dict[str, None] = {}
+        for name in (*ranking[:here], *owners, *below, *gone):
+            if name != self.node:
+                asked.setdefault(name)
+        return list(asked)
 
     def fetch(
         self, session_id: str, sealer: Sealer, *, first: tuple[str, int] | None = None
@@ -520,18 +621,38 @@ class RemotePeers:
         addresses = [a for a in map(where, self.candidates(session_id)) if a is not None]
         if first is not None:
             addresses = [first, *(a for a in addresses if a != first)]
-        for address in addresses:
+        # The session's ID as its cookie would carry it (unsigned: only routers read
+        # it), so a node's own router sends the call to the worker that holds it.
+        routed = {"Cookie": f"{self.cookie}={session_id}.handoff"}
+        asked: set[tuple[str, int]] = set()
+        while addresses:
+            address = addresses.pop(0)
+            if address in asked or len(asked) >= MAX_ASKED:
+                continue
+            asked.add(address)
             request, nonce = sealer.request(give=session_id, **({"from": here} if here else {}))
-            # The session's ID as its cookie would carry it (unsigned: only routers read
-            # it), so a node's own router sends the call to the worker that holds it.
-            routed = {"Cookie": f"{self.cookie}={session_id}.handoff"}
-            found = _given(self._post(address, request, nonce, sealer, routed), session_id)
+            answer = self._post(address, request, nonce, sealer, routed)
+            found = _given(answer, session_id)
             if found is not None:
                 return found
+            at = answer.get("at") if answer else None
+            if isinstance(at, list) and len(at) == 2:  # just handed on: ask there
+                addresses.insert(0, (str(at[0]), int(at[1])))
         return None
 
-    def push(self, sessions: Mapping[str, Any], sealer: Sealer) -> None:
-        """Each session to its owner on the ring without this node, in batches."""
+    def target(self, session_id: str) -> tuple[str, int] | None:
+        """Where this node hands ``session_id`` on: its owner on the ring without it."""
+        ring = self.fleet.ring
+        down = [self.node] if self.node in ring.names else []
+        try:
+            return self.fleet.address(ring.owner(session_id, down=down))
+        except LookupError:
+            return None
+
+    def push(self, sessions: Mapping[str, Any], sealer: Sealer) -> dict[str, tuple[str, int]]:
+        """Each session to its owner on the ring without this node, in batches; where
+        each session that arrived went."""
+        delivered: dict[str, tuple[str, int]] = {}
         ring = self.fleet.ring
         down = [self.node] if self.node in ring.names else []
         by_owner: dict[str, list[tuple[str, Any]]] = {}
@@ -552,7 +673,10 @@ class RemotePeers:
                     request, nonce = sealer.request(take=batch)
                     if self._post(where, request, nonce, sealer) is None:
                         log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
+                    else:
+                        delivered.update(dict.fromkeys(batch, where))
                     batch, size = {}, 0
+        return delivered
 
     def _post(
         self,

@@ -87,7 +87,7 @@ def test_the_directory_must_be_private(tmp_path: Path) -> None:
         worker(shared, "w")
 
 
-def test_a_joining_node_asks_the_nodes_ranked_above_it_then_the_next_one() -> None:
+def test_a_joining_node_asks_the_nodes_ranked_above_it_then_the_next_ones() -> None:
     from statescale.handoff import RemotePeers
     from statescale.routing.backends import Backend
     from statescale.routing.membership import Fleet
@@ -100,7 +100,7 @@ def test_a_joining_node_asks_the_nodes_ranked_above_it_then_the_next_one() -> No
             ranking.append(fleet.ring.owner(session_id, down=ranking))
         for place, node in enumerate(ranking):
             asked = RemotePeers(fleet, node).candidates(session_id)
-            assert asked == ranking[:place] + ranking[place + 1 : place + 2]
+            assert asked == ranking[:place] + ranking[place + 1 : place + 4]
 
 
 def test_after_a_membership_change_a_node_asks_the_previous_owner() -> None:

@@ -59,9 +59,17 @@ def test_sticky_nodes_scale_out_and_in_through_a_registry(registry: str) -> None
                 left = nodes[0].worker_pids()
                 nodes[0].stop()  # SIGTERM: leave, drain, hand over
                 time.sleep(1.5)
+        alive = {2: nodes[1], 3: nodes[2], 4: joined}
+        owner = {pid: f"node{n}" for n, g in alive.items() for pid in g.worker_pids()}
+        owner.update(dict.fromkeys(left, "node1"))
         for load in (old, new):
             assert load.failures == []
-            assert load.wrong() == []
+            assert load.wrong() == [], [
+                [(v, owner.get(p, p)) for v, p in zip(load.answers[u], load.pids[u], strict=True)][
+                    max(0, load.answers[u].index(a) - 3) : load.answers[u].index(a) + 3
+                ]
+                for u, a, _ in load.wrong()
+            ]
             assert min(len(a) for a in load.answers) >= 3  # every user got going
         # Sessions really moved: to the node that joined, and off the one that left,
         # carrying on from where they were.

@@ -38,6 +38,8 @@ class Fleet:
         self._clock = clock
         self.ring: BackendRing = self._balancer.ring(members)
         self._previous: list[tuple[float, BackendRing]] = []  # (replaced at, ring), newest first
+        #: Called with the node names of each new ring (a node's hand-over listens).
+        self.listeners: list[Callable[[tuple[str, ...]], None]] = []
 
     def update(self, members: Sequence[Backend]) -> bool:
         """Route by ``members`` from now on; False (nothing changes) if they are the
@@ -51,8 +53,11 @@ class Fleet:
         return True
 
     def follow(self, members: list[Backend]) -> None:
-        """:meth:`update`, as a :class:`~.follow.Follower` calls it."""
-        self.update(members)
+        """:meth:`update`, as a :class:`~.follow.Follower` calls it; then tell the
+        listeners."""
+        if self.update(members):
+            for listener in self.listeners:
+                listener(self.ring.names)
 
     @property
     def previous(self) -> list[BackendRing]:
