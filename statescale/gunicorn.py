@@ -119,8 +119,11 @@ def on_starting(server: Any) -> None:
     _master = _Master(settings)
     if settings.routed and (settings.node is None or server.cfg.workers > 1):
         _prepare_sticky(server, _master)
-    if settings.registry is not None:
-        _register(server, _master)
+    if settings.registry is not None and server.cfg.preload_app:
+        raise ConfigError(
+            "STATESCALE_REGISTRY: drop --preload; each worker follows the registry from "
+            "a thread of its own, which a preloaded app would start in the master only"
+        )
     if settings.store_kind == "redis" and settings.redis_url is None and settings.embedded_redis:
         _master.server = embedded.shared()
         server.handle_usr2 = lambda: server.log.error(_USR2_EMBEDDED)
@@ -212,12 +215,15 @@ def _register(server: Any, master: _Master) -> None:
 def _leaving_first(server: Any, master: _Master, stop: Any, drain: float) -> Any:
     def leave_then_stop() -> None:
         heartbeat, master.heartbeat = master.heartbeat, None
-        if heartbeat is not None:
-            heartbeat.stop(deregister=True)
+        if heartbeat is not None and server.reexec_pid:
+            # The old master of a USR2 upgrade: the new one has taken the name over.
+            heartbeat.stop(deregister=False)
+        elif heartbeat is not None:
             if master.handoff is not None:  # its workers hand sessions to the fleet
                 from .handoff import leaving_mark
 
                 leaving_mark(master.handoff, os.getpid()).touch()
+            heartbeat.stop(deregister=True)
             server.log.info("statescale: left the registry; serving %g s more", drain)
             time.sleep(drain)
         stop()
@@ -279,6 +285,10 @@ def _private(name: str) -> Path:
 def when_ready(server: Any) -> None:
     if _master is not None and _master.slots:
         _start_router(server, _master)
+    if _master is not None and _master.settings.registry is not None:
+        # Now that it listens (and its router runs): routers may send it requests.
+        _register(server, _master)
+    if _master is not None and _master.slots:
         return
     settings = _master.settings if _master is not None else Settings.from_env()
     if settings.store_kind == "memory" and server.cfg.workers > 1:
@@ -339,7 +349,11 @@ def on_exit(server: Any) -> None:
     if _master is None:
         return
     if _master.heartbeat is not None:
-        _master.heartbeat.stop(deregister=True)
+        _master.heartbeat.stop(deregister=not server.reexec_pid)
+    if _master.handoff is not None:
+        from .handoff import leaving_mark
+
+        leaving_mark(_master.handoff, os.getpid()).unlink(missing_ok=True)
     _stop_router(server, _master)
     if _master.slot_dir is not None:
         shutil.rmtree(_master.slot_dir, ignore_errors=True)

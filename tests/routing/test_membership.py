@@ -60,6 +60,15 @@ def test_register_renew_deregister(registry: Registry) -> None:
     assert registry.members() == [B]
 
 
+def test_two_instances_cannot_share_a_name(redis_url: str) -> None:
+    registry = open_registry(f"{redis_url}?prefix=clash-{time.monotonic_ns()}")
+    registry.register(A, ttl=30, token="first")
+    with pytest.raises(RegistryUnavailable, match="another instance is registered as 'a'"):
+        registry.register(Backend("a", "127.0.0.1", 9999), ttl=30, token="second")
+    registry.register(A, ttl=30, token="successor")  # same address: a USR2 successor
+    assert registry.members() == [A]
+
+
 def test_a_member_that_stops_renewing_drops_out_after_its_ttl(registry: Registry) -> None:
     registry.register(A, ttl=60, token="t")
     registry.register(C, ttl=2, token="t")
@@ -174,3 +183,23 @@ def test_a_fleet_remembers_the_rings_it_replaced() -> None:
     assert fleet.address("b") == ("127.0.0.1", 9002)  # left lately: still reachable
     now[0] = 11
     assert fleet.previous == [] and fleet.address("b") is None
+
+
+def test_an_idle_etcd_watch_is_opened_again(
+    etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch stream silent for IDLE seconds is replaced (a half-open connection
+    would otherwise hang it for good); changes after that still arrive."""
+    from statescale.routing.membership import etcd as etcd_registry
+
+    monkeypatch.setattr(etcd_registry, "IDLE", 0.5)
+    registry = open_registry(f"{etcd.url}/idle-{time.monotonic_ns()}")
+    follower, seen = _following(registry)
+    try:
+        assert follower.wait(lambda m: m == [], 5)
+        time.sleep(1.6)  # three streams or so have timed out by now
+        registry.register(A, ttl=30, token="t")
+        assert follower.wait(lambda m: m == [A], 2)
+    finally:
+        follower.stop()
+    assert seen == [[], [A]]

@@ -28,6 +28,7 @@ log = logging.getLogger("statescale.registry")
 
 DEFAULT_PREFIX = "/statescale/registry"
 TIMEOUT = 2.0  # seconds per etcd call (and to open a watch)
+IDLE = 30.0  # seconds a watch stream may stay silent before it is opened again
 
 
 def _b64(text: str) -> str:
@@ -107,21 +108,31 @@ class EtcdRegistry:
             raise RegistryUnavailable(f"the etcd registry failed: {exc}") from exc
 
     def watch(self, changed: Changed, stop: threading.Event) -> None:
+        members: list[Backend] | None = None
+        while not stop.is_set():  # each stream lasts until it has been idle IDLE seconds
+            members = self._watch_stream(changed, stop, members)
+
+    def _watch_stream(
+        self, changed: Changed, stop: threading.Event, members: list[Backend] | None
+    ) -> list[Backend] | None:
+        """One watch stream: the members once it exists, again after every event.
+        Returns after ``IDLE`` seconds without a word from etcd, so that a connection
+        that died silently (a half-open one) is replaced, and members read again."""
+        from urllib3.exceptions import ReadTimeoutError
+
         end = self.prefix[:-1] + chr(ord(self.prefix[-1]) + 1)
         request = {"create_request": {"key": _b64(self.prefix), "range_end": _b64(end)}}
         try:
             stream = self._client.session.post(
-                self._client.get_url("/watch"), json=request, stream=True, timeout=(TIMEOUT, None)
+                self._client.get_url("/watch"), json=request, stream=True, timeout=(TIMEOUT, IDLE)
             )
         except self._errors as exc:
             raise RegistryUnavailable(f"the etcd registry's watch failed: {exc}") from exc
-        closer = threading.Thread(target=_close_on, args=(stop, stream), daemon=True)
-        closer.start()
-        members: list[Backend] | None = None
+        threading.Thread(target=_close_on, args=(stop, stream), daemon=True).start()
         try:
             for line in stream.iter_lines():
                 if stop.is_set():
-                    return
+                    return members
                 if not line.strip():
                     continue
                 result = json.loads(line).get("result", {})
@@ -133,12 +144,14 @@ class EtcdRegistry:
                         members = fresh
                         changed(members)
         except self._errors as exc:
-            if not stop.is_set():
-                raise RegistryUnavailable(f"the etcd registry's watch failed: {exc}") from exc
+            if stop.is_set() or (exc.args and isinstance(exc.args[0], ReadTimeoutError)):
+                return members  # idle, or stopped: open another, or end
+            raise RegistryUnavailable(f"the etcd registry's watch failed: {exc}") from exc
         finally:
             stream.close()
         if not stop.is_set():
             raise RegistryUnavailable("the etcd watch stream ended")
+        return members
 
     def close(self) -> None:
         self._client.session.close()

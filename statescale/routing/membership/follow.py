@@ -60,16 +60,18 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        if deregister:
-            try:
+        try:
+            if deregister:
                 self.registry.deregister(self.backend.name, token=self.token)
-            except RegistryUnavailable as exc:
-                log.warning(
-                    "statescale: could not deregister %s (it drops out in %g s): %s",
-                    self.backend.name,
-                    self.ttl,
-                    exc,
-                )
+        except RegistryUnavailable as exc:
+            log.warning(
+                "statescale: could not deregister %s (it drops out in %g s): %s",
+                self.backend.name,
+                self.ttl,
+                exc,
+            )
+        finally:
+            self.registry.close()
 
 
 class Follower:
@@ -118,6 +120,7 @@ class Follower:
                 self._failing = True
             self._stop.wait(pause)
             pause = min(pause * 2, _RETRY[1])
+        self.registry.close()  # stopped: its connections go with the thread
 
     def wait(self, until: Callable[[list[Backend]], bool], timeout: float) -> bool:
         """Whether the membership comes to satisfy ``until`` within ``timeout`` seconds."""
@@ -126,6 +129,9 @@ class Follower:
                 lambda: self.members is not None and until(self.members), timeout
             )
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop following: the thread ends within about a second and closes the
+        registry's connections; ``wait`` for it (not on an event loop's thread)."""
         self._stop.set()
-        self._thread.join(3)
+        if wait:
+            self._thread.join(3)

@@ -6,7 +6,9 @@ in Redis's own clock (``TIME``), so the instances' clocks do not matter. Scripts
 each call atomic:
 
 * registering (or renewing) sets the expiry; it publishes only when the member is new,
-  moved, or had expired: a renewal costs Redis one script and nobody else anything;
+  moved, or had expired: a renewal costs Redis one script and nobody else anything. A
+  live entry at the same address is taken over (the new master of a ``USR2`` upgrade);
+  one at another address is refused (two instances cannot share a name);
 * deregistering removes the entry if its token is the caller's, and publishes;
 * reading drops the entries that have expired (publishing if it dropped any) and
   returns the rest with Redis's time.
@@ -45,8 +47,14 @@ _REGISTER = (
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 local fresh = 1
 if old then
-  local expires, _, spec = string.match(old, '^(%d+) (%S+) (.*)$')
-  if spec == ARGV[3] and tonumber(expires) > now then fresh = 0 end
+  local expires, token, spec = string.match(old, '^(%d+) (%S+) (.*)$')
+  if tonumber(expires) > now then
+    if spec == ARGV[3] then
+      fresh = 0
+    elseif token ~= ARGV[2] then
+      return -1
+    end
+  end
 end
 local value = string.format('%.0f', now + tonumber(ARGV[4])) .. ' ' .. ARGV[2] .. ' ' .. ARGV[3]
 redis.call('HSET', KEYS[1], ARGV[1], value)
@@ -135,7 +143,14 @@ class RedisRegistry:
         return self._live()[0]
 
     def register(self, backend: Backend, *, ttl: float, token: str) -> None:
-        self._call(self._register, backend.name, token, backend.spec, int(ttl * 1000))
+        # A live entry of the same name and address is taken over (a USR2 successor);
+        # one elsewhere is another instance's: two cannot share a name.
+        taken = self._call(self._register, backend.name, token, backend.spec, int(ttl * 1000))
+        if taken == -1:
+            raise RegistryUnavailable(
+                f"another instance is registered as {backend.name!r} at another address; "
+                "give each instance its own STATESCALE_NODE"
+            )
 
     def deregister(self, name: str, *, token: str) -> None:
         self._call(self._deregister, name, token)
