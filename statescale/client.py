@@ -69,7 +69,7 @@ class _Routes:
         self._down: dict[str, float] = {}  # node -> until when it is skipped
         self._lock = threading.Lock()
         self.follower: Any = None
-        self.ring: BackendRing | None = None
+        self.current: tuple[BackendRing, Iterator[str]]
         if backends is not None:
             parsed = [b if isinstance(b, Backend) else Backend.parse(b) for b in backends]
             self._use(check(parsed))
@@ -78,7 +78,7 @@ class _Routes:
 
         found = open_registry(registry or "")
         self.follower = Follower(found, self._follow).start()
-        if not self.follower.wait(bool, 10.0):
+        if not self.follower.wait(bool, 10.0):  # (the first membership sets ``current``)
             self.follower.stop()
             raise ConfigError(f"{registry}: no node registered within 10 s")
 
@@ -92,34 +92,35 @@ class _Routes:
         # first requests (their new sessions) spread over the fleet.
         start = random.randrange(len(ring.names))
         names = ring.names[start:] + ring.names[:start]
-        with self._lock:
-            self.ring, self._cycle = ring, itertools.cycle(names)
+        self.current = (ring, itertools.cycle(names))  # one assignment: one snapshot
 
     def targets(self, request: httpx.Request) -> Iterator[Backend]:
         """Where to send ``request``: its session's owner, then each next owner (round
         robin for a request without a session), skipping nodes that refused lately."""
-        ring = self.ring
-        assert ring is not None
+        ring, cycle = self.current
         by_name = {b.name: b for b in ring.backends}
         key = self._session(request)
         now = time.monotonic()
-        skipped = [n for n, until in self._down.items() if until > now and n in by_name]
+        with self._lock:
+            skipped = [n for n, until in self._down.items() if until > now and n in by_name]
         tried: list[str] = []
         for down in (skipped, []):  # all skipped nodes refused lately: try them again
             while True:
                 try:
-                    name = self._pick(ring, key, [*down, *tried])
+                    name = self._pick(ring, cycle, key, [*down, *tried])
                 except LookupError:
                     break
                 tried.append(name)
                 yield by_name[name]
 
-    def _pick(self, ring: BackendRing, key: str | None, down: list[str]) -> str:
+    def _pick(
+        self, ring: BackendRing, cycle: Iterator[str], key: str | None, down: list[str]
+    ) -> str:
         if key is not None:
             return ring.owner(key, down)
-        with self._lock:
+        with self._lock:  # (itertools.cycle is not safe to share between threads)
             for _ in range(len(ring.names)):
-                name = next(self._cycle)
+                name = next(cycle)
                 if name not in down:
                     return name
         raise LookupError("every node is down")
@@ -133,11 +134,12 @@ class _Routes:
         return None
 
     def refused(self, node: Backend) -> None:
-        self._down[node.name] = time.monotonic() + self.retry_after
+        with self._lock:
+            self._down[node.name] = time.monotonic() + self.retry_after
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
         if self.follower is not None:
-            self.follower.stop()
+            self.follower.stop(wait=wait)
 
 
 def _to(request: httpx.Request, node: Backend) -> httpx.Request:
@@ -222,5 +224,5 @@ class AsyncStickyTransport(_Sticky, httpx.AsyncBaseTransport):
         raise refused or httpx.ConnectError("no node to send the request to", request=request)
 
     async def aclose(self) -> None:
-        self.routes.close()
+        self.routes.close(wait=False)  # the follower's thread ends on its own
         await self._transport.aclose()

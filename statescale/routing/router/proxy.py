@@ -256,7 +256,10 @@ class Router:
 
     def _release(self, name: str, upstream: Upstream, reusable: bool) -> None:
         idle = self._pool.setdefault(name, [])
-        if reusable and name in self.members and len(idle) < POOL_PER_NODE:
+        # Only to the node as it is now: one that moved (its name registered again at
+        # another address) while this request ran must not get the old connection back.
+        same = upstream.backend is not None and upstream.backend == self.members.get(name)
+        if reusable and same and len(idle) < POOL_PER_NODE:
             idle.append(upstream)
         else:
             upstream.close()
@@ -285,6 +288,7 @@ class Router:
             except (OSError, TimeoutError) as exc:
                 self.mark_down(name, type(exc).__name__)
                 continue
+            upstream.backend = backend
             return name, upstream, False
         return None
 

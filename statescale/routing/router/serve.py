@@ -279,7 +279,7 @@ class Server:
                 await result
         await stop.wait()
         if follower is not None:
-            follower.stop()
+            follower.stop(wait=False)  # its thread ends on its own: keep the loop free
         await self._stop(servers, checks, grace)
         sweeper.cancel()
 

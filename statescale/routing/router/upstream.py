@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
+from ..backends import Backend
 from .http1 import END, ResponseParser
 
 HIGH_WATER = 256  # parser events queued before the node is asked to pause
@@ -32,6 +33,7 @@ class Upstream(asyncio.Protocol):
     response's events with ``next_event`` until ``END``."""
 
     def __init__(self) -> None:
+        self.backend: Backend | None = None  # whom it connects to (set by the router)
         self.transport: asyncio.Transport | None = None
         self.parser: ResponseParser | None = None
         self.closed = False
