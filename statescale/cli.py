@@ -26,6 +26,7 @@ with a shared Redis store or sticky routing. Commands (each takes --help):
 
   cluster    serve an app under gunicorn -w N in shared, sticky or affinity mode
   lb-config  print an nginx or HAProxy configuration for sticky sessions
+  lb-sync    keep an nginx or HAProxy configuration to a registry, reloading it
   router     run the built-in sticky reverse proxy
   redis      run a private redis-server on a free loopback port until Ctrl-C
 """
@@ -59,6 +60,41 @@ def cmd_lb_config(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def cmd_lb_sync(args: argparse.Namespace) -> int:
+    import threading
+    from pathlib import Path
+
+    from .routing.balancers import get
+    from .routing.membership import Follower, open_registry
+    from .routing.membership.sync import ConfigSync
+
+    balancer = get(args.balancer)
+    config = Path(args.config).resolve()
+    sync = ConfigSync(balancer, config, listen=args.listen, cookie=args.cookie, say=_say)
+    registry = open_registry(args.registry)
+    sync.apply(_first_members(registry, args.wait))
+    command = " ".join(balancer.command(config, listen=args.listen, cookie=args.cookie))
+    print(f"serve it with: {command}", flush=True)
+    print(
+        f"start each instance with STATESCALE_BALANCER={args.balancer} "
+        f"STATESCALE_REGISTRY={args.registry} STATESCALE_NODE=<its name>",
+        flush=True,
+    )
+    if args.once:
+        return 0
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    follower = Follower(registry, sync.apply).start()
+    stop.wait()
+    follower.stop()
+    return 0
+
+
+def _say(line: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -223,6 +259,27 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("--listen", default="127.0.0.1:8080", help="address:port to listen on")
     lb.add_argument("--cookie", default=DEFAULT_COOKIE_NAME, help="the session cookie's name")
     lb.set_defaults(func=cmd_lb_config)
+
+    sync = sub.add_parser(
+        "lb-sync",
+        help="keep an nginx or HAProxy configuration to a registry's membership",
+        description="Write the balancer's configuration for the registry's members (as "
+        "lb-config does), then rewrite it and reload the balancer (nginx -s reload; "
+        "HAProxy's seamless reload, USR2 to its master) at each membership change, within "
+        "a second or two. A new configuration that the balancer's own check refuses is "
+        "not applied. Start the balancer with the command it prints; start each instance "
+        "with the same STATESCALE_REGISTRY and STATESCALE_BALANCER.",
+    )
+    sync.add_argument("balancer", choices=["nginx", "haproxy"])
+    sync.add_argument("--registry", required=True, metavar="URL", help="redis://, etcd://, file://")
+    sync.add_argument("--config", required=True, metavar="FILE", help="the file to keep")
+    sync.add_argument("--listen", default="127.0.0.1:8080", help="address:port to listen on")
+    sync.add_argument("--cookie", default=DEFAULT_COOKIE_NAME, help="the session cookie's name")
+    sync.add_argument(
+        "--wait", type=float, default=30.0, help="seconds to wait for a first node (default 30)"
+    )
+    sync.add_argument("--once", action="store_true", help="write the file once and exit")
+    sync.set_defaults(func=cmd_lb_sync)
 
     router = sub.add_parser(
         "router",

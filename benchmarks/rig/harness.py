@@ -424,11 +424,14 @@ def registered_node(
     mode: str = "sticky",
     workers: int = 1,
     args: tuple[str, ...] = ("--threads", "4"),
+    balancer: str = "statescale",
 ) -> Gunicorn:
     """A demo_app node that registers itself in ``registry`` as ``name`` and follows it
-    (sticky mode on the memory store, or ``mode``); stopped when ``stack`` closes."""
+    (sticky mode on the memory store, or ``mode``), on ``balancer``'s ring; stopped when
+    ``stack`` closes."""
     node = Gunicorn(workers=workers, args=args)
     node.env.update(
+        STATESCALE_BALANCER=balancer,
         STATESCALE_MODE=mode,
         STATESCALE_REGISTRY=registry,
         STATESCALE_NODE=name,
@@ -452,6 +455,24 @@ def start_balancer(
     config.write_text(balancer.config(backends, listen=listen, cookie="statescale"))
     command = balancer.command(config, listen=listen, cookie="statescale")
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_serving(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15
+) -> None:
+    """Until ``GET /health`` on 127.0.0.1:``port`` answers 200 (a router or balancer
+    in front of nodes that are up); ``proc``, the process that is to serve it, must not
+    exit meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if SessionClient(port).get("/health").status == 200:
+                return
+        except OSError:
+            pass
+        assert proc is None or proc.poll() is None, f"the server for port {port} exited"
+        assert time.monotonic() < deadline, f"nothing served port {port} within {timeout}s"
+        time.sleep(0.1)
 
 
 def start_router(

@@ -19,6 +19,7 @@ from benchmarks.rig.harness import (
     start_balancer,
     start_router,
     sticky_nodes,
+    wait_serving,
 )
 from statescale.processes import free_port
 from statescale.routing.balancers import get as get_balancer
@@ -33,19 +34,7 @@ THREADED = ("--threads", "4")
 def _router(stack: ExitStack, backends: list, port: int, admin: int) -> None:  # type: ignore[type-arg]
     proc = start_router(backends, port, "--admin", f"127.0.0.1:{admin}")
     stack.callback(lambda: (proc.send_signal(signal.SIGTERM), proc.wait(15)))
-    _wait(port)
-
-
-def _wait(port: int) -> None:
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if SessionClient(port).get("/health").status == 200:
-                return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "the router did not come up"
-        time.sleep(0.1)
+    wait_serving(port, proc)
 
 
 def _owners(load: Load, backends: list) -> set[str]:  # type: ignore[type-arg]
@@ -101,7 +90,7 @@ def test_a_node_that_joins_behind_nginx_takes_its_sessions_over(tmp_path: Path) 
         _, backends = sticky_nodes(stack, balancer="nginx", args=THREADED)
         nginx = start_balancer("nginx", backends, port, tmp_path)
         stack.callback(lambda: (nginx.send_signal(signal.SIGTERM), nginx.wait(10)))
-        _wait(port)
+        wait_serving(port, nginx)
         with Load(port, users=20) as load:
             time.sleep(1.0)
             _, new = add_sticky_node(stack, backends, balancer="nginx", args=THREADED)

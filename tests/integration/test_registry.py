@@ -5,20 +5,24 @@ sessions over and a node that stops hands its own on."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
 from benchmarks.rig.etcd import EtcdServer
-from benchmarks.rig.harness import Load, SessionClient, registered_node, start_router
+from benchmarks.rig.harness import Load, registered_node, start_router, wait_serving
 from statescale.processes import free_port
+from statescale.routing.balancers import get as get_balancer
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["redis", "etcd"])
+@pytest.fixture
 def registry(request: pytest.FixtureRequest, redis_url: str) -> Iterator[str]:
     if request.param == "redis":
         yield f"{redis_url}?prefix=fleet-{time.monotonic_ns()}"
@@ -31,28 +35,61 @@ def _router(stack: ExitStack, registry: str) -> int:
     port = free_port()
     proc = start_router([], port, "--registry", registry)
     stack.callback(lambda: (proc.send_signal(signal.SIGTERM), proc.wait(15)))
+    wait_serving(port, proc)
+    return port
+
+
+def _lb_sync(stack: ExitStack, kind: str, registry: str, folder: Path) -> int:
+    """`statescale lb-sync KIND` keeping a configuration in ``folder``, and the balancer
+    serving it; its port."""
+    port = free_port()
+    config = folder / get_balancer(kind).config_name
+    sync = subprocess.Popen(
+        [sys.executable, "-m", "statescale", "lb-sync", kind, "--registry", registry,
+         "--config", str(config), "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    stack.callback(lambda: (sync.send_signal(signal.SIGTERM), sync.wait(15)))
     deadline = time.monotonic() + 15
-    while True:
-        try:
-            if SessionClient(port).get("/health").status == 200:
-                return port
-        except OSError:
-            pass
-        assert proc.poll() is None, "the router exited"
-        assert time.monotonic() < deadline, "the router did not come up"
+    while not config.exists():
+        assert sync.poll() is None and time.monotonic() < deadline, "lb-sync wrote nothing"
         time.sleep(0.1)
+    command = get_balancer(kind).command(config, listen=f"127.0.0.1:{port}", cookie="statescale")
+    balancer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack.callback(lambda: (balancer.send_signal(signal.SIGTERM), balancer.wait(15)))
+    wait_serving(port, balancer)
+    return port
 
 
-def test_sticky_nodes_scale_out_and_in_through_a_registry(registry: str) -> None:
-    """Three registered nodes behind `statescale router --registry`, 30 users: a fourth
-    node joins, 30 more users arrive, an old node gets SIGTERM. Nobody fails, nothing
-    is lost, old users and new alike."""
+FRONTS = [
+    pytest.param("router", "redis", id="router-redis"),
+    pytest.param("router", "etcd", id="router-etcd"),
+    pytest.param("nginx", "redis", id="nginx-redis"),
+    pytest.param("haproxy", "redis", id="haproxy-redis"),
+]
+
+
+@pytest.mark.parametrize(("front", "registry"), FRONTS, indirect=["registry"])
+def test_sticky_nodes_scale_out_and_in_through_a_registry(
+    front: str, registry: str, tmp_path: Path
+) -> None:
+    """Three registered nodes (gunicorn -w 2 each) behind `statescale router --registry`,
+    or nginx or HAProxy kept current by `statescale lb-sync`, 30 users: a fourth node
+    joins, 30 more users arrive, an old node gets SIGTERM. Nobody fails, nothing is
+    lost, old users and new alike."""
+    ring = "statescale" if front == "router" else front
     with ExitStack() as stack:
-        nodes = [registered_node(stack, registry, f"node{i}", workers=2) for i in (1, 2, 3)]
-        port = _router(stack, registry)
+        nodes = [
+            registered_node(stack, registry, f"node{i}", workers=2, balancer=ring)
+            for i in (1, 2, 3)
+        ]
+        if front == "router":
+            port = _router(stack, registry)
+        else:
+            port = _lb_sync(stack, front, registry, tmp_path)
         with Load(port, users=30) as old:
             time.sleep(1.0)
-            joined = registered_node(stack, registry, "node4", workers=2)
+            joined = registered_node(stack, registry, "node4", workers=2, balancer=ring)
             time.sleep(1.0)
             with Load(port, users=30, key="n") as new:
                 time.sleep(1.0)

@@ -203,3 +203,36 @@ def test_an_idle_etcd_watch_is_opened_again(
     finally:
         follower.stop()
     assert seen == [[], [A]]
+
+
+def test_haproxy_servers_keep_their_place_when_another_leaves() -> None:
+    """Server ids come from names, not from the order: removing the first server moves
+    only its own sessions (numbered in order, it would move most of them)."""
+    from statescale.routing.balancers import get
+
+    four = [Backend(n, "127.0.0.1", 9000 + i) for i, n in enumerate("abcd")]
+    before, after = get("haproxy").ring(four), get("haproxy").ring(four[1:])
+    keys = [f"session-{i}" for i in range(2000)]
+    moved = [k for k in keys if before.owner(k) != "a" and before.owner(k) != after.owner(k)]
+    assert moved == []
+
+
+def test_lb_sync_applies_only_what_the_balancers_check_accepts(tmp_path: Path) -> None:
+    import dataclasses
+
+    from statescale.routing.balancers import get
+    from statescale.routing.membership.sync import ConfigSync
+
+    said: list[str] = []
+    haproxy = get("haproxy")
+    config = tmp_path / "haproxy.cfg"
+    sync = ConfigSync(haproxy, config, listen="127.0.0.1:1", cookie="sid", say=said.append)
+    sync.apply([A, B])
+    first = config.read_text()
+    assert "master-worker" in first and "expose-fd listeners" in first
+    assert "server a 127.0.0.1:9001 id" in first and "not running" in said[-1]
+    assert not sync.write([A, B])  # unchanged: nothing written, nothing reloaded
+    refusing = dataclasses.replace(haproxy, check=lambda path: ["false"])
+    ConfigSync(refusing, config, listen="127.0.0.1:1", cookie="sid", say=said.append).apply([A])
+    assert config.read_text() == first and "refused" in said[-1]
+    assert not (tmp_path / "haproxy.cfg.new").exists()

@@ -22,7 +22,10 @@ class Balancer:
     * ``write_config``: a complete configuration, ``(backends, listen, cookie) -> text``;
     * ``config_name``: the file name that configuration is written to;
     * ``run``: the command that serves a written configuration in the foreground,
-      ``(config path, listen, cookie) -> argv``.
+      ``(config path, listen, cookie) -> argv``;
+    * for ``statescale lb-sync``: ``reloadable`` adjusts a configuration for reloads in
+      place (``(text, config path) -> text``), ``check`` is the command that checks a
+      written one, and ``reload`` reloads the balancer serving it (False if none runs).
     """
 
     name: str
@@ -32,6 +35,9 @@ class Balancer:
     write_config: Callable[[Sequence[Backend], str, str], str]
     config_name: str
     run: Callable[[Path, str, str], list[str]]
+    reloadable: Callable[[str, Path], str] = lambda text, path: text
+    reload: Callable[[Path], bool] | None = None
+    check: Callable[[Path], list[str]] | None = None
 
     def ring(self, backends: Sequence[Backend]) -> BackendRing:
         """This balancer's ring over ``backends``, answering with backend names."""

@@ -13,6 +13,7 @@ import bisect
 import re
 import shutil
 import struct
+import subprocess
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -115,9 +116,27 @@ http {{
 
 def command(config_file: Path, listen: str, cookie: str) -> list[str]:
     """nginx in the foreground, with its prefix (pid file, temp folders) beside the file."""
+    return [*_nginx(config_file), "-g", "daemon off;"]
+
+
+def _nginx(config_file: Path) -> list[str]:
+    """nginx with its prefix beside ``config_file`` (where its pid file and temp folders go)."""
     (config_file.parent / "tmp").mkdir(exist_ok=True)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"  # sbin: not on every PATH
-    return [nginx, "-p", str(config_file.parent), "-c", str(config_file), "-g", "daemon off;"]
+    return [nginx, "-p", str(config_file.parent), "-c", str(config_file)]
+
+
+def reload(config_file: Path) -> bool:
+    """``nginx -s reload`` for the nginx serving ``config_file``: new workers take the
+    new ring, the old ones finish their requests. False if none runs."""
+    if not (config_file.parent / "nginx.pid").exists():
+        return False
+    done = subprocess.run([*_nginx(config_file), "-s", "reload"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def check_command(config_file: Path) -> list[str]:
+    return [*_nginx(config_file), "-t", "-q"]
 
 
 BALANCER = Balancer(
@@ -128,4 +147,6 @@ BALANCER = Balancer(
     write_config=config,
     config_name="nginx.conf",
     run=command,
+    reload=reload,
+    check=check_command,
 )
