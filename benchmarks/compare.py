@@ -15,7 +15,10 @@ noisy, and each figure is the median with its min-max.
   incrementing one;
 * **node loss**: ``kill -9`` of one node (or worker) while users go on: sessions lost,
   requests failed, time until all answer again;
-* **scale-out**: a fifth node joins while users go on (4 -> 5): sessions lost.
+* **scale-out**: a fifth node joins while users go on (4 -> 5): sessions lost;
+* **churn through a registry** (``sticky (registry)``): under load from 30 users at
+  once, a fifth node starts and registers itself, then an old one gets ``SIGTERM`` and
+  leaves; requests failed and sessions lost in each phase.
 
 Load comes from wrk (Debian's package) when it is installed, else from a small asyncio
 generator (:mod:`benchmarks.rig.loadgen`; lower figures, same ratios). The peers
@@ -52,12 +55,15 @@ from .rig.delay import DelayProxy
 from .rig.harness import (
     ADMIN_TOKEN,
     Gunicorn,
+    Load,
     SessionClient,
     add_sticky_node,
     interleaved_increments,
+    registered_node,
     start_balancer,
     start_router,
     sticky_nodes,
+    wait_serving,
 )
 from .rig.loadgen import GENERATORS, generator, run_load
 
@@ -80,6 +86,9 @@ class Setup:
     # Adds a node; the ports to spread requests over after it (a balancer's job).
     add_one: Callable[[], list[int]] | None = None
     no_scale_out: str = "n/a"  # what the table says where add_one is None
+    # Through a registry: a node that starts and registers, and one that leaves (SIGTERM).
+    join: Callable[[], None] | None = None
+    leave: Callable[[], None] | None = None
 
 
 def _kill_worker(server: Gunicorn) -> Callable[[], None]:
@@ -202,6 +211,9 @@ def _sticky_setups(
         setup = Setup("sticky (router)", port, True, kill_one=_kill_node(nodes[0]))
         setup.add_one = _router_add_node(stack, backends, port, admin)
         setups.append(setup)
+    if want("sticky (registry)"):
+        log("starting sticky (registry)")
+        setups.append(_registry_setup(stack))
     if want("sticky (nginx)"):
         if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
             log("starting sticky (nginx)")
@@ -215,6 +227,26 @@ def _sticky_setups(
         else:
             log("skipping sticky (nginx): nginx is not installed (apt-get install nginx-light)")
     return setups
+
+
+def _registry_setup(stack: ExitStack) -> Setup:
+    """Four nodes that register themselves in a Redis registry, behind `statescale
+    router --registry`: a fifth joins by starting, an old one leaves by SIGTERM."""
+    server = stack.enter_context(EmbeddedRedis())
+    registry = f"{server.url}?prefix=bench"
+    nodes = [registered_node(stack, registry, f"node{i}") for i in range(1, 5)]
+    port = free_port()
+    router = start_router([], port, "--registry", registry)
+    _stop_on_exit(stack, router)
+    wait_serving(port, router)
+    setup = Setup("sticky (registry)", port, True, kill_one=_kill_node(nodes[-1]))
+    setup.no_scale_out = "see churn"
+
+    def join() -> None:
+        registered_node(stack, registry, "node5")  # returns once it serves
+
+    setup.join, setup.leave = join, nodes[0].stop
+    return setup
 
 
 def _router_add_node(
@@ -332,6 +364,17 @@ def measure(
             f"scale-out {setup.name:<18} sessions lost {r['scale_out_sessions_lost'][0]:.0%}, "
             f"requests failed {r['scale_out_requests_failed'][0]:.0f}"
         )
+    for setup in setups:
+        if setup.join is None:
+            continue
+        churn(setup, users=30)
+        r = setup.results
+        log(
+            f"churn {setup.name:<18} node joins: failed {r['churn_out_failed'][0]:.0f}, "
+            f"sessions lost {r['churn_out_lost'][0]:.0%}; node leaves: failed "
+            f"{r['churn_in_failed'][0]:.0f}, sessions lost {r['churn_in_lost'][0]:.0%} "
+            f"({r['churn_requests'][0]:.0f} requests)"
+        )
     for setup in setups:  # last: it kills things
         if setup.kill_one is None or setup.name in ("ceiling", "memory (no sticky)"):
             continue
@@ -438,6 +481,32 @@ def scale_out(setup: Setup, users: int) -> None:
     setup.results["scale_out_requests_failed"] = [float(failed)]
 
 
+def churn(setup: Setup, users: int) -> None:
+    """``users`` at once, looping increments; a node joins, then one leaves. Requests
+    failed and sessions lost (a counter that did not carry on) in each phase."""
+    assert setup.join is not None and setup.leave is not None
+    seen: list[tuple[int, int]] = []  # (failures, users with a lost session) so far
+
+    def mark(load: Load) -> None:
+        seen.append((len(load.failures), len({user for user, _, _ in load.wrong()})))
+
+    with Load(setup.port, users=users, key="churn") as load:
+        time.sleep(1.0)
+        mark(load)
+        setup.join()
+        time.sleep(2.0)  # the routers and nodes follow; sessions move to the new node
+        mark(load)
+        setup.leave()  # returns once the node has drained, handed over and stopped
+        time.sleep(1.0)
+    mark(load)
+    (f0, l0), (f1, l1), (f2, l2) = seen
+    setup.results["churn_out_failed"] = [float(f1 - f0)]
+    setup.results["churn_out_lost"] = [(l1 - l0) / users]
+    setup.results["churn_in_failed"] = [float(f2 - f1)]
+    setup.results["churn_in_lost"] = [(l2 - l1) / users]
+    setup.results["churn_requests"] = [float(load.requests)]
+
+
 def report(setups: list[Setup], sizes: list[int]) -> tuple[str, dict[str, Any]]:
     """A Markdown table and the JSON figures."""
     ceiling = next((s for s in setups if s.name == "ceiling"), None)
@@ -506,6 +575,22 @@ def report(setups: list[Setup], sizes: list[int]) -> tuple[str, dict[str, Any]]:
         lines.append(
             f"| {setup.name} | {r['lost_different_keys'][0]:.0%} | {r['lost_one_key'][0]:.0%} "
             f"| {loss} | {grow} |"
+        )
+    churned = [s for s in setups if "churn_requests" in s.results]
+    if churned:
+        lines += [
+            "",
+            "| through a registry, 30 users at once | a node starts and joins: requests failed "
+            "| sessions lost | an old node leaves (SIGTERM): requests failed | sessions lost "
+            "| requests in all |",
+            "|---|---|---|---|---|---|",
+        ]
+    for setup in churned:
+        r = setup.results
+        lines.append(
+            f"| {setup.name} | {r['churn_out_failed'][0]:.0f} | {r['churn_out_lost'][0]:.0%} "
+            f"| {r['churn_in_failed'][0]:.0f} | {r['churn_in_lost'][0]:.0%} "
+            f"| {r['churn_requests'][0]:.0f} |"
         )
     return "\n".join(lines), data
 
