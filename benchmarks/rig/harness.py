@@ -425,11 +425,12 @@ def registered_node(
     workers: int = 1,
     args: tuple[str, ...] = ("--threads", "4"),
     balancer: str = "statescale",
+    env: Mapping[str, str] | None = None,
 ) -> Gunicorn:
     """A demo_app node that registers itself in ``registry`` as ``name`` and follows it
     (sticky mode on the memory store, or ``mode``), on ``balancer``'s ring; stopped when
-    ``stack`` closes."""
-    node = Gunicorn(workers=workers, args=args)
+    ``stack`` closes. ``env``: more environment (affinity: ``STATESCALE_REDIS_URL``)."""
+    node = Gunicorn(env=env, workers=workers, args=args)
     node.env.update(
         STATESCALE_BALANCER=balancer,
         STATESCALE_MODE=mode,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.rig.etcd import EtcdServer
-from benchmarks.rig.harness import Load, registered_node, start_router, wait_serving
+from benchmarks.rig.harness import Gunicorn, Load, registered_node, start_router, wait_serving
 from statescale.processes import free_port
 from statescale.routing.balancers import get as get_balancer
 
@@ -62,34 +62,37 @@ def _lb_sync(stack: ExitStack, kind: str, registry: str, folder: Path) -> int:
 
 
 FRONTS = [
-    pytest.param("router", "redis", id="router-redis"),
-    pytest.param("router", "etcd", id="router-etcd"),
-    pytest.param("nginx", "redis", id="nginx-redis"),
-    pytest.param("haproxy", "redis", id="haproxy-redis"),
+    pytest.param("router", "redis", "sticky", id="router-redis"),
+    pytest.param("router", "etcd", "sticky", id="router-etcd"),
+    pytest.param("nginx", "redis", "sticky", id="nginx-redis"),
+    pytest.param("haproxy", "redis", "sticky", id="haproxy-redis"),
+    pytest.param("router", "redis", "affinity", id="router-redis-affinity"),
 ]
 
 
-@pytest.mark.parametrize(("front", "registry"), FRONTS, indirect=["registry"])
-def test_sticky_nodes_scale_out_and_in_through_a_registry(
-    front: str, registry: str, tmp_path: Path
+@pytest.mark.parametrize(("front", "registry", "mode"), FRONTS, indirect=["registry"])
+def test_nodes_scale_out_and_in_through_a_registry(
+    front: str, registry: str, mode: str, redis_url: str, tmp_path: Path
 ) -> None:
-    """Three registered nodes (gunicorn -w 2 each) behind `statescale router --registry`,
-    or nginx or HAProxy kept current by `statescale lb-sync`, 30 users: a fourth node
-    joins, 30 more users arrive, an old node gets SIGTERM. Nobody fails, nothing is
-    lost, old users and new alike."""
+    """Three registered nodes (gunicorn -w 2 each; sticky, or affinity on one Redis)
+    behind `statescale router --registry`, or nginx or HAProxy kept current by
+    `statescale lb-sync`, 30 users: a fourth node joins, 30 more users arrive, an old
+    node gets SIGTERM. Nobody fails, nothing is lost, old users and new alike."""
     ring = "statescale" if front == "router" else front
+    env = {"STATESCALE_REDIS_URL": redis_url} if mode == "affinity" else {}
+
+    def node(name: str) -> Gunicorn:
+        return registered_node(stack, registry, name, mode=mode, workers=2, balancer=ring, env=env)
+
     with ExitStack() as stack:
-        nodes = [
-            registered_node(stack, registry, f"node{i}", workers=2, balancer=ring)
-            for i in (1, 2, 3)
-        ]
+        nodes = [node(f"node{i}") for i in (1, 2, 3)]
         if front == "router":
             port = _router(stack, registry)
         else:
             port = _lb_sync(stack, front, registry, tmp_path)
         with Load(port, users=30) as old:
             time.sleep(1.0)
-            joined = registered_node(stack, registry, "node4", workers=2, balancer=ring)
+            joined = node("node4")
             time.sleep(1.0)
             with Load(port, users=30, key="n") as new:
                 time.sleep(1.0)

@@ -164,6 +164,8 @@ def test_the_file_registry_follows_its_file(tmp_path: Path) -> None:
         ("zk://h:2181", "unknown scheme"),
         ("file://relative/path", "absolute path"),
         ("redis+cluster://h:7000", "one Redis server"),
+        ("etcd+https://h:2379/p?cert=c.pem", "together"),
+        ("etcd://h:2379/p?token=x", "TLS options"),
     ],
 )
 def test_bad_registry_urls_say_what_to_change(url: str, message: str) -> None:

@@ -18,7 +18,7 @@ import math
 import socket
 import threading
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from ...exceptions import ConfigError
 from ..backends import Backend
@@ -36,7 +36,10 @@ def _b64(text: str) -> str:
 
 
 class EtcdRegistry:
-    """``etcd://HOST:PORT[/PREFIX]``, or ``etcd+https://`` for TLS."""
+    """``etcd://HOST:PORT[/PREFIX]``, or ``etcd+https://HOST:PORT[/PREFIX][?ca=FILE]
+    [&cert=FILE&key=FILE]`` for TLS, with a client certificate if etcd asks for one
+    (etcd's client-certificate authentication: keep the registry writable by the fleet
+    only, since whoever can write it can add a node that routers send users to)."""
 
     def __init__(self, url: str) -> None:
         try:
@@ -51,8 +54,21 @@ class EtcdRegistry:
             raise ConfigError(f"{url!r}: give the etcd endpoint, etcd://HOST:2379[/PREFIX]")
         self.url = url
         protocol = "https" if parts.scheme.endswith("https") else "http"
+        tls = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        unknown = set(tls) - {"ca", "cert", "key"}
+        if unknown or ("cert" in tls) != ("key" in tls):
+            raise ConfigError(
+                f"{url!r}: TLS options are ?ca=FILE and ?cert=FILE&key=FILE (a client "
+                "certificate and its key, together)"
+            )
         self._client: Any = etcd3gw.Etcd3Client(
-            host=parts.hostname, port=parts.port or 2379, protocol=protocol, timeout=TIMEOUT
+            host=parts.hostname,
+            port=parts.port or 2379,
+            protocol=protocol,
+            timeout=TIMEOUT,
+            ca_cert=tls.get("ca"),
+            cert_cert=tls.get("cert"),
+            cert_key=tls.get("key"),
         )
         self._errors: tuple[type[Exception], ...] = (
             requests.RequestException,
