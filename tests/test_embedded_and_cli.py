@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -56,13 +58,25 @@ def test_cli_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.integration
-def test_the_demo_shows_both_modes(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_demo_compares_the_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The main job, shortened: every mode's row, the split one shown split, the
+    advice under the table, and the picture."""
     from benchmarks import demo
 
-    assert demo.main(["--requests", "30"]) == 0
+    quick = ["--requests", "20", "--seconds", "0.5", "--users", "6", "--out", str(tmp_path)]
+    assert demo.main(quick) == 0
     out = capsys.readouterr().out
-    assert re.search(r"\| shared \(Redis\) \| (\d+)/\1 \| ", out)
-    assert "split: the session resets on another worker" in out
+    for mode in ("shared", "sticky", "affinity"):
+        assert re.search(rf"^\| {mode} \| exact, (\d+)/\1 ", out, re.M), mode
+    assert re.search(r"^\| memory, no sticky \| \*\*split\*\*", out, re.M)
+    assert "Which to choose: shared when" in out
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert set(json.loads((tmp_path / "demo.json").read_text())["modes"]) == {
+        "shared",
+        "sticky",
+        "affinity",
+        "memory, no sticky",
+    }
 
 
 @pytest.mark.integration
