@@ -13,6 +13,7 @@ import os
 from flask import Flask, Response, jsonify, request, session
 
 from statescale import SessionError, SessionTooLarge, get_session
+from statescale.assemble import ring_owner
 from statescale.flask import StateScale
 
 from .page import PAGE
@@ -45,9 +46,15 @@ def create_app(env: dict[str, str] | None = None) -> Flask:
     ext = StateScale(app)
     assert ext.middleware is not None
     store_name = ext.middleware.store.name
+    mode, node = ext.settings.mode, ext.settings.node
+    owner_of = ring_owner(ext.settings)
 
     def reply(**body: object) -> Response:
-        return jsonify(pid=os.getpid(), **body)
+        """Every JSON answer says who served it: the process, its node on the ring (in
+        sticky and affinity modes), and which node owns this session there."""
+        session_id = get_session(request.environ).id
+        owner = owner_of(session_id) if session_id else None
+        return jsonify(pid=os.getpid(), mode=mode, node=node, owner=owner, **body)
 
     @app.errorhandler(_BadRequest)
     def bad_request(exc: _BadRequest) -> tuple[Response, int]:
@@ -60,11 +67,15 @@ def create_app(env: dict[str, str] | None = None) -> Flask:
 
     @app.get("/")
     def index() -> str:
+        session_id = get_session(request.environ).id
         return PAGE.render(
             data=dict(session),
             pid=os.getpid(),
             store=store_name,
-            session_id=(get_session(request.environ).id or "")[:8],
+            mode=mode,
+            node=node,
+            owner=owner_of(session_id) if session_id else None,
+            session_id=(session_id or "")[:8],
         )
 
     @app.get("/health")

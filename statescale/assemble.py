@@ -194,6 +194,20 @@ def node_fleet(settings: Settings) -> Fleet:
     return fleet
 
 
+def ring_owner(settings: Settings) -> Callable[[str], str | None]:
+    """Who owns a session ID on the ring this process routes by (``settings`` with the
+    hosting server's decisions applied, as :func:`hosted` gives them); ``None`` where
+    no ring routes (shared mode)."""
+    if not settings.routed or settings.node is None:
+        return lambda session_id: None
+    fleet = node_fleet(settings)
+
+    def owner(session_id: str) -> str:
+        return fleet.ring.owner(session_id)  # the ring in use now: a registry changes it
+
+    return owner
+
+
 def build_id_factory(settings: Settings) -> Callable[[], str]:
     """How new session IDs are minted: at random, or, for a node of a sticky ring,
     only IDs that the balancer's ring in use routes back to it."""

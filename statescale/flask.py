@@ -22,7 +22,7 @@ from typing import Any
 from flask import Flask, Request, Response
 from flask.sessions import SessionInterface
 
-from .assemble import build_middleware
+from .assemble import build_middleware, hosted
 from .config import Settings
 from .exceptions import ConfigError, StoreError
 from .middleware import (
@@ -77,6 +77,8 @@ class StateScale:
         settings = settings_from_config(app.config)
         middleware = build_middleware(app.wsgi_app, settings, store=self.store)
         self.middleware = middleware
+        #: What this process runs with, the hosting server's decisions included.
+        self.settings = hosted(settings)
         app.wsgi_app = middleware  # type: ignore[method-assign]
         app.session_interface = StateScaleSessionInterface()
         app.extensions["statescale"] = self

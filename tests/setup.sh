@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # command -> Debian package
-packages=(redis-server:redis-server etcd:etcd-server nginx:nginx-light haproxy:haproxy wrk:wrk)
+packages=(redis-server:redis-server etcd:etcd-server nginx:nginx-light haproxy:haproxy wrk:wrk
+    chromium:chromium)
 need=()
 for pair in "${packages[@]}"; do
     tool=${pair%%:*}
