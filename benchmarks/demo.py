@@ -289,6 +289,11 @@ def run(args: argparse.Namespace) -> int:
     pictured = plot(rows, ceiling, out / "demo.png")
     picture = f", {out / 'demo.png'}" if pictured else " (no picture: pip install matplotlib)"
     print(f"wrote {out / 'demo.md'}, {out / 'demo.json'}{picture}")
+    return verdict(rows)
+
+
+def verdict(rows: list[Mode]) -> int:
+    """The exit status: 1 if a mode that must be consistent was not (and say which)."""
     broken = [m.name for m in rows if m.must_be_consistent and not m.consistent]
     if broken:
         print(f"NOT CONSISTENT: {', '.join(broken)}", file=sys.stderr)

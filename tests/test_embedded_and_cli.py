@@ -57,6 +57,15 @@ def test_cli_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
 
 
+def test_the_demo_fails_when_a_mode_that_must_be_consistent_is_not() -> None:
+    from benchmarks.demo import Mode, verdict
+
+    good = Mode("shared", {}, True, values=[1, 2, 3])
+    split = Mode("memory, no sticky", {}, False, values=[1, 1, 2])
+    assert verdict([good, split]) == 0  # the split one is expected to split
+    assert verdict([Mode("sticky", {}, True, values=[1, 2, 1]), split]) == 1
+
+
 @pytest.mark.integration
 def test_the_demo_compares_the_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The main job, shortened: every mode's row, the split one shown split, the
