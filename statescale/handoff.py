@@ -317,6 +317,10 @@ class Handoff:
                 log.warning("statescale: refused a hand-off request: bad seal, stale or replayed")
                 return None
             nonce = request["n"]
+            meant_for = request.get("to")  # the node it is for: not to be replayed to another
+            if meant_for is not None and (self.peers is None or meant_for != self.peers.node):
+                log.warning("statescale: refused a hand-off request meant for %s", meant_for)
+                return None
             if "take" in request:
                 self._keep(dict(request["take"]))
                 return self.sealer.answer(nonce)
@@ -670,7 +674,7 @@ class RemotePeers:
                 batch[session_id] = data
                 size += sum(len(v) for v in data["f"].values()) + 64
                 if size >= _BATCH or n == len(items):
-                    request, nonce = sealer.request(take=batch)
+                    request, nonce = sealer.request(take=batch, to=owner)
                     if self._post(where, request, nonce, sealer) is None:
                         log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
                     else:

@@ -12,7 +12,7 @@ import pytest
 
 from statescale.exceptions import ConfigError
 from statescale.handoff import Handoff, HandoffStore
-from statescale.session import Changes
+from statescale.session import Changes, Record
 from statescale.stores.memory import MemoryStore
 
 KEY = b"handoff-test-key-0123456789abcdef"
@@ -202,3 +202,18 @@ def test_leftovers_of_a_crash_are_swept_at_start(tmp_path: Path) -> None:
     (tmp_path / f"{dead}.claimed-{dead}").write_bytes(b"half taken in")
     worker(tmp_path, "new").handoff.take_over()
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.claimed-*"))
+
+
+def test_sessions_sent_to_one_node_cannot_be_replayed_to_another() -> None:
+    from statescale.handoff import RemotePeers, Sealer, _encode
+    from statescale.routing.backends import Backend
+    from statescale.routing.membership import Fleet
+    from statescale.stores.memory import Kept
+
+    fleet = Fleet("statescale", [Backend(n, "127.0.0.1", 9000 + i) for i, n in enumerate("ab")])
+    a = Handoff(MemoryStore(), [KEY], peers=RemotePeers(fleet, "a"), name="a")
+    b = Handoff(MemoryStore(), [KEY], peers=RemotePeers(fleet, "b"), name="b")
+    kept = Kept(Record({"n": b"1"}, time.time()), time.time() + 60, True)
+    request, _ = Sealer([KEY]).request(take={"s": _encode(kept)}, to="b")
+    assert a.answer(request) is None and not a.memory.holds("s")  # not for a
+    assert b.answer(request) is not None and b.memory.holds("s")
