@@ -49,21 +49,22 @@ def create_app(env: dict[str, str] | None = None) -> Flask:
     mode, node = ext.settings.mode, ext.settings.node
     owner_of = ring_owner(ext.settings)
 
-    def reply(**body: object) -> Response:
-        """Every JSON answer says who served it: the process, its node on the ring (in
-        sticky and affinity modes), and which node owns this session there."""
-        session_id = get_session(request.environ).id
-        owner = owner_of(session_id) if session_id else None
-        return jsonify(pid=os.getpid(), mode=mode, node=node, owner=owner, **body)
+    def reply(*, owner: bool = True, **body: object) -> Response:
+        """Every JSON answer says who served it: the process and its node on the ring
+        (in sticky and affinity modes); with ``owner``, which node owns this session
+        there (which loads the session: /health never asks)."""
+        session_id = get_session(request.environ).id if owner else None
+        whose = owner_of(session_id) if session_id else None
+        return jsonify(pid=os.getpid(), mode=mode, node=node, owner=whose, **body)
 
     @app.errorhandler(_BadRequest)
     def bad_request(exc: _BadRequest) -> tuple[Response, int]:
-        return reply(error=str(exc)), 400
+        return reply(error=str(exc), owner=False), 400
 
     @app.errorhandler(SessionError)
     def session_error(exc: SessionError) -> tuple[Response, int]:
         # A key or value the session cannot hold is the client's doing here: its query.
-        return reply(error=str(exc)), 413 if isinstance(exc, SessionTooLarge) else 400
+        return reply(error=str(exc), owner=False), 413 if isinstance(exc, SessionTooLarge) else 400
 
     @app.get("/")
     def index() -> str:
@@ -80,7 +81,7 @@ def create_app(env: dict[str, str] | None = None) -> Flask:
 
     @app.get("/health")
     def health() -> Response:
-        return reply(ok=True)
+        return reply(ok=True, owner=False)
 
     @app.get("/api/session")
     def read() -> Response:

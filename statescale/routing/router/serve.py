@@ -320,9 +320,16 @@ class Server:
         for client in list(self._clients):  # idle keep-alive: nothing to finish
             if client.waiting and client.served:
                 client.transport.abort()
-        tasks = {c.task for c in self._clients if c.task is not None}
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace)
+        # Connections the kernel handed over just before the close may only now reach
+        # connection_made: wait for theirs too, not only for the tasks there were.
+        deadline = asyncio.get_running_loop().time() + grace
+        while True:
+            await asyncio.sleep(0)
+            tasks = {c.task for c in self._clients if c.task is not None and not c.task.done()}
+            left = deadline - asyncio.get_running_loop().time()
+            if not tasks or left <= 0:
+                return
+            await asyncio.wait(tasks, timeout=left)
 
     def _safe_reload(self) -> None:
         try:
