@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ...exceptions import ConfigError
 from ..backends import Backend
-from .registry import Changed, RegistryUnavailable, sort
+from .base import Changed, RegistryUnavailable, sort
 
 log = logging.getLogger("statescale.registry")
 

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 
 from ..backends import Backend
-from .registry import Changed, Registry, RegistryUnavailable
+from .base import Changed, Registry, RegistryUnavailable
 
 log = logging.getLogger("statescale.registry")
 

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from ...exceptions import ConfigError
 from ..backends import Backend
-from .registry import Changed, RegistryUnavailable, sort
+from .base import Changed, RegistryUnavailable, sort
 
 log = logging.getLogger("statescale.registry")
 

@@ -1,0 +1,58 @@
+"""What every registry does (:class:`Registry`), the error it raises when it cannot, and
+the order members come in. Pure; :mod:`.registry` picks a registry by its URL.
+
+A registry holds the fleet's live members, each a :class:`~..backends.Backend` (a
+name, the address others reach it at, a weight):
+
+* an instance :meth:`~Registry.register`\\ s itself and renews that with the same call
+  well within ``ttl`` seconds; one that stops renewing (a crash) drops out when the TTL
+  runs out;
+* :meth:`~Registry.deregister` removes it at once, but only its own entry: ``token``
+  tells one registration from the next, so the old master of a ``USR2`` upgrade, stopping,
+  does not remove the name the new master has just registered;
+* :meth:`~Registry.watch` blocks, calling ``changed(members)`` with the membership
+  first and again after each change, woken by the registry's own notices (a Redis
+  channel, an etcd watch), not by a polling loop.
+
+Members come sorted by name, so every follower builds the same ring.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from ...exceptions import StateScaleError
+from ..backends import Backend
+
+Changed = Callable[[list[Backend]], None]
+
+
+class RegistryUnavailable(StateScaleError):
+    """The registry could not be reached or refused a call; the caller retries."""
+
+
+class Registry(Protocol):
+    """A membership registry (Redis, etcd or a static file)."""
+
+    url: str
+
+    def members(self) -> list[Backend]:
+        """The live members, sorted by name."""
+
+    def register(self, backend: Backend, *, ttl: float, token: str) -> None:
+        """Add ``backend`` for ``ttl`` seconds, or renew it (the same call)."""
+
+    def deregister(self, name: str, *, token: str) -> None:
+        """Remove ``name``, if the entry is still the one ``token`` registered."""
+
+    def watch(self, changed: Changed, stop: threading.Event) -> None:
+        """Call ``changed`` with the members, then after every change, until ``stop``
+        is set (within about a second) or the registry fails (:class:`RegistryUnavailable`)."""
+
+    def close(self) -> None: ...
+
+
+def sort(members: Sequence[Backend]) -> list[Backend]:
+    return sorted(members, key=lambda b: b.name)

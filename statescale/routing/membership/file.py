@@ -1,0 +1,66 @@
+"""The static file registry: a backends file that an operator (or a configuration
+tool) keeps, followed by looking at it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ...exceptions import ConfigError
+from ..backends import Backend, parse_backends_text
+from .base import Changed, RegistryUnavailable, sort
+
+log = logging.getLogger("statescale.registry")
+
+
+class FileRegistry:
+    """A backends file that an operator (or a configuration tool) keeps. A file has no
+    watch of its own without inotify: :meth:`watch` looks at its size and time twice a
+    second, which costs a ``stat``."""
+
+    INTERVAL = 0.5
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parts = urlsplit(url)
+        self.path = Path(parts.path)
+        if parts.netloc not in ("", "localhost") or not self.path.is_absolute():
+            raise ConfigError(f"{url!r}: give an absolute path, file:///path/to/backends")
+
+    def members(self) -> list[Backend]:
+        try:
+            return sort(parse_backends_text(self.path.read_text()))
+        except OSError as exc:
+            raise RegistryUnavailable(f"cannot read {self.path}: {exc}") from exc
+        except ConfigError as exc:
+            raise RegistryUnavailable(f"{self.path}: {exc}") from exc
+
+    def register(self, backend: Backend, *, ttl: float, token: str) -> None:
+        listed = {b.name: b for b in self.members()}.get(backend.name)
+        if listed != backend:
+            log.warning(
+                "statescale: %s is a static registry and lists %s, not %s; edit the file",
+                self.path,
+                listed.spec if listed else "no such node",
+                backend.spec,
+            )
+
+    def deregister(self, name: str, *, token: str) -> None:
+        """Nothing: the file is the operator's."""
+
+    def watch(self, changed: Changed, stop: threading.Event) -> None:
+        seen: tuple[float, int] | None = None
+        while not stop.is_set():
+            try:
+                info = self.path.stat()
+            except OSError as exc:
+                raise RegistryUnavailable(f"cannot read {self.path}: {exc}") from exc
+            if (info.st_mtime, info.st_size) != seen:
+                seen = (info.st_mtime, info.st_size)
+                changed(self.members())
+            stop.wait(self.INTERVAL)
+
+    def close(self) -> None:
+        pass
