@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import importlib.util
 import json
 import os
@@ -449,7 +450,7 @@ def _incr(client: SessionClient, key: str) -> int | None:
     """``POST /api/incr?key=``: the new value, or None when the request failed."""
     try:
         reply = client.post(f"/api/incr?key={key}")
-    except OSError:
+    except (OSError, http.client.HTTPException):  # a node killed mid-reply
         return None
     return int(reply.json["value"]) if reply.status == 200 else None
 

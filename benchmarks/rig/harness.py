@@ -299,7 +299,7 @@ class Load:
         while self._running:
             try:
                 reply = client.post(f"/api/incr?key={self.key}")
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:  # a worker killed mid-reply
                 self.failures.append(f"user {n}: {type(exc).__name__}: {exc}")
                 self.failed_at[n].append(len(self.answers[n]))
                 continue
