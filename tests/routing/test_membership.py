@@ -238,3 +238,13 @@ def test_lb_sync_applies_only_what_the_balancers_check_accepts(tmp_path: Path) -
     ConfigSync(refusing, config, listen="127.0.0.1:1", cookie="sid", say=said.append).apply([A])
     assert config.read_text() == first and "refused" in said[-1]
     assert not (tmp_path / "haproxy.cfg.new").exists()
+
+
+def test_an_unreachable_etcd_says_why() -> None:
+    from statescale.processes import free_port
+
+    registry = open_registry(f"etcd://127.0.0.1:{free_port()}")
+    with pytest.raises(
+        RegistryUnavailable, match=r"etcd registry failed: \[Errno \d+\] Connection refused"
+    ):
+        registry.members()

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import socket
 import threading
 from typing import Any
@@ -85,7 +86,7 @@ class EtcdRegistry:
         try:
             values = self._client.get_prefix(self.prefix)
         except self._errors as exc:
-            raise RegistryUnavailable(f"the etcd registry failed: {exc}") from exc
+            raise RegistryUnavailable(f"the etcd registry failed: {_why(exc)}") from exc
         members = []
         for value, _ in values:
             spec = value.decode().partition(" ")[2]
@@ -105,7 +106,7 @@ class EtcdRegistry:
                 lease = self._client.lease(ttl=max(2, math.ceil(ttl)))
                 self._client.put(self.prefix + backend.name, value, lease=lease)
             except self._errors as exc:
-                raise RegistryUnavailable(f"the etcd registry failed: {exc}") from exc
+                raise RegistryUnavailable(f"the etcd registry failed: {_why(exc)}") from exc
             self._leases[backend.name] = (lease, value)
             if held is not None:  # a changed entry: the old lease goes
                 self._revoke(held[0])
@@ -121,7 +122,7 @@ class EtcdRegistry:
         try:
             lease.revoke()
         except self._errors as exc:
-            raise RegistryUnavailable(f"the etcd registry failed: {exc}") from exc
+            raise RegistryUnavailable(f"the etcd registry failed: {_why(exc)}") from exc
 
     def watch(self, changed: Changed, stop: threading.Event) -> None:
         members: list[Backend] | None = None
@@ -143,7 +144,7 @@ class EtcdRegistry:
                 self._client.get_url("/watch"), json=request, stream=True, timeout=(TIMEOUT, IDLE)
             )
         except self._errors as exc:
-            raise RegistryUnavailable(f"the etcd registry's watch failed: {exc}") from exc
+            raise RegistryUnavailable(f"the etcd registry's watch failed: {_why(exc)}") from exc
         threading.Thread(target=_close_on, args=(stop, stream), daemon=True).start()
         try:
             for line in stream.iter_lines():
@@ -162,7 +163,7 @@ class EtcdRegistry:
         except self._errors as exc:
             if stop.is_set() or (exc.args and isinstance(exc.args[0], ReadTimeoutError)):
                 return members  # idle, or stopped: open another, or end
-            raise RegistryUnavailable(f"the etcd registry's watch failed: {exc}") from exc
+            raise RegistryUnavailable(f"the etcd registry's watch failed: {_why(exc)}") from exc
         finally:
             stream.close()
         if not stop.is_set():
@@ -171,6 +172,17 @@ class EtcdRegistry:
 
     def close(self) -> None:
         self._client.session.close()
+
+
+def _why(exc: BaseException) -> str:
+    """What went wrong, in words: etcd3gw's own errors carry none, the error beneath
+    them does (a refused connection, say)."""
+    found: BaseException | None = exc
+    while found is not None and not str(found):
+        found = found.__cause__ or found.__context__
+    text = str(found) if found is not None else ""
+    refused = re.search(r"\[Errno \d+\] [^'\")]+", text)  # the root cause, if it is one
+    return refused.group(0) if refused else (text or type(exc).__name__)
 
 
 def _close_on(stop: threading.Event, stream: Any) -> None:
