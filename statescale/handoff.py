@@ -325,9 +325,8 @@ class Handoff:
                 self._keep(dict(request["take"]))
                 return self.sealer.answer(nonce)
             session_id = str(request["give"])
-            if self.directory is not None and not self.memory.holds(session_id):
-                with self._claiming:  # it may wait in a file (this slot's worker reloaded)
-                    self._claim_files(None)
+            if not self.memory.holds(session_id):
+                self._take_in_files()  # it may wait in one (this slot's worker reloaded)
             asker = request.get("from")
             to = None if asker is None else (str(asker[0]), int(asker[1]))
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
@@ -350,14 +349,12 @@ class Handoff:
     def _keep(self, sessions: Mapping[str, Any]) -> None:
         """Sessions a peer hands over: kept here, or, on a node with several workers,
         relayed to the directory of the slot that owns each (its worker claims them)."""
+        here: dict[str, Any] = {}
         relay: dict[str, dict[str, Any]] = {}
         ring, mine = self.slots or (None, None)
         for session_id, data in sessions.items():
             owner = None if ring is None else ring.owner(str(session_id))
-            if owner is not None and owner != mine:
-                relay.setdefault(owner, {})[str(session_id)] = data
-            elif not self.memory.holds(session_id):
-                self.memory.put(str(session_id), _decode(data))
+            (here if owner in (None, mine) else relay.setdefault(owner, {}))[session_id] = data
         for slot, batch in relay.items():
             assert self.directory is not None
             name = f"{self._name}-relay-{secrets.token_hex(4)}"
@@ -370,9 +367,10 @@ class Handoff:
                 log.warning(
                     "statescale: could not relay %d sessions to %s: %s", len(batch), slot, exc
                 )
-                for session_id, data in batch.items():
-                    if not self.memory.holds(session_id):
-                        self.memory.put(session_id, _decode(data))
+                here.update(batch)
+        for session_id, data in here.items():
+            if not self.memory.holds(session_id):
+                self.memory.put(str(session_id), _decode(data))
 
     def _take(
         self, session_id: str, asker: tuple[str, int] | None, until: float
@@ -454,11 +452,16 @@ class Handoff:
             log.info("statescale: took in %d sessions handed over in %s", len(sessions), path.name)
         return found
 
+    def _take_in_files(self) -> None:
+        """Every session waiting in this slot's files, into memory (none without a
+        directory)."""
+        with self._claiming:
+            self._claim_files(None)
+
     def take_over(self) -> None:
         """At start: the sessions in any files waiting here, and the leftovers of
         processes that crashed half-way (a file half written, or half taken in)."""
-        with self._claiming:
-            self._claim_files(None)
+        self._take_in_files()
         if self.directory is None:
             return
         for path in self.directory.iterdir():
@@ -486,9 +489,7 @@ class Handoff:
         later finds it held, and is dropped)."""
         if self.peers is None:
             return
-        if self.directory is not None:
-            with self._claiming:
-                self._claim_files(None)
+        self._take_in_files()
         with self._cond:
             if self._stopped:
                 return
@@ -522,8 +523,7 @@ class Handoff:
             leaving_mark(self.directory.parent, os.getppid()).exists()
         )
         if leaving and self.peers is not None:  # what waits in files goes too
-            with self._claiming:
-                self._claim_files(None)
+            self._take_in_files()
         with self._cond:
             if self._stopped:
                 return
@@ -571,12 +571,15 @@ class RemotePeers:
     """The other nodes of a sticky ring, over HTTP (``POST HANDOFF_PATH`` on each node's
     own address, where its middleware answers).
 
-    A node that misses a session asks the nodes the ring ranks above it for that
-    session (they may have left the routers' ring while still running: a scale-in),
-    then the one ranked just below it (the owner before this node joined). A node that
-    stops gracefully sends each session it holds to its owner on the ring without it.
-    Take a node out of the routers before stopping it: while it still runs, its
-    sessions' next owners fetch them as their users arrive. Run nodes with a thread to
+    A node that misses a session asks, at most ``MAX_ASKED`` of them: the nodes the ring
+    ranks above it (they may have left the routers' ring while still running: a
+    scale-in), its owners on the rings the fleet replaced lately, the ``MAX_BELOW``
+    ranked below it (the owner before this node joined, and before others that joined
+    with it), and nodes that left lately. A node that leaves the fleet, or stops
+    gracefully, sends each session it holds to its owner on the ring without it.
+    Take a node out of the routers before stopping it (with a registry, its master
+    does): while it still runs, its sessions' next owners fetch them as their users
+    arrive. Run nodes with a thread to
     spare (``gunicorn --threads 2``): one whose only thread waits on a peer cannot
     answer that peer's call at the same time.
     """
@@ -595,9 +598,10 @@ class RemotePeers:
         self.timeout = timeout
 
     def candidates(self, session_id: str) -> list[str]:
-        """Who may hold ``session_id``: the nodes the ring ranks above this one, its
-        owners on the rings the fleet replaced lately (newest first: a membership
-        change moved it), then the node just below this one."""
+        """Who may hold ``session_id``, in the order to ask: the nodes the ring ranks
+        above this one, its owners on the rings the fleet replaced lately (newest
+        first: a membership change moved it), the ``MAX_BELOW`` nodes below this one,
+        then nodes that left lately."""
         ring, ranking = self.fleet.ring, list[str]()
         with contextlib.suppress(LookupError):
             while len(ranking) < len(ring.backends):
@@ -644,25 +648,29 @@ class RemotePeers:
                 addresses.insert(0, (str(at[0]), int(at[1])))
         return None
 
-    def target(self, session_id: str) -> tuple[str, int] | None:
-        """Where this node hands ``session_id`` on: its owner on the ring without it."""
-        ring = self.fleet.ring
+    def _next_owner(self, ring: BackendRing, session_id: str) -> str | None:
+        """Who ``session_id`` goes to when this node hands it on: its owner on
+        ``ring`` without this node (which may have left it already)."""
         down = [self.node] if self.node in ring.names else []
         try:
-            return self.fleet.address(ring.owner(session_id, down=down))
+            return ring.owner(session_id, down=down)
         except LookupError:
             return None
+
+    def target(self, session_id: str) -> tuple[str, int] | None:
+        """Where this node hands ``session_id`` on."""
+        owner = self._next_owner(self.fleet.ring, session_id)
+        return None if owner is None else self.fleet.address(owner)
 
     def push(self, sessions: Mapping[str, Any], sealer: Sealer) -> dict[str, tuple[str, int]]:
         """Each session to its owner on the ring without this node, in batches; where
         each session that arrived went."""
         delivered: dict[str, tuple[str, int]] = {}
         ring = self.fleet.ring
-        down = [self.node] if self.node in ring.names else []
         by_owner: dict[str, list[tuple[str, Any]]] = {}
         for session_id, data in sessions.items():
-            with contextlib.suppress(LookupError):
-                owner = ring.owner(session_id, down=down)
+            owner = self._next_owner(ring, session_id)
+            if owner is not None:
                 by_owner.setdefault(owner, []).append((session_id, data))
         for owner, items in by_owner.items():
             where = self.fleet.address(owner)
