@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from statescale.embedded import EmbeddedRedis
-from statescale.processes import free_port
+from statescale.processes import free_port, stop_process
 from statescale.routing.backends import Backend
 from statescale.routing.balancers import get as get_balancer
 
@@ -115,11 +115,7 @@ def _kill_node(node: Gunicorn) -> Callable[[], None]:
 
 
 def _stop_on_exit(stack: ExitStack, proc: subprocess.Popen[bytes]) -> None:
-    def stop() -> None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(15)
-
-    stack.callback(stop)
+    stack.callback(stop_process, proc, 15)
 
 
 def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None]) -> list[Setup]:

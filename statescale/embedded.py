@@ -24,7 +24,7 @@ import tempfile
 import time
 
 from .exceptions import ConfigError, StateScaleError
-from .processes import die_with_parent, free_port
+from .processes import die_with_parent, free_port, stop_process
 
 log = logging.getLogger("statescale")
 
@@ -123,12 +123,7 @@ class EmbeddedRedis:
             return
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
-            process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 5)
         if process.stderr:
             process.stderr.close()
 

@@ -62,7 +62,7 @@ from . import assemble, embedded
 from .config import Settings
 from .exceptions import ConfigError
 from .middleware import MULTIPROCESS_WARNING
-from .processes import die_with_parent
+from .processes import die_with_parent, stop_process
 from .routing.backends import Backend
 
 if TYPE_CHECKING:
@@ -337,12 +337,7 @@ def _stop_router(server: Any, master: _Master) -> None:
     router, master.router = master.router, None
     if router is None or router.poll() is not None:
         return
-    router.terminate()
-    try:
-        router.wait(server.cfg.graceful_timeout + 1)
-    except subprocess.TimeoutExpired:
-        router.kill()
-        router.wait()
+    stop_process(router, server.cfg.graceful_timeout + 1)
 
 
 def on_exit(server: Any) -> None:

@@ -3,9 +3,11 @@ the gunicorn master's router) and for tests."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import socket
+import subprocess
 import sys
 
 from .exceptions import StateScaleError
@@ -46,6 +48,17 @@ def free_port(*, also_free: int | None = None) -> int:
             _issued.add(port)
             return port
     raise StateScaleError("no free loopback port below the ephemeral range")
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM ``process`` and wait ``timeout`` seconds for it to finish; then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def die_with_parent() -> list[str]:

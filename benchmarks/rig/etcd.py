@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from statescale.processes import free_port
+from statescale.processes import free_port, stop_process
 
 
 class EtcdServer:
@@ -60,12 +60,7 @@ class EtcdServer:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process, 10)
             self.process = None
         shutil.rmtree(self.data, ignore_errors=True)
 

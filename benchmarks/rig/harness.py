@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from statescale.gunicorn import command as gunicorn_command
-from statescale.processes import free_port
+from statescale.processes import free_port, stop_process
 from statescale.routing.backends import Backend
 from statescale.routing.balancers import get as get_balancer
 
@@ -241,12 +241,7 @@ class Gunicorn:
             return
         if self.upgraded is not None:  # the new master: our grandchild, now orphaned
             _stop_pid(self.upgraded)
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, 15)
         self.process = None
         self._final_log = self.log()
         self.log_file.close()

@@ -21,7 +21,7 @@ from benchmarks.rig.harness import (
     sticky_nodes,
     wait_serving,
 )
-from statescale.processes import free_port
+from statescale.processes import free_port, stop_process
 from statescale.routing.balancers import get as get_balancer
 from statescale.signing import routing_key
 
@@ -33,7 +33,7 @@ THREADED = ("--threads", "4")
 
 def _router(stack: ExitStack, backends: list, port: int, admin: int) -> None:  # type: ignore[type-arg]
     proc = start_router(backends, port, "--admin", f"127.0.0.1:{admin}")
-    stack.callback(lambda: (proc.send_signal(signal.SIGTERM), proc.wait(15)))
+    stack.callback(stop_process, proc, 15)
     wait_serving(port, proc)
 
 
@@ -89,7 +89,7 @@ def test_a_node_that_joins_behind_nginx_takes_its_sessions_over(tmp_path: Path) 
     with ExitStack() as stack:
         _, backends = sticky_nodes(stack, balancer="nginx", args=THREADED)
         nginx = start_balancer("nginx", backends, port, tmp_path)
-        stack.callback(lambda: (nginx.send_signal(signal.SIGTERM), nginx.wait(10)))
+        stack.callback(stop_process, nginx, 10)
         wait_serving(port, nginx)
         with Load(port, users=20) as load:
             time.sleep(1.0)

@@ -4,7 +4,6 @@ sessions over and a node that stops hands its own on."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 
 from benchmarks.rig.etcd import EtcdServer
 from benchmarks.rig.harness import Gunicorn, Load, registered_node, start_router, wait_serving
-from statescale.processes import free_port
+from statescale.processes import free_port, stop_process
 from statescale.routing.balancers import get as get_balancer
 
 pytestmark = pytest.mark.integration
@@ -34,7 +33,7 @@ def registry(request: pytest.FixtureRequest, redis_url: str) -> Iterator[str]:
 def _router(stack: ExitStack, registry: str) -> int:
     port = free_port()
     proc = start_router([], port, "--registry", registry)
-    stack.callback(lambda: (proc.send_signal(signal.SIGTERM), proc.wait(15)))
+    stack.callback(stop_process, proc, 15)
     wait_serving(port, proc)
     return port
 
@@ -49,14 +48,14 @@ def _lb_sync(stack: ExitStack, kind: str, registry: str, folder: Path) -> int:
          "--config", str(config), "--listen", f"127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
-    stack.callback(lambda: (sync.send_signal(signal.SIGTERM), sync.wait(15)))
+    stack.callback(stop_process, sync, 15)
     deadline = time.monotonic() + 15
     while not config.exists():
         assert sync.poll() is None and time.monotonic() < deadline, "lb-sync wrote nothing"
         time.sleep(0.1)
     command = get_balancer(kind).command(config, listen=f"127.0.0.1:{port}", cookie="statescale")
     balancer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stack.callback(lambda: (balancer.send_signal(signal.SIGTERM), balancer.wait(15)))
+    stack.callback(stop_process, balancer, 15)
     wait_serving(port, balancer)
     return port
 

@@ -4,7 +4,6 @@ balancer routes back to it, so a session's first request already lands on its ow
 
 from __future__ import annotations
 
-import signal
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from benchmarks.rig.harness import (
     start_balancer,
     sticky_nodes,
 )
-from statescale.processes import free_port
+from statescale.processes import free_port, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +26,7 @@ def test_50_sessions_40_increments_each_stay_on_one_node(balancer: str, tmp_path
     with ExitStack() as stack:
         nodes, backends = sticky_nodes(stack, balancer=balancer)
         proxy = start_balancer(balancer, backends, port, tmp_path)
-        stack.callback(lambda: (proxy.send_signal(signal.SIGTERM), proxy.wait(10)))
+        stack.callback(stop_process, proxy, 10)
         SessionClient(port).get("/health")  # wait for the balancer (the client retries)
         seen = interleaved_increments(port, users=50, rounds=40)
         logs = "".join(node.log() for node in nodes)
