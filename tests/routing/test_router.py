@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -85,6 +86,43 @@ def test_a_cookie_goes_to_its_owner_and_a_dead_node_is_routed_around(
     finally:
         err = router.stop()
     assert "node1 is down" in err
+
+
+def test_a_node_that_never_accepts_is_taken_out_after_the_connect_timeout(
+    echoes: list[tuple[str, ThreadingHTTPServer]],
+) -> None:
+    # A listener whose accept queue is full and who never accepts: the kernel drops
+    # further SYNs, so a connect to it hangs (a frozen or overloaded machine).
+    stuck = socket.socket()
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(stuck.getsockname())
+        fillers.append(filler)
+    time.sleep(0.2)
+    backends = [Backend("node1", *stuck.getsockname()), *backends_of(echoes[1:])]
+    ring = balancers.get("statescale").ring(backends)
+    sid = next(f"s{i}.sig" for i in range(1000) if ring.owner(f"s{i}") == "node1")
+    router = RouterProcess(backends)
+    try:
+        started = time.monotonic()
+        status, body = ask(router.port, sid)
+        waited = time.monotonic() - started
+        assert status == 200
+        assert json.loads(body)["node"] == ring.owner(sid.partition(".")[0], down=("node1",))
+        assert 0.9 < waited < 4.5  # the 1 s connect timeout (swept every 0.25 s), once
+        status, _ = ask(router.port, sid)  # node1 is out now: no wait at all
+        assert status == 200
+        assert {n["name"]: n["up"] for n in router.nodes()["nodes"]}["node1"] is False  # type: ignore[index,union-attr]
+    finally:
+        err = router.stop()
+        for filler in fillers:
+            filler.close()
+        stuck.close()
+    assert "node1 is down (TimeoutError)" in err
 
 
 def test_connections_to_a_node_are_kept_alive_and_a_stale_one_is_replaced(

@@ -64,6 +64,7 @@ class RequestHead:
     method: bytes
     target: bytes
     headers: list[tuple[bytes, bytes]]  # as received, less nothing
+    lines: list[bytes]  # the end-to-end ones, as "Name: value" lines to forward
     keep_alive: bool
     has_body: bool  # Content-Length > 0 or chunked
     length: int  # the Content-Length, or -1 when chunked or absent
@@ -77,6 +78,7 @@ class ResponseHead:
     status: int
     reason: bytes
     headers: list[tuple[bytes, bytes]]
+    lines: list[bytes]  # the end-to-end ones, as "Name: value" lines to forward
     keep_alive: bool
     length: int  # the Content-Length, or -1
     chunked: bool
@@ -164,20 +166,27 @@ class RequestParser(_Parser):
         encodings: list[bytes] = []
         lengths: list[bytes] = []
         cookies: list[bytes] = []
+        connection: list[bytes] = []
+        lines: list[bytes] = []
         hosts = 0
         expect = False
         for name, value in self._headers:  # one pass: this runs for every request
             lowered = name.lower()
+            if lowered in HOP_BY_HOP:
+                if lowered == b"transfer-encoding":
+                    encodings.append(value.strip().lower())
+                elif lowered == b"content-length":
+                    lengths.append(value)
+                elif lowered == b"expect":
+                    expect = value.strip().lower() == b"100-continue"
+                elif lowered == b"connection":
+                    connection.append(value)
+                continue
             if lowered == b"cookie":
                 cookies.append(value)
             elif lowered == b"host":
                 hosts += 1
-            elif lowered == b"transfer-encoding":
-                encodings.append(value.strip().lower())
-            elif lowered == b"content-length":
-                lengths.append(value)
-            elif lowered == b"expect":
-                expect = value.strip().lower() == b"100-continue"
+            lines.append(name + b": " + value)
         if encodings and (version != "1.1" or encodings != [b"chunked"]):
             self._fail(BadRequest(400, "only Transfer-Encoding: chunked, in HTTP/1.1"))
         if hosts > 1 or (hosts == 0 and version == "1.1"):
@@ -191,6 +200,7 @@ class RequestParser(_Parser):
                 method=method,
                 target=self._target,
                 headers=self._headers,
+                lines=_end_to_end(lines, connection, self._headers),
                 keep_alive=parser.should_keep_alive(),
                 has_body=bool(encodings) or length > 0,
                 length=-1 if encodings else length,
@@ -226,8 +236,21 @@ class ResponseParser(_Parser):
 
     def on_headers_complete(self) -> None:
         parser, headers = self._parser, self._headers
-        lengths = [v for n, v in headers if n.lower() == b"content-length"]
-        chunked = any(n.lower() == b"transfer-encoding" for n, _ in headers)
+        lengths: list[bytes] = []
+        connection: list[bytes] = []
+        lines: list[bytes] = []
+        chunked = False
+        for name, value in headers:  # one pass: this runs for every response
+            lowered = name.lower()
+            if lowered in HOP_BY_HOP:
+                if lowered == b"content-length":
+                    lengths.append(value)
+                elif lowered == b"transfer-encoding":
+                    chunked = True
+                elif lowered == b"connection":
+                    connection.append(value)
+                continue
+            lines.append(name + b": " + value)
         status = parser.get_status_code()
         self.keep_alive = parser.should_keep_alive()
         self.events.append(
@@ -235,7 +258,8 @@ class ResponseParser(_Parser):
                 status=status,
                 reason=self._reason,
                 headers=headers,
-                keep_alive=parser.should_keep_alive(),
+                lines=_end_to_end(lines, connection, headers),
+                keep_alive=self.keep_alive,
                 length=int(lengths[0]) if lengths and not chunked else -1,
                 chunked=chunked,
             )
@@ -250,32 +274,32 @@ class ResponseParser(_Parser):
             )
 
 
-def forwarded_request(
-    head: RequestHead, body_length: int, extra: list[tuple[bytes, bytes]]
-) -> bytes:
+def forwarded_request(head: RequestHead, body_length: int, extra: bytes) -> bytes:
     """The head the router sends a node: HTTP/1.1, end-to-end headers only, the exact
-    Content-Length of the body it read whole, and ``extra``."""
-    dropped = HOP_BY_HOP | _connection_tokens(head.headers)
-    lines = [head.method + b" " + head.target + b" HTTP/1.1"]
-    lines += [n + b": " + v for n, v in head.headers if n.lower() not in dropped]
+    Content-Length of the body it read whole, and ``extra`` (header lines, each ending
+    in CRLF)."""
+    lines = _lines(head.lines)
     if head.has_body or head.length >= 0:
-        lines.append(b"Content-Length: " + str(body_length).encode())
-    lines += [n + b": " + v for n, v in extra]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+        lines += b"Content-Length: %d\r\n" % body_length
+    return b"%b %b HTTP/1.1\r\n%b%b\r\n" % (head.method, head.target, lines, extra)
 
 
 def forwarded_response(head: ResponseHead, *, chunked: bool, keep_alive: bool) -> bytes:
     """The head the router sends its client for ``head``: the node's status and
     end-to-end headers, the router's own framing and connection."""
-    dropped = HOP_BY_HOP | _connection_tokens(head.headers)
-    lines = [b"HTTP/1.1 " + str(head.status).encode() + b" " + head.reason]
-    lines += [n + b": " + v for n, v in head.headers if n.lower() not in dropped]
     if chunked:
-        lines.append(b"Transfer-Encoding: chunked")
+        framing = b"Transfer-Encoding: chunked\r\n"
     elif head.length >= 0:
-        lines.append(b"Content-Length: " + str(head.length).encode())
-    lines.append(b"Connection: keep-alive" if keep_alive else b"Connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+        framing = b"Content-Length: %d\r\n" % head.length
+    else:
+        framing = b""
+    return b"HTTP/1.1 %d %b\r\n%b%bConnection: %b\r\n\r\n" % (
+        head.status,
+        head.reason,
+        _lines(head.lines),
+        framing,
+        b"keep-alive" if keep_alive else b"close",
+    )
 
 
 def chunk(data: bytes) -> bytes:
@@ -310,11 +334,25 @@ REASONS = {
 }
 
 
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """The header names a Connection header lists: hop-by-hop for this message."""
-    return frozenset(
-        token.strip().lower()
+def _lines(lines: list[bytes]) -> bytes:
+    """Header lines, each ending in CRLF."""
+    return b"\r\n".join(lines) + b"\r\n" if lines else b""
+
+
+def _end_to_end(
+    lines: list[bytes], connection: list[bytes], headers: list[tuple[bytes, bytes]]
+) -> list[bytes]:
+    """``lines`` less the headers a Connection header names (hop-by-hop for this
+    message, RFC 9110 7.6.1). Rare: ``keep-alive`` and ``close`` drop nothing more."""
+    tokens = {t.strip().lower() for value in connection for t in value.split(b",")}
+    tokens -= _CONNECTION_OPTIONS
+    if not tokens:
+        return lines
+    return [
+        name + b": " + value
         for name, value in headers
-        if name.lower() == b"connection"
-        for token in value.split(b",")
-    )
+        if (lowered := name.lower()) not in HOP_BY_HOP and lowered not in tokens
+    ]
+
+
+_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b""})

@@ -20,6 +20,7 @@ import logging
 import math
 import re
 import time
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Protocol
 
@@ -87,11 +88,27 @@ class Deadline:
         return True
 
 
+class _Cancel:
+    """A deadline's target for a wait that has no transport to abort yet (a connect):
+    cancel the task that waits, as ``asyncio.timeout`` would, without a timer per wait."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self, task: asyncio.Task[None]) -> None:
+        self.task = task
+        self.fired = False
+
+    def abort(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+
 class Client(Protocol):
     """A client connection as the relay sees it (:class:`~.serve.ClientConnection`)."""
 
     ip: str
     transport: asyncio.WriteTransport
+    task: asyncio.Task[None] | None  # the task relaying its requests
 
     async def next_event(self) -> object:
         """The next parsed event of the client's requests; ``None`` when it is gone."""
@@ -175,6 +192,7 @@ class Router:
         self.membership = Membership(backends)
         self._round_robin = itertools.cycle(list(self.membership.by_name))
         self._pool: dict[str, list[Upstream]] = {}
+        self._new_upstream: partial[Upstream] | None = None  # on the serving loop, once known
 
     # -- membership and health -----------------------------------------------------
     @property
@@ -245,6 +263,12 @@ class Router:
                 log.warning("statescale router: %s is back; its sessions flip back to it", name)
 
     # -- connections to nodes ------------------------------------------------------
+    def bind(self, loop: asyncio.AbstractEventLoop) -> partial[Upstream]:
+        """Connect to nodes on ``loop`` (the serving one), asking for it once, not per
+        connect."""
+        self._new_upstream = partial(Upstream, loop)
+        return self._new_upstream
+
     def _pooled(self, name: str) -> Upstream | None:
         idle = self._pool.get(name, [])
         while idle:
@@ -265,29 +289,44 @@ class Router:
             upstream.close()
 
     async def _connect(
-        self, head: RequestHead, client_ip: str, *, fresh: bool
+        self, head: RequestHead, client: Client, deadline: Deadline, *, fresh: bool
     ) -> tuple[str, Upstream, bool] | None:
-        """A connection to the request's node: (name, connection, reused)."""
-        loop = asyncio.get_running_loop()
+        """A connection to the request's node: (name, connection, reused). The connect
+        timeout is the client's deadline (swept; no timer per connect)."""
+        new_upstream = self._new_upstream
+        if new_upstream is None:
+            new_upstream = self.bind(asyncio.get_running_loop())
+        loop = new_upstream.args[0]
         for _ in range(len(self.members)):
-            name = self.choose(head.cookie, client_ip)
+            name = self.choose(head.cookie, client.ip)
             if name is None:
                 return None
             pooled = None if fresh else self._pooled(name)
             if pooled is not None:
                 return name, pooled, True
             backend = self.members[name]
+            task = client.task if client.task is not None else asyncio.current_task()
+            assert task is not None
+            cancel = _Cancel(task)
+            deadline.arm(self.timeouts.connect, cancel)
             try:
-                async with asyncio.timeout(self.timeouts.connect):
-                    if backend.unix:
-                        _, upstream = await loop.create_unix_connection(Upstream, backend.unix)
-                    else:
-                        _, upstream = await loop.create_connection(
-                            Upstream, backend.host, backend.port
-                        )
-            except (OSError, TimeoutError) as exc:
+                if backend.unix:
+                    _, upstream = await loop.create_unix_connection(new_upstream, backend.unix)
+                else:
+                    _, upstream = await loop.create_connection(
+                        new_upstream, backend.host, backend.port
+                    )
+            except asyncio.CancelledError:
+                if not cancel.fired:
+                    raise
+                task.uncancel()
+                self.mark_down(name, "TimeoutError")
+                continue
+            except OSError as exc:
                 self.mark_down(name, type(exc).__name__)
                 continue
+            finally:
+                deadline.disarm()
             upstream.backend = backend
             return name, upstream, False
         return None
@@ -312,10 +351,10 @@ class Router:
         if head.expect_continue and head.has_body:
             client.write(CONTINUE)  # the router reads the body itself; the node never asks
         body = await self._read_body(client, deadline)
-        request = forwarded_request(head, len(body), self._extra(client.ip)) + body
+        request = forwarded_request(head, len(body), _forwarding(client.ip)) + body
         client_keep = keep_open and head.keep_alive
         for fresh in (False, True):
-            target = await self._connect(head, client.ip, fresh=fresh)
+            target = await self._connect(head, client, deadline, fresh=fresh)
             if target is None:
                 client.write(reply(503, REASONS[503], "no backend node is available\n"))
                 return client_keep
@@ -337,14 +376,6 @@ class Router:
             finally:
                 self._release(name, upstream, upstream.finish())
         return False
-
-    @staticmethod
-    def _extra(client_ip: str) -> list[tuple[bytes, bytes]]:
-        return [
-            (b"X-Forwarded-For", client_ip.encode()),
-            (b"X-Forwarded-Proto", b"http"),
-            (b"Connection", b"keep-alive"),
-        ]
 
     async def _read_body(self, client: Client, deadline: Deadline) -> bytes:
         pieces: list[bytes] = []
@@ -450,6 +481,14 @@ class Router:
                 for b in self.membership.backends
             ]
         }
+
+
+@lru_cache(maxsize=4096)
+def _forwarding(client_ip: str) -> bytes:
+    """The header lines the router adds to each request from ``client_ip``."""
+    return b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\nConnection: keep-alive\r\n" % (
+        client_ip.encode()
+    )
 
 
 def _cookie_value(header: bytes, name: bytes) -> str | None:

@@ -58,8 +58,9 @@ class ClientConnection(asyncio.Protocol):
     its request parser, and the relay waits on one future only when the parser has
     nothing for it (streams would cost a buffer copy and a future per read)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
         self.server = server
+        self.loop = loop
         self.parser = RequestParser()
         self.deadline = Deadline()
         self.transport: asyncio.WriteTransport = cast("asyncio.WriteTransport", None)
@@ -84,7 +85,7 @@ class ClientConnection(asyncio.Protocol):
             self.gone = True
             return
         self.deadline.arm(self.server.router.timeouts.idle, self.transport)
-        self.task = asyncio.get_running_loop().create_task(self.server.serve_client(self))
+        self.task = self.loop.create_task(self.server.serve_client(self))
 
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
@@ -137,7 +138,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def wait(self) -> None:
         """Until the client sends something, or goes."""
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self.loop.create_future()
         try:
             await self._waiter
         finally:
@@ -149,7 +150,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def drain(self) -> None:
         if self._paused and not self.gone:
-            self._drained = asyncio.get_running_loop().create_future()
+            self._drained = self.loop.create_future()
             try:
                 await self._drained
             finally:
@@ -248,13 +249,14 @@ class Server:
                 )
             admin_server = Admin(self.router, admin_token)
         loop = asyncio.get_running_loop()
+        self.router.bind(loop)
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._safe_reload)
 
         def factory() -> ClientConnection:
-            return ClientConnection(self)
+            return ClientConnection(self, loop)
 
         if isinstance(listen, socket.socket):  # inherited, bound and listening already
             public = await loop.create_server(factory, sock=listen)

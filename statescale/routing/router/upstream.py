@@ -32,7 +32,8 @@ class Upstream(asyncio.Protocol):
     """A connection to a node; ``begin`` a response, ``send`` the request, then take the
     response's events with ``next_event`` until ``END``."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self.backend: Backend | None = None  # whom it connects to (set by the router)
         self.transport: asyncio.Transport | None = None
         self.parser: ResponseParser | None = None
@@ -120,7 +121,7 @@ class Upstream(asyncio.Protocol):
                 if self.timed_out:
                     raise NodeFailed("no answer in time")
                 raise NodeFailed("closed the connection", closed=not parser.in_message)
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self.loop.create_future()
             try:
                 await self._waiter
             finally:
