@@ -24,6 +24,7 @@ from .exceptions import SerializationError, SessionError, SessionTooLarge
 log = logging.getLogger("statescale")
 
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_decode = json.JSONDecoder().decode  # stored values are UTF-8, as encode_value writes them
 _MUTABLE = (dict, list)
 
 
@@ -119,7 +120,7 @@ class Session(MutableMapping[str, Any]):
         if record is None:
             return
         try:
-            data = {key: json.loads(raw) for key, raw in record.fields.items()}
+            data = {key: _decode(raw.decode("utf-8")) for key, raw in record.fields.items()}
         except (ValueError, UnicodeDecodeError):
             log.warning("statescale: dropped a session whose stored data is not valid JSON")
             self._drop = self._presented

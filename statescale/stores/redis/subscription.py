@@ -218,6 +218,8 @@ class Tracking(Direct):
         self._thread: threading.Thread | None = None
         self._last_drain = 0.0
         self._behind = False  # a drain met a backlog: sync before serving a copy
+        self._poll: select.poll = select.poll()  # what _drain polls, and the descriptors
+        self._polled: list[int] = []
         self._pongs = 0
         self._sync_timed_out = False
         self.last_drop = ""
@@ -277,6 +279,7 @@ class Tracking(Direct):
         self._lock = threading.RLock()
         self._idle, self._pid, self._thread = [], os.getpid(), None
         self._sub = self._raw = self._reader = self._id = None
+        self._poll, self._polled = select.poll(), []
         self.generation += 1
         self.copies.forget_all()
 
@@ -408,13 +411,10 @@ class Tracking(Direct):
         self._last_drain = time.monotonic()
         idle = self._borrow_idle()
         try:
-            poller = select.poll()  # (select() cannot watch descriptors past 1023)
-            for conn in idle:
-                if conn._sock is not None:
-                    poller.register(conn._sock, select.POLLIN)
+            fds = [conn._sock.fileno() for conn in idle if conn._sock is not None]
             if self._raw is not None:
-                poller.register(self._raw, select.POLLIN)
-            ready = {fd for fd, _ in poller.poll(0)}
+                fds.append(self._raw.fileno())
+            ready = {fd for fd, _ in self._poller(fds).poll(0)}
             if self._raw is not None:
                 raw_ready = self._raw.fileno() in ready or self._buffered()
                 seen = self._drain_socket() if raw_ready else 0
@@ -435,6 +435,18 @@ class Tracking(Direct):
         if seen >= BACKLOG_BYTES:
             self._behind = True
         return self._sub is not None
+
+    def _poller(self, fds: list[int]) -> select.poll:
+        """A poll object watching ``fds`` for input: the last one again when they are
+        the same descriptors, as between most requests (a poll object holds numbers
+        only, so one closed and reopened under the same number is watched alike).
+        ``poll``, not ``select``: select() cannot watch descriptors past 1023."""
+        if fds != self._polled:
+            poller = select.poll()
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            self._poll, self._polled = poller, fds
+        return self._poll
 
     def _lost(self, conn: Any) -> None:
         """A tracked data connection closed: what it read is no longer tracked, and
