@@ -222,6 +222,8 @@ class ResponseParser(_Parser):
         self.head_only = head_only
         self.until_close = False  # the current response's body ends when the node closes
         self.keep_alive = False  # the last response head let the connection be reused
+        self.complete = False  # a final (not 1xx) response has ended
+        self._final = False
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -233,6 +235,10 @@ class ResponseParser(_Parser):
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             raise ValueError(f"malformed response: {exc!r}") from None
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.complete = self.complete or self._final
 
     def on_headers_complete(self) -> None:
         parser, headers = self._parser, self._headers
@@ -265,8 +271,10 @@ class ResponseParser(_Parser):
             )
         )
         self._reason = b""
-        if self.head_only and status >= 200:
+        self._final = status >= 200
+        if self.head_only and self._final:
             self.in_message = False
+            self.complete = True
             self.events.append(END)
         else:
             self.until_close = (

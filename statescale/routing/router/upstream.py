@@ -60,6 +60,11 @@ class Upstream(asyncio.Protocol):
         if len(parser.events) > HIGH_WATER and not self._paused and self.transport:
             self._paused = True
             self.transport.pause_reading()
+        elif parser.complete and not parser.keep_alive and self.transport is not None:
+            # The whole response is here and the node closes after it: close now, not
+            # once it is relayed. (A node that waits for our close before it takes the
+            # next request, as gunicorn's sync worker does, is free again at once.)
+            self.transport.close()
         self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
