@@ -352,6 +352,8 @@ def _end_to_end(
 ) -> list[bytes]:
     """``lines`` less the headers a Connection header names (hop-by-hop for this
     message, RFC 9110 7.6.1). Rare: ``keep-alive`` and ``close`` drop nothing more."""
+    if not connection or (len(connection) == 1 and connection[0].lower() in _CONNECTION_OPTIONS):
+        return lines  # the usual case, answered without splitting
     tokens = {t.strip().lower() for value in connection for t in value.split(b",")}
     tokens -= _CONNECTION_OPTIONS
     if not tokens:

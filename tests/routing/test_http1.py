@@ -1,0 +1,90 @@
+"""The router's framing, bytes in and bytes out: what reaches a node and a client."""
+
+from __future__ import annotations
+
+from statescale.routing.router.http1 import (
+    END,
+    RequestHead,
+    RequestParser,
+    ResponseHead,
+    ResponseParser,
+    forwarded_request,
+    forwarded_response,
+)
+
+
+def request_head(data: bytes) -> RequestHead:
+    parser = RequestParser()
+    parser.feed(data)
+    head = parser.events.popleft()
+    assert isinstance(head, RequestHead)
+    return head
+
+
+def response_head(data: bytes) -> ResponseHead:
+    parser = ResponseParser(head_only=False)
+    parser.feed(data)
+    head = parser.events.popleft()
+    assert isinstance(head, ResponseHead)
+    return head
+
+
+def lines(message: bytes) -> list[bytes]:
+    return message.split(b"\r\n\r\n")[0].split(b"\r\n")
+
+
+def test_a_request_goes_on_with_its_end_to_end_headers_and_exact_framing() -> None:
+    head = request_head(
+        b"POST /x?y=1 HTTP/1.1\r\nHost: h\r\nCookie: a=1\r\nX-Forwarded-For: 6.6.6.6\r\n"
+        b"Connection: keep-alive\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+    )
+    sent = forwarded_request(head, 5, b"X-Forwarded-For: 127.0.0.1\r\n")
+    assert lines(sent) == [
+        b"POST /x?y=1 HTTP/1.1",
+        b"Host: h",
+        b"Cookie: a=1",
+        b"Content-Length: 5",
+        b"X-Forwarded-For: 127.0.0.1",  # the router's, never the client's
+    ]
+    assert sent.endswith(b"\r\n\r\n")
+
+
+def test_headers_a_connection_header_names_stay_on_their_hop() -> None:
+    head = request_head(
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"
+        b"X-End: 2\r\nconnection: x-other\r\nX-Other: 3\r\n\r\n"
+    )
+    assert lines(forwarded_request(head, 0, b"")) == [b"GET / HTTP/1.1", b"Host: h", b"X-End: 2"]
+    response = response_head(
+        b"HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nX-End: 2\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    assert lines(forwarded_response(response, chunked=False, keep_alive=True)) == [
+        b"HTTP/1.1 200 OK",
+        b"X-End: 2",
+        b"Content-Length: 0",
+        b"Connection: keep-alive",
+    ]
+
+
+def test_a_response_is_framed_anew_for_the_client() -> None:
+    data = (
+        b"HTTP/1.1 201 Created\r\nServer: gunicorn\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    parser = ResponseParser(head_only=False)
+    parser.feed(data)
+    head = parser.events.popleft()
+    assert isinstance(head, ResponseHead)
+    assert list(parser.events) == [b"{}", END] and parser.complete and not parser.keep_alive
+    assert lines(forwarded_response(head, chunked=False, keep_alive=True)) == [
+        b"HTTP/1.1 201 Created",
+        b"Server: gunicorn",
+        b"Content-Type: application/json",
+        b"Content-Length: 2",
+        b"Connection: keep-alive",
+    ]
+    assert lines(forwarded_response(head, chunked=True, keep_alive=False))[-2:] == [
+        b"Transfer-Encoding: chunked",
+        b"Connection: close",
+    ]
