@@ -133,6 +133,7 @@ def cmd_router(args: argparse.Namespace) -> int:
         check_interval=args.check_interval,
         backends_file=Path(args.backends_file) if args.backends_file else None,
         max_body=args.max_body,
+        half_close=not args.no_half_close,
     )
     listen: tuple[str, int] | socket.socket = args.listen
     if args.fd is not None:
@@ -361,6 +362,14 @@ def parser() -> argparse.ArgumentParser:
         help=f"bytes of a request body, at most (default {MAX_BODY}; more is 413)",
     )
     router.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
+    router.add_argument(
+        "--no-half-close",
+        action="store_true",
+        help="never half-close a request to a node that closes every connection after one "
+        "response (by default the router does, so that such a node, gunicorn's sync worker "
+        "among them, need not wait for the router's close before its next request); for "
+        "nodes that take a half-closed request for an aborted one",
+    )
     router.set_defaults(func=cmd_router)
 
     redis = sub.add_parser(

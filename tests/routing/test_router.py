@@ -125,6 +125,86 @@ def test_a_node_that_never_accepts_is_taken_out_after_the_connect_timeout(
     assert "node1 is down (TimeoutError)" in err
 
 
+class ClosingNode:
+    """A node that answers each request and says whether it saw the router's side of the
+    connection end right after the request (a half-close) before it answered.
+    ``keep_alive``: it keeps connections for more requests instead of closing."""
+
+    def __init__(self, keep_alive: bool = False) -> None:
+        self.keep_alive = keep_alive
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.seen_eof: list[bool] = []
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            buffer = b""
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                buffer = buffer.partition(b"\r\n\r\n")[2]
+                conn.settimeout(0.3)  # a half-close is there at once; else none comes
+                try:
+                    self.seen_eof.append(conn.recv(1) == b"")
+                except TimeoutError:
+                    self.seen_eof.append(False)
+                conn.settimeout(None)
+                close = b"" if self.keep_alive else b"Connection: close\r\n"
+                conn.sendall(b"HTTP/1.1 200 OK\r\n" + close + b"Content-Length: 2\r\n\r\nok")
+                if not self.keep_alive:
+                    return
+
+
+@pytest.mark.parametrize("half_close", [True, False])
+def test_a_node_that_closes_after_each_response_gets_its_requests_half_closed(
+    half_close: bool,
+) -> None:
+    node = ClosingNode()
+    router = RouterProcess(
+        [Backend("node1", "127.0.0.1", node.port)], *(() if half_close else ("--no-half-close",))
+    )
+    requests = 66 if half_close else 5  # (each request not half-closed waits 0.3 s)
+    try:
+        for _ in range(requests):
+            assert ask(router.port) == (200, b"ok")
+    finally:
+        router.stop()
+        node.listener.close()
+    if half_close:
+        # The first response shows the node closes; from then on each request is
+        # half-closed, but for one in 64 that asks again (the 65th request).
+        assert node.seen_eof == [False] + [True] * 63 + [False, True]
+    else:
+        assert node.seen_eof == [False] * requests
+
+
+def test_a_node_that_keeps_connections_is_never_half_closed() -> None:
+    node = ClosingNode(keep_alive=True)
+    router = RouterProcess([Backend("node1", "127.0.0.1", node.port)])
+    try:
+        for _ in range(5):
+            assert ask(router.port) == (200, b"ok")
+    finally:
+        router.stop()
+        node.listener.close()
+    assert node.seen_eof == [False] * 5
+    assert node.connections == 1  # one connection, kept and reused
+
+
 def test_connections_to_a_node_are_kept_alive_and_a_stale_one_is_replaced(
     echoes: list[tuple[str, ThreadingHTTPServer]],
 ) -> None:

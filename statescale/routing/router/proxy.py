@@ -10,6 +10,15 @@ key's next choice; a check every ``check_interval`` seconds brings it back.
 Connections to nodes are kept alive and reused only after a response that ended
 cleanly: a connection that saw any error, a malformed response, or bytes beyond the
 response is closed, never pooled.
+
+A node that closes every connection after one response (gunicorn's sync worker does)
+gets each request half-closed (``shutdown(SHUT_WR)`` once it is sent): such a node waits
+for its peer's close before it takes its next request, and this way it finds the close
+there at once instead of waiting for a busy router to get round to it. The router
+learns which nodes close from their responses (asking for keep-alive every time), and
+every ``PROBE_EVERY``-th request to such a node goes without the half-close, so a node
+that starts keeping connections is noticed. ``half_close=False`` turns it off, for a
+node that takes a half-close for an abort.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ log = logging.getLogger("statescale.router")
 CHUNK = 64 * 1024
 _SIGNED = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")  # the shape of ID.SIGNATURE
 POOL_PER_NODE = 32  # idle keep-alive connections kept to each node
+PROBE_EVERY = 64  # requests to a closing node, one of which goes without the half-close
 
 
 class _Abortable(Protocol):
@@ -181,9 +191,13 @@ class Router:
         check_interval: float = 1.0,
         backends_file: Path | None = None,
         max_body: int = MAX_BODY,
+        half_close: bool = True,
     ) -> None:
         self.cookie = cookie.encode()
         self.max_body = max_body
+        self.half_close = half_close
+        # The nodes seen closing after a response, each with the requests sent it since.
+        self._closing: dict[str, int] = {}
         self.ip_hash = ip_hash
         self.timeouts = timeouts or Timeouts()
         self.check_interval = check_interval
@@ -208,6 +222,9 @@ class Router:
             if membership.by_name.get(name) != before.by_name.get(name):
                 for upstream in self._pool.pop(name):
                     upstream.close()
+        for name in list(self._closing):  # and what was learnt of it: maybe another server
+            if membership.by_name.get(name) != before.by_name.get(name):
+                del self._closing[name]
 
     def reload(self) -> None:
         """Re-read ``backends_file`` (one NAME=HOST:PORT a line; # comments)."""
@@ -278,7 +295,26 @@ class Router:
             upstream.close()
         return None
 
+    def _half_close(self, name: str) -> bool:
+        """Whether to half-close a request to ``name`` on a new connection: it closes
+        after a response, and this is not the request that asks it again."""
+        if not self.half_close or name not in self._closing:
+            return False
+        sent = self._closing[name] = self._closing[name] + 1
+        return sent % PROBE_EVERY != 0
+
+    def _learn(self, name: str, upstream: Upstream) -> None:
+        """What the response just ended says: whether ``name`` closes after one."""
+        closes = upstream.node_closes
+        if closes is None or upstream.half_closed:
+            return  # no whole response; or one the half-close may have shaped
+        if closes:
+            self._closing.setdefault(name, 0)
+        else:
+            self._closing.pop(name, None)
+
     def _release(self, name: str, upstream: Upstream, reusable: bool) -> None:
+        self._learn(name, upstream)
         idle = self._pool.setdefault(name, [])
         # Only to the node as it is now: one that moved (its name registered again at
         # another address) while this request ran must not get the old connection back.
@@ -362,6 +398,8 @@ class Router:
             try:
                 upstream.begin(ResponseParser(head_only=head.method == b"HEAD"))
                 upstream.send(request)
+                if not reused and self._half_close(name):
+                    upstream.send_eof()
                 return await self._relay(
                     name,
                     head,

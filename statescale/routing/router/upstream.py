@@ -38,6 +38,8 @@ class Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser: ResponseParser | None = None
         self.closed = False
+        self.half_closed = False  # our side is shut: the node saw the request end there
+        self.node_closes: bool | None = None  # what the last whole response said, if any
         self.failure: str | None = None
         self.timed_out = False
         self._waiter: asyncio.Future[None] | None = None
@@ -96,6 +98,14 @@ class Upstream(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
+    def send_eof(self) -> None:
+        """Shut our side once the request is out (``send`` first): the connection
+        carries this one exchange only."""
+        assert self.transport is not None
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.half_closed = True
+
     def ready(self) -> bool:
         """Whether the response has an event waiting (no wait for the node)."""
         return self.parser is not None and bool(self.parser.events)
@@ -104,9 +114,11 @@ class Upstream(asyncio.Protocol):
         """The response is done: whether the connection may carry another (the node
         said keep-alive, the response ended cleanly, nothing beyond it arrived)."""
         parser, self.parser = self.parser, None
+        if parser is not None and parser.complete:
+            self.node_closes = not parser.keep_alive
         if parser is None or parser.events or parser.until_close or self._paused:
             return False
-        return parser.keep_alive and self.usable
+        return parser.keep_alive and self.usable and not self.half_closed
 
     async def next_event(self) -> object:
         """The response's next event; :class:`NodeFailed` when the node failed it (or
