@@ -169,12 +169,16 @@ def advice(rows: dict[str, Mode], ceiling: float) -> str:
     def lost(m: Mode) -> int:
         return m.faults["kill"][2] + m.faults["reload"][2]
 
+    if affinity.reads < shared.reads:
+        router = "on one machine its router costs more than it saves"
+    else:
+        router = f"it read {affinity.reads / shared.reads:.2f}x as fast as shared mode here"
     return (
         f"Which to choose: shared when any worker must serve any session ({speed(shared)}; "
         f"a crash and a reload lost {lost(shared)} sessions); affinity when a router can "
         f"send each session to its owner, for reads from memory with Redis behind "
-        f"({speed(affinity)}; lost {lost(affinity)}; on one machine its router costs more "
-        f"than it saves, across machines it spares Redis the reads); sticky only without "
+        f"({speed(affinity)}; lost {lost(affinity)}; {router}, and across machines it "
+        f"spares Redis the reads); sticky only without "
         f"Redis ({speed(sticky)}; a crash lost {sticky.faults['kill'][2]} of "
         f"{sticky.faults['kill'][3]} users, a reload {sticky.faults['reload'][2]}). Never the "
         f"memory store without sticky routing: one user's session was split over "
