@@ -367,8 +367,8 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="never half-close a request to a node that closes every connection after one "
         "response (by default the router does, so that such a node, gunicorn's sync worker "
-        "among them, need not wait for the router's close before its next request); for "
-        "nodes that take a half-closed request for an aborted one",
+        "among them, need not wait for the router's close before its next request; a node "
+        "that closes its first half-closed request unanswered gets none again)",
     )
     router.set_defaults(func=cmd_router)
 

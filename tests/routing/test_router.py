@@ -130,8 +130,9 @@ class ClosingNode:
     connection end right after the request (a half-close) before it answered.
     ``keep_alive``: it keeps connections for more requests instead of closing."""
 
-    def __init__(self, keep_alive: bool = False) -> None:
+    def __init__(self, keep_alive: bool = False, aborts: bool = False) -> None:
         self.keep_alive = keep_alive
+        self.aborts = aborts  # takes a half-close for an abort: closes unanswered
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.seen_eof: list[bool] = []
@@ -163,6 +164,8 @@ class ClosingNode:
                 except TimeoutError:
                     self.seen_eof.append(False)
                 conn.settimeout(None)
+                if self.aborts and self.seen_eof[-1]:
+                    return
                 close = b"" if self.keep_alive else b"Connection: close\r\n"
                 conn.sendall(b"HTTP/1.1 200 OK\r\n" + close + b"Content-Length: 2\r\n\r\nok")
                 if not self.keep_alive:
@@ -190,6 +193,19 @@ def test_a_node_that_closes_after_each_response_gets_its_requests_half_closed(
         assert node.seen_eof == [False] + [True] * 63 + [False, True]
     else:
         assert node.seen_eof == [False] * requests
+
+
+def test_a_node_that_takes_a_half_close_for_an_abort_gets_none_again() -> None:
+    node = ClosingNode(aborts=True)  # as nginx does with keep-alive off
+    router = RouterProcess([Backend("node1", "127.0.0.1", node.port)])
+    try:
+        for _ in range(4):  # GET: the refused one goes again, whole
+            assert ask(router.port) == (200, b"ok")
+    finally:
+        err = router.stop()
+        node.listener.close()
+    assert node.seen_eof == [False, True, False, False, False]  # the second went again
+    assert "node1 closed a half-closed request unanswered" in err
 
 
 def test_a_node_that_keeps_connections_is_never_half_closed() -> None:

@@ -17,8 +17,10 @@ for its peer's close before it takes its next request, and this way it finds the
 there at once instead of waiting for a busy router to get round to it. The router
 learns which nodes close from their responses (asking for keep-alive every time), and
 every ``PROBE_EVERY``-th request to such a node goes without the half-close, so a node
-that starts keeping connections is noticed. ``half_close=False`` turns it off, for a
-node that takes a half-close for an abort.
+that starts keeping connections is noticed. A node that closes its first half-closed
+request unanswered takes half-closes for aborts (nginx does, with keep-alive off): it
+never gets another, and the request goes again on a new connection if its method is
+safe (else the client gets 502). ``half_close=False`` turns it off altogether.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ CHUNK = 64 * 1024
 _SIGNED = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")  # the shape of ID.SIGNATURE
 POOL_PER_NODE = 32  # idle keep-alive connections kept to each node
 PROBE_EVERY = 64  # requests to a closing node, one of which goes without the half-close
+_SAFE = frozenset({b"GET", b"HEAD", b"OPTIONS"})  # may go again: RFC 9110 9.2.1
 
 
 class _Abortable(Protocol):
@@ -196,8 +199,11 @@ class Router:
         self.cookie = cookie.encode()
         self.max_body = max_body
         self.half_close = half_close
-        # The nodes seen closing after a response, each with the requests sent it since.
+        # The nodes seen closing after a response, each with the requests sent it since;
+        # those that answered a half-closed request; those that took one for an abort.
         self._closing: dict[str, int] = {}
+        self._half_ok: set[str] = set()
+        self._half_refused: set[str] = set()
         self.ip_hash = ip_hash
         self.timeouts = timeouts or Timeouts()
         self.check_interval = check_interval
@@ -222,9 +228,11 @@ class Router:
             if membership.by_name.get(name) != before.by_name.get(name):
                 for upstream in self._pool.pop(name):
                     upstream.close()
-        for name in list(self._closing):  # and what was learnt of it: maybe another server
+        for name in list(before.by_name):  # and what was learnt of it: maybe another server
             if membership.by_name.get(name) != before.by_name.get(name):
-                del self._closing[name]
+                self._closing.pop(name, None)
+                self._half_ok.discard(name)
+                self._half_refused.discard(name)
 
     def reload(self) -> None:
         """Re-read ``backends_file`` (one NAME=HOST:PORT a line; # comments)."""
@@ -298,7 +306,7 @@ class Router:
     def _half_close(self, name: str) -> bool:
         """Whether to half-close a request to ``name`` on a new connection: it closes
         after a response, and this is not the request that asks it again."""
-        if not self.half_close or name not in self._closing:
+        if not self.half_close or name not in self._closing or name in self._half_refused:
             return False
         sent = self._closing[name] = self._closing[name] + 1
         return sent % PROBE_EVERY != 0
@@ -306,12 +314,39 @@ class Router:
     def _learn(self, name: str, upstream: Upstream) -> None:
         """What the response just ended says: whether ``name`` closes after one."""
         closes = upstream.node_closes
+        if closes is not None and upstream.half_closed:
+            self._half_ok.add(name)  # it answers half-closed requests
         if closes is None or upstream.half_closed:
             return  # no whole response; or one the half-close may have shaped
         if closes:
             self._closing.setdefault(name, 0)
         else:
             self._closing.pop(name, None)
+
+    def _may_go_again(
+        self, name: str, request: RequestHead, upstream: Upstream, retry_ok: bool
+    ) -> bool:
+        """Whether a request ``name`` closed unanswered may go again on a new connection:
+        ``retry_ok`` (nothing was sent that cannot go again), or a safe method that the
+        node took for an abort because it was half-closed."""
+        if self._refused_half_close(name, upstream):
+            return retry_ok or request.method in _SAFE
+        return retry_ok
+
+    def _refused_half_close(self, name: str, upstream: Upstream) -> bool:
+        """Whether ``upstream``, closed unanswered, was a half-closed request to a node
+        that has never answered one: it takes them for aborts, and gets none again. (One
+        that has answered some and now closes unanswered has crashed or stopped.)"""
+        if not upstream.half_closed or name in self._half_ok:
+            return False
+        if name not in self._half_refused:
+            self._half_refused.add(name)
+            log.warning(
+                "statescale router: %s closed a half-closed request unanswered; it gets "
+                "whole connections from now on",
+                name,
+            )
+        return True
 
     def _release(self, name: str, upstream: Upstream, reusable: bool) -> None:
         self._learn(name, upstream)
@@ -470,7 +505,11 @@ class Router:
                     assert isinstance(event, bytes)
                     out.add(chunk(event) if chunked else event)
         except NodeFailed as exc:
-            if head is None and retry_ok and exc.closed:
+            if (
+                head is None
+                and exc.closed
+                and self._may_go_again(name, request, upstream, retry_ok)
+            ):
                 raise _Stale from exc
             if out.sent:  # the client has part of a response: it can only be cut
                 out.write()
