@@ -130,9 +130,12 @@ class ClosingNode:
     connection end right after the request (a half-close) before it answered.
     ``keep_alive``: it keeps connections for more requests instead of closing."""
 
-    def __init__(self, keep_alive: bool = False, aborts: bool = False) -> None:
+    def __init__(
+        self, keep_alive: bool = False, aborts: bool = False, close_every: int = 0
+    ) -> None:
         self.keep_alive = keep_alive
         self.aborts = aborts  # takes a half-close for an abort: closes unanswered
+        self.close_every = close_every  # with keep_alive: close after every n-th answer
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.seen_eof: list[bool] = []
@@ -166,10 +169,35 @@ class ClosingNode:
                 conn.settimeout(None)
                 if self.aborts and self.seen_eof[-1]:
                     return
-                close = b"" if self.keep_alive else b"Connection: close\r\n"
+                keep = self.keep_alive and not (
+                    self.close_every and len(self.seen_eof) % self.close_every == 0
+                )
+                close = b"" if keep else b"Connection: close\r\n"
                 conn.sendall(b"HTTP/1.1 200 OK\r\n" + close + b"Content-Length: 2\r\n\r\nok")
-                if not self.keep_alive:
+                if not keep:
                     return
+
+
+def through_router(
+    nodes: list[ClosingNode], *extra: str, requests: int, method: str = "GET"
+) -> tuple[list[tuple[int, bytes]], str]:
+    """``requests`` requests without a cookie (round robin) through a router in front of
+    ``nodes``: their answers, and the router's log."""
+    backends = [Backend(f"node{i}", "127.0.0.1", n.port) for i, n in enumerate(nodes, 1)]
+    router = RouterProcess(backends, *extra)
+    answers = []
+    try:
+        for _ in range(requests):
+            conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=5)
+            conn.request(method, "/")
+            response = conn.getresponse()
+            answers.append((response.status, response.read()))
+            conn.close()
+    finally:
+        err = router.stop()
+        for node in nodes:
+            node.listener.close()
+    return answers, err
 
 
 @pytest.mark.parametrize("half_close", [True, False])
@@ -177,48 +205,55 @@ def test_a_node_that_closes_after_each_response_gets_its_requests_half_closed(
     half_close: bool,
 ) -> None:
     node = ClosingNode()
-    router = RouterProcess(
-        [Backend("node1", "127.0.0.1", node.port)], *(() if half_close else ("--no-half-close",))
+    requests = 68 if half_close else 5  # (each request not half-closed waits 0.3 s)
+    answers, _ = through_router(
+        [node], *(() if half_close else ("--no-half-close",)), requests=requests
     )
-    requests = 66 if half_close else 5  # (each request not half-closed waits 0.3 s)
-    try:
-        for _ in range(requests):
-            assert ask(router.port) == (200, b"ok")
-    finally:
-        router.stop()
-        node.listener.close()
+    assert answers == [(200, b"ok")] * requests
     if half_close:
-        # The first response shows the node closes; from then on each request is
-        # half-closed, but for one in 64 that asks again (the 65th request).
-        assert node.seen_eof == [False] + [True] * 63 + [False, True]
+        # Three closing responses in a row show the node closes; from then on each
+        # request is half-closed, but for one in 64 that asks again (the 67th).
+        assert node.seen_eof == [False] * 3 + [True] * 63 + [False, True]
     else:
         assert node.seen_eof == [False] * requests
 
 
+def test_a_node_that_keeps_connections_is_never_half_closed() -> None:
+    node = ClosingNode(keep_alive=True)
+    answers, _ = through_router([node], requests=5)
+    assert answers == [(200, b"ok")] * 5
+    assert node.seen_eof == [False] * 5
+    assert node.connections == 1  # one connection, kept and reused
+
+
+def test_a_keep_alive_node_that_closes_now_and_then_is_not_taken_for_a_closing_one() -> None:
+    node = ClosingNode(keep_alive=True, close_every=2)  # a request limit, say
+    answers, _ = through_router([node], requests=8)
+    assert answers == [(200, b"ok")] * 8
+    assert node.seen_eof == [False] * 8
+
+
 def test_a_node_that_takes_a_half_close_for_an_abort_gets_none_again() -> None:
-    node = ClosingNode(aborts=True)  # as nginx does with keep-alive off
-    router = RouterProcess([Backend("node1", "127.0.0.1", node.port)])
-    try:
-        for _ in range(4):  # GET: the refused one goes again, whole
-            assert ask(router.port) == (200, b"ok")
-    finally:
-        err = router.stop()
-        node.listener.close()
-    assert node.seen_eof == [False, True, False, False, False]  # the second went again
+    node = ClosingNode(aborts=True)  # as nginx does, with keep-alive off, on proxied requests
+    answers, err = through_router([node], requests=6)
+    assert answers == [(200, b"ok")] * 6  # GET: the refused one went again, whole
+    assert node.seen_eof == [False] * 3 + [True] + [False] * 3
     assert "node1 closed a half-closed request unanswered" in err
 
 
-def test_a_node_that_keeps_connections_is_never_half_closed() -> None:
-    node = ClosingNode(keep_alive=True)
-    router = RouterProcess([Backend("node1", "127.0.0.1", node.port)])
-    try:
-        for _ in range(5):
-            assert ask(router.port) == (200, b"ok")
-    finally:
-        router.stop()
-        node.listener.close()
-    assert node.seen_eof == [False] * 5
-    assert node.connections == 1  # one connection, kept and reused
+def test_a_refused_half_close_of_an_unsafe_request_is_a_502_never_a_second_try() -> None:
+    node = ClosingNode(aborts=True)
+    answers, _ = through_router([node], requests=5, method="POST")
+    assert answers[:3] + answers[4:] == [(200, b"ok")] * 4
+    assert answers[3][0] == 502
+    assert node.seen_eof == [False] * 3 + [True, False]  # the POST reached it once
+
+
+def test_a_request_refused_by_one_node_and_then_another_still_gets_its_answer() -> None:
+    nodes = [ClosingNode(aborts=True), ClosingNode(aborts=True)]  # round robin, no cookie
+    answers, _ = through_router(nodes, requests=10)
+    assert answers == [(200, b"ok")] * 10
+    assert sum(n.seen_eof.count(True) for n in nodes) == 2  # one refusal each, then none
 
 
 def test_connections_to_a_node_are_kept_alive_and_a_stale_one_is_replaced(

@@ -17,10 +17,15 @@ for its peer's close before it takes its next request, and this way it finds the
 there at once instead of waiting for a busy router to get round to it. The router
 learns which nodes close from their responses (asking for keep-alive every time), and
 every ``PROBE_EVERY``-th request to such a node goes without the half-close, so a node
-that starts keeping connections is noticed. A node that closes its first half-closed
-request unanswered takes half-closes for aborts (nginx does, with keep-alive off): it
-never gets another, and the request goes again on a new connection if its method is
-safe (else the client gets 502). ``half_close=False`` turns it off altogether.
+that starts keeping connections is noticed. A node counts as closing after
+``CLOSES_IN_A_ROW`` closing responses in a row (not to HEAD, whose keep-alive llhttp
+cannot tell): a keep-alive node that closes now and then (a request limit, an error)
+is not taken for one. A node that closes any half-closed request unanswered may take
+half-closes for aborts (nginx does, with keep-alive off, on proxied requests): it never
+gets another until it leaves the membership, and the request goes again on a new
+connection if its method is safe (else the client gets 502). A crash looks the same
+and costs the node the half-close too; never a request. ``half_close=False`` turns it
+off altogether.
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ CHUNK = 64 * 1024
 _SIGNED = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")  # the shape of ID.SIGNATURE
 POOL_PER_NODE = 32  # idle keep-alive connections kept to each node
 PROBE_EVERY = 64  # requests to a closing node, one of which goes without the half-close
+CLOSES_IN_A_ROW = 3  # closing responses before a node counts as one that closes
+# Tries of one request: a pooled connection the node had dropped, or a half-close a node
+# took for an abort, costs one each (the node is then known); a third is afresh again.
+ATTEMPTS = 3
 _SAFE = frozenset({b"GET", b"HEAD", b"OPTIONS"})  # may go again: RFC 9110 9.2.1
 
 
@@ -199,10 +208,11 @@ class Router:
         self.cookie = cookie.encode()
         self.max_body = max_body
         self.half_close = half_close
-        # The nodes seen closing after a response, each with the requests sent it since;
-        # those that answered a half-closed request; those that took one for an abort.
+        # The nodes that close after a response, each with the requests sent it since;
+        # closing responses in a row from the others; those that took a half-close for
+        # an abort.
         self._closing: dict[str, int] = {}
-        self._half_ok: set[str] = set()
+        self._closes_seen: dict[str, int] = {}
         self._half_refused: set[str] = set()
         self.ip_hash = ip_hash
         self.timeouts = timeouts or Timeouts()
@@ -231,7 +241,7 @@ class Router:
         for name in list(before.by_name):  # and what was learnt of it: maybe another server
             if membership.by_name.get(name) != before.by_name.get(name):
                 self._closing.pop(name, None)
-                self._half_ok.discard(name)
+                self._closes_seen.pop(name, None)
                 self._half_refused.discard(name)
 
     def reload(self) -> None:
@@ -314,31 +324,31 @@ class Router:
     def _learn(self, name: str, upstream: Upstream) -> None:
         """What the response just ended says: whether ``name`` closes after one."""
         closes = upstream.node_closes
-        if closes is not None and upstream.half_closed:
-            self._half_ok.add(name)  # it answers half-closed requests
-        if closes is None or upstream.half_closed:
-            return  # no whole response; or one the half-close may have shaped
-        if closes:
-            self._closing.setdefault(name, 0)
-        else:
+        if closes is None or upstream.half_closed or upstream.backend != self.members.get(name):
+            return  # no whole response; one the half-close may have shaped; a node moved
+        if not closes:
             self._closing.pop(name, None)
+            self._closes_seen.pop(name, None)
+        elif name not in self._closing:
+            seen = self._closes_seen[name] = self._closes_seen.get(name, 0) + 1
+            if seen >= CLOSES_IN_A_ROW:
+                self._closing[name] = 0
+                del self._closes_seen[name]
 
     def _may_go_again(
         self, name: str, request: RequestHead, upstream: Upstream, retry_ok: bool
     ) -> bool:
         """Whether a request ``name`` closed unanswered may go again on a new connection:
-        ``retry_ok`` (nothing was sent that cannot go again), or a safe method that the
-        node took for an abort because it was half-closed."""
-        if self._refused_half_close(name, upstream):
+        ``retry_ok`` (nothing was sent that cannot go again), or a safe method the node
+        may have taken for an abort because it was half-closed."""
+        if upstream.half_closed:
+            self._refused_half_close(name)
             return retry_ok or request.method in _SAFE
         return retry_ok
 
-    def _refused_half_close(self, name: str, upstream: Upstream) -> bool:
-        """Whether ``upstream``, closed unanswered, was a half-closed request to a node
-        that has never answered one: it takes them for aborts, and gets none again. (One
-        that has answered some and now closes unanswered has crashed or stopped.)"""
-        if not upstream.half_closed or name in self._half_ok:
-            return False
+    def _refused_half_close(self, name: str) -> None:
+        """``name`` closed a half-closed request unanswered: it may take half-closes for
+        aborts, and gets none again while it is a member."""
         if name not in self._half_refused:
             self._half_refused.add(name)
             log.warning(
@@ -346,7 +356,6 @@ class Router:
                 "whole connections from now on",
                 name,
             )
-        return True
 
     def _release(self, name: str, upstream: Upstream, reusable: bool) -> None:
         self._learn(name, upstream)
@@ -388,9 +397,8 @@ class Router:
                         new_upstream, backend.host, backend.port
                     )
             except asyncio.CancelledError:
-                if not cancel.fired:
-                    raise
-                task.uncancel()
+                if not cancel.fired or task.uncancel() > 0:
+                    raise  # not ours, or another cancel came with it (as asyncio.timeout)
                 self.mark_down(name, "TimeoutError")
                 continue
             except OSError as exc:
@@ -424,7 +432,8 @@ class Router:
         body = await self._read_body(client, deadline)
         request = forwarded_request(head, len(body), _forwarding(client.ip)) + body
         client_keep = keep_open and head.keep_alive
-        for fresh in (False, True):
+        for attempt in range(ATTEMPTS):
+            fresh = attempt > 0
             target = await self._connect(head, client, deadline, fresh=fresh)
             if target is None:
                 client.write(reply(503, REASONS[503], "no backend node is available\n"))
@@ -445,9 +454,10 @@ class Router:
                     retry_ok=reused and not head.has_body,  # nothing sent that cannot go again
                 )
             except _Stale:
-                continue  # the node had closed our pooled connection: once more, afresh
+                continue  # closed unanswered, and the request may go again: afresh
             finally:
                 self._release(name, upstream, upstream.finish())
+        client.write(reply(502, REASONS[502], "the nodes closed the connection unanswered\n"))
         return False
 
     async def _read_body(self, client: Client, deadline: Deadline) -> bytes:

@@ -93,6 +93,7 @@ class Upstream(asyncio.Protocol):
 
     def begin(self, parser: ResponseParser) -> None:
         self.parser = parser
+        self.node_closes = None
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
@@ -114,7 +115,7 @@ class Upstream(asyncio.Protocol):
         """The response is done: whether the connection may carry another (the node
         said keep-alive, the response ended cleanly, nothing beyond it arrived)."""
         parser, self.parser = self.parser, None
-        if parser is not None and parser.complete:
+        if parser is not None and parser.complete and not parser.head_only:
             self.node_closes = not parser.keep_alive
         if parser is None or parser.events or parser.until_close or self._paused:
             return False
