@@ -88,3 +88,19 @@ def test_a_response_is_framed_anew_for_the_client() -> None:
         b"Transfer-Encoding: chunked",
         b"Connection: close",
     ]
+
+
+def test_a_response_coded_but_not_chunked_ends_when_the_node_closes() -> None:
+    parser = ResponseParser(head_only=False)
+    parser.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabcdef")
+    head = parser.events.popleft()
+    assert isinstance(head, ResponseHead)
+    assert parser.until_close and head.length == -1 and not head.chunked
+    assert list(parser.events) == [b"abcdef"]  # and on, until the node closes
+    chunked = ResponseParser(head_only=False)
+    chunked.feed(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    head = chunked.events.popleft()
+    assert isinstance(head, ResponseHead) and head.chunked and not chunked.until_close
+    assert list(chunked.events) == [b"abc", END]

@@ -245,14 +245,17 @@ class ResponseParser(_Parser):
         lengths: list[bytes] = []
         connection: list[bytes] = []
         lines: list[bytes] = []
-        chunked = False
+        encoded = chunked = False
         for name, value in headers:  # one pass: this runs for every response
             lowered = name.lower()
             if lowered in HOP_BY_HOP:
                 if lowered == b"content-length":
                     lengths.append(value)
                 elif lowered == b"transfer-encoding":
-                    chunked = True
+                    # Chunked only if that is the last coding; any other ends at the
+                    # node's close (RFC 9112 6.3), and either way no length counts.
+                    encoded = True
+                    chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
                 elif lowered == b"connection":
                     connection.append(value)
                 continue
@@ -266,7 +269,7 @@ class ResponseParser(_Parser):
                 headers=headers,
                 lines=_end_to_end(lines, connection, headers),
                 keep_alive=self.keep_alive,
-                length=int(lengths[0]) if lengths and not chunked else -1,
+                length=int(lengths[0]) if lengths and not encoded else -1,
                 chunked=chunked,
             )
         )
@@ -278,7 +281,10 @@ class ResponseParser(_Parser):
             self.events.append(END)
         else:
             self.until_close = (
-                status >= 200 and status not in (204, 304) and not lengths and not chunked
+                status >= 200
+                and status not in (204, 304)
+                and not chunked
+                and (encoded or not lengths)
             )
 
 
