@@ -21,6 +21,32 @@ from statescale.routing.backends import Backend
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
+class RawNode:
+    """A node on a bare socket, for answers no HTTP server library would send: each
+    connection it accepts goes to :meth:`answer` on a thread of its own."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+
+    def answer(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.listener.close()
+
+
 class Echo(BaseHTTPRequestHandler):
     """Answers with its name, the request's method, body and forwarding headers;
     /chunked answers with a chunked body."""

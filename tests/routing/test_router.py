@@ -25,7 +25,7 @@ from benchmarks.rig.harness import (
 from statescale.processes import free_port
 from statescale.routing import balancers
 from statescale.routing.backends import Backend
-from tests.routing.echo import Echo, RouterProcess, ask, echo_servers, kill
+from tests.routing.echo import Echo, RawNode, RouterProcess, ask, echo_servers, kill
 
 pytestmark = pytest.mark.integration
 
@@ -125,7 +125,7 @@ def test_a_node_that_never_accepts_is_taken_out_after_the_connect_timeout(
     assert "node1 is down (TimeoutError)" in err
 
 
-class ClosingNode:
+class ClosingNode(RawNode):
     """A node that answers each request and says whether it saw the router's side of the
     connection end right after the request (a half-close) before it answered.
     ``keep_alive``: it keeps connections for more requests instead of closing."""
@@ -136,22 +136,10 @@ class ClosingNode:
         self.keep_alive = keep_alive
         self.aborts = aborts  # takes a half-close for an abort: closes unanswered
         self.close_every = close_every  # with keep_alive: close after every n-th answer
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.seen_eof: list[bool] = []
-        self.connections = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
+    def answer(self, conn: socket.socket) -> None:
         with conn:
             buffer = b""
             while True:
@@ -196,7 +184,7 @@ def through_router(
     finally:
         err = router.stop()
         for node in nodes:
-            node.listener.close()
+            node.close()
     return answers, err
 
 

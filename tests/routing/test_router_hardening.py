@@ -20,7 +20,7 @@ import pytest
 from benchmarks.rig.harness import ADMIN_TOKEN, start_router
 from statescale.processes import free_port
 from statescale.routing.backends import Backend
-from tests.routing.echo import AUTH, RouterProcess, ask, echo_servers, wait_until_serving
+from tests.routing.echo import AUTH, RawNode, RouterProcess, ask, echo_servers, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -77,27 +77,12 @@ def test_30_ambiguous_requests_are_refused_by_the_router_itself(
     assert after == [200] * 6
 
 
-class BrokenNode:
+class BrokenNode(RawNode):
     """Answers each connection's first request with a response whose body is framed
     wrong (a chunk size of +5), then one that is right: a lenient proxy would pool the
     connection and hand the stray bytes to the next user."""
 
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.connections = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
+    def answer(self, conn: socket.socket) -> None:
         with conn:
             served = 0
             while data := conn.recv(65536):
@@ -111,9 +96,6 @@ class BrokenNode:
                 else:
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 served += 1
-
-    def close(self) -> None:
-        self.server.close()
 
 
 def test_30_a_connection_that_saw_an_error_is_never_reused() -> None:
