@@ -234,12 +234,12 @@ class Router:
         before, self.membership = self.membership, membership
         self.down &= set(membership.by_name)
         self._round_robin = itertools.cycle(list(membership.by_name))
-        for name in list(self._pool):  # gone, or moved: its pooled connections go too
+        for name in set(before.by_name) | set(self._pool):
             if membership.by_name.get(name) != before.by_name.get(name):
-                for upstream in self._pool.pop(name):
+                # Gone, or moved: its pooled connections go, and what was learnt of it
+                # (at its address there may be another server now).
+                for upstream in self._pool.pop(name, []):
                     upstream.close()
-        for name in list(before.by_name):  # and what was learnt of it: maybe another server
-            if membership.by_name.get(name) != before.by_name.get(name):
                 self._closing.pop(name, None)
                 self._closes_seen.pop(name, None)
                 self._half_refused.discard(name)
