@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import MODES
-from .exceptions import StateScaleError
+from .exceptions import ConfigError, StateScaleError
 from .signing import DEFAULT_COOKIE_NAME
 
 if TYPE_CHECKING:
@@ -138,6 +138,7 @@ def cmd_router(args: argparse.Namespace) -> int:
     listen: tuple[str, int] | socket.socket = args.listen
     if args.fd is not None:
         listen = socket.socket(fileno=args.fd)
+    passes = _passes(args.passes or [], {b.name for b in backends}, listen)
     host, port = listen.getsockname()[:2] if isinstance(listen, socket.socket) else listen
     print(
         f"statescale router on http://{host}:{port}/ -> {', '.join(specs)}"
@@ -153,8 +154,24 @@ def cmd_router(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         use_uvloop=not args.no_uvloop,
         registry=registry,
+        passes=passes,
     )
     return 0
+
+
+def _passes(
+    specs: list[str], names: set[str], listen: tuple[str, int] | socket.socket
+) -> dict[str, socket.socket]:
+    """``--pass NAME=FD`` options: the channel to pass NAME's connections through."""
+    passes: dict[str, socket.socket] = {}
+    for spec in specs:
+        name, _, fd = spec.partition("=")
+        if name not in names or not fd.isdigit():
+            raise ConfigError(f"--pass {spec!r}: give NAME=FD, NAME one of the --backend nodes")
+        passes[name] = socket.socket(fileno=int(fd))
+    if passes and not isinstance(listen, socket.socket):
+        raise ConfigError("--pass needs --fd: connections are passed from an inherited listener")
+    return passes
 
 
 def _first_members(registry: Registry, wait: float) -> list[Backend]:
@@ -319,6 +336,15 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         help="serve on this inherited, listening socket instead of --listen (what the "
         "gunicorn hooks pass in sticky mode)",
+    )
+    router.add_argument(
+        "--pass",
+        dest="passes",
+        action="append",
+        metavar="NAME=FD",
+        help="with --fd: pass the client connections of NAME's sessions through this "
+        "inherited Unix socket to the process that serves them, instead of proxying them "
+        "(what the gunicorn hooks do for their sync workers; repeat for each node)",
     )
     router.add_argument(
         "--admin",

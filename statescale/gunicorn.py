@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -84,8 +85,11 @@ class _Slot:
     """One sticky worker slot: a node of the ring, with its listening socket."""
 
     backend: Backend
-    socket: Any  # gunicorn.sock.TCPSocket, open in the master for its whole life
+    socket: Any  # gunicorn.sock.UnixSocket, open in the master for its whole life
     workers: list[Any] = field(default_factory=list)  # the gunicorn Workers serving it
+    #: Sync workers: the router's end and the workers' end of the slot's channel, a Unix
+    #: socket pair the router passes client connections through (:mod:`.passing`).
+    channel: tuple[socket.socket, socket.socket] | None = None
 
 
 @dataclass
@@ -146,6 +150,9 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
         raise ConfigError(f"sticky mode needs a HOST:PORT bind for the router, not {public!r}")
     # Unix sockets: the router connects to a worker for every request (a sync worker
     # closes each connection), and a Unix connection costs a third less CPU than TCP's.
+    # A sync worker answers one request a connection, so the router passes it the
+    # client's connection instead, and proxies only what it cannot route by a peek.
+    passing = _passes_connections(server.cfg.worker_class)
     master.slot_dir = _private(f"slots-{os.getpid()}")
     for slot in range(server.cfg.workers):
         path = master.slot_dir / f"worker{slot}.sock"
@@ -155,7 +162,8 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
                 "socket, or holding * , # = or a space. Set TMPDIR to a short plain path."
             )
         sock = UnixSocket(str(path), server.cfg, server.log)
-        master.slots.append(_Slot(Backend(f"worker{slot}", f"unix:{path}", 0), sock))
+        channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) if passing else None
+        master.slots.append(_Slot(Backend(f"worker{slot}", f"unix:{path}", 0), sock, [], channel))
     backends = tuple(s.backend for s in master.slots)
     if master.settings.node is None:  # else the fleet's ring stays the node's
         assemble.host(assemble.Hosting(backends=backends, balancer="statescale"))
@@ -185,6 +193,15 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
         len(backends),
         ", ".join(b.spec for b in backends),
     )
+
+
+def _passes_connections(worker_class: Any) -> bool:
+    """Whether the router may pass client connections to workers of this class: sync
+    workers, which close each connection after one response (one kept alive would
+    bring the worker requests of sessions that are not its own)."""
+    from gunicorn.workers.sync import SyncWorker
+
+    return isinstance(worker_class, type) and issubclass(worker_class, SyncWorker)
 
 
 def _register(server: Any, master: _Master) -> None:
@@ -250,6 +267,11 @@ def post_fork(server: Any, worker: Any) -> None:
         return
     assert _master is not None
     worker.sockets = [slot.socket]
+    if slot.channel is not None:  # one listener for both: the worker need not select
+        from .routing.router.passing import SlotListener
+
+        public = server.LISTENERS[0].getsockname()
+        worker.sockets = [SlotListener(slot.channel[1], slot.socket, public)]
     handoff = None if _master.handoff is None else _master.handoff / slot.backend.name
     slots = tuple(s.backend for s in _master.slots)
     if _master.settings.node is None:  # the master's workers are the whole ring
@@ -302,6 +324,8 @@ def _start_router(server: Any, master: _Master) -> None:
     fd = listener.fileno()
     host, port = listener.getsockname()[:2]
     backends = [a for s in master.slots for a in ("--backend", s.backend.spec)]
+    channels = {s.backend.name: s.channel[0].fileno() for s in master.slots if s.channel}
+    passes = [a for name, end in channels.items() for a in ("--pass", f"{name}={end}")]
     cookie = master.settings.session.cookie.name
     command = [
         *die_with_parent(),
@@ -316,8 +340,9 @@ def _start_router(server: Any, master: _Master) -> None:
         cookie,
         "--check-interval",
         "0.5",
+        *passes,
     ]
-    master.router = subprocess.Popen(command, pass_fds=(fd,))
+    master.router = subprocess.Popen(command, pass_fds=(fd, *channels.values()))
     try:  # a router that cannot start (a missing extra, say) must not go unnoticed
         code = master.router.wait(0.5)
     except subprocess.TimeoutExpired:

@@ -4,7 +4,9 @@ master, a router on the public address and a memory store in every worker."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import time
 
 import pytest
@@ -46,6 +48,28 @@ def test_sticky_mode_under_one_gunicorn_master() -> None:
     assert afresh + kept == 50
     assert afresh == sum(1 for p in pids.values() if victim in p)  # exactly the victim's users
     assert "sticky router on http://" in log and "several worker processes" not in log
+
+
+def test_the_router_passes_connections_and_proxies_what_a_peek_cannot_route() -> None:
+    # Sync workers: the router hands each connection over (the worker answers the
+    # client's own socket); a head that comes in pieces is proxied, to the same worker.
+    server = Gunicorn(env={"STATESCALE_MODE": "sticky"}, workers=2)
+    with server:
+        client = SessionClient(server.port)
+        values = [client.post("/api/incr?key=c").json for _ in range(3)]
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+            raw.sendall(b"POST /api/incr?key=c HTTP/1.1\r\nHost: x\r\n")
+            time.sleep(0.3)
+            raw.sendall(f"Cookie: statescale={client.cookie}\r\nConnection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := raw.recv(65536):
+                answer += chunk
+    assert [v["value"] for v in values] == [1, 2, 3]
+    assert answer.startswith(b"HTTP/1.1 200") and b'"value":4' in answer
+    assert f'"pid":{values[0]["pid"]}'.encode() in answer  # the session's own worker
+    counts = re.search(r"passed (\d+) connections to their nodes, proxied (\d+)", server.log())
+    assert counts is not None, server.log()
+    assert int(counts[1]) >= 3 and int(counts[2]) == 1
 
 
 def test_ttin_cannot_add_a_worker_the_ring_has_no_slot_for() -> None:

@@ -32,6 +32,7 @@ from ..backends import Backend
 from ..membership import Follower, Registry
 from .admin import Admin
 from .http1 import REASONS, BadRequest, RequestHead, RequestParser, reply
+from .passing import Passer
 from .proxy import ClientGone, Deadline, Membership, Router
 
 log = logging.getLogger("statescale.router")
@@ -160,8 +161,17 @@ class ClientConnection(asyncio.Protocol):
 class Server:
     """The router's client side. ``serve`` runs it until SIGTERM or SIGINT."""
 
-    def __init__(self, router: Router, *, max_connections: int | None = None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        *,
+        max_connections: int | None = None,
+        passes: dict[str, socket.socket] | None = None,
+    ) -> None:
         self.router = router
+        #: Channels to pass connections through, by node (:mod:`.passing`).
+        self.passes = passes or {}
+        self._passer: Passer | None = None
         self.max_connections = connection_cap(max_connections)
         self._clients: dict[ClientConnection, None] = {}  # in the order they connected
         self._stopping = False
@@ -258,22 +268,33 @@ class Server:
         def factory() -> ClientConnection:
             return ClientConnection(self, loop)
 
-        if isinstance(listen, socket.socket):  # inherited, bound and listening already
-            public = await loop.create_server(factory, sock=listen)
+        servers: list[asyncio.Server] = []
+        if isinstance(listen, socket.socket) and self.passes:
+            self._passer = Passer(
+                self.router.choose,
+                self.passes,
+                lambda conn: self._adopt(loop, factory, conn),
+            )
+            self._passer.start(loop, listen)
+            where = str(listen.getsockname()[:2])
         else:
-            public = await loop.create_server(factory, *listen, backlog=1024)
-        servers = [public]
+            if isinstance(listen, socket.socket):  # inherited, bound and listening already
+                public = await loop.create_server(factory, sock=listen)
+            else:
+                public = await loop.create_server(factory, *listen, backlog=1024)
+            servers.append(public)
+            where = ", ".join(str(s.getsockname()[:2]) for s in public.sockets)
         if admin_server is not None and admin is not None:
             servers.append(await asyncio.start_server(admin_server.handle, *admin))
         follower = None if registry is None else self._follow(registry, loop)
         checks = asyncio.create_task(self.router.check_loop())
         sweeper = asyncio.create_task(self._sweep())
-        where = ", ".join(str(s.getsockname()[:2]) for s in public.sockets)
         log.warning(
-            "statescale router: listening on %s, nodes %s; at most %d connections",
+            "statescale router: listening on %s, nodes %s; at most %d connections%s",
             where,
             ", ".join(self.router.members),
             self.max_connections,
+            "; passing connections to them" if self._passer else "",
         )
         if ready is not None:
             result = ready()
@@ -284,6 +305,22 @@ class Server:
             follower.stop(wait=False)  # its thread ends on its own: keep the loop free
         await self._stop(servers, checks, grace)
         sweeper.cancel()
+
+    def _adopt(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        factory: Callable[[], ClientConnection],
+        conn: socket.socket,
+    ) -> None:
+        """Serve ``conn``, accepted by the :class:`Passer`, the ordinary way."""
+
+        async def adopt() -> None:
+            try:
+                await loop.connect_accepted_socket(factory, conn)
+            except OSError:
+                conn.close()
+
+        loop.create_task(adopt())
 
     def _follow(self, registry: Registry, loop: asyncio.AbstractEventLoop) -> Follower:
         """Route by the registry's membership, from the loop's thread, at each change."""
@@ -318,6 +355,13 @@ class Server:
         log.warning("statescale router: stopping; %d requests in flight", len(busy))
         for server in servers:
             server.close()
+        if self._passer is not None:
+            self._passer.stop()
+            log.warning(
+                "statescale router: passed %d connections to their nodes, proxied %d",
+                self._passer.passed,
+                self._passer.proxied,
+            )
         checks.cancel()
         for client in list(self._clients):  # idle keep-alive: nothing to finish
             if client.waiting and client.served:
@@ -366,9 +410,10 @@ def run(
     max_connections: int | None = None,
     use_uvloop: bool = True,
     registry: Registry | None = None,
+    passes: dict[str, socket.socket] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT, on uvloop when it is installed (and wanted)."""
-    server = Server(router, max_connections=max_connections)
+    server = Server(router, max_connections=max_connections, passes=passes)
     runner: Callable[..., object] = asyncio.run
     if use_uvloop:
         try:

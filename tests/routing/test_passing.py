@@ -1,0 +1,152 @@
+"""Passing client connections to workers: the head peek, and a real connection passed
+through a real channel to a slot's listener."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from statescale.routing.router.http1 import RequestHead, RequestParser
+from statescale.routing.router.passing import Passer, SlotListener, head_cookie, send_connection
+
+HEAD = (
+    b"GET /api/session HTTP/1.1\r\nHost: x\r\nCookie: a=1\r\n"
+    b"User-Agent: t\r\ncookie:  statescale=abc.def  \r\nCOOKIE: b=2\r\n\r\n"
+)
+
+
+def _parsed_cookie(head: bytes) -> bytes:
+    parser = RequestParser()
+    parser.feed(head)
+    event = parser.events[0]
+    assert isinstance(event, RequestHead)
+    return event.cookie
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        HEAD,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nCookie: s=1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Cookie: no=1\r\nCookie:s=2\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nCookie: \tq=1;r=2\t\r\n\r\nhi",
+    ],
+)
+def test_the_peek_reads_the_cookies_the_parser_reads(head: bytes) -> None:
+    # The two must agree, or a session's requests would go to two workers.
+    assert head_cookie(head) == _parsed_cookie(head)
+
+
+def test_a_head_not_yet_whole_or_unusual_is_left_to_the_parser() -> None:
+    assert head_cookie(HEAD[:-2]) is None
+    assert head_cookie(b"GET / HTTP/1.1\nHost: x\nCookie: s=1\n\n") is None  # bare LF
+    assert head_cookie(b"GET / HTTP/1.1\r\nHost: x\r\nCookie: s=1\r\n  t=2\r\n\r\n") is None
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def slot(tmp_path: object) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(f"{tmp_path}/slot.sock")
+    sock.listen(8)
+    yield sock
+    sock.close()
+
+
+def _accepted(listener: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
+    listener.setblocking(True)
+    conn, peer = listener.accept()
+    listener.setblocking(False)
+    return conn, peer
+
+
+def test_a_connection_is_passed_whole_to_the_owner_with_its_clients_address(
+    listener: socket.socket, slot: socket.socket
+) -> None:
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    chosen: list[tuple[bytes, str]] = []
+    proxied: list[socket.socket] = []
+
+    def choose(cookie: bytes, ip: str) -> str:
+        chosen.append((cookie, ip))
+        return "worker1"
+
+    passer = Passer(choose, {"worker1": sender}, proxied.append)
+    worker = SlotListener(receiver, slot, ("127.0.0.1", 8000))
+    worker.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        worker.accept()  # nothing passed yet, nothing queued at the slot
+    client = socket.create_connection(listener.getsockname())
+    client.sendall(HEAD)
+    conn, peer = _accepted(listener)
+    passer.place(conn, peer)
+    assert (passer.passed, proxied) == (1, [])
+    assert chosen == [(_parsed_cookie(HEAD), "127.0.0.1")]
+    assert conn.fileno() == -1  # the router's copy is closed
+
+    served, address = worker.accept()
+    assert address == client.getsockname()  # the client's own address, not a proxy's
+    assert worker.getsockname() == ("127.0.0.1", 8000)
+    served.settimeout(5)
+    assert served.recv(65536) == HEAD  # the peek consumed nothing
+    served.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+    served.close()
+    client.settimeout(5)
+    assert client.recv(100).startswith(b"HTTP/1.1 204")
+    client.close()
+    worker.close()
+    sender.close()
+
+
+def test_what_cannot_be_routed_by_a_peek_is_proxied(
+    listener: socket.socket, slot: socket.socket
+) -> None:
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proxied: list[socket.socket] = []
+    passer = Passer(lambda cookie, ip: "worker1", {"worker1": sender}, proxied.append)
+    clients = []
+    for first in (HEAD[:20], b""):  # half a head; nothing yet
+        client = socket.create_connection(listener.getsockname())
+        if first:
+            client.sendall(first)
+        clients.append(client)
+        passer.place(*_accepted(listener))
+    receiver.close()  # a channel nobody reads any more: sending fails
+    client = socket.create_connection(listener.getsockname())
+    client.sendall(HEAD)
+    clients.append(client)
+    conn, peer = _accepted(listener)
+    assert not send_connection(sender, conn, peer)
+    passer.place(conn, peer)
+    assert (passer.passed, passer.proxied, len(proxied)) == (0, 3, 3)
+    for conn in proxied:  # still open, for the proxy to serve
+        assert conn.fileno() != -1
+        conn.close()
+    for client in clients:
+        client.close()
+    sender.close()
+
+
+def test_the_slot_listener_takes_proxied_connections_too(slot: socket.socket) -> None:
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    worker = SlotListener(receiver, slot, ("127.0.0.1", 8000))
+    worker.setblocking(False)
+    proxy = socket.socket(socket.AF_UNIX)
+    proxy.connect(slot.getsockname())
+    conn, _ = worker.accept()
+    proxy.sendall(b"x")
+    conn.settimeout(5)
+    assert conn.recv(1) == b"x"
+    for sock in (conn, proxy, sender):
+        sock.close()
+    worker.close()
