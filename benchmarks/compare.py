@@ -68,6 +68,8 @@ from .rig.harness import (
 )
 from .rig.loadgen import GENERATORS, generator, run_load
 
+#: statescale on the peers' routes (the demo's answers carry more).
+STATESCALE_APP = "benchmarks.rig.peer_apps:statescale_app"
 REMOTE_DELAY = 0.0005  # seconds each way: a Redis about 1 ms away
 #: (label, share of writes): the two mixes every configuration is measured with
 MIXES = (("read-heavy", 0.1), ("write-heavy", 0.9))
@@ -142,7 +144,7 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
         name: str,
         env: Callable[[], dict[str, str]],
         consistent: bool,
-        app: str = "demo_app:app",
+        app: str = STATESCALE_APP,
         *,
         routed: bool = False,
     ) -> None:
@@ -196,7 +198,9 @@ def _sticky_setups(
     setups: list[Setup] = []
     if want("sticky (gunicorn)"):
         log("starting sticky (gunicorn)")
-        server = stack.enter_context(Gunicorn(env={"STATESCALE_MODE": "sticky"}))
+        server = stack.enter_context(
+            Gunicorn(env={"STATESCALE_MODE": "sticky"}, app=STATESCALE_APP)
+        )
         setup = Setup("sticky (gunicorn)", server.port, True, kill_one=_kill_worker(server))
         setup.no_scale_out = "n/a: slots fixed at start"
         setups.append(setup)

@@ -1,5 +1,7 @@
-"""The peers, on the demo's routes, for side-by-side runs under gunicorn.
+"""The same routes under every session library, for side-by-side runs under gunicorn.
 
+* ``statescale_app``: statescale's Flask extension, configured by ``STATESCALE_*``
+  variables as the demo is (the demo's own answers carry more: its mode, node, owner);
 * ``flask_session_app``: Flask-Session 0.8 with Redis (``STATESCALE_REDIS_URL``);
 * ``signed_cookie_app``: Flask's own signed-cookie sessions (no server-side store);
 * ``plain_app``: no session library at all (Flask's own sessions switched off): the
@@ -56,6 +58,15 @@ def _flask_session() -> Flask:
     return _routes(app)
 
 
+def _statescale() -> Flask:
+    from statescale.flask import StateScale
+
+    app = Flask(__name__)
+    app.config.update({k: v for k, v in os.environ.items() if k.startswith("STATESCALE_")})
+    StateScale(app)
+    return _routes(app)
+
+
 def _signed_cookie() -> Flask:
     app = Flask(__name__)
     app.config.update(
@@ -87,6 +98,8 @@ def _plain() -> Flask:
 
 
 def __getattr__(name: str) -> Flask:  # build only the app gunicorn asks for
+    if name == "statescale_app":
+        return _statescale()
     if name == "flask_session_app":
         return _flask_session()
     if name == "signed_cookie_app":
