@@ -241,3 +241,40 @@ def test_a_forked_child_starts_with_no_copies(redis_url: str) -> None:
     assert os.read(read, 2) == b"ok"
     later()
     assert fields(store, "s") == {"x": b"2"}  # the parent heard of the child's write
+
+
+def test_a_round_trip_reads_each_reply_and_raises_the_first_error_after_them(
+    redis_url: str, raw_redis: redis.Redis
+) -> None:
+    # statescale's own connections read replies past redis-py's parser: error replies
+    # come back as redis-py's exceptions, after every reply was read.
+    direct = subscription.Direct(raw_redis.connection_pool)
+    raw_redis.set("plain", "x")
+    assert direct.call(("SET", "k", "v"), ("GET", "k"), ("PTTL", "k")) == [b"OK", b"v", -1]
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        direct.call(("HGETALL", "plain"), ("SET", "after", "1"))
+    assert raw_redis.get("after") == b"1"  # the second command ran, its reply was read
+    assert direct.call(("PING",)) == [b"PONG"]  # and the connection stays in step
+    with pytest.raises(redis.exceptions.NoScriptError):
+        direct.call(("EVALSHA", "0" * 40, 0))
+    big = "v" * 300_000  # a reply larger than one read
+    direct.call(("SET", "big", big))
+    assert direct.call(("GET", "big"), ("PING",)) == [big.encode(), b"PONG"]
+
+
+def test_a_demoted_master_is_a_lost_connection_as_redis_py_makes_it(redis_url: str) -> None:
+    # Behind Sentinel, a master that answers READONLY has been demoted: the write must
+    # go again to the new master, not fail as a bad command.
+    with EmbeddedRedis() as replica:
+        primary_port = int(redis_url.rsplit(":", 1)[1].split("/", maxsplit=1)[0])
+        client = redis.Redis.from_url(replica.url)
+        client.execute_command("REPLICAOF", "127.0.0.1", primary_port)
+        conn = client.connection_pool.get_connection()
+        conn.connection_pool = type("Pool", (), {"is_master": True})()
+        with pytest.raises(redis.ConnectionError, match="replica"):
+            subscription._round_trip(conn, [b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"], 1)
+        assert conn._sock is None  # disconnected: the next connect asks the Sentinels
+        conn.connection_pool = None
+        with pytest.raises(redis.ResponseError, match="READONLY"):  # a plain server's
+            subscription._round_trip(conn, [b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"], 1)
+        client.execute_command("REPLICAOF", "NO", "ONE")
