@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from statescale.routing.router.http1 import RequestHead, RequestParser
-from statescale.routing.router.passing import Passer, SlotListener, head_cookie, send_connection
+from statescale.routing.router.passing import Passer, SlotListener, send_connection, whole_request
 
 HEAD = (
     b"GET /api/session HTTP/1.1\r\nHost: x\r\nCookie: a=1\r\n"
@@ -37,13 +37,26 @@ def _parsed_cookie(head: bytes) -> bytes:
 )
 def test_the_peek_reads_the_cookies_the_parser_reads(head: bytes) -> None:
     # The two must agree, or a session's requests would go to two workers.
-    assert head_cookie(head) == _parsed_cookie(head)
+    assert whole_request(head) == _parsed_cookie(head)
 
 
-def test_a_head_not_yet_whole_or_unusual_is_left_to_the_parser() -> None:
-    assert head_cookie(HEAD[:-2]) is None
-    assert head_cookie(b"GET / HTTP/1.1\nHost: x\nCookie: s=1\n\n") is None  # bare LF
-    assert head_cookie(b"GET / HTTP/1.1\r\nHost: x\r\nCookie: s=1\r\n  t=2\r\n\r\n") is None
+@pytest.mark.parametrize(
+    "data",
+    [
+        HEAD[:-2],  # the head still coming
+        b"GET / HTTP/1.1\nHost: x\nCookie: s=1\n\n",  # bare LF
+        b"GET / HTTP/1.1\r\nHost: x\r\nCookie: s=1\r\n  t=2\r\n\r\n",  # a folded line
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhi",  # the body coming
+        HEAD + HEAD,  # pipelined
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nhi",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\nhi",
+    ],
+)
+def test_only_one_whole_plain_request_is_passed(data: bytes) -> None:
+    # Anything else is the proxy's: it buffers what is still coming, and its parser
+    # judges framing, so a worker never waits on a client nor sees what it refuses.
+    assert whole_request(data) is None
 
 
 @pytest.fixture
@@ -100,6 +113,10 @@ def test_a_connection_is_passed_whole_to_the_owner_with_its_clients_address(
     served.settimeout(5)
     assert served.recv(65536) == HEAD  # the peek consumed nothing
     served.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+    # gunicorn's close_graceful: shut, then read until the client closes. The client
+    # has not closed, yet the read ends at once: nothing of the request was left.
+    served.shutdown(socket.SHUT_WR)
+    assert served.recv(4096) == b""
     served.close()
     client.settimeout(5)
     assert client.recv(100).startswith(b"HTTP/1.1 204")

@@ -2,8 +2,8 @@
 
 Under one gunicorn master (sticky and affinity modes) the router need not stand in the
 middle of every exchange: gunicorn's sync worker answers one request a connection and
-closes it. So the router accepts a connection, *peeks* at its request head
-(``MSG_PEEK``: the bytes stay in the socket, for the worker to read), picks the slot
+closes it. So the router accepts a connection, *peeks* at its request (``MSG_PEEK``:
+the bytes stay in the socket, for the worker to read), picks the slot
 exactly as it would for proxying (:meth:`.Router.choose`), and sends the descriptor to
 that slot's *channel*: one end of a Unix stream socket pair that the master keeps open,
 one a slot (``SCM_RIGHTS``, with a small record of the client's address). The worker
@@ -11,11 +11,15 @@ takes connections from its channel as from a listener (:class:`SlotListener`) an
 serves the client's own socket: no second connection, no relay, and the worker sees the
 client's address.
 
-A connection is proxied as before (to the slot's socket) when its head has not fully
-arrived when it is accepted (the listener defers accepting until data comes,
-``TCP_DEFER_ACCEPT``, so that is rare), when the head is larger than ``PEEK_BYTES`` or
-unusual (bare LF line ends, folded lines: the proxy's parser decides those), or when the
-channel is full.
+Only a request that has arrived whole is passed, so a worker never waits on a client
+for any of it, as behind a buffering proxy, and a passed connection closes as soon as
+its answer is written (:class:`PassedSocket`): a client that sends slowly or never
+closes holds the router's connection, never a worker. Every other connection is proxied
+as before, to the slot's socket: a request not whole when accepted (the listener
+defers accepting until data comes, ``TCP_DEFER_ACCEPT``, so that is rare for a request
+without a body), larger than ``PEEK_BYTES``, pipelined behind another, chunked, or
+unusual (bare LF line ends, folded lines: the proxy's parser judges those), and any
+connection whose slot's channel is full.
 
 A passed connection is the worker's alone. A worker killed while it holds one closes it
 (its request fails, as one in flight behind a proxy does); one queued in a channel
@@ -58,15 +62,33 @@ _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _COOKIE = re.compile(rb"\r\ncookie:[ \t]*([^\r\n]*)(?=\r\n)", re.IGNORECASE)
 
 
-def head_cookie(data: bytes) -> bytes | None:
-    """Every Cookie header of the request head at the start of ``data``, joined with
-    "; " as the router's parser joins them; ``None`` when the head has not fully arrived,
-    or is one for the parser to judge (bare LF line ends, folded lines)."""
+# A framing header line: Content-Length or Transfer-Encoding, and its value.
+_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding):[ \t]*([^\r\n]*)", re.IGNORECASE)
+
+
+def whole_request(data: bytes) -> bytes | None:
+    """The Cookie headers (joined with "; ", as the router's parser joins them) of the
+    one whole request that ``data`` is; ``None`` when it is less (a head or a body still
+    on its way), more (a pipelined request behind it), or one for the parser to judge
+    (bare LF line ends, folded lines, a chunked or ambiguous body). A passed worker
+    then never waits on its client for any part of the request."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
     head = data[: end + 2]
     if head.count(b"\n") != head.count(b"\r\n") or b"\n " in head or b"\n\t" in head:
+        return None
+    length = 0
+    framing = _FRAMING.findall(head)
+    if framing:
+        values = {value.strip() for name, value in framing}
+        if len(values) != 1 or any(name.lower() != b"content-length" for name, _ in framing):
+            return None
+        (value,) = values
+        if not value.isdigit():
+            return None
+        length = int(value)
+    if len(data) != end + 4 + length:
         return None
     return b"; ".join(_COOKIE.findall(head))
 
@@ -81,6 +103,26 @@ def send_connection(channel: socket.socket, conn: socket.socket, peer: Any) -> b
     except (OSError, ValueError, IndexError, TypeError):
         return False
     return True
+
+
+class PassedSocket(socket.socket):
+    """A passed client connection. The router saw the whole request arrive, so once the
+    worker has answered and shut its side, nothing is left to read: gunicorn's
+    ``close_graceful``, which would wait up to 2 s for the client's own close (draining
+    what it might still send), finds the end at once, and a client that never closes
+    cannot hold the worker."""
+
+    _answered = False
+
+    def shutdown(self, how: int) -> None:
+        super().shutdown(how)
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            self._answered = True
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if self._answered:
+            return b""
+        return super().recv(bufsize, flags)
 
 
 class SlotListener:
@@ -138,7 +180,7 @@ class SlotListener:
             raise BlockingIOError(errno.EAGAIN, "a passed connection came without its socket")
         family, port, packed = _RECORD.unpack(record)
         # Family and type given: the socket is made without asking the kernel.
-        client = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fds[0])
+        client = PassedSocket(family, socket.SOCK_STREAM, 0, fileno=fds[0])
         for extra in fds[1:]:  # never sent, never leaked either
             os.close(extra)
         size = 4 if family == socket.AF_INET else 16
@@ -217,7 +259,7 @@ class Passer:
         except OSError:  # reset before it said anything
             conn.close()
             return
-        cookie = head_cookie(data) if data else None
+        cookie = whole_request(data) if data else None
         if cookie is not None:
             channel = self.channels.get(self.choose(cookie, peer[0]) or "")
             if channel is not None and send_connection(channel, conn, peer):
