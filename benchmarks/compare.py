@@ -670,10 +670,18 @@ def plot(data: dict[str, Any], sizes: list[int], folder: Path) -> list[str]:
 
 
 def run(
-    *, quick: bool, duration: float | None, only: set[str] | None, out: Path, tool: str = "auto"
+    *,
+    quick: bool,
+    duration: float | None,
+    only: set[str] | None,
+    out: Path,
+    tool: str = "auto",
+    rounds: int | None = None,
+    sizes: list[int] | None = None,
 ) -> int:
     duration = duration or (1.0 if quick else 2.0)
-    rounds, sizes = (1, [100]) if quick else (3, [100, 20_000])
+    rounds = rounds or (1 if quick else 3)
+    sizes = sizes or ([100] if quick else [100, 20_000])
     users, turns = (10, 5) if quick else (40, 20)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -748,6 +756,13 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="load generator: wrk when installed, else an asyncio client (default auto)",
     )
+    parser.add_argument(
+        "--rounds", type=int, help="alternating rounds of load runs (default 3, quick 1)"
+    )
+    parser.add_argument(
+        "--sizes",
+        help="comma-separated session sizes in bytes (default 100,20000; quick 100)",
+    )
     parser.add_argument("--only", help="comma-separated configuration names")
     parser.add_argument("--out", default="bench-results", help="directory for the results")
     args = parser.parse_args(argv)
@@ -755,8 +770,20 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks.compare: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     only = {name.strip() for name in args.only.split(",")} if args.only else None
+    try:
+        sizes = [int(size) for size in args.sizes.split(",")] if args.sizes else None
+    except ValueError:
+        parser.error(f"--sizes {args.sizes!r}: give sizes in bytes, comma-separated")
+    if (args.rounds is not None and args.rounds < 1) or any(n < 1 for n in sizes or []):
+        parser.error("--rounds and --sizes must be at least 1")
     return run(
-        quick=args.quick, duration=args.duration, only=only, out=Path(args.out), tool=args.loadgen
+        quick=args.quick,
+        duration=args.duration,
+        only=only,
+        out=Path(args.out),
+        tool=args.loadgen,
+        rounds=args.rounds,
+        sizes=sizes,
     )
 
 
