@@ -30,7 +30,10 @@ master (affinity keeps the sessions in Redis besides, as shared mode does):
   and mints session IDs the ring routes to itself.
 * the master runs ``statescale router`` (``when_ready``) on gunicorn's own listener,
   handed over as an inherited file descriptor, which sends every request of a session to
-  its slot's socket. The router dies with the master.
+  its slot. With sync workers (one request a connection) it passes the client's
+  connection itself to the slot's worker, through a Unix socket pair per slot that the
+  master keeps open (:mod:`statescale.routing.router.passing`), and proxies to the
+  slot's socket only what it cannot route by a peek. The router dies with the master.
 * a worker that exits (a crash, ``--max-requests``, a ``HUP`` reload) is replaced in the
   same slot (``pre_fork``). The slot's socket stays open meanwhile, so connections wait
   in its queue for the replacement instead of being refused: reloads and recycling fail

@@ -13,6 +13,9 @@
   connections are closed. SIGHUP re-reads the backends file.
 * With a registry (:mod:`statescale.routing.membership`), the membership follows it:
   each change it announces takes effect at once, on the loop's thread.
+* With channels to pass connections through (``passes``, from the gunicorn hooks), the
+  router accepts on the listener itself and hands each connection holding one whole
+  request to its node's worker (:mod:`.passing`); the others are served as above.
 """
 
 from __future__ import annotations
