@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AskError, MovedError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from ...config import (
@@ -62,7 +62,7 @@ _WRITE = Script(codec.WRITE_SCRIPT)
 
 def _moved(exc: ResponseError) -> bool:
     """A Cluster redirection: the slot is served elsewhere (now, or for this key)."""
-    return str(exc).startswith(("MOVED", "ASK"))
+    return isinstance(exc, (MovedError, AskError)) or str(exc).startswith(("MOVED", "ASK"))
 
 
 def _key_hash(session_id: str) -> str:

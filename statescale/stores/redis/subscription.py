@@ -52,7 +52,13 @@ from typing import Any
 
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    InvalidResponse,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import TimeoutError as RedisTimeout
 from redis.retry import Retry
 
@@ -62,6 +68,13 @@ from .copies import Copies
 
 _pack_command: Any
 _Reader: Any
+_parse_error: Any
+try:  # how redis-py turns an error reply into its exception (a class method)
+    from redis._parsers.base import BaseParser
+
+    _parse_error = BaseParser.parse_error
+except (ImportError, AttributeError):  # pragma: no cover - another redis-py
+    _parse_error = None
 try:  # packs a command and parses a drained buffer in C
     from hiredis import Reader as _Reader
     from hiredis import pack_command as _pack_command
@@ -190,11 +203,17 @@ def _round_trip(conn: Any, packed: list[bytes], replies: int) -> list[Any]:
     return out
 
 
-def _reply_error(message: str) -> ResponseError:
-    """An error reply as redis-py would raise it (the ones statescale tells apart)."""
-    if message.startswith("NOSCRIPT"):
+def _reply_error(message: str) -> Exception:
+    """An error reply as redis-py's parsers make it: ``NOSCRIPT`` a ``NoScriptError``,
+    ``READONLY`` a ``ReadOnlyError``, ``LOADING``, ``NOAUTH`` or "max number of clients"
+    a ``ConnectionError`` (which the retry policy answers by connecting again), and so
+    on; anything else a ``ResponseError``."""
+    if _parse_error is not None:
+        error: Exception = _parse_error(message)
+        return error
+    if message.startswith("NOSCRIPT"):  # pragma: no cover - redis-py without it
         return NoScriptError(message)
-    return ResponseError(message)
+    return ResponseError(message)  # pragma: no cover
 
 
 def _exchange(conn: Any, packed: list[bytes], replies: int) -> list[Any]:
@@ -206,7 +225,8 @@ def _exchange(conn: Any, packed: list[bytes], replies: int) -> list[Any]:
     sock = conn._sock
     kept = getattr(conn, "statescale_reader", None)
     if kept is None or kept[0] is not sock:  # a new socket: nothing half-read on it
-        kept = conn.statescale_reader = (sock, _Reader(replyError=_reply_error))
+        reader = _Reader(replyError=_reply_error, protocolError=InvalidResponse)
+        kept = conn.statescale_reader = (sock, reader)
     reader = kept[1]
     out: list[Any] = []
     try:
@@ -226,12 +246,16 @@ def _exchange(conn: Any, packed: list[bytes], replies: int) -> list[Any]:
         if isinstance(exc, RedisError):
             raise
         raise RedisConnectionError(f"Error on the Redis connection: {exc}") from exc
-    demoted = any(isinstance(r, ResponseError) and str(r).startswith("READONLY") for r in out)
-    if demoted and getattr(getattr(conn, "connection_pool", None), "is_master", False):
-        # As redis-py's Sentinel connections do: a master that answers READONLY has
-        # been demoted; a lost connection makes the next one ask the Sentinels for
-        # the new master (and the retry policy resend).
-        raise RedisConnectionError("the previous master is now a replica")
+    for reply in out:
+        if isinstance(reply, RedisConnectionError):  # the server is not serving: again
+            raise reply
+        if isinstance(reply, ReadOnlyError) and getattr(
+            getattr(conn, "connection_pool", None), "is_master", False
+        ):
+            # As redis-py's Sentinel connections do: a master that answers READONLY has
+            # been demoted; a lost connection makes the next one ask the Sentinels for
+            # the new master (and the retry policy resend).
+            raise RedisConnectionError("the previous master is now a replica")
     return out
 
 
