@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -87,6 +88,37 @@ def test_the_router_passes_connections_and_proxies_what_a_peek_cannot_route() ->
     counts = re.search(r"passed (\d+) connections to their nodes, proxied (\d+)", server.log())
     assert counts is not None, server.log()
     assert int(counts[1]) >= 6 and int(counts[2]) == 1
+
+
+def test_a_graceful_stop_answers_every_connection_already_passed() -> None:
+    # The router stops first, then the workers: every connection it passed and a worker
+    # has not yet taken must be taken before they stop, not closed unanswered.
+    server = Gunicorn(env={"STATESCALE_MODE": "sticky"}, workers=1)
+    outcomes: list[object] = []
+
+    def one() -> None:
+        try:
+            outcomes.append(SessionClient(server.port).get("/health").status)
+        except OSError as exc:
+            outcomes.append(exc)
+
+    with server:
+        (worker,) = server.worker_pids()
+        os.kill(worker, signal.SIGSTOP)  # the worker takes nothing: all wait in its channel
+        try:
+            threads = [threading.Thread(target=one) for _ in range(10)]
+            for thread in threads:
+                thread.start()
+            time.sleep(0.5)
+            server.signal(signal.SIGTERM)
+            time.sleep(0.3)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        for thread in threads:
+            thread.join(20)
+        assert server.process is not None
+        server.process.wait(20)
+    assert outcomes == [200] * 10, outcomes
 
 
 def test_ttin_cannot_add_a_worker_the_ring_has_no_slot_for() -> None:

@@ -4,6 +4,7 @@ through a real channel to a slot's listener."""
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -51,6 +52,10 @@ def test_the_peek_reads_the_cookies_the_parser_reads(head: bytes) -> None:
         b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nhi",
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\nhi",
+        b"GET / HTTP/1.1\r\nCookie: s=1\r\n\r\n",  # no Host: the proxy answers 400
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n",  # the proxy's to set
+        b"GET / HTTP/1.1\r\nHost: x\r\nforwarded: for=6.6.6.6\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
     ],
 )
 def test_only_one_whole_plain_request_is_passed(data: bytes) -> None:
@@ -115,12 +120,45 @@ def test_a_connection_is_passed_whole_to_the_owner_with_its_clients_address(
     served.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
     # gunicorn's close_graceful: shut, then read until the client closes. The client
     # has not closed, yet the read ends at once: nothing of the request was left.
+    served.setblocking(True)  # as gunicorn's sync worker has it
     served.shutdown(socket.SHUT_WR)
+    served.settimeout(2.0)  # as close_graceful then does
     assert served.recv(4096) == b""
     served.close()
     client.settimeout(5)
     assert client.recv(100).startswith(b"HTTP/1.1 204")
     client.close()
+    worker.close()
+    sender.close()
+
+
+def test_bytes_after_the_request_make_the_close_linger(
+    listener: socket.socket, slot: socket.socket
+) -> None:
+    # A client that sent more after its request (pipelining): closing with those
+    # unread would reset the connection and could cut the answer short, so the worker
+    # reads them as gunicorn would.
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    passer = Passer(lambda cookie, ip: "worker1", {"worker1": sender}, lambda conn: None)
+    worker = SlotListener(receiver, slot, ("127.0.0.1", 8000))
+    client = socket.create_connection(listener.getsockname())
+    client.sendall(HEAD)
+    passer.place(*_accepted(listener))
+    served, _ = worker.accept()
+    served.setblocking(True)
+    assert served.recv(65536) == HEAD
+    client.sendall(b"late")
+    time.sleep(0.2)  # arrived
+    served.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+    served.shutdown(socket.SHUT_WR)
+    served.settimeout(5)
+    client.settimeout(5)
+    assert client.recv(100).startswith(b"HTTP/1.1 204")
+    client.sendall(b"more")
+    assert served.recv(4096) == b"more"  # read, not cut off: the close lingers
+    client.close()
+    assert served.recv(4096) == b""  # until the client's own close
+    served.close()
     worker.close()
     sender.close()
 

@@ -32,14 +32,17 @@ import array
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
-import re
 import select
 import socket
 import struct
+import termios
 from collections.abc import Callable
 from typing import Any
+
+from .http1 import END, BadRequest, RequestHead, RequestParser
 
 log = logging.getLogger("statescale.router")
 
@@ -49,6 +52,7 @@ PEEK_BYTES = 8192
 ACCEPT_BATCH = 64
 #: Seconds the listener rests after accept() failed for want of descriptors.
 ACCEPT_PAUSE = 1.0
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 # What each passed descriptor rides on: the client's address family, port and address
 # (the router has them from accept(); the worker need not ask the kernel again).
@@ -56,41 +60,43 @@ _RECORD = struct.Struct("=HH16s")
 _FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
-# A Cookie header line (names are case-insensitive): its value without the spaces before
-# it, as the router's parser (llhttp) reads it. The line end after it is looked at, not
-# taken, so that the next line's match can start there.
-_COOKIE = re.compile(rb"\r\ncookie:[ \t]*([^\r\n]*)(?=\r\n)", re.IGNORECASE)
-
-
-# A framing header line: Content-Length or Transfer-Encoding, and its value.
-_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding):[ \t]*([^\r\n]*)", re.IGNORECASE)
+# Headers the proxy replaces with its own (the client's address and scheme): a request
+# that carries one is proxied, so that no app ever trusts one a client wrote.
+_FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"})
 
 
 def whole_request(data: bytes) -> bytes | None:
-    """The Cookie headers (joined with "; ", as the router's parser joins them) of the
-    one whole request that ``data`` is; ``None`` when it is less (a head or a body still
-    on its way), more (a pipelined request behind it), or one for the parser to judge
-    (bare LF line ends, folded lines, a chunked or ambiguous body). A passed worker
-    then never waits on its client for any part of the request."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
+    """The Cookie headers (joined as the router's parser joins them) of the one whole
+    request that ``data`` is, read by the router's own parser, so a passed request goes
+    where the proxy would send it, and only one the proxy would send on; ``None`` when
+    ``data`` is less (a head or a body still on its way), more (a pipelined request
+    behind it), a request the parser refuses, one with a body in chunks, or one that
+    carries forwarding headers. A passed worker then never waits on its client."""
+    parser = RequestParser()
+    try:
+        parser.feed(data)
+    except BadRequest:
         return None
-    head = data[: end + 2]
-    if head.count(b"\n") != head.count(b"\r\n") or b"\n " in head or b"\n\t" in head:
+    events = parser.events
+    # One message, ended, and nothing begun behind it (not pipelined, not cut short).
+    if parser.in_message or events.count(END) != 1 or events[-1] is not END:
         return None
-    length = 0
-    framing = _FRAMING.findall(head)
-    if framing:
-        values = {value.strip() for name, value in framing}
-        if len(values) != 1 or any(name.lower() != b"content-length" for name, _ in framing):
-            return None
-        (value,) = values
-        if not value.isdigit():
-            return None
-        length = int(value)
-    if len(data) != end + 4 + length:
+    head = events[0]
+    if not isinstance(head, RequestHead) or (head.has_body and head.length < 0):  # chunked
         return None
-    return b"; ".join(_COOKIE.findall(head))
+    if any(name.lower() in _FORWARDING for name, _ in head.headers):
+        return None
+    return head.cookie
+
+
+def unread(channel: socket.socket) -> int:
+    """Bytes sent through ``channel`` that its reader has not taken yet (``SIOCOUTQ``):
+    0 once every passed connection has reached a worker."""
+    try:
+        raw = fcntl.ioctl(channel.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0  # closed: nothing more will be taken
+    return int(struct.unpack("i", raw)[0])
 
 
 def send_connection(channel: socket.socket, conn: socket.socket, peer: Any) -> bool:
@@ -99,25 +105,36 @@ def send_connection(channel: socket.socket, conn: socket.socket, peer: Any) -> b
     try:
         record = _RECORD.pack(conn.family, peer[1], socket.inet_pton(conn.family, peer[0]))
         fds = array.array("i", [conn.fileno()])
-        channel.sendmsg([record], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], _SEND_FLAGS)
+        sent = channel.sendmsg([record], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], _SEND_FLAGS)
     except (OSError, ValueError, IndexError, TypeError):
         return False
+    if sent != _RECORD.size:  # never seen: a Unix stream socket sends 20 bytes whole
+        raise RuntimeError(f"a channel took {sent} of {_RECORD.size} bytes; it is out of step")
     return True
 
 
 class PassedSocket(socket.socket):
-    """A passed client connection. The router saw the whole request arrive, so once the
-    worker has answered and shut its side, nothing is left to read: gunicorn's
-    ``close_graceful``, which would wait up to 2 s for the client's own close (draining
-    what it might still send), finds the end at once, and a client that never closes
-    cannot hold the worker."""
+    """A passed client connection. The router saw the whole request arrive, so when the
+    worker has answered and shuts its side, there is usually nothing left to read, and
+    gunicorn's ``close_graceful`` (which reads until the client closes, up to 2 s, so
+    that unread bytes cannot turn the close into a reset) is told so at once: a client
+    that never closes cannot hold the worker. If bytes did come after the request (a
+    pipelined one), the close lingers as gunicorn's does."""
 
     _answered = False
 
     def shutdown(self, how: int) -> None:
         super().shutdown(how)
-        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+        if how not in (socket.SHUT_WR, socket.SHUT_RDWR) or self.gettimeout() is not None:
+            return
+        try:  # blocking mode (gunicorn's): one look, no wait
+            late = super().recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
             self._answered = True
+        except OSError:
+            self._answered = True  # reset or gone: nothing to linger for
+        else:
+            self._answered = not late  # b"": the client has closed already
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if self._answered:
@@ -169,22 +186,33 @@ class SlotListener:
 
     def _passed(self) -> tuple[socket.socket, Any]:
         """The next connection in the channel, with its client's address."""
-        record, ancillary, _, _ = self.channel.recvmsg(_RECORD.size, _FD_SPACE)
+        record, ancillary, flags, _ = self.channel.recvmsg(_RECORD.size, _FD_SPACE)
         fds = array.array("i")
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-        if not fds or len(record) != _RECORD.size:  # dropped: out of descriptors here
+        if flags & socket.MSG_CTRUNC or not fds or len(record) != _RECORD.size:
             for fd in fds:
                 os.close(fd)
+            log.error(
+                "statescale: a client connection passed to this worker was lost (%s); "
+                "its client sees the connection close. Raise the open-files limit.",
+                "out of file descriptors" if flags & socket.MSG_CTRUNC else "a short record",
+            )
             raise BlockingIOError(errno.EAGAIN, "a passed connection came without its socket")
-        family, port, packed = _RECORD.unpack(record)
-        # Family and type given: the socket is made without asking the kernel.
-        client = PassedSocket(family, socket.SOCK_STREAM, 0, fileno=fds[0])
+        try:
+            family, port, packed = _RECORD.unpack(record)
+            size = 4 if family == socket.AF_INET else 16
+            address = (socket.inet_ntop(family, packed[:size]), port)
+            # Family and type given: the socket is made without asking the kernel.
+            client = PassedSocket(family, socket.SOCK_STREAM, 0, fileno=fds[0])
+        except (OSError, ValueError):
+            for fd in fds:
+                os.close(fd)
+            raise BlockingIOError(errno.EAGAIN, "a passed connection was unreadable") from None
         for extra in fds[1:]:  # never sent, never leaked either
             os.close(extra)
-        size = 4 if family == socket.AF_INET else 16
-        return client, (socket.inet_ntop(family, packed[:size]), port)
+        return client, address
 
     def close(self) -> None:
         self._epoll.close()
@@ -236,9 +264,12 @@ class Passer:
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, peer = listen.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # out of descriptors, say: rest, then go on
+            except OSError as exc:
+                if exc.errno not in _EXHAUSTED:  # the client's failure: the next one
+                    continue
+                # Out of descriptors or memory: rest, then go on.
                 log.error("statescale router: accept failed (%s); pausing %gs", exc, ACCEPT_PAUSE)
                 assert self._loop is not None
                 self._loop.remove_reader(listen.fileno())

@@ -35,7 +35,7 @@ from ..backends import Backend
 from ..membership import Follower, Registry
 from .admin import Admin
 from .http1 import REASONS, BadRequest, RequestHead, RequestParser, reply
-from .passing import Passer
+from .passing import Passer, unread
 from .proxy import ClientGone, Deadline, Membership, Router
 
 log = logging.getLogger("statescale.router")
@@ -358,6 +358,8 @@ class Server:
         log.warning("statescale router: stopping; %d requests in flight", len(busy))
         for server in servers:
             server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         if self._passer is not None:
             self._passer.stop()
             log.warning(
@@ -365,13 +367,16 @@ class Server:
                 self._passer.passed,
                 self._passer.proxied,
             )
+            # The workers are stopped after the router: connections still queued in a
+            # channel would be closed unanswered. Wait until each has been taken.
+            while any(unread(c) for c in self.passes.values()) and loop.time() < deadline:
+                await asyncio.sleep(0.02)
         checks.cancel()
         for client in list(self._clients):  # idle keep-alive: nothing to finish
             if client.waiting and client.served:
                 client.transport.abort()
         # Connections the kernel handed over just before the close may only now reach
         # connection_made: wait for theirs too, not only for the tasks there were.
-        deadline = asyncio.get_running_loop().time() + grace
         while True:
             await asyncio.sleep(0)
             tasks = {c.task for c in self._clients if c.task is not None and not c.task.done()}
