@@ -56,6 +56,7 @@ def test_the_peek_reads_the_cookies_the_parser_reads(head: bytes) -> None:
         b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n",  # the proxy's to set
         b"GET / HTTP/1.1\r\nHost: x\r\nforwarded: for=6.6.6.6\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
     ],
 )
 def test_only_one_whole_plain_request_is_passed(data: bytes) -> None:
@@ -205,3 +206,34 @@ def test_the_slot_listener_takes_proxied_connections_too(slot: socket.socket) ->
     for sock in (conn, proxy, sender):
         sock.close()
     worker.close()
+
+
+def test_a_connection_that_cannot_be_placed_is_closed_and_the_next_is_served(
+    listener: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    chosen: list[bytes] = []
+
+    def choose(cookie: bytes, ip: str) -> str:
+        chosen.append(cookie)
+        if len(chosen) == 1:
+            raise RuntimeError("a bug")
+        return "worker1"
+
+    passer = Passer(choose, {"worker1": sender}, lambda conn: None)
+    passer._listen = listener  # as start() leaves it, without a loop
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(2)]
+    for client in clients:
+        client.sendall(HEAD)
+    time.sleep(0.2)
+    passer._accept()
+    assert len(chosen) == 2 and passer.passed == 1
+    assert "placing a connection" in caplog.text
+    clients[0].settimeout(5)
+    try:  # closed, not left hanging (reset: its request was never read)
+        answer = clients[0].recv(10)
+    except ConnectionResetError:
+        answer = b""
+    assert answer == b""
+    for sock in (*clients, sender, receiver):
+        sock.close()

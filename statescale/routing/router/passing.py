@@ -224,9 +224,9 @@ class SlotListener:
 
 
 class Passer:
-    """The router's side: accepts on ``listen`` itself, passes each connection whose
-    head it can route to the slot's channel, and hands every other one to ``proxy``
-    (the router's ordinary client path)."""
+    """The router's side: accepts on ``listen`` itself, passes each connection that
+    holds one whole request (:func:`whole_request`) to its slot's channel, and hands
+    every other one to ``proxy`` (the router's ordinary client path)."""
 
     def __init__(
         self,
@@ -275,7 +275,11 @@ class Passer:
                 self._loop.remove_reader(listen.fileno())
                 self._loop.call_later(ACCEPT_PAUSE, self._resume, listen)
                 return
-            self.place(conn, peer)
+            try:
+                self.place(conn, peer)
+            except Exception:  # a bug of ours: this connection ends, the router goes on
+                log.exception("statescale router: placing a connection from %s failed", peer)
+                conn.close()
 
     def _resume(self, listen: socket.socket) -> None:
         if self._listen is listen and self._loop is not None:
