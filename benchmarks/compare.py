@@ -619,13 +619,12 @@ def plot(data: dict[str, Any], sizes: list[int], folder: Path) -> list[str]:
             width=0.4,
             label=f"{label} ({writes:.0%} POST /api/incr)",
         )
+    top = max(data[n][f"{label}_{size}_rps"]["median"] for n in names for label, _ in MIXES)
     if "ceiling" in data:
-        ax.axhline(
-            data["ceiling"][f"health_{size}_rps"]["median"],
-            color="grey",
-            ls="--",
-            label="ceiling (/health)",
-        )
+        ceiling = data["ceiling"][f"health_{size}_rps"]["median"]
+        ax.axhline(ceiling, color="grey", ls="--", label="ceiling (/health)")
+        top = max(top, ceiling)
+    ax.set_ylim(0, top * 1.3)  # room above the tallest bar and the ceiling for the legend
     ax.set_xticks(xs, names, rotation=20, ha="right")
     ax.set_ylabel("requests per second (median)")
     ax.set_title(f"benchmarks.compare: gunicorn -w 4, {size} B sessions")
