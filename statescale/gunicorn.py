@@ -166,7 +166,8 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
             )
         sock = UnixSocket(str(path), server.cfg, server.log)
         channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) if passing else None
-        master.slots.append(_Slot(Backend(f"worker{slot}", f"unix:{path}", 0), sock, [], channel))
+        backend = Backend(f"worker{slot}", f"unix:{path}", 0)
+        master.slots.append(_Slot(backend, sock, channel=channel))
     backends = tuple(s.backend for s in master.slots)
     if master.settings.node is None:  # else the fleet's ring stays the node's
         assemble.host(assemble.Hosting(backends=backends, balancer="statescale"))

@@ -82,6 +82,26 @@ def slot(tmp_path: object) -> Iterator[socket.socket]:
     sock.close()
 
 
+@pytest.fixture
+def channel() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A slot's channel as the master makes it: the router's end, the workers' end."""
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    yield sender, receiver
+    sender.close()
+    receiver.close()
+
+
+PUBLIC = ("127.0.0.1", 8000)  # what the slot listener says gunicorn listens on
+
+
+def _client(listener: socket.socket, data: bytes) -> socket.socket:
+    """A client of ``listener`` that has sent ``data``."""
+    client = socket.create_connection(listener.getsockname())
+    if data:
+        client.sendall(data)
+    return client
+
+
 def _accepted(listener: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
     listener.setblocking(True)
     conn, peer = listener.accept()
@@ -90,9 +110,9 @@ def _accepted(listener: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
 
 
 def test_a_connection_is_passed_whole_to_the_owner_with_its_clients_address(
-    listener: socket.socket, slot: socket.socket
+    listener: socket.socket, slot: socket.socket, channel: tuple[socket.socket, socket.socket]
 ) -> None:
-    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sender, receiver = channel
     chosen: list[tuple[bytes, str]] = []
     proxied: list[socket.socket] = []
 
@@ -101,12 +121,11 @@ def test_a_connection_is_passed_whole_to_the_owner_with_its_clients_address(
         return "worker1"
 
     passer = Passer(choose, {"worker1": sender}, proxied.append)
-    worker = SlotListener(receiver, slot, ("127.0.0.1", 8000))
+    worker = SlotListener(receiver, slot, PUBLIC)
     worker.setblocking(False)
     with pytest.raises(BlockingIOError):
         worker.accept()  # nothing passed yet, nothing queued at the slot
-    client = socket.create_connection(listener.getsockname())
-    client.sendall(HEAD)
+    client = _client(listener, HEAD)
     conn, peer = _accepted(listener)
     passer.place(conn, peer)
     assert (passer.passed, proxied) == (1, [])
@@ -115,7 +134,7 @@ def test_a_connection_is_passed_whole_to_the_owner_with_its_clients_address(
 
     served, address = worker.accept()
     assert address == client.getsockname()  # the client's own address, not a proxy's
-    assert worker.getsockname() == ("127.0.0.1", 8000)
+    assert worker.getsockname() == PUBLIC
     served.settimeout(5)
     assert served.recv(65536) == HEAD  # the peek consumed nothing
     served.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
@@ -130,20 +149,18 @@ def test_a_connection_is_passed_whole_to_the_owner_with_its_clients_address(
     assert client.recv(100).startswith(b"HTTP/1.1 204")
     client.close()
     worker.close()
-    sender.close()
 
 
 def test_bytes_after_the_request_make_the_close_linger(
-    listener: socket.socket, slot: socket.socket
+    listener: socket.socket, slot: socket.socket, channel: tuple[socket.socket, socket.socket]
 ) -> None:
     # A client that sent more after its request (pipelining): closing with those
     # unread would reset the connection and could cut the answer short, so the worker
     # reads them as gunicorn would.
-    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sender, receiver = channel
     passer = Passer(lambda cookie, ip: "worker1", {"worker1": sender}, lambda conn: None)
-    worker = SlotListener(receiver, slot, ("127.0.0.1", 8000))
-    client = socket.create_connection(listener.getsockname())
-    client.sendall(HEAD)
+    worker = SlotListener(receiver, slot, PUBLIC)
+    client = _client(listener, HEAD)
     passer.place(*_accepted(listener))
     served, _ = worker.accept()
     served.setblocking(True)
@@ -161,26 +178,20 @@ def test_bytes_after_the_request_make_the_close_linger(
     assert served.recv(4096) == b""  # until the client's own close
     served.close()
     worker.close()
-    sender.close()
 
 
 def test_what_cannot_be_routed_by_a_peek_is_proxied(
-    listener: socket.socket, slot: socket.socket
+    listener: socket.socket, channel: tuple[socket.socket, socket.socket]
 ) -> None:
-    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sender, receiver = channel
     proxied: list[socket.socket] = []
     passer = Passer(lambda cookie, ip: "worker1", {"worker1": sender}, proxied.append)
     clients = []
     for first in (HEAD[:20], b""):  # half a head; nothing yet
-        client = socket.create_connection(listener.getsockname())
-        if first:
-            client.sendall(first)
-        clients.append(client)
+        clients.append(_client(listener, first))
         passer.place(*_accepted(listener))
     receiver.close()  # a channel nobody reads any more: sending fails
-    client = socket.create_connection(listener.getsockname())
-    client.sendall(HEAD)
-    clients.append(client)
+    clients.append(_client(listener, HEAD))
     conn, peer = _accepted(listener)
     assert not send_connection(sender, conn, peer)
     passer.place(conn, peer)
@@ -190,12 +201,12 @@ def test_what_cannot_be_routed_by_a_peek_is_proxied(
         conn.close()
     for client in clients:
         client.close()
-    sender.close()
 
 
-def test_the_slot_listener_takes_proxied_connections_too(slot: socket.socket) -> None:
-    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    worker = SlotListener(receiver, slot, ("127.0.0.1", 8000))
+def test_the_slot_listener_takes_proxied_connections_too(
+    slot: socket.socket, channel: tuple[socket.socket, socket.socket]
+) -> None:
+    worker = SlotListener(channel[1], slot, PUBLIC)
     worker.setblocking(False)
     proxy = socket.socket(socket.AF_UNIX)
     proxy.connect(slot.getsockname())
@@ -203,15 +214,16 @@ def test_the_slot_listener_takes_proxied_connections_too(slot: socket.socket) ->
     proxy.sendall(b"x")
     conn.settimeout(5)
     assert conn.recv(1) == b"x"
-    for sock in (conn, proxy, sender):
+    for sock in (conn, proxy):
         sock.close()
     worker.close()
 
 
 def test_a_connection_that_cannot_be_placed_is_closed_and_the_next_is_served(
-    listener: socket.socket, caplog: pytest.LogCaptureFixture
+    listener: socket.socket,
+    channel: tuple[socket.socket, socket.socket],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     chosen: list[bytes] = []
 
     def choose(cookie: bytes, ip: str) -> str:
@@ -220,11 +232,9 @@ def test_a_connection_that_cannot_be_placed_is_closed_and_the_next_is_served(
             raise RuntimeError("a bug")
         return "worker1"
 
-    passer = Passer(choose, {"worker1": sender}, lambda conn: None)
+    passer = Passer(choose, {"worker1": channel[0]}, lambda conn: None)
     passer._listen = listener  # as start() leaves it, without a loop
-    clients = [socket.create_connection(listener.getsockname()) for _ in range(2)]
-    for client in clients:
-        client.sendall(HEAD)
+    clients = [_client(listener, HEAD) for _ in range(2)]
     time.sleep(0.2)
     passer._accept()
     assert len(chosen) == 2 and passer.passed == 1
@@ -235,5 +245,5 @@ def test_a_connection_that_cannot_be_placed_is_closed_and_the_next_is_served(
     except ConnectionResetError:
         answer = b""
     assert answer == b""
-    for sock in (*clients, sender, receiver):
-        sock.close()
+    for client in clients:
+        client.close()

@@ -380,7 +380,7 @@ class Server:
         while True:
             await asyncio.sleep(0)
             tasks = {c.task for c in self._clients if c.task is not None and not c.task.done()}
-            left = deadline - asyncio.get_running_loop().time()
+            left = deadline - loop.time()
             if not tasks or left <= 0:
                 return
             await asyncio.wait(tasks, timeout=left)

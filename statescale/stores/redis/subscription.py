@@ -243,8 +243,6 @@ def _exchange(conn: Any, packed: list[bytes], replies: int) -> list[Any]:
     except TimeoutError as exc:  # socket.timeout
         raise RedisTimeout(f"Timeout on the Redis connection: {exc}") from exc
     except (OSError, ValueError) as exc:
-        if isinstance(exc, RedisError):
-            raise
         raise RedisConnectionError(f"Error on the Redis connection: {exc}") from exc
     for reply in out:
         if isinstance(reply, RedisConnectionError):  # the server is not serving: again
