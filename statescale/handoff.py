@@ -170,13 +170,19 @@ class Sealer:
 
 def _encode(kept: Kept) -> dict[str, Any]:
     fields = {k: v.decode() for k, v in kept.record.fields.items()}
-    return {"f": fields, "c": kept.record.created, "e": kept.expires, "r": kept.returned}
+    return {
+        "f": fields,
+        "c": kept.record.created,
+        "e": kept.expires,
+        "r": kept.returned,
+        "v": kept.version,
+    }
 
 
 def _decode(data: Mapping[str, Any]) -> Kept:
     fields = {str(k): str(v).encode() for k, v in data["f"].items()}
     record = Record(fields, float(data["c"]))
-    return Kept(record, float(data["e"]), bool(data["r"]))
+    return Kept(record, float(data["e"]), bool(data["r"]), int(data.get("v", 0)))
 
 
 class Handoff:
@@ -369,8 +375,7 @@ class Handoff:
                 )
                 here.update(batch)
         for session_id, data in here.items():
-            if not self.memory.holds(session_id):
-                self.memory.put(str(session_id), _decode(data))
+            self.memory.put(str(session_id), _decode(data))  # (not over a newer copy)
 
     def _take(
         self, session_id: str, asker: tuple[str, int] | None, until: float
@@ -447,8 +452,8 @@ class Handoff:
                 kept = _decode(data)
                 if session_id == wanted:
                     found = kept
-                elif not self.memory.holds(session_id):
-                    self.memory.put(session_id, kept)  # (an expired one is not kept)
+                else:
+                    self.memory.put(session_id, kept)  # (not expired, nor over a newer copy)
             log.info("statescale: took in %d sessions handed over in %s", len(sessions), path.name)
         return found
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from statescale.exceptions import ConfigError
 from statescale.handoff import Handoff, HandoffStore
 from statescale.session import Changes, Record
-from statescale.stores.memory import MemoryStore
+from statescale.stores.memory import Kept, MemoryStore
 
 KEY = b"handoff-test-key-0123456789abcdef"
 
@@ -217,3 +218,51 @@ def test_sessions_sent_to_one_node_cannot_be_replayed_to_another() -> None:
     request, _ = Sealer([KEY]).request(take={"s": _encode(kept)}, to="b")
     assert a.answer(request) is None and not a.memory.holds("s")  # not for a
     assert b.answer(request) is not None and b.memory.holds("s")
+
+
+class _Interleaved(MemoryStore):
+    """Runs ``meanwhile`` (another thread's work) once, right after the next look at a
+    session or right before the next put: the worst moments for a check-then-put."""
+
+    meanwhile: Callable[[], None] | None = None
+
+    def holds(self, session_id: str) -> bool:
+        held = super().holds(session_id)
+        self._interleave()
+        return held
+
+    def put(self, session_id: str, kept: Kept) -> bool:
+        self._interleave()
+        return super().put(session_id, kept)
+
+    def _interleave(self) -> None:
+        run, self.meanwhile = self.meanwhile, None
+        if run is not None:
+            run()
+
+
+def test_a_push_that_lands_after_a_fetch_and_a_write_is_dropped() -> None:
+    """A leaving node pushes a session to its next owner while that owner, asked for it
+    by its user, fetches it too: the push must not undo the write made meanwhile (the
+    registry scale-in test caught this race)."""
+    from statescale.handoff import RemotePeers, Sealer, _encode
+    from statescale.routing.backends import Backend
+    from statescale.routing.membership import Fleet
+
+    fleet = Fleet("statescale", [Backend("b", "127.0.0.1", 9001)])
+    memory = _Interleaved()
+    b = HandoffStore(Handoff(memory, [KEY], peers=RemotePeers(fleet, "b"), name="b"))
+    leaving = MemoryStore()
+    leaving.create("s", {"n": b"21"})
+    copy = leaving.items()[0][1]
+
+    def fetched_and_written() -> None:
+        memory.put("s", copy)
+        with b.lock("s"):
+            assert b.load("s") is not None
+            b.save("s", Changes({"n": b"22"}, frozenset()), created=copy.record.created)
+
+    memory.meanwhile = fetched_and_written
+    request, _ = Sealer([KEY]).request(take={"s": _encode(copy)}, to="b")
+    assert b.handoff.answer(request) is not None  # the push: answered, and dropped
+    assert fields(b, "s") == {"n": b"22"}

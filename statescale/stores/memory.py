@@ -9,10 +9,17 @@ When full it evicts in two segments (a segmented LRU): a new session waits on
 *probation*, with the short first lifetime, until its client comes back with the cookie,
 which *protects* it. Eviction takes the least recently used session on probation first,
 so a flood of one-shot anonymous sessions never pushes out a session whose user returned.
+
+Each record counts its writes (its *version*), which a hand-over carries. A copy that
+arrives from another process (:meth:`MemoryStore.put`) replaces only an older one, is
+not kept if older than the one this process gave away lately, and never revives a
+session this process deleted or replaced lately. So a late or duplicate hand-over cannot
+undo a write.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +39,10 @@ from .base import Lifetime
 
 _STRIPES = 64
 PROTECTED_SHARE = 0.8  # of max_sessions, at most, for sessions whose client came back
+#: Sessions given away, deleted or replaced lately, whose versions a store remembers
+#: (a hand-over of an older copy arriving late is refused).
+MAX_LEFT = 10_000
+_DELETED = sys.maxsize  # the version a deleted session's copy would need: none has it
 
 
 class Kept(NamedTuple):
@@ -41,15 +52,19 @@ class Kept(NamedTuple):
     record: Record
     expires: float
     returned: bool
+    version: int = 0  # writes since the record was created
 
 
 class _Entry:
-    __slots__ = ("created", "expires", "fields")
+    __slots__ = ("created", "expires", "fields", "version")
 
-    def __init__(self, fields: dict[str, bytes], created: float, expires: float) -> None:
+    def __init__(
+        self, fields: dict[str, bytes], created: float, expires: float, version: int = 0
+    ) -> None:
         self.fields = fields
         self.created = created
         self.expires = expires
+        self.version = version
 
 
 class MemoryStore:
@@ -80,6 +95,7 @@ class MemoryStore:
         self._clock = clock
         self._probation: OrderedDict[str, _Entry] = OrderedDict()  # new, not returned to
         self._protected: OrderedDict[str, _Entry] = OrderedDict()  # their clients came back
+        self._left: OrderedDict[str, int] = OrderedDict()  # gone lately -> at what version
         self._mutex = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
 
@@ -124,6 +140,7 @@ class MemoryStore:
             for key in changes.deleted:
                 entry.fields.pop(key, None)
             entry.fields.update(changes.set)
+            entry.version += 1
         return 0  # one process, one copy: no versions needed
 
     def create(
@@ -141,8 +158,7 @@ class MemoryStore:
         entry = _Entry(dict(fields), created, expires)
         with self._mutex:
             if replaces is not None:
-                self._probation.pop(replaces, None)
-                self._protected.pop(replaces, None)
+                self._drop(replaces, _DELETED)
             segment = self._probation if first else self._protected
             segment[session_id] = entry
             segment.move_to_end(session_id)
@@ -173,7 +189,8 @@ class MemoryStore:
             entry = (self._protected if returned else self._probation).pop(session_id, None)
             if entry is None or not self._alive(entry, now):
                 return None
-            return Kept(Record(entry.fields, entry.created), entry.expires, returned)
+            self._drop(session_id, entry.version)
+            return Kept(Record(entry.fields, entry.created), entry.expires, returned, entry.version)
 
     def items(self) -> list[tuple[str, Kept]]:
         """Every live record (a worker that stops hands them over)."""
@@ -182,20 +199,35 @@ class MemoryStore:
             return [
                 (
                     sid,
-                    Kept(Record(dict(e.fields), e.created), e.expires, segment is self._protected),
+                    Kept(
+                        Record(dict(e.fields), e.created),
+                        e.expires,
+                        segment is self._protected,
+                        e.version,
+                    ),
                 )
                 for segment in (self._probation, self._protected)
                 for sid, e in segment.items()
                 if self._alive(e, now)
             ]
 
-    def put(self, session_id: str, kept: Kept) -> None:
+    def put(self, session_id: str, kept: Kept) -> bool:
         """Keep a record handed over by another process as it was there: its expiry,
-        and whether its client had come back. One that has expired meanwhile is not."""
-        if not self._alive(_Entry({}, kept.record.created, kept.expires), self._clock()):
-            return
-        entry = _Entry(dict(kept.record.fields), kept.record.created, kept.expires)
+        and whether its client had come back; whether it was kept. It is not if it has
+        expired meanwhile, if this store holds a copy as new or gave away a newer one
+        (a hand-over that arrives twice, or late, cannot undo a write), or if this
+        store deleted or replaced the session lately."""
+        now = self._clock()
+        entry = _Entry(dict(kept.record.fields), kept.record.created, kept.expires, kept.version)
+        if not self._alive(entry, now):
+            return False
         with self._mutex:
+            if kept.version < self._left.get(session_id, 0):
+                return False
+            self._left.pop(session_id, None)
+            held = self._protected.get(session_id) or self._probation.get(session_id)
+            if held is not None and self._alive(held, now) and held.version >= kept.version:
+                return False
             self._probation.pop(session_id, None)
             self._protected.pop(session_id, None)
             segment = self._protected if kept.returned else self._probation
@@ -203,14 +235,24 @@ class MemoryStore:
             self._demote()
             while len(self) > self.max_sessions:  # probation first
                 (self._probation or self._protected).popitem(last=False)
+        return True
 
     def _alive(self, entry: _Entry, now: float) -> bool:
         return entry.expires > now and self.lifetime.remaining(entry.created, now) > 0
 
     def delete(self, session_id: str) -> None:
         with self._mutex:
-            self._probation.pop(session_id, None)
-            self._protected.pop(session_id, None)
+            self._drop(session_id, _DELETED)
+
+    def _drop(self, session_id: str, version: int) -> None:
+        """Drop a session; for a while, refuse hand-overs of copies older than
+        ``version`` (under ``_mutex``)."""
+        self._probation.pop(session_id, None)
+        self._protected.pop(session_id, None)
+        self._left[session_id] = version
+        self._left.move_to_end(session_id)
+        if len(self._left) > MAX_LEFT:
+            self._left.popitem(last=False)
 
     @contextmanager
     def lock(self, session_id: str) -> Iterator[None]:

@@ -3,7 +3,9 @@ from __future__ import annotations
 import pytest
 
 from statescale.exceptions import ConfigError
+from statescale.session import Changes, Record
 from statescale.stores import MemoryStore
+from statescale.stores.memory import Kept
 from tests.conftest import Clock
 
 
@@ -78,3 +80,42 @@ def test_new_sessions_keep_room_when_every_slot_was_once_protected(clock: Clock)
     assert store.load("newcomer") is not None
     assert len(store) == 10
     assert sum(store.load(f"regular-{n}") is not None for n in range(10)) == 9
+
+
+def _copy(store: MemoryStore, session_id: str) -> Kept:
+    """The session as a hand-over would carry it (taken, then put back)."""
+    kept = store.take(session_id)
+    assert kept is not None
+    assert store.put(session_id, kept)
+    return kept
+
+
+def test_a_late_hand_over_never_undoes_a_write(clock: Clock) -> None:
+    store = MemoryStore(clock=clock)
+    store.create("s", {"n": b"1"})
+    stale = _copy(store, "s")  # a copy on its way here, twice (pushed, and fetched)
+    store.save("s", Changes({"n": b"2"}, frozenset()), created=clock.now)
+    assert not store.put("s", stale)
+    assert store.load("s") == Record({"n": b"2"}, stale.record.created)
+
+
+def test_a_copy_older_than_the_one_given_away_is_refused(clock: Clock) -> None:
+    store = MemoryStore(clock=clock)
+    store.create("s", {"n": b"1"})
+    stale = _copy(store, "s")
+    store.save("s", Changes({"n": b"2"}, frozenset()), created=clock.now)
+    given = store.take("s")  # to another process
+    assert given is not None and given.version == stale.version + 1
+    assert not store.put("s", stale) and not store.holds("s")
+    assert store.put("s", given)  # the same copy coming back is kept
+
+
+def test_a_late_hand_over_never_revives_a_deleted_or_replaced_session(clock: Clock) -> None:
+    store = MemoryStore(clock=clock)
+    for session_id in ("gone", "old"):
+        store.create(session_id, {"user": b"alice"})
+    copies = {session_id: _copy(store, session_id) for session_id in ("gone", "old")}
+    store.delete("gone")  # a logout
+    store.create("new", {"user": b"alice"}, replaces="old")  # a regeneration
+    for session_id, kept in copies.items():
+        assert not store.put(session_id, kept) and not store.holds(session_id)
