@@ -159,6 +159,7 @@ class MemoryStore:
         with self._mutex:
             if replaces is not None:
                 self._drop(replaces, _DELETED)
+            self._left.pop(session_id, None)  # live again, whatever it was
             segment = self._probation if first else self._protected
             segment[session_id] = entry
             segment.move_to_end(session_id)
