@@ -74,6 +74,21 @@ REMOTE_DELAY = 0.0005  # seconds each way: a Redis about 1 ms away
 #: (label, share of writes): the two mixes every configuration is measured with
 MIXES = (("read-heavy", 0.1), ("write-heavy", 0.9))
 PERCENTILES = ("p50", "p90", "p99")
+#: Every configuration, in the tables' order (what ``--only`` takes).
+CONFIGURATIONS = (
+    "ceiling",
+    "shared",
+    "affinity (gunicorn)",
+    "shared+locking",
+    "shared (Redis 1 ms away)",
+    "sticky (gunicorn)",
+    "sticky (router)",
+    "sticky (registry)",
+    "sticky (nginx)",
+    "memory (no sticky)",
+    "flask-session 0.8",
+    "signed cookies",
+)
 
 
 @dataclass
@@ -138,6 +153,7 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
         return {"STATESCALE_STORE": "redis", "STATESCALE_REDIS_URL": url}
 
     def want(name: str) -> bool:
+        assert name in CONFIGURATIONS, name
         return only is None or name in only
 
     def gunicorn(
@@ -762,13 +778,22 @@ def main(argv: list[str] | None = None) -> int:
         "--sizes",
         help="comma-separated session sizes in bytes (default 100,20000; quick 100)",
     )
-    parser.add_argument("--only", help="comma-separated configuration names")
+    parser.add_argument(
+        "--only",
+        help="comma-separated configuration names, of: " + ", ".join(CONFIGURATIONS),
+    )
     parser.add_argument("--out", default="bench-results", help="directory for the results")
     args = parser.parse_args(argv)
     if args.loadgen == "wrk" and shutil.which("wrk") is None:
         print("benchmarks.compare: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     only = {name.strip() for name in args.only.split(",")} if args.only else None
+    unknown = sorted((only or set()) - set(CONFIGURATIONS))
+    if unknown:
+        parser.error(
+            f"--only: no configuration named {', '.join(map(repr, unknown))}; "
+            f"the configurations are {', '.join(CONFIGURATIONS)}"
+        )
     try:
         sizes = [int(size) for size in args.sizes.split(",")] if args.sizes else None
     except ValueError:

@@ -57,6 +57,18 @@ def test_cli_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
 
 
+def test_the_comparison_refuses_a_configuration_it_does_not_have(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import compare
+
+    with pytest.raises(SystemExit) as exited:
+        compare.main(["--only", "shared,affinity"])  # "affinity (gunicorn)" is meant
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "no configuration named 'affinity'" in error and "affinity (gunicorn)" in error
+
+
 def test_the_demo_fails_when_a_mode_that_must_be_consistent_is_not() -> None:
     from benchmarks.demo import Mode, verdict
 
