@@ -27,7 +27,9 @@ In flight: between the old worker's last request and the new one's first, a sess
 in the old worker's memory, then in its file: never nowhere. A request for it on the
 new worker waits for the hand-over (one Unix-socket round trip, or the file: under a
 millisecond for a session, tens of milliseconds for 10,000 in a file). A session keeps
-its expiry and its place in the store (returned or not) across a hand-over.
+its expiry and its place in the store (returned or not) across a hand-over, and its
+count of writes: a copy that arrives late or twice (a leaving node's push racing its
+next owner's fetch) never replaces a newer one (:meth:`MemoryStore.put`).
 
 Every message and file carries an HMAC-SHA256 under each signing key, and a process
 that knows any of them opens it (a key rotation does not cut old and new workers off).
