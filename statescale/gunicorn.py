@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -247,6 +248,8 @@ def _leaving_first(server: Any, master: _Master, stop: Any, drain: float) -> Any
             heartbeat.stop(deregister=True)
             server.log.info("statescale: left the registry; serving %g s more", drain)
             time.sleep(drain)
+            if drain:
+                _stop_router_when_quiet(server, master)
         stop()
 
     return leave_then_stop
@@ -359,6 +362,26 @@ def _start_router(server: Any, master: _Master) -> None:
     server.log.info(
         "statescale: sticky router on http://%s:%d/ (pid %d)", host, port, master.router.pid
     )
+
+
+def _stop_router_when_quiet(server: Any, master: _Master) -> None:
+    """Leaving the fleet for good: the router serves on while connections still arrive
+    (a balancer slow to reload still sends some; stopped under them, the listener would
+    queue them until this master exits, and then reset them), and stops once they have
+    ceased (SIGUSR1; see :mod:`statescale.routing.router.serve`)."""
+    router = master.router
+    if router is None or router.poll() is not None:
+        return
+    from .routing.router.serve import GRACE
+
+    router.send_signal(signal.SIGUSR1)
+    try:  # its wait for quiet, then for what is in flight: GRACE seconds each at most
+        router.wait(2 * GRACE + 1)
+    except subprocess.TimeoutExpired:
+        return  # stopped the ordinary way next
+    master.router = None
+    if router.returncode:
+        server.log.error("statescale: the router exited with code %s", router.returncode)
 
 
 def _stop_router(server: Any, master: _Master) -> None:

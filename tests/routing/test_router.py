@@ -63,6 +63,31 @@ def test_proxying_keepalive_bodies_and_forwarded_headers(
     assert "stopping; 0 requests in flight" in err
 
 
+def test_a_router_leaving_for_good_serves_until_connections_cease(
+    echoes: list[tuple[str, ThreadingHTTPServer]],
+) -> None:
+    """SIGUSR1 (what a node's master sends when it leaves its fleet): the router goes
+    on serving new connections while they keep coming (a balancer still reloading
+    sends some), and stops by itself once none has come for QUIET seconds."""
+    from statescale.routing.router.serve import QUIET
+
+    router = RouterProcess(backends_of(echoes))
+    router.process.send_signal(signal.SIGUSR1)
+    keep_coming = time.monotonic() + 4 * QUIET
+    served = 0
+    while time.monotonic() < keep_coming:
+        assert ask(router.port)[0] == 200  # a new connection each time
+        served += 1
+        time.sleep(QUIET / 5)
+    assert router.process.poll() is None and served >= 15
+    quiet = time.monotonic()
+    assert router.process.wait(10) == 0
+    assert time.monotonic() - quiet < 2 * QUIET + 1
+    assert router.process.stderr is not None
+    assert "stopping; 0 requests in flight" in router.process.stderr.read().decode()
+    router.process.stderr.close()
+
+
 def test_a_cookie_goes_to_its_owner_and_a_dead_node_is_routed_around(
     echoes: list[tuple[str, ThreadingHTTPServer]],
 ) -> None:

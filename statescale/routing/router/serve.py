@@ -10,7 +10,10 @@
   clients out.
 * SIGTERM/SIGINT: stop accepting, let requests in flight finish (``grace`` seconds at
   most); a connection that has not sent its first request yet still may; idle keep-alive
-  connections are closed. SIGHUP re-reads the backends file.
+  connections are closed. SIGUSR1 (a node leaving its fleet for good): go on serving
+  while connections still arrive (balancers that have not yet followed the change),
+  and stop as SIGTERM does once none has for ``QUIET`` seconds (``grace`` at most).
+  SIGHUP re-reads the backends file.
 * With a registry (:mod:`statescale.routing.membership`), the membership follows it:
   each change it announces takes effect at once, on the loop's thread.
 * With channels to pass connections through (``passes``, from the gunicorn hooks), the
@@ -55,6 +58,10 @@ def connection_cap(requested: int | None = None) -> int:
 
 
 SWEEP_INTERVAL = 0.25  # seconds between two sweeps of the connections' deadlines
+#: Seconds without a new connection after which a node leaving its fleet stops: its
+#: balancers have followed (a HAProxy reload under load took 1.3 s to switch over).
+QUIET = 0.5
+GRACE = 10.0  # seconds, by default, for what is in flight at a stop
 
 
 class ClientConnection(asyncio.Protocol):
@@ -178,6 +185,7 @@ class Server:
         self.max_connections = connection_cap(max_connections)
         self._clients: dict[ClientConnection, None] = {}  # in the order they connected
         self._stopping = False
+        self.arrivals = 0  # client connections served, passed ones not counted
 
     def admit(self, client: ClientConnection) -> bool:
         """Take ``client`` on, making room if the cap is reached; False when every
@@ -185,6 +193,7 @@ class Server:
         if len(self._clients) >= self.max_connections and not self._make_room():
             return False
         self._clients[client] = None
+        self.arrivals += 1
         return True
 
     async def serve_client(self, client: ClientConnection) -> None:
@@ -245,7 +254,7 @@ class Server:
         admin_token: str | None = None,
         admin_remote: bool = False,
         ready: Callable[[], Awaitable[None] | None] | None = None,
-        grace: float = 10.0,
+        grace: float = GRACE,
         registry: Registry | None = None,
     ) -> None:
         admin_server = None
@@ -267,6 +276,13 @@ class Server:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._safe_reload)
+        quieting: list[asyncio.Task[None]] = []  # (the loop keeps no reference to a task)
+
+        def stop_when_quiet() -> None:
+            if not quieting:
+                quieting.append(loop.create_task(self._when_quiet(stop, grace)))
+
+        loop.add_signal_handler(signal.SIGUSR1, stop_when_quiet)
 
         def factory() -> ClientConnection:
             return ClientConnection(self, loop)
@@ -308,6 +324,26 @@ class Server:
             follower.stop(wait=False)  # its thread ends on its own: keep the loop free
         await self._stop(servers, checks, grace)
         sweeper.cancel()
+
+    async def _when_quiet(self, stop: asyncio.Event, limit: float) -> None:
+        """Set ``stop`` once no connection has arrived for ``QUIET`` seconds, or after
+        ``limit`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        seen = -1
+        while (now := self._arrived()) != seen:
+            if loop.time() >= deadline:
+                log.warning(
+                    "statescale router: connections still arrive after %g s; stopping", limit
+                )
+                break
+            seen = now
+            await asyncio.sleep(QUIET)
+        stop.set()
+
+    def _arrived(self) -> int:
+        """Client connections so far, passed or served here."""
+        return self.arrivals + (self._passer.passed if self._passer is not None else 0)
 
     def _adopt(
         self,
