@@ -64,7 +64,7 @@ from .routing.balancers import BackendRing
 from .routing.membership.fleet import Fleet
 from .session import Changes, Record, Written
 from .signing import DEFAULT_COOKIE_NAME
-from .stores.memory import Kept, MemoryStore
+from .stores.memory import UNCOUNTED, Kept, MemoryStore
 
 log = logging.getLogger("statescale")
 
@@ -184,7 +184,7 @@ def _encode(kept: Kept) -> dict[str, Any]:
 def _decode(data: Mapping[str, Any]) -> Kept:
     fields = {str(k): str(v).encode() for k, v in data["f"].items()}
     record = Record(fields, float(data["c"]))
-    return Kept(record, float(data["e"]), bool(data["r"]), int(data.get("v", 0)))
+    return Kept(record, float(data["e"]), bool(data["r"]), int(data.get("v", UNCOUNTED)))
 
 
 class Handoff:
@@ -269,26 +269,37 @@ class Handoff:
         record = self.memory.load(session_id)
         if record is not None or self._stopped:
             return record
-        found: Kept | None = None
         if self.directory is not None:
             found = self._ask_slot(session_id)
-            if found is None:
+            if found is not None:
+                self._put(session_id, found)
+            else:
                 with self._claiming:  # another thread may be taking in its file
                     record = self.memory.load(session_id)
                     if record is not None:
                         return record
                     found = self._claim_files(session_id)
-        if found is None and self.peers is not None:
-            with self._cond:  # on its way to a peer: once there, ask that peer first
-                self._cond.wait_for(lambda: session_id not in self._pushing, ASK_TIMEOUT)
-                gone_to = self._gone_to.pop(session_id, None)
-            found = self.peers.fetch(session_id, self.sealer, first=gone_to)
-            if found is None:  # a stopping peer may have sent it here meanwhile
-                return self._arrived(session_id)
-        if found is None:
+                    if found is not None:
+                        self._put(session_id, found)
+            record = self.memory.load(session_id)
+            if record is not None or self.peers is None:
+                return record
+            # None here, or only a copy older than one given away: the peers are asked.
+        if self.peers is None:
             return None
-        self.memory.put(session_id, found)
+        with self._cond:  # on its way to a peer: once there, ask that peer first
+            self._cond.wait_for(lambda: session_id not in self._pushing, ASK_TIMEOUT)
+            gone_to = self._gone_to.pop(session_id, None)
+        found = self.peers.fetch(session_id, self.sealer, first=gone_to)
+        if found is None:  # a stopping peer may have sent it here meanwhile
+            return self._arrived(session_id)
+        self._put(session_id, found)
         return self.memory.load(session_id)
+
+    def _put(self, session_id: str, kept: Kept) -> None:
+        """Keep a copy handed over, unless this process knows a newer one."""
+        if not self.memory.put(session_id, kept):
+            log.info("statescale: dropped a copy of a session older than one known here")
 
     def _arrived(self, session_id: str) -> Record | None:
         """``session_id``, if a peer's hand-over brought it while this process asked."""
@@ -296,7 +307,7 @@ class Handoff:
             with self._claiming:
                 found = self._claim_files(session_id)
             if found is not None:
-                self.memory.put(session_id, found)
+                self._put(session_id, found)
         return self.memory.load(session_id)
 
     # -- answering -------------------------------------------------------------------------
@@ -452,8 +463,9 @@ class Handoff:
             sessions = json.loads(body)["sessions"]
             for session_id, data in sessions.items():
                 kept = _decode(data)
-                if session_id == wanted:
-                    found = kept
+                if session_id == wanted:  # (in two files: the newer)
+                    if found is None or kept.version > found.version:
+                        found = kept
                 else:
                     self.memory.put(session_id, kept)  # (not expired, nor over a newer copy)
             log.info("statescale: took in %d sessions handed over in %s", len(sessions), path.name)
@@ -514,7 +526,9 @@ class Handoff:
         finally:
             with self._cond:
                 for session_id in delivered:
-                    if self.memory.take(session_id) is not None:
+                    # Unless a request wrote it meanwhile (one waits for a push at most
+                    # ASK_TIMEOUT): the newer copy stays, and goes at the next hand-over.
+                    if self.memory.take(session_id, free[session_id].version) is not None:
                         self._remember(session_id, delivered[session_id])
                 for session_id in targets:
                     self._pushing.pop(session_id, None)

@@ -266,3 +266,24 @@ def test_a_push_that_lands_after_a_fetch_and_a_write_is_dropped() -> None:
     request, _ = Sealer([KEY]).request(take={"s": _encode(copy)}, to="b")
     assert b.handoff.answer(request) is not None  # the push: answered, and dropped
     assert fields(b, "s") == {"n": b"22"}
+
+
+@pytest.mark.parametrize("newer_in", ["first", "second"])
+def test_of_two_files_holding_a_session_the_newer_copy_is_taken(
+    tmp_path: Path, newer_in: str
+) -> None:
+    """A relayed push (older) and a stopped worker's file (newer) both hold a session:
+    the worker that claims them keeps the newer, whatever order it reads them in."""
+    import json
+
+    from statescale.handoff import Sealer, _encode
+    from statescale.stores.memory import Kept
+
+    sealer, now = Sealer([KEY]), time.time()
+    older = Kept(Record({"n": b"5"}, now), now + 60, True, 5)
+    newer = Kept(Record({"n": b"6"}, now), now + 60, True, 6)
+    copies = [newer, older] if newer_in == "first" else [older, newer]
+    for name, kept in zip(("1-a", "2-b"), copies, strict=True):
+        body = json.dumps({"sessions": {"s": _encode(kept)}}).encode()
+        (tmp_path / f"{name}.json").write_bytes(sealer.seal(body))
+    assert fields(worker(tmp_path, "new"), "s") == {"n": b"6"}

@@ -43,6 +43,7 @@ PROTECTED_SHARE = 0.8  # of max_sessions, at most, for sessions whose client cam
 #: (a hand-over of an older copy arriving late is refused).
 MAX_LEFT = 10_000
 _DELETED = sys.maxsize  # the version a deleted session's copy would need: none has it
+UNCOUNTED = -1  # the version of a copy from a process that does not count writes
 
 
 class Kept(NamedTuple):
@@ -52,7 +53,7 @@ class Kept(NamedTuple):
     record: Record
     expires: float
     returned: bool
-    version: int = 0  # writes since the record was created
+    version: int = 0  # writes since the record was created; UNCOUNTED: not known
 
 
 class _Entry:
@@ -182,13 +183,18 @@ class MemoryStore:
             entry = self._protected.get(session_id) or self._probation.get(session_id)
             return entry is not None and entry.expires > self._clock()
 
-    def take(self, session_id: str) -> Kept | None:
-        """Remove a live record and return it (a hand-over to another process)."""
+    def take(self, session_id: str, version: int | None = None) -> Kept | None:
+        """Remove a live record and return it (a hand-over to another process); with
+        ``version``, only if the record is still at that version."""
         now = self._clock()
         with self._mutex:
             returned = session_id in self._protected
-            entry = (self._protected if returned else self._probation).pop(session_id, None)
-            if entry is None or not self._alive(entry, now):
+            segment = self._protected if returned else self._probation
+            entry = segment.get(session_id)
+            if entry is None or (version is not None and entry.version != version):
+                return None
+            del segment[session_id]
+            if not self._alive(entry, now):
                 return None
             self._drop(session_id, entry.version)
             return Kept(Record(entry.fields, entry.created), entry.expires, returned, entry.version)
@@ -223,12 +229,17 @@ class MemoryStore:
         if not self._alive(entry, now):
             return False
         with self._mutex:
-            if kept.version < self._left.get(session_id, 0):
+            left = self._left.get(session_id, 0)
+            held = self._protected.get(session_id) or self._probation.get(session_id)
+            if held is not None and not self._alive(held, now):
+                held = None
+            if kept.version == UNCOUNTED:  # (an older release's) kept as it used to be:
+                if held is not None or left == _DELETED:  # never over a copy held here
+                    return False
+                entry.version = left  # and counted on from what is known
+            elif kept.version < left or (held is not None and held.version >= kept.version):
                 return False
             self._left.pop(session_id, None)
-            held = self._protected.get(session_id) or self._probation.get(session_id)
-            if held is not None and self._alive(held, now) and held.version >= kept.version:
-                return False
             self._probation.pop(session_id, None)
             self._protected.pop(session_id, None)
             segment = self._protected if kept.returned else self._probation

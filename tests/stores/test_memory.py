@@ -5,7 +5,7 @@ import pytest
 from statescale.exceptions import ConfigError
 from statescale.session import Changes, Record
 from statescale.stores import MemoryStore
-from statescale.stores.memory import Kept
+from statescale.stores.memory import UNCOUNTED, Kept
 from tests.conftest import Clock
 
 
@@ -119,3 +119,24 @@ def test_a_late_hand_over_never_revives_a_deleted_or_replaced_session(clock: Clo
     store.create("new", {"user": b"alice"}, replaces="old")  # a regeneration
     for session_id, kept in copies.items():
         assert not store.put(session_id, kept) and not store.holds(session_id)
+
+
+def test_a_copy_from_a_release_that_does_not_count_writes_is_kept_as_before(
+    clock: Clock,
+) -> None:
+    """A rolling upgrade: the old release's copies carry no count. One that comes back
+    after this store gave the session away is kept (and counted on from there); one is
+    never put over a copy held here, nor over a session deleted here."""
+    store = MemoryStore(clock=clock)
+    store.create("s", {"n": b"1"})
+    store.save("s", Changes({"n": b"2"}, frozenset()), created=clock.now)
+    given = store.take("s")
+    assert given is not None and given.version == 1
+    back = given._replace(record=Record({"n": b"3"}, given.record.created), version=UNCOUNTED)
+    assert store.put("s", back) and store.load("s") == Record({"n": b"3"}, back.record.created)
+    assert not store.put("s", back._replace(record=Record({"n": b"0"}, 0.0)))  # held here
+    store.save("s", Changes({"n": b"4"}, frozenset()), created=clock.now)
+    assert store.take("s", version=1) is None  # written since: not taken
+    assert store.holds("s")
+    store.delete("s")
+    assert not store.put("s", back) and not store.holds("s")
