@@ -309,7 +309,7 @@ def parser() -> argparse.ArgumentParser:
         "that refuses connections is taken out at once; a check brings it back. Ambiguous "
         "HTTP framing is refused with 400; request bodies are read whole before they go on. "
         "SIGHUP re-reads --backends-file; SIGTERM finishes requests in flight, then stops; "
-        "SIGUSR1 serves on until no connection has come for 0.5 s, then stops as SIGTERM does. "
+        "SIGUSR1 serves on until no request has come for 0.5 s, then stops as SIGTERM does. "
         "The admin endpoint needs STATESCALE_ADMIN_TOKEN (sent as Authorization: Bearer).",
     )
     router.add_argument(

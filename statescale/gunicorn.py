@@ -237,8 +237,9 @@ def _register(server: Any, master: _Master) -> None:
 def _leaving_first(server: Any, master: _Master, stop: Any, drain: float) -> Any:
     def leave_then_stop() -> None:
         heartbeat, master.heartbeat = master.heartbeat, None
-        if heartbeat is not None and server.reexec_pid:
-            # The old master of a USR2 upgrade: the new one has taken the name over.
+        if heartbeat is not None and (server.reexec_pid or server.master_pid):
+            # One master of a USR2 upgrade while the other runs: the old one (the new
+            # has taken the name over), or the new one (a rollback: the old one serves on).
             heartbeat.stop(deregister=False)
         elif heartbeat is not None:
             if master.handoff is not None:  # its workers hand sessions to the fleet
@@ -372,11 +373,11 @@ def _stop_router_when_quiet(server: Any, master: _Master) -> None:
     router = master.router
     if router is None or router.poll() is not None:
         return
-    from .routing.router.serve import GRACE
+    from .routing.router.serve import GRACE, QUIET
 
     router.send_signal(signal.SIGUSR1)
     try:  # its wait for quiet, then for what is in flight: GRACE seconds each at most
-        router.wait(2 * GRACE + 1)
+        router.wait(2 * GRACE + QUIET + 2)
     except subprocess.TimeoutExpired:
         return  # stopped the ordinary way next
     master.router = None

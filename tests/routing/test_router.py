@@ -67,19 +67,25 @@ def test_a_router_leaving_for_good_serves_until_connections_cease(
     echoes: list[tuple[str, ThreadingHTTPServer]],
 ) -> None:
     """SIGUSR1 (what a node's master sends when it leaves its fleet): the router goes
-    on serving new connections while they keep coming (a balancer still reloading
-    sends some), and stops by itself once none has come for QUIET seconds."""
+    on serving while requests keep coming (a balancer still reloading sends some), on
+    new connections or on one kept alive, and stops by itself once none has come for
+    QUIET seconds."""
     from statescale.routing.router.serve import QUIET
 
     router = RouterProcess(backends_of(echoes))
+    kept = http.client.HTTPConnection("127.0.0.1", router.port, timeout=5)
+    kept.request("GET", "/")
+    assert kept.getresponse().read()
     router.process.send_signal(signal.SIGUSR1)
-    keep_coming = time.monotonic() + 4 * QUIET
-    served = 0
-    while time.monotonic() < keep_coming:
-        assert ask(router.port)[0] == 200  # a new connection each time
-        served += 1
+    for _ in range(5):  # new connections
+        assert ask(router.port)[0] == 200
         time.sleep(QUIET / 5)
-    assert router.process.poll() is None and served >= 15
+    for _ in range(4):  # then only the one kept alive, spanning more than QUIET
+        kept.request("GET", "/")
+        assert kept.getresponse().read()
+        time.sleep(QUIET * 0.8)
+    assert router.process.poll() is None
+    kept.close()
     quiet = time.monotonic()
     assert router.process.wait(10) == 0
     assert time.monotonic() - quiet < 2 * QUIET + 1

@@ -11,8 +11,8 @@
 * SIGTERM/SIGINT: stop accepting, let requests in flight finish (``grace`` seconds at
   most); a connection that has not sent its first request yet still may; idle keep-alive
   connections are closed. SIGUSR1 (a node leaving its fleet for good): go on serving
-  while connections still arrive (balancers that have not yet followed the change),
-  and stop as SIGTERM does once none has for ``QUIET`` seconds (``grace`` at most).
+  while requests still arrive (balancers that have not yet followed the change), and
+  stop as SIGTERM does once none has for ``QUIET`` seconds (``grace`` at most).
   SIGHUP re-reads the backends file.
 * With a registry (:mod:`statescale.routing.membership`), the membership follows it:
   each change it announces takes effect at once, on the loop's thread.
@@ -58,8 +58,8 @@ def connection_cap(requested: int | None = None) -> int:
 
 
 SWEEP_INTERVAL = 0.25  # seconds between two sweeps of the connections' deadlines
-#: Seconds without a new connection after which a node leaving its fleet stops: its
-#: balancers have followed (a HAProxy reload under load took 1.3 s to switch over).
+#: Seconds without a request after which a node leaving its fleet stops: its balancers
+#: have followed (a HAProxy reload under load took 1.3 s to switch over).
 QUIET = 0.5
 GRACE = 10.0  # seconds, by default, for what is in flight at a stop
 
@@ -185,7 +185,7 @@ class Server:
         self.max_connections = connection_cap(max_connections)
         self._clients: dict[ClientConnection, None] = {}  # in the order they connected
         self._stopping = False
-        self.arrivals = 0  # client connections served, passed ones not counted
+        self.arrivals = 0  # requests served here (the passed ones are counted apart)
 
     def admit(self, client: ClientConnection) -> bool:
         """Take ``client`` on, making room if the cap is reached; False when every
@@ -193,7 +193,6 @@ class Server:
         if len(self._clients) >= self.max_connections and not self._make_room():
             return False
         self._clients[client] = None
-        self.arrivals += 1
         return True
 
     async def serve_client(self, client: ClientConnection) -> None:
@@ -210,6 +209,7 @@ class Server:
                 client.waiting = False
                 if not isinstance(head, RequestHead):
                     break  # gone (closed by the client, or by a deadline)
+                self.arrivals += 1
                 keep = await self.router.proxy(
                     head, client, client.deadline, keep_open=not self._stopping
                 )
@@ -326,23 +326,21 @@ class Server:
         sweeper.cancel()
 
     async def _when_quiet(self, stop: asyncio.Event, limit: float) -> None:
-        """Set ``stop`` once no connection has arrived for ``QUIET`` seconds, or after
-        ``limit`` seconds."""
+        """Set ``stop`` once no request has arrived for ``QUIET`` seconds (on a new
+        connection or one kept alive), or after ``limit`` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         seen = -1
         while (now := self._arrived()) != seen:
             if loop.time() >= deadline:
-                log.warning(
-                    "statescale router: connections still arrive after %g s; stopping", limit
-                )
+                log.warning("statescale router: requests still arrive after %g s; stopping", limit)
                 break
             seen = now
             await asyncio.sleep(QUIET)
         stop.set()
 
     def _arrived(self) -> int:
-        """Client connections so far, passed or served here."""
+        """Requests so far, passed or served here."""
         return self.arrivals + (self._passer.passed if self._passer is not None else 0)
 
     def _adopt(
