@@ -67,6 +67,10 @@ class _Entry:
         self.expires = expires
         self.version = version
 
+    def kept(self, returned: bool) -> Kept:
+        """A copy of this record as a hand-over carries it."""
+        return Kept(Record(dict(self.fields), self.created), self.expires, returned, self.version)
+
 
 class MemoryStore:
     """A per-process, thread-safe store of at most ``max_sessions`` sessions.
@@ -197,22 +201,14 @@ class MemoryStore:
             if not self._alive(entry, now):
                 return None
             self._drop(session_id, entry.version)
-            return Kept(Record(entry.fields, entry.created), entry.expires, returned, entry.version)
+            return entry.kept(returned)
 
     def items(self) -> list[tuple[str, Kept]]:
         """Every live record (a worker that stops hands them over)."""
         now = self._clock()
         with self._mutex:
             return [
-                (
-                    sid,
-                    Kept(
-                        Record(dict(e.fields), e.created),
-                        e.expires,
-                        segment is self._protected,
-                        e.version,
-                    ),
-                )
+                (sid, e.kept(segment is self._protected))
                 for segment in (self._probation, self._protected)
                 for sid, e in segment.items()
                 if self._alive(e, now)
