@@ -57,6 +57,9 @@ class Hosting:
     #: ``backends`` stay the fleet's.
     slot: str | None = None
     slots: tuple[Backend, ...] = ()
+    #: A node that registered itself (``STATESCALE_REGISTRY``), as it did: the ring a
+    #: worker forked after it has left starts from when it was the last of its fleet.
+    member: Backend | None = None
 
     def apply(self, settings: Settings) -> Settings:
         if self.node is None and self.backends is None and self.balancer is None:
@@ -183,6 +186,8 @@ def node_fleet(settings: Settings) -> Fleet:
                     f"{exc}; set STATESCALE_BACKENDS too, to start while it is down"
                 ) from exc
             members = list(settings.backends)
+        if not members and _hosting.member is not None:
+            members = [_hosting.member]  # it has left, the last of its fleet: it drains
         if not members:
             raise ConfigError(
                 f"{settings.registry} lists no node yet (not even {settings.node}): start "

@@ -107,6 +107,7 @@ class _Master:
     slots: list[_Slot] = field(default_factory=list)
     router: subprocess.Popen[bytes] | None = None
     heartbeat: Heartbeat | None = None  # this instance's registration, if it has a registry
+    member: Backend | None = None  # how it registered itself (and its workers know it)
 
 
 _master: _Master | None = None
@@ -213,9 +214,10 @@ def _register(server: Any, master: _Master) -> None:
     """Register this instance (``STATESCALE_NODE`` at ``STATESCALE_ADVERTISE``, default
     the bind address) and keep it registered from a thread of the master's. A graceful
     stop (``TERM``) leaves the registry first, serves ``STATESCALE_DRAIN`` seconds more
-    while routers and peers follow (they fetch the sessions that move from here), and
-    only then stops the workers, which hand what is left to the next owners. ``INT``
-    and ``QUIT`` (fast stops) leave without the wait."""
+    while routers and peers follow (they fetch the sessions that move from here), and,
+    with a router in the master, on until requests cease; only then it stops the
+    workers, which hand what is left to the next owners. ``INT`` and ``QUIT`` (fast
+    stops) leave without the wait, or cut it short."""
     from .routing.membership import Heartbeat, open_registry
 
     settings = master.settings
@@ -226,15 +228,16 @@ def _register(server: Any, master: _Master) -> None:
             f"gunicorn binds {advertise}, which nobody can connect to: set "
             "STATESCALE_ADVERTISE=HOST:PORT, the address other instances reach this one at"
         )
+    master.member = backend
     master.heartbeat = Heartbeat(open_registry(settings.registry or ""), backend)
     master.heartbeat.start()
     server.log.info("statescale: registered %s in %s", backend.spec, settings.registry)
-    stops = {"handle_term": settings.drain, "handle_int": 0.0, "handle_quit": 0.0}
-    for name, drain in stops.items():
-        setattr(server, name, _leaving_first(server, master, getattr(server, name), drain))
+    for name in ("handle_term", "handle_int", "handle_quit"):
+        graceful = name == "handle_term"
+        setattr(server, name, _leaving_first(server, master, getattr(server, name), graceful))
 
 
-def _leaving_first(server: Any, master: _Master, stop: Any, drain: float) -> Any:
+def _leaving_first(server: Any, master: _Master, stop: Any, graceful: bool) -> Any:
     def leave_then_stop() -> None:
         heartbeat, master.heartbeat = master.heartbeat, None
         if heartbeat is not None and (server.reexec_pid or server.master_pid):
@@ -247,13 +250,50 @@ def _leaving_first(server: Any, master: _Master, stop: Any, drain: float) -> Any
 
                 leaving_mark(master.handoff, os.getpid()).touch()
             heartbeat.stop(deregister=True)
-            server.log.info("statescale: left the registry; serving %g s more", drain)
-            time.sleep(drain)
-            if drain:
-                _stop_router_when_quiet(server, master)
+            if graceful:
+                drain = master.settings.drain
+                server.log.info("statescale: left the registry; serving %g s more", drain)
+                hurry = _serve_meanwhile(server, drain)
+                if hurry is None:
+                    hurry = _stop_router_when_quiet(server, master)
+                if hurry is not None:  # INT or QUIT while it waited: stop at once
+                    server.log.info("statescale: a fast stop cut the drain short")
+                    getattr(server, hurry)()
+                    return
         stop()
 
     return leave_then_stop
+
+
+#: How often (seconds) the master, waiting while it leaves, does the arbiter's rounds.
+HOUSEKEEPING = 0.2
+
+
+def _serve_meanwhile(server: Any, seconds: float, done: Any = None) -> str | None:
+    """Wait ``seconds`` at most (less if ``done()`` turns true) in the master, doing
+    meanwhile what gunicorn's arbiter loop would: reap exited workers, kill those past
+    ``--timeout`` and fork their replacements, so the node serves its drain in full.
+    A fast stop (``INT``, ``QUIT``) that arrives meanwhile ends the wait: the name of
+    its handler is returned. Other signals are logged and dropped: it is stopping."""
+    deadline = time.monotonic() + seconds
+    while not (done is not None and done()):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        pending = getattr(server, "wait_for_signals", None)
+        if pending is None:  # an older gunicorn, which reaps in its SIGCHLD handler
+            time.sleep(min(left, HOUSEKEEPING))
+        else:
+            for sig in pending(timeout=min(left, HOUSEKEEPING)):
+                if sig == signal.SIGCHLD:
+                    server.handle_chld()
+                elif sig in (signal.SIGINT, signal.SIGQUIT):
+                    return "handle_int" if sig == signal.SIGINT else "handle_quit"
+                else:
+                    server.log.info("statescale: leaving; %s ignored", signal.Signals(sig).name)
+        server.murder_workers()
+        server.manage_workers()
+    return None
 
 
 def pre_fork(server: Any, worker: Any) -> None:
@@ -272,6 +312,8 @@ def post_fork(server: Any, worker: Any) -> None:
     """In the new worker: accept on its slot's socket only, and know its node name."""
     slot: _Slot | None = getattr(worker, "statescale_slot", None)
     if slot is None:
+        if _master is not None and _master.member is not None:
+            assemble.host(assemble.Hosting(member=_master.member))
         return
     assert _master is not None
     worker.sockets = [slot.socket]
@@ -287,7 +329,9 @@ def post_fork(server: Any, worker: Any) -> None:
             node=slot.backend.name, backends=slots, balancer="statescale", handoff=handoff
         )
     else:  # a node of a fleet: a ring of its own workers behind the fleet's
-        hosting = assemble.Hosting(handoff=handoff, slot=slot.backend.name, slots=slots)
+        hosting = assemble.Hosting(
+            handoff=handoff, slot=slot.backend.name, slots=slots, member=_master.member
+        )
     assemble.host(hosting)
 
 
@@ -365,24 +409,26 @@ def _start_router(server: Any, master: _Master) -> None:
     )
 
 
-def _stop_router_when_quiet(server: Any, master: _Master) -> None:
+def _stop_router_when_quiet(server: Any, master: _Master) -> str | None:
     """Leaving the fleet for good: the router serves on while connections still arrive
     (a balancer slow to reload still sends some; stopped under them, the listener would
     queue them until this master exits, and then reset them), and stops once they have
-    ceased (SIGUSR1; see :mod:`statescale.routing.router.serve`)."""
+    ceased (SIGUSR1; see :mod:`statescale.routing.router.serve`). What
+    :func:`_serve_meanwhile` returns."""
     router = master.router
     if router is None or router.poll() is not None:
-        return
+        return None
     from .routing.router.serve import GRACE, QUIET
 
     router.send_signal(signal.SIGUSR1)
-    try:  # its wait for quiet, then for what is in flight: GRACE seconds each at most
-        router.wait(2 * GRACE + QUIET + 2)
-    except subprocess.TimeoutExpired:
-        return  # stopped the ordinary way next
+    # Its wait for quiet, then for what is in flight: GRACE seconds each at most.
+    hurry = _serve_meanwhile(server, 2 * GRACE + QUIET + 2, lambda: router.poll() is not None)
+    if router.poll() is None:
+        return hurry  # stopped the ordinary way next
     master.router = None
     if router.returncode:
         server.log.error("statescale: the router exited with code %s", router.returncode)
+    return hurry
 
 
 def _stop_router(server: Any, master: _Master) -> None:

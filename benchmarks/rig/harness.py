@@ -424,8 +424,9 @@ def registered_node(
 ) -> Gunicorn:
     """A demo_app node that registers itself in ``registry`` as ``name`` and follows it
     (sticky mode on the memory store, or ``mode``), on ``balancer``'s ring; stopped when
-    ``stack`` closes. ``env``: more environment (affinity: ``STATESCALE_REDIS_URL``)."""
-    node = Gunicorn(env=env, workers=workers, args=args)
+    ``stack`` closes. ``env``: more environment, or other values (affinity:
+    ``STATESCALE_REDIS_URL``; ``STATESCALE_DRAIN``, 1.5 s here)."""
+    node = Gunicorn(workers=workers, args=args)
     node.env.update(
         STATESCALE_BALANCER=balancer,
         STATESCALE_MODE=mode,
@@ -436,6 +437,7 @@ def registered_node(
     )
     if mode == "sticky":
         node.env["STATESCALE_STORE"] = "memory"
+    node.env.update(env or {})
     stack.enter_context(node)
     return node
 

@@ -4,6 +4,8 @@ sessions over and a node that stops hands its own on."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +16,14 @@ from pathlib import Path
 import pytest
 
 from benchmarks.rig.etcd import EtcdServer
-from benchmarks.rig.harness import Gunicorn, Load, registered_node, start_router, wait_serving
+from benchmarks.rig.harness import (
+    Gunicorn,
+    Load,
+    SessionClient,
+    registered_node,
+    start_router,
+    wait_serving,
+)
 from statescale.processes import free_port, stop_process
 from statescale.routing.balancers import get as get_balancer
 
@@ -137,3 +146,52 @@ def test_nodes_scale_out_and_in_through_a_registry(
         assert firsts and all(i > 0 for i in firsts)
         assert any(set(p) & fourth for p in new.pids)
         assert all(p[-1] not in left for p in old.pids if p[0] in left)
+
+
+def _leaving(redis_url: str, stack: ExitStack, drain: float) -> Gunicorn:
+    """A registered node (gunicorn -w 2) that has just been sent SIGTERM and is serving
+    its drain of ``drain`` seconds."""
+    registry = f"{redis_url}?prefix=leaving-{time.monotonic_ns()}"
+    node = registered_node(
+        stack, registry, "node1", workers=2, env={"STATESCALE_DRAIN": str(drain)}
+    )
+    assert node.process is not None
+    node.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while "left the registry" not in node.log():
+        assert time.monotonic() < deadline, node.log()
+        time.sleep(0.05)
+    return node
+
+
+def test_a_leaving_node_replaces_a_worker_that_dies_during_its_drain(redis_url: str) -> None:
+    """The master waits out its drain doing the arbiter's rounds: a worker killed
+    meanwhile is reaped and replaced, and both serve until the drain ends. (The node
+    has left its fleet, so it routes no session to itself: /health asks for none.)"""
+    with ExitStack() as stack:
+        node = _leaving(redis_url, stack, drain=6.0)
+        assert node.process is not None
+        killed = min(node.worker_pids())
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 4
+        while not (len(node.worker_pids()) == 2 and killed not in node.worker_pids()):
+            assert time.monotonic() < deadline, f"no replacement forked:\n{node.log()}"
+            time.sleep(0.05)
+        assert node.process.poll() is None  # still draining
+        answered = set()
+        while len(answered) < 2 and time.monotonic() < deadline + 2:  # on both workers
+            reply = SessionClient(node.port).get("/health")
+            assert reply.status == 200, node.log()
+            answered.add(reply.json["pid"])
+        assert answered == node.worker_pids()
+        assert node.process.wait(15) == 0
+
+
+def test_a_fast_stop_cuts_a_leaving_nodes_drain_short(redis_url: str) -> None:
+    """QUIT (or INT) during the drain stops the node at once, not when the drain ends."""
+    with ExitStack() as stack:
+        node = _leaving(redis_url, stack, drain=30.0)
+        assert node.process is not None
+        node.process.send_signal(signal.SIGQUIT)
+        node.process.wait(8)  # long before the 30 s drain
+        assert "a fast stop cut the drain short" in node.log()
