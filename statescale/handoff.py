@@ -766,6 +766,9 @@ class HandoffStore:
         return self.memory.create(session_id, fields, created=created, replaces=replaces)
 
     def delete(self, session_id: str) -> None:
+        # A session not held here (a logout that loaded nothing, during a hand-over) is
+        # taken in first: else its last holder keeps it, and a later miss fetches it back.
+        self.handoff.load(session_id)
         self.memory.delete(session_id)
 
     #: The middleware holds each session it loads (:meth:`lock`) until the response

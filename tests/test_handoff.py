@@ -37,6 +37,19 @@ def test_a_session_moves_to_the_worker_that_misses_it(tmp_path: Path) -> None:
     assert fields(old, "s") == {"n": b"1"}  # ...and back, where its requests go
 
 
+def test_a_delete_where_the_session_is_not_held_deletes_it_where_it_is(
+    tmp_path: Path,
+) -> None:
+    """A logout (``invalidate()``, which loads nothing) served by a worker that does not
+    hold the session yet: the copy its last holder kept must go too, or the next
+    request with the same cookie would fetch it back, logged in."""
+    old, new = worker(tmp_path, "old"), worker(tmp_path, "new")
+    old.create("s", {"user": b"ada"}, replaces="x")
+    new.delete("s")
+    assert not old.memory.holds("s") and not new.memory.holds("s")
+    assert fields(new, "s") is None and fields(old, "s") is None
+
+
 def test_a_stopping_worker_leaves_its_sessions_to_the_next(tmp_path: Path) -> None:
     old = worker(tmp_path, "old")
     for n in range(100):
