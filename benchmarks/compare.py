@@ -79,9 +79,11 @@ CONFIGURATIONS = (
     "ceiling",
     "shared",
     "affinity (gunicorn)",
+    "affinity (workers route)",
     "shared+locking",
     "shared (Redis 1 ms away)",
     "sticky (gunicorn)",
+    "sticky (workers route)",
     "sticky (router)",
     "sticky (registry)",
     "sticky (nginx)",
@@ -187,6 +189,8 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
     gunicorn("shared", redis, True)
     affinity = {"STATESCALE_MODE": "affinity"}
     gunicorn("affinity (gunicorn)", lambda: {**redis(), **affinity}, True, routed=True)
+    by_workers = {**affinity, "STATESCALE_ROUTING": "workers"}  # no router process
+    gunicorn("affinity (workers route)", lambda: {**redis(), **by_workers}, True, routed=True)
     gunicorn("shared+locking", lambda: {**redis(), "STATESCALE_LOCKING": "1"}, True)
     gunicorn("shared (Redis 1 ms away)", remote_redis, True)
     setups += _sticky_setups(stack, want, log)
@@ -212,12 +216,13 @@ def _sticky_setups(
 ) -> list[Setup]:
     """The sticky configurations: under gunicorn, behind the router, behind nginx."""
     setups: list[Setup] = []
-    if want("sticky (gunicorn)"):
-        log("starting sticky (gunicorn)")
-        server = stack.enter_context(
-            Gunicorn(env={"STATESCALE_MODE": "sticky"}, app=STATESCALE_APP)
-        )
-        setup = Setup("sticky (gunicorn)", server.port, True, kill_one=_kill_worker(server))
+    for name, routing in (("sticky (gunicorn)", "router"), ("sticky (workers route)", "workers")):
+        if not want(name):
+            continue
+        log(f"starting {name}")
+        env = {"STATESCALE_MODE": "sticky", "STATESCALE_ROUTING": routing}
+        server = stack.enter_context(Gunicorn(env=env, app=STATESCALE_APP))
+        setup = Setup(name, server.port, True, kill_one=_kill_worker(server))
         setup.no_scale_out = "n/a: slots fixed at start"
         setups.append(setup)
     if want("sticky (router)"):

@@ -1,11 +1,12 @@
 """Requests per second of the session routes beside the session-less ceiling.
 
-    python -m benchmarks.core [--mode shared|affinity] [--sessions 64] [--duration 5]
-                              [--rounds 3] [--connections 16]
+    python -m benchmarks.core [--mode shared|affinity] [--routing router|workers]
+                              [--sessions 64] [--duration 5] [--rounds 3] [--connections 16]
 
 gunicorn -w 4 serves demo_app in shared or affinity mode (Redis store; an embedded
 redis-server unless STATESCALE_REDIS_URL is set; affinity puts the router inside the
-master in front). wrk drives, each request carrying one of ``--sessions`` cookies:
+master in front, or with ``--routing workers`` has the workers route among themselves).
+wrk drives, each request carrying one of ``--sessions`` cookies:
 
 * GET /health         the same server and path with no session work: the ceiling
 * GET /api/session    load the session (no round trip once a worker holds a copy)
@@ -47,10 +48,10 @@ def wrk(
 
 
 def run(
-    mode: str, sessions: int, duration: float, rounds: int, connections: int
+    mode: str, sessions: int, duration: float, rounds: int, connections: int, routing: str
 ) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {name: [] for name, _, _ in ROUTES}
-    env = {"STATESCALE_STORE": "redis", "STATESCALE_MODE": mode}
+    env = {"STATESCALE_STORE": "redis", "STATESCALE_MODE": mode, "STATESCALE_ROUTING": routing}
     with Gunicorn(env=env, workers=4) as server:
         cookies = []
         for _ in range(sessions):
@@ -87,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         "--duration", type=float, default=5.0, help="seconds per wrk run (default 5)"
     )
     parser.add_argument("--mode", choices=["shared", "affinity"], default="shared")
+    parser.add_argument(
+        "--routing",
+        choices=["router", "workers"],
+        default="router",
+        help="affinity: a router in the master (default), or the workers route",
+    )
     parser.add_argument("--sessions", type=int, default=64, help="session cookies (default 64)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
@@ -95,11 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print("benchmarks.core: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
+    routed_by = ", the workers routing" if args.routing == "workers" else ""
     print(
-        f"gunicorn -w 4 demo_app:app, {args.mode} mode, {args.sessions} sessions; "
+        f"gunicorn -w 4 demo_app:app, {args.mode} mode{routed_by}, {args.sessions} sessions; "
         f"wrk -c{args.connections}, {args.duration:g}s runs"
     )
-    results = run(args.mode, args.sessions, args.duration, args.rounds, args.connections)
+    results = run(
+        args.mode, args.sessions, args.duration, args.rounds, args.connections, args.routing
+    )
     print()
     print(table(results))
     if args.json:

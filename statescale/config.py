@@ -42,6 +42,9 @@ DEFAULT_DRAIN = 2.0  # seconds a registered instance serves on after leaving the
 MODES = {"shared": "redis", "sticky": "memory", "affinity": "redis"}
 ROUTED = ("sticky", "affinity")
 STORES = ("redis", "memory")
+#: Who sends each request to its session's worker under one gunicorn master (sticky
+#: and affinity modes): a router process in the master, or the sync workers themselves.
+ROUTINGS = ("router", "workers")
 
 
 @dataclass(frozen=True)
@@ -125,11 +128,19 @@ class Settings:
     advertise: str | None = None
     weight: int = 1
     drain: float = DEFAULT_DRAIN
+    #: Sticky and affinity under one gunicorn master: ``router`` (a router process in
+    #: the master) or ``workers`` (sync workers route among themselves; see
+    #: :class:`statescale.routing.router.passing.RoutingListener`).
+    routing: str = "router"
     development_secret: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"STATESCALE_MODE={self.mode!r}: use one of {', '.join(MODES)}")
+        if self.routing not in ROUTINGS:
+            raise ConfigError(
+                f"STATESCALE_ROUTING={self.routing!r}: use one of {', '.join(ROUTINGS)}"
+            )
         if self.store is not None and self.store not in STORES:
             raise ConfigError(f"STATESCALE_STORE={self.store!r}: use one of {', '.join(STORES)}")
         if self.mode == "affinity" and self.store_kind != "redis":
@@ -304,4 +315,5 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "STATESCALE_ADVERTISE": ("advertise", _text),
     "STATESCALE_WEIGHT": ("weight", _count),
     "STATESCALE_DRAIN": ("drain", _number),
+    "STATESCALE_ROUTING": ("routing", _word),
 }

@@ -34,6 +34,11 @@ master (affinity keeps the sessions in Redis besides, as shared mode does):
   connection itself to the slot's worker, through a Unix socket pair per slot that the
   master keeps open (:mod:`statescale.routing.router.passing`), and proxies to the
   slot's socket only what it cannot route by a peek. The router dies with the master.
+* with ``STATESCALE_ROUTING=workers`` (sync workers only) there is no router: each
+  worker accepts on gunicorn's listener, peeks, and passes a connection whose session
+  another slot owns through that slot's channel
+  (:class:`~statescale.routing.router.passing.RoutingListener`). A worker that stops
+  gracefully first answers what the others passed it (``worker_exit``).
 * a worker that exits (a crash, ``--max-requests``, a ``HUP`` reload) is replaced in the
   same slot (``pre_fork``). The slot's socket stays open meanwhile, so connections wait
   in its queue for the replacement instead of being refused: reloads and recycling fail
@@ -107,6 +112,7 @@ class _Master:
     slots: list[_Slot] = field(default_factory=list)
     router: subprocess.Popen[bytes] | None = None
     heartbeat: Heartbeat | None = None  # this instance's registration, if it has a registry
+    workers_route: bool = False  # STATESCALE_ROUTING=workers: no router process
     member: Backend | None = None  # how it registered itself (and its workers know it)
 
 
@@ -158,6 +164,18 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
     # A sync worker answers one request a connection, so the router passes it the
     # client's connection instead, and proxies only what it cannot route by a peek.
     passing = _passes_connections(server.cfg.worker_class)
+    master.workers_route = master.settings.routing == "workers"
+    if master.workers_route and not passing:
+        raise ConfigError(
+            "STATESCALE_ROUTING=workers: the workers pass connections among themselves, "
+            "which only gunicorn's sync workers can take (one request a connection): "
+            "drop --threads and --worker-class, or use STATESCALE_ROUTING=router"
+        )
+    if master.workers_route and master.settings.node is not None:
+        raise ConfigError(
+            "STATESCALE_ROUTING=workers is for one master serving the whole ring; a node "
+            "of a fleet (STATESCALE_NODE) routes to its workers with its router"
+        )
     master.slot_dir = _private(f"slots-{os.getpid()}")
     for slot in range(server.cfg.workers):
         path = master.slot_dir / f"worker{slot}.sock"
@@ -194,9 +212,10 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
     server.handle_ttou = refuse_ttou
     server.handle_term = stop_router_first
     server.log.info(
-        "statescale: %s mode, %d workers: %s",
+        "statescale: %s mode, %d workers%s: %s",
         master.settings.mode,
         len(backends),
+        " routing among themselves (no router process)" if master.workers_route else "",
         ", ".join(b.spec for b in backends),
     )
 
@@ -317,7 +336,9 @@ def post_fork(server: Any, worker: Any) -> None:
         return
     assert _master is not None
     worker.sockets = [slot.socket]
-    if slot.channel is not None:  # one listener for both: the worker need not select
+    if slot.channel is not None and _master.workers_route:
+        worker.sockets = [_routing_listener(server, _master, slot, worker)]
+    elif slot.channel is not None:  # one listener for both: the worker need not select
         from .routing.router.passing import SlotListener
 
         public = server.LISTENERS[0].getsockname()
@@ -335,10 +356,70 @@ def post_fork(server: Any, worker: Any) -> None:
     assemble.host(hosting)
 
 
+def _routing_listener(server: Any, master: _Master, slot: _Slot, worker: Any) -> Any:
+    """``STATESCALE_ROUTING=workers``: the worker's listener, which accepts on
+    gunicorn's own and passes each connection to its session's slot."""
+    from .routing.balancers import get
+    from .routing.router.passing import RoutingListener
+    from .routing.router.proxy import cookie_value
+    from .signing import routing_key
+
+    assert slot.channel is not None
+    ring = get("statescale").ring(tuple(s.backend for s in master.slots))
+    name = master.settings.session.cookie.name.encode()
+    peers = {s.backend.name: s.channel[0] for s in master.slots if s.channel and s is not slot}
+
+    def owner(header: bytes) -> str | None:
+        value = cookie_value(header, name)
+        return ring.owner(routing_key(value)) if value else None
+
+    return RoutingListener(
+        slot.channel[1],
+        server.LISTENERS[0],
+        slot.backend.name,
+        peers,
+        owner=owner,
+        running=lambda: bool(worker.alive),
+    )
+
+
+#: Seconds a stopping worker (``STATESCALE_ROUTING=workers``) waits for its channel to
+#: stay empty: when the master stops, the other workers stop passing it connections
+#: within microseconds of their own TERM, but one may be descheduled between its accept
+#: and its pass. At most ``CHANNEL_DRAIN`` seconds in all: when it is replaced (a
+#: reload, recycling), its slot's next worker takes what keeps coming.
+CHANNEL_QUIET = 0.3
+CHANNEL_DRAIN = 1.0
+
+
+def _answer_passed(server: Any, worker: Any) -> None:
+    """A worker that stops gracefully answers the connections the others passed it, so
+    that none waits unanswered in its channel when the master stops."""
+    from .routing.router.passing import RoutingListener
+
+    listener = worker.sockets[0] if worker.sockets else None
+    if not isinstance(listener, RoutingListener) or not getattr(worker, "booted", False):
+        return  # a worker that never booted leaves them to its slot's next one
+    start = time.monotonic()
+    deadline = start + min(CHANNEL_DRAIN, server.cfg.graceful_timeout)
+    quiet_until = start + CHANNEL_QUIET
+    while time.monotonic() < min(quiet_until, deadline):
+        try:
+            client, address = listener.take_passed()
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        client.setblocking(True)
+        worker.handle(listener, client, address)
+        quiet_until = time.monotonic() + CHANNEL_QUIET
+
+
 def worker_exit(server: Any, worker: Any) -> None:
-    """In a worker that stops gracefully: hand its sessions to its slot's next worker."""
+    """In a worker that stops gracefully: answer what the other workers passed it, then
+    hand its sessions to its slot's next worker."""
     from .handoff import stop_all
 
+    _answer_passed(server, worker)
     stop_all()
 
 
@@ -357,7 +438,10 @@ def _private(name: str) -> Path:
 
 
 def when_ready(server: Any) -> None:
-    if _master is not None and _master.slots:
+    if _master is not None and _master.workers_route:
+        # Accept once the request has come (as the router does): the peek finds it.
+        server.LISTENERS[0].setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+    elif _master is not None and _master.slots:
         _start_router(server, _master)
     if _master is not None and _master.settings.registry is not None:
         # Now that it listens (and its router runs): routers may send it requests.

@@ -72,6 +72,7 @@ def test_settings_from_env() -> None:
     [
         pytest.param({"STATESCALE_STORE": "mongo"}, id="store"),
         pytest.param({"STATESCALE_MODE": "round-robin"}, id="mode"),
+        pytest.param({"STATESCALE_ROUTING": "nginx"}, id="routing"),
         pytest.param({"STATESCALE_LOCKING": "maybe"}, id="bool"),
         pytest.param({"STATESCALE_IDLE_TIMEOUT": "soon"}, id="number"),
     ],

@@ -1,6 +1,7 @@
-"""Affinity mode under one gunicorn master: the router sends each session to its
-owner, which serves reads from its copy and writes through to Redis. A worker's crash
-or a reload loses nothing."""
+"""Affinity mode under one gunicorn master: the router (or, with
+``STATESCALE_ROUTING=workers``, the workers themselves) sends each session to its owner,
+which serves reads from its copy and writes through to Redis. A worker's crash or a
+reload loses nothing."""
 
 from __future__ import annotations
 
@@ -18,8 +19,20 @@ pytestmark = pytest.mark.integration
 USERS = 20
 
 
-def affinity(redis_url: str) -> dict[str, str]:
-    return {"STATESCALE_MODE": "affinity", "STATESCALE_REDIS_URL": redis_url}
+ROUTINGS = pytest.mark.parametrize("routing", ["router", "workers"])
+
+
+def affinity(redis_url: str, routing: str = "router") -> dict[str, str]:
+    return {
+        "STATESCALE_MODE": "affinity",
+        "STATESCALE_REDIS_URL": redis_url,
+        "STATESCALE_ROUTING": routing,
+    }
+
+
+def processes(routing: str) -> list[str]:
+    """What the master runs: four workers, and its router unless they route."""
+    return ["gunicorn"] * 4 + (["router"] if routing == "router" else [])
 
 
 def _until(condition: object, timeout: float = 15.0) -> None:
@@ -28,8 +41,11 @@ def _until(condition: object, timeout: float = 15.0) -> None:
         time.sleep(0.1)
 
 
-def test_the_owner_serves_reads_from_its_copy(redis_url: str, raw_redis: redis.Redis) -> None:
-    with Gunicorn(env=affinity(redis_url)) as server:
+@ROUTINGS
+def test_the_owner_serves_reads_from_its_copy(
+    redis_url: str, raw_redis: redis.Redis, routing: str
+) -> None:
+    with Gunicorn(env=affinity(redis_url, routing)) as server:
         children = server.children()
         clients = [SessionClient(server.port) for _ in range(8)]
         for n, client in enumerate(clients):
@@ -43,7 +59,7 @@ def test_the_owner_serves_reads_from_its_copy(redis_url: str, raw_redis: redis.R
                 assert reply["data"] == {"a": str(n)}
                 owners.add((n, reply["pid"]))
         stats = raw_redis.info("commandstats")
-    assert sorted(children.values()) == ["gunicorn"] * 4 + ["router"]
+    assert sorted(children.values()) == processes(routing)
     assert len(owners) == len(clients)  # each session always reached one worker
     assert "cmdstat_hgetall" not in stats  # ...which answered from its copy
     assert "cmdstat_evalsha" not in stats
@@ -64,8 +80,12 @@ def test_a_write_goes_through_to_redis_in_one_round_trip(
     assert "cmdstat_hgetall" not in stats  # the owner's copy took its own writes
 
 
-def test_kill_9_of_a_worker_fails_at_most_the_requests_in_flight(redis_url: str) -> None:
-    with Gunicorn(env=affinity(redis_url)) as server, Load(server.port, users=USERS) as load:
+@ROUTINGS
+def test_kill_9_of_a_worker_fails_at_most_the_requests_in_flight(
+    redis_url: str, routing: str
+) -> None:
+    server = Gunicorn(env=affinity(redis_url, routing))
+    with server, Load(server.port, users=USERS) as load:
         time.sleep(1.0)
         victim = min(server.worker_pids())
         os.kill(victim, signal.SIGKILL)
@@ -78,9 +98,12 @@ def test_kill_9_of_a_worker_fails_at_most_the_requests_in_flight(redis_url: str)
     assert all(len(seen) > 10 for seen in load.answers)
 
 
+@ROUTINGS
 @pytest.mark.parametrize("how", ["hup", "usr2"])
-def test_reload_and_upgrade_fail_nothing_and_lose_nothing(redis_url: str, how: str) -> None:
-    with Gunicorn(env=affinity(redis_url)) as server:
+def test_reload_and_upgrade_fail_nothing_and_lose_nothing(
+    redis_url: str, how: str, routing: str
+) -> None:
+    with Gunicorn(env=affinity(redis_url, routing)) as server:
         before = server.worker_pids()
         with Load(server.port, users=USERS) as load:
             time.sleep(1.0)
@@ -94,5 +117,5 @@ def test_reload_and_upgrade_fail_nothing_and_lose_nothing(redis_url: str, how: s
     assert load.failures == [], load.failures[:5]
     assert load.wrong() == []
     assert load.requests > 300
-    assert sorted(children.values()) == ["gunicorn"] * 4 + ["router"]
+    assert sorted(children.values()) == processes(routing)
     assert not set(children) & before  # every worker replaced

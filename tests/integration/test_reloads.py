@@ -15,6 +15,16 @@ from benchmarks.rig.harness import Gunicorn, Load, SessionClient
 pytestmark = pytest.mark.integration
 
 STICKY = {"STATESCALE_MODE": "sticky"}
+#: Who routes: the router in the master, or the sync workers themselves.
+ROUTINGS = pytest.mark.parametrize("routing", ["router", "workers"])
+
+
+def sticky(routing: str) -> dict[str, str]:
+    return {**STICKY, "STATESCALE_ROUTING": routing}
+
+
+def routers(routing: str) -> int:
+    return 1 if routing == "router" else 0
 
 
 def _until(condition: object, timeout: float = 15.0) -> None:
@@ -30,8 +40,11 @@ def _until(condition: object, timeout: float = 15.0) -> None:
         pytest.param(("--max-requests", "30", "--max-requests-jitter", "10"), id="max-requests"),
     ],
 )
-def test_33_sticky_reload_and_recycling_fail_no_request(args: tuple[str, ...]) -> None:
-    with Gunicorn(env=STICKY, args=args) as server:
+@ROUTINGS
+def test_33_sticky_reload_and_recycling_fail_no_request(
+    args: tuple[str, ...], routing: str
+) -> None:
+    with Gunicorn(env=sticky(routing), args=args) as server:
         before = server.worker_pids()
         with Load(server.port, users=8) as load:
             time.sleep(1.0)
@@ -46,7 +59,7 @@ def test_33_sticky_reload_and_recycling_fail_no_request(args: tuple[str, ...]) -
     assert load.wrong() == []  # handed over: every counter went on by one
     assert load.requests > 200
     assert not set(after) & before  # every worker replaced
-    assert sorted(after.values()).count("router") == 1, after
+    assert sorted(after.values()).count("router") == routers(routing), after
     assert "Traceback" not in log
 
 
@@ -62,13 +75,14 @@ def _upgrade_under_load(server: Gunicorn) -> tuple[Load, dict[int, str]]:
     return load, server.children(new_master)
 
 
-def test_33_sticky_upgrade_fails_no_request_and_leaves_one_router() -> None:
-    with Gunicorn(env=STICKY) as server:
+@ROUTINGS
+def test_33_sticky_upgrade_fails_no_request_and_leaves_one_router(routing: str) -> None:
+    with Gunicorn(env=sticky(routing)) as server:
         load, children = _upgrade_under_load(server)
         assert SessionClient(server.port).post("/api/incr?key=c").json["value"] == 1
     assert load.failures == [], load.failures[:5]
     assert load.wrong() == []  # handed over: every counter went on by one
-    assert sorted(children.values()) == ["gunicorn"] * 4 + ["router"]
+    assert sorted(children.values()) == ["gunicorn"] * 4 + ["router"] * routers(routing)
 
 
 def test_33_shared_upgrade_fails_no_request_and_loses_nothing(redis_url: str) -> None:

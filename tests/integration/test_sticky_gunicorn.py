@@ -90,35 +90,70 @@ def test_the_router_passes_connections_and_proxies_what_a_peek_cannot_route() ->
     assert int(counts[1]) >= 6 and int(counts[2]) == 1
 
 
-def test_a_graceful_stop_answers_every_connection_already_passed() -> None:
-    # The router stops first, then the workers: every connection it passed and a worker
-    # has not yet taken must be taken before they stop, not closed unanswered.
-    server = Gunicorn(env={"STATESCALE_MODE": "sticky"}, workers=1)
+def _stop_while_frozen(server: Gunicorn, frozen: int, user: SessionClient) -> list[object]:
+    """SIGSTOP worker ``frozen``, send 10 requests as ``user`` (each on a connection of
+    its own), SIGTERM the master, SIGCONT the worker: what each request got."""
     outcomes: list[object] = []
 
     def one() -> None:
         try:
-            outcomes.append(SessionClient(server.port).get("/health").status)
+            alike = SessionClient(server.port)
+            alike.cookies = dict(user.cookies)
+            outcomes.append(alike.get("/api/session").status)
         except OSError as exc:
             outcomes.append(exc)
 
-    with server:
-        (worker,) = server.worker_pids()
-        os.kill(worker, signal.SIGSTOP)  # the worker takes nothing: all wait in its channel
-        try:
-            threads = [threading.Thread(target=one) for _ in range(10)]
-            for thread in threads:
-                thread.start()
-            time.sleep(0.5)
-            server.signal(signal.SIGTERM)
-            time.sleep(0.3)
-        finally:
-            os.kill(worker, signal.SIGCONT)
+    os.kill(frozen, signal.SIGSTOP)  # it takes nothing: all wait in its channel
+    try:
+        threads = [threading.Thread(target=one) for _ in range(10)]
         for thread in threads:
-            thread.join(20)
-        assert server.process is not None
-        server.process.wait(20)
+            thread.start()
+        time.sleep(0.5)
+        server.signal(signal.SIGTERM)
+        time.sleep(0.3)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    for thread in threads:
+        thread.join(20)
+    assert server.process is not None
+    server.process.wait(20)
+    return outcomes
+
+
+def test_a_graceful_stop_answers_every_connection_already_passed() -> None:
+    # The router stops first, then the workers: every connection it passed and a worker
+    # has not yet taken must be taken before they stop, not closed unanswered.
+    with Gunicorn(env={"STATESCALE_MODE": "sticky"}, workers=1) as server:
+        (worker,) = server.worker_pids()
+        outcomes = _stop_while_frozen(server, worker, SessionClient(server.port))
     assert outcomes == [200] * 10, outcomes
+
+
+def test_a_worker_that_stops_answers_what_the_others_passed_it() -> None:
+    # STATESCALE_ROUTING=workers: the other worker accepts a session's requests and
+    # passes them to its owner's channel; the owner, stopping, answers them all first.
+    env = {"STATESCALE_MODE": "sticky", "STATESCALE_ROUTING": "workers"}
+    with Gunicorn(env=env, workers=2) as server:
+        user = SessionClient(server.port)
+        owner = user.post("/api/incr?key=c").json["pid"]
+        outcomes = _stop_while_frozen(server, owner, user)
+        log = server.log()
+    assert outcomes == [200] * 10, outcomes
+    assert "routing among themselves (no router process)" in log
+
+
+def test_routing_by_the_workers_needs_sync_workers_and_one_master() -> None:
+    for env, args in [
+        ({}, ("--threads", "2")),
+        ({"STATESCALE_NODE": "n1", "STATESCALE_BACKENDS": "n1=127.0.0.1:1"}, ()),
+    ]:
+        server = Gunicorn(
+            env={"STATESCALE_MODE": "sticky", "STATESCALE_ROUTING": "workers", **env},
+            workers=2,
+            args=args,
+        )
+        with pytest.raises(RuntimeError, match="STATESCALE_ROUTING=workers"):
+            server.start()
 
 
 def test_ttin_cannot_add_a_worker_the_ring_has_no_slot_for() -> None:

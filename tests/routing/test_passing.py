@@ -3,6 +3,7 @@ through a real channel to a slot's listener."""
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -10,7 +11,15 @@ from collections.abc import Iterator
 import pytest
 
 from statescale.routing.router.http1 import RequestHead, RequestParser
-from statescale.routing.router.passing import Passer, SlotListener, send_connection, whole_request
+from statescale.routing.router.passing import (
+    PassedSocket,
+    Passer,
+    RoutingListener,
+    SlotListener,
+    peek_head,
+    send_connection,
+    whole_request,
+)
 
 HEAD = (
     b"GET /api/session HTTP/1.1\r\nHost: x\r\nCookie: a=1\r\n"
@@ -247,3 +256,132 @@ def test_a_connection_that_cannot_be_placed_is_closed_and_the_next_is_served(
     assert answer == b""
     for client in clients:
         client.close()
+
+
+# -- workers that route among themselves (STATESCALE_ROUTING=workers) --------------------
+
+WHOLE = [
+    HEAD,
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nCookie: \tq=1;r=2\t\r\n\r\nhi",
+    b"POST / HTTP/1.1\r\nHost: x\r\ncontent-length:0\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("head", WHOLE)
+def test_a_workers_peek_reads_the_cookies_the_parser_reads(head: bytes) -> None:
+    assert peek_head(head) == (_parsed_cookie(head), True)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhi",  # the body coming
+        HEAD + HEAD,  # pipelined
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nhi",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\nhi",
+    ],
+)
+def test_a_workers_peek_tells_a_request_not_whole(data: bytes) -> None:
+    # Routed all the same (by its head), but not passed: its close must linger.
+    head = peek_head(data)
+    assert head is not None and head[1] is False
+
+
+def test_a_head_still_coming_is_not_read_at_all() -> None:
+    assert peek_head(HEAD[:-2]) is None
+    assert peek_head(b"") is None
+
+
+@pytest.fixture
+def two_workers(
+    listener: socket.socket,
+) -> Iterator[tuple[RoutingListener, RoutingListener, list[bool]]]:
+    """Workers a and b routing among themselves on ``listener``: a session cookie
+    ``statescale=<slot>.sig`` belongs to that slot. The list: whether a still runs."""
+    a_out, a_in = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    b_out, b_in = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    running = [True]
+
+    def owner(header: bytes) -> str | None:
+        value = header.partition(b"statescale=")[2].partition(b".")[0]
+        return value.decode() or None
+
+    a = RoutingListener(a_in, listener, "a", {"b": b_out}, owner=owner, running=lambda: running[0])
+    b = RoutingListener(b_in, listener, "b", {"a": a_out}, owner=owner)
+    for worker in (a, b):
+        worker.setblocking(False)  # as gunicorn's sync worker has its listeners
+    yield a, b, running
+    for sock in (a, b, a_out, b_out):
+        sock.close()
+
+
+def _request(cookie: str = "") -> bytes:
+    header = f"Cookie: statescale={cookie}\r\n" if cookie else ""
+    return f"GET /api/session HTTP/1.1\r\nHost: x\r\n{header}\r\n".encode()
+
+
+def _arrived(listener: socket.socket) -> None:
+    """Wait until a connection is queued at ``listener`` with its request."""
+    select.select([listener], [], [], 5)
+    time.sleep(0.05)
+
+
+def test_a_worker_passes_a_session_it_does_not_own_to_its_owner(
+    listener: socket.socket, two_workers: tuple[RoutingListener, RoutingListener, list[bool]]
+) -> None:
+    a, b, _ = two_workers
+    client = _client(listener, _request("b.sig"))
+    _arrived(listener)
+    with pytest.raises(BlockingIOError):
+        a.accept()  # passed on: nothing for a
+    assert a.passed == 1
+    served, address = b.take_passed()
+    assert address == client.getsockname()
+    served.settimeout(5)
+    assert served.recv(65536) == _request("b.sig")
+    served.close()
+    client.close()
+
+    own = _client(listener, _request("a.sig"))
+    _arrived(listener)
+    conn, _ = a.accept()  # its own: served here, closed at once when answered
+    assert isinstance(conn, PassedSocket)
+    conn.close()
+    own.close()
+
+
+def test_requests_without_a_session_take_turns(
+    listener: socket.socket, two_workers: tuple[RoutingListener, RoutingListener, list[bool]]
+) -> None:
+    a, b, _ = two_workers
+    clients = [_client(listener, _request()) for _ in range(4)]
+    _arrived(listener)
+    served_here = []
+    with pytest.raises(BlockingIOError):
+        while True:
+            served_here.append(a.accept()[0])
+    assert (len(served_here), a.passed) == (2, 2)  # every other one went to b
+    for conn in [*served_here, b.take_passed()[0], b.take_passed()[0], *clients]:
+        conn.close()
+
+
+def test_what_a_worker_cannot_pass_it_serves_itself(
+    listener: socket.socket, two_workers: tuple[RoutingListener, RoutingListener, list[bool]]
+) -> None:
+    # A head still coming, or a body; or a worker that is stopping (its TERM came):
+    # any worker can serve any session, so nothing waits on routing.
+    a, _, running = two_workers
+    half = _client(listener, _request("b.sig")[:20])
+    _arrived(listener)
+    conn, _ = a.accept()
+    assert not isinstance(conn, PassedSocket)  # its close lingers, as gunicorn's does
+    conn.close()
+    running[0] = False
+    late = _client(listener, _request("b.sig"))
+    _arrived(listener)
+    conn, _ = a.accept()
+    assert a.passed == 0
+    for sock in (conn, half, late):
+        sock.close()

@@ -24,6 +24,14 @@ connection whose slot's channel is full.
 A passed connection is the worker's alone. A worker killed while it holds one closes it
 (its request fails, as one in flight behind a proxy does); one queued in a channel
 waits there for the slot's next worker, as a connection queued at the slot's socket does.
+
+With ``STATESCALE_ROUTING=workers`` the sync workers do the router's part themselves
+(:class:`RoutingListener`): each accepts on gunicorn's listener, as plain gunicorn's do,
+and passes what another slot owns through that slot's channel. No process stands in
+between, and a worker's own sessions' connections are not passed at all. The peek is
+read by :func:`peek_head`, a few regular expressions rather than the proxy's parser:
+nothing is proxied, so only the choice of worker rides on it, and gunicorn's own parser
+reads every request.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import select
 import socket
 import struct
@@ -176,16 +185,21 @@ class SlotListener:
         self._turn += 1
         if self._turn % self.FAIRNESS:
             try:
-                return self._passed()
+                return self.take_passed()
             except BlockingIOError:
-                return self.slot.accept()  # type: ignore[no-any-return]
+                return self._accepted()
         try:
-            return self.slot.accept()  # type: ignore[no-any-return]
+            return self._accepted()
         except BlockingIOError:
-            return self._passed()
+            return self.take_passed()
 
-    def _passed(self) -> tuple[socket.socket, Any]:
-        """The next connection in the channel, with its client's address."""
+    def _accepted(self) -> tuple[socket.socket, Any]:
+        """The next connection on the socket (``BlockingIOError``: none waiting)."""
+        return self.slot.accept()  # type: ignore[no-any-return]
+
+    def take_passed(self) -> tuple[socket.socket, Any]:
+        """The next connection in the channel, with its client's address
+        (``BlockingIOError``: none)."""
         record, ancillary, flags, _ = self.channel.recvmsg(_RECORD.size, _FD_SPACE)
         fds = array.array("i")
         for level, kind, data in ancillary:
@@ -303,3 +317,98 @@ class Passer:
                 return
         self.proxied += 1
         self.proxy(conn)
+
+
+#: A Cookie header line in a request head (the head starts with the request line, so
+#: every header follows a CRLF), and a header that says a body follows.
+_COOKIE_LINE = re.compile(rb"\r\ncookie:[ \t]*([^\r\n]*)", re.IGNORECASE)
+_BODY_LINE = re.compile(rb"\r\n(content-length|transfer-encoding):[ \t]*([^\r\n]*)", re.IGNORECASE)
+
+
+def peek_head(data: bytes) -> tuple[bytes, bool] | None:
+    """What a worker routing by itself reads of the bytes it peeked: the request's
+    Cookie headers (joined with ``; ``; b"" if none), and whether ``data`` is that one
+    request whole (its head, and the body its Content-Length announces, nothing more);
+    None when the head has not arrived whole. Only the choice of worker, and whether
+    the close may skip lingering, ride on this: gunicorn's parser reads the request."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    cookie = b"; ".join(_COOKIE_LINE.findall(data, 0, end + 2))
+    body = len(data) - end - 4
+    framing = _BODY_LINE.findall(data, 0, end + 2)
+    if not framing:
+        return cookie, body == 0
+    if len(framing) == 1 and framing[0][0].lower() == b"content-length":
+        length = framing[0][1].strip()
+        return cookie, length.isdigit() and int(length) == body
+    return cookie, False
+
+
+class RoutingListener(SlotListener):
+    """A sync worker's listener when the workers route among themselves
+    (``STATESCALE_ROUTING=workers``: no router process). It accepts on gunicorn's
+    public listener itself, as plain gunicorn's workers do, and peeks at each request
+    (:func:`peek_head`): a connection whose session another slot owns goes to that
+    slot's channel, as the router would have passed it; one without a session goes to
+    the next slot in turn, so new sessions spread evenly. Its own channel brings the
+    connections the other workers pass to it. A request whose head has not arrived
+    whole is served here: every worker can serve any session (affinity reads Redis;
+    sticky fetches it from its slot), routing only makes it cheap.
+
+    ``owner`` names the slot that owns the session of a Cookie header (None: no
+    session cookie); ``running`` is false once the worker is stopping, when it passes
+    nothing more on."""
+
+    #: Connections passed on in one accept() before it returns to gunicorn's loop.
+    BATCH = 16
+
+    def __init__(
+        self,
+        channel: socket.socket,
+        public: Any,
+        me: str,
+        peers: dict[str, socket.socket],
+        *,
+        owner: Callable[[bytes], str | None],
+        running: Callable[[], bool] = lambda: True,
+    ) -> None:
+        super().__init__(channel, public, public.getsockname())
+        self.me = me
+        self.peers = peers
+        self.owner = owner
+        self.running = running
+        self.passed = 0
+        self._rotation = sorted([me, *peers])
+        self._next = self._rotation.index(me)
+
+    def _accepted(self) -> tuple[socket.socket, Any]:
+        """The next connection on the public listener that this worker serves."""
+        for _ in range(self.BATCH):
+            conn, peer = self.slot.accept()  # BlockingIOError: none waiting
+            try:
+                data = conn.recv(PEEK_BYTES, _PEEK_FLAGS)
+            except OSError:
+                return conn, peer  # gunicorn meets the error and ends it
+            head = peek_head(data)
+            if head is None:
+                return conn, peer
+            cookie, whole = head
+            slot = self.owner(cookie) if cookie else None
+            if slot is None:  # no session yet: round robin, so new ones spread evenly
+                self._next = (self._next + 1) % len(self._rotation)
+                slot = self._rotation[self._next]
+            channel = self.peers.get(slot)
+            if (
+                channel is not None
+                and whole
+                and self.running()
+                and send_connection(channel, conn, peer)
+            ):
+                conn.close()  # the owner's now
+                self.passed += 1
+                continue
+            if whole:  # like a passed one, its close need not wait for the client's
+                conn = PassedSocket(conn.family, socket.SOCK_STREAM, 0, fileno=conn.detach())
+            return conn, peer
+        raise BlockingIOError(errno.EAGAIN, "passed a batch on; gunicorn's loop goes round")

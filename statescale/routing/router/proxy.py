@@ -257,7 +257,7 @@ class Router:
         membership, down = self.membership, self.down
         if len(down) >= len(membership.backends):
             return None
-        value = _cookie_value(cookie, self.cookie) if cookie else None
+        value = cookie_value(cookie, self.cookie) if cookie else None
         if value:
             return membership.ring.owner(routing_key(value), down)
         if self.ip_hash:
@@ -578,7 +578,7 @@ def _forwarding(client_ip: str) -> bytes:
     )
 
 
-def _cookie_value(header: bytes, name: bytes) -> str | None:
+def cookie_value(header: bytes, name: bytes) -> str | None:
     """The first value of cookie ``name`` in a Cookie header that has the shape of a
     signed session ID (split on ';' alone, as the middleware reads it): junk under the
     same name before it does not move the session to another node. (The router cannot
