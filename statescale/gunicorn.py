@@ -113,6 +113,7 @@ class _Master:
     router: subprocess.Popen[bytes] | None = None
     heartbeat: Heartbeat | None = None  # this instance's registration, if it has a registry
     workers_route: bool = False  # STATESCALE_ROUTING=workers: no router process
+    turns: Any = None  # ...and the round-robin count its workers share (passing.Turns)
     member: Backend | None = None  # how it registered itself (and its workers know it)
 
 
@@ -176,6 +177,10 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
             "STATESCALE_ROUTING=workers is for one master serving the whole ring; a node "
             "of a fleet (STATESCALE_NODE) routes to its workers with its router"
         )
+    if master.workers_route:
+        from .routing.router.passing import Turns
+
+        master.turns = Turns()  # made before the fork: every worker shares it
     master.slot_dir = _private(f"slots-{os.getpid()}")
     for slot in range(server.cfg.workers):
         path = master.slot_dir / f"worker{slot}.sock"
@@ -380,6 +385,7 @@ def _routing_listener(server: Any, master: _Master, slot: _Slot, worker: Any) ->
         peers,
         owner=owner,
         running=lambda: bool(worker.alive),
+        turns=master.turns,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import Counter
 
 import pytest
 import redis
@@ -61,6 +62,7 @@ def test_the_owner_serves_reads_from_its_copy(
         stats = raw_redis.info("commandstats")
     assert sorted(children.values()) == processes(routing)
     assert len(owners) == len(clients)  # each session always reached one worker
+    assert sorted(Counter(pid for _, pid in owners).values()) == [2] * 4  # new ones take turns
     assert "cmdstat_hgetall" not in stats  # ...which answered from its copy
     assert "cmdstat_evalsha" not in stats
 

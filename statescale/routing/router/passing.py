@@ -42,6 +42,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import re
 import select
@@ -345,6 +346,23 @@ def peek_head(data: bytes) -> tuple[bytes, bool] | None:
     return cookie, False
 
 
+class Turns:
+    """A round-robin count shared by the processes forked after it is made (an anonymous
+    shared mapping), so workers that route among themselves take turns as one router
+    would: each worker counting alone gave some workers more new sessions than others.
+    Unlocked: two workers that read it at once pick the same slot, which only evens out
+    a little less."""
+
+    def __init__(self) -> None:
+        self._count = mmap.mmap(-1, 8)
+
+    def next(self, among: int) -> int:
+        """The next turn, of ``among``."""
+        n = int.from_bytes(self._count[:8], "little")
+        self._count[:8] = ((n + 1) % among).to_bytes(8, "little")
+        return n % among
+
+
 class RoutingListener(SlotListener):
     """A sync worker's listener when the workers route among themselves
     (``STATESCALE_ROUTING=workers``: no router process). It accepts on gunicorn's
@@ -358,7 +376,7 @@ class RoutingListener(SlotListener):
 
     ``owner`` names the slot that owns the session of a Cookie header (None: no
     session cookie); ``running`` is false once the worker is stopping, when it passes
-    nothing more on."""
+    nothing more on; ``turns``, the count all the workers share."""
 
     #: Connections passed on in one accept() before it returns to gunicorn's loop.
     BATCH = 16
@@ -372,15 +390,16 @@ class RoutingListener(SlotListener):
         *,
         owner: Callable[[bytes], str | None],
         running: Callable[[], bool] = lambda: True,
+        turns: Turns | None = None,
     ) -> None:
         super().__init__(channel, public, public.getsockname())
         self.me = me
         self.peers = peers
         self.owner = owner
         self.running = running
+        self.turns = Turns() if turns is None else turns
         self.passed = 0
         self._rotation = sorted([me, *peers])
-        self._next = self._rotation.index(me)
 
     def _accepted(self) -> tuple[socket.socket, Any]:
         """The next connection on the public listener that this worker serves."""
@@ -396,8 +415,7 @@ class RoutingListener(SlotListener):
             cookie, whole = head
             slot = self.owner(cookie) if cookie else None
             if slot is None:  # no session yet: round robin, so new ones spread evenly
-                self._next = (self._next + 1) % len(self._rotation)
-                slot = self._rotation[self._next]
+                slot = self._rotation[self.turns.next(len(self._rotation))]
             channel = self.peers.get(slot)
             if (
                 channel is not None
