@@ -9,7 +9,9 @@ from statescale.gunicorn import (
     post_fork,
     pre_fork,
     when_ready,
+    worker_abort,
     worker_exit,
+    worker_int,
 )
 
 # The demo asks for an embedded redis-server, started once in the master and shared by
@@ -24,5 +26,7 @@ __all__ = [
     "pre_fork",
     "raw_env",
     "when_ready",
+    "worker_abort",
     "worker_exit",
+    "worker_int",
 ]

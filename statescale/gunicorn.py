@@ -1,7 +1,8 @@
 """gunicorn server hooks. Use them from a ``gunicorn.conf.py``::
 
     from statescale.gunicorn import (
-        on_exit, on_starting, post_fork, pre_fork, when_ready, worker_exit,
+        on_exit, on_starting, post_fork, pre_fork, when_ready,
+        worker_abort, worker_exit, worker_int,
     )
 
 or run ``gunicorn -c python:statescale.gunicorn ...``. The hooks read
@@ -56,6 +57,7 @@ master (affinity keeps the sessions in Redis besides, as shared mode does):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -166,6 +168,11 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
     # client's connection instead, and proxies only what it cannot route by a peek.
     passing = _passes_connections(server.cfg.worker_class)
     master.workers_route = master.settings.routing == "workers"
+    if master.workers_route and server.cfg.is_ssl:
+        raise ConfigError(
+            "STATESCALE_ROUTING=workers: the workers route by a peek at the request, which "
+            "TLS hides; terminate TLS in front of gunicorn, or use STATESCALE_ROUTING=router"
+        )
     if master.workers_route and not passing:
         raise ConfigError(
             "STATESCALE_ROUTING=workers: the workers pass connections among themselves, "
@@ -298,7 +305,10 @@ def _serve_meanwhile(server: Any, seconds: float, done: Any = None) -> str | Non
     meanwhile what gunicorn's arbiter loop would: reap exited workers, kill those past
     ``--timeout`` and fork their replacements, so the node serves its drain in full.
     A fast stop (``INT``, ``QUIT``) that arrives meanwhile ends the wait: the name of
-    its handler is returned. Other signals are logged and dropped: it is stopping."""
+    its handler is returned (on a gunicorn that queues its signals, as 27 does; an
+    older one handles them after the wait). Other signals are logged and dropped: it is
+    stopping. Exited workers are reaped every round, not only on a ``SIGCHLD`` seen
+    here: one may have come in the same batch as the ``TERM`` that started the wait."""
     deadline = time.monotonic() + seconds
     while not (done is not None and done()):
         left = deadline - time.monotonic()
@@ -309,12 +319,11 @@ def _serve_meanwhile(server: Any, seconds: float, done: Any = None) -> str | Non
             time.sleep(min(left, HOUSEKEEPING))
         else:
             for sig in pending(timeout=min(left, HOUSEKEEPING)):
-                if sig == signal.SIGCHLD:
-                    server.handle_chld()
-                elif sig in (signal.SIGINT, signal.SIGQUIT):
+                if sig in (signal.SIGINT, signal.SIGQUIT):
                     return "handle_int" if sig == signal.SIGINT else "handle_quit"
-                else:
+                if sig != signal.SIGCHLD:
                     server.log.info("statescale: leaving; %s ignored", signal.Signals(sig).name)
+            server.handle_chld()  # reaps without waiting
         server.murder_workers()
         server.manage_workers()
     return None
@@ -406,6 +415,8 @@ def _answer_passed(server: Any, worker: Any) -> None:
     listener = worker.sockets[0] if worker.sockets else None
     if not isinstance(listener, RoutingListener) or not getattr(worker, "booted", False):
         return  # a worker that never booted leaves them to its slot's next one
+    if getattr(worker, "statescale_hurried", False):
+        return  # not a graceful stop: its slot's next worker takes them
     start = time.monotonic()
     deadline = start + min(CHANNEL_DRAIN, server.cfg.graceful_timeout)
     quiet_until = start + CHANNEL_QUIET
@@ -418,6 +429,17 @@ def _answer_passed(server: Any, worker: Any) -> None:
         client.setblocking(True)
         worker.handle(listener, client, address)
         quiet_until = time.monotonic() + CHANNEL_QUIET
+
+
+def worker_int(worker: Any) -> None:
+    """A worker told to stop at once (``INT``, ``QUIT``) answers nothing more."""
+    worker.statescale_hurried = True
+
+
+def worker_abort(worker: Any) -> None:
+    """A worker past its ``--timeout`` (``SIGABRT``, then ``SIGKILL``) answers nothing
+    more: what is queued in its channel waits for its replacement instead."""
+    worker.statescale_hurried = True
 
 
 def worker_exit(server: Any, worker: Any) -> None:
@@ -446,7 +468,9 @@ def _private(name: str) -> Path:
 def when_ready(server: Any) -> None:
     if _master is not None and _master.workers_route:
         # Accept once the request has come (as the router does): the peek finds it.
-        server.LISTENERS[0].setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+        # (Not TCP, or not Linux: the peek waits for it instead.)
+        with contextlib.suppress(OSError, AttributeError):
+            server.LISTENERS[0].setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
     elif _master is not None and _master.slots:
         _start_router(server, _master)
     if _master is not None and _master.settings.registry is not None:

@@ -763,6 +763,8 @@ class HandoffStore:
         created: float | None = None,
         replaces: str | None = None,
     ) -> Written:
+        if replaces is not None and replaces != session_id:
+            self.handoff.load(replaces)  # dropped everywhere, as by delete()
         return self.memory.create(session_id, fields, created=created, replaces=replaces)
 
     def delete(self, session_id: str) -> None:

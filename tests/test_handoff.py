@@ -48,6 +48,10 @@ def test_a_delete_where_the_session_is_not_held_deletes_it_where_it_is(
     new.delete("s")
     assert not old.memory.holds("s") and not new.memory.holds("s")
     assert fields(new, "s") is None and fields(old, "s") is None
+    # A logout that then writes (a flash message) moves to a new ID, replacing the old.
+    old.create("t", {"user": b"ada"}, replaces="x")
+    new.create("u", {"flash": b"bye"}, replaces="t")
+    assert not old.memory.holds("t") and fields(new, "t") is None
 
 
 def test_a_stopping_worker_leaves_its_sessions_to_the_next(tmp_path: Path) -> None:

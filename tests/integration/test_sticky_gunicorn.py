@@ -92,14 +92,16 @@ def test_the_router_passes_connections_and_proxies_what_a_peek_cannot_route() ->
 
 def _stop_while_frozen(server: Gunicorn, frozen: int, user: SessionClient) -> list[object]:
     """SIGSTOP worker ``frozen``, send 10 requests as ``user`` (each on a connection of
-    its own), SIGTERM the master, SIGCONT the worker: what each request got."""
+    its own), SIGTERM the master, SIGCONT the worker: what each request got (its
+    status and the pid that answered it)."""
     outcomes: list[object] = []
 
     def one() -> None:
         try:
             alike = SessionClient(server.port)
             alike.cookies = dict(user.cookies)
-            outcomes.append(alike.get("/api/session").status)
+            reply = alike.get("/api/session")
+            outcomes.append((reply.status, reply.json["pid"]))
         except OSError as exc:
             outcomes.append(exc)
 
@@ -126,7 +128,7 @@ def test_a_graceful_stop_answers_every_connection_already_passed() -> None:
     with Gunicorn(env={"STATESCALE_MODE": "sticky"}, workers=1) as server:
         (worker,) = server.worker_pids()
         outcomes = _stop_while_frozen(server, worker, SessionClient(server.port))
-    assert outcomes == [200] * 10, outcomes
+    assert outcomes == [(200, worker)] * 10, outcomes
 
 
 def test_a_worker_that_stops_answers_what_the_others_passed_it() -> None:
@@ -138,8 +140,42 @@ def test_a_worker_that_stops_answers_what_the_others_passed_it() -> None:
         owner = user.post("/api/incr?key=c").json["pid"]
         outcomes = _stop_while_frozen(server, owner, user)
         log = server.log()
-    assert outcomes == [200] * 10, outcomes
+    assert outcomes == [(200, owner)] * 10, outcomes  # passed to it, not served elsewhere
     assert "routing among themselves (no router process)" in log
+
+
+def _in_pieces(port: int, cookie: str, pieces: list[bytes]) -> bytes:
+    """A request sent in ``pieces``, 0.1 s apart; the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        for n, piece in enumerate(pieces):
+            if n:
+                time.sleep(0.1)
+            raw.sendall(piece.replace(b"COOKIE", cookie.encode()))
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_workers_that_route_send_a_request_in_pieces_to_its_session() -> None:
+    # A head that comes in pieces, a form whose body comes after its head: each reaches
+    # the session's worker (sticky: nowhere else has the session), 3 times in 4 from
+    # a worker that had to pass it on.
+    env = {"STATESCALE_MODE": "sticky", "STATESCALE_ROUTING": "workers"}
+    with Gunicorn(env=env, workers=4) as server:
+        user = SessionClient(server.port)
+        owner = user.post("/api/incr?key=c").json["pid"]
+        assert user.cookie is not None
+        head = b"POST /api/incr?key=c HTTP/1.1\r\nHost: x\r\nCookie: statescale=COOKIE\r\n"
+        answers = []
+        for _ in range(6):
+            answers.append(_in_pieces(server.port, user.cookie, [head[:30], head[30:] + b"\r\n"]))
+            body = [head + b"Content-Type: application/x-www-form-urlencoded\r\n"
+                    b"Content-Length: 5\r\n\r\n", b"a=b&c"]  # fmt: skip
+            answers.append(_in_pieces(server.port, user.cookie, body))
+    for n, answer in enumerate(answers, start=2):
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert f'"pid":{owner}'.encode() in answer and f'"value":{n}'.encode() in answer
 
 
 def test_routing_by_the_workers_needs_sync_workers_and_one_master() -> None:

@@ -49,6 +49,7 @@ import select
 import socket
 import struct
 import termios
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +68,9 @@ _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # What each passed descriptor rides on: the client's address family, port and address
 # (the router has them from accept(); the worker need not ask the kernel again).
 _RECORD = struct.Struct("=HH16s")
+#: Set in a record's family field: the request had not arrived whole when it was passed
+#: (a worker routing by itself passes those too), so the close must linger as gunicorn's.
+_PARTIAL = 0x8000
 _FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
@@ -109,13 +113,23 @@ def unread(channel: socket.socket) -> int:
     return int(struct.unpack("i", raw)[0])
 
 
-def send_connection(channel: socket.socket, conn: socket.socket, peer: Any) -> bool:
-    """Pass ``conn``, whose client is at ``peer``, through ``channel`` without waiting;
-    False when the channel is full or broken (``conn`` is then still the caller's)."""
+def send_connection(
+    channel: socket.socket, conn: socket.socket, peer: Any, *, whole: bool = True, wait: float = 0
+) -> bool:
+    """Pass ``conn``, whose client is at ``peer``, through ``channel``, waiting up to
+    ``wait`` seconds for room; False when the channel is full or broken (``conn`` is
+    then still the caller's). ``whole``: the request has arrived whole."""
     try:
-        record = _RECORD.pack(conn.family, peer[1], socket.inet_pton(conn.family, peer[0]))
+        family = conn.family | (0 if whole else _PARTIAL)
+        record = _RECORD.pack(family, peer[1], socket.inet_pton(conn.family, peer[0]))
         fds = array.array("i", [conn.fileno()])
-        sent = channel.sendmsg([record], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], _SEND_FLAGS)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+        try:
+            sent = channel.sendmsg([record], ancillary, _SEND_FLAGS)
+        except BlockingIOError:
+            if wait <= 0 or not select.select([], [channel], [], wait)[1]:
+                return False
+            sent = channel.sendmsg([record], ancillary, _SEND_FLAGS)
     except (OSError, ValueError, IndexError, TypeError):
         return False
     if sent != _RECORD.size:  # never seen: a Unix stream socket sends 20 bytes whole
@@ -216,11 +230,13 @@ class SlotListener:
             )
             raise BlockingIOError(errno.EAGAIN, "a passed connection came without its socket")
         try:
-            family, port, packed = _RECORD.unpack(record)
+            flagged, port, packed = _RECORD.unpack(record)
+            family = flagged & ~_PARTIAL
             size = 4 if family == socket.AF_INET else 16
             address = (socket.inet_ntop(family, packed[:size]), port)
             # Family and type given: the socket is made without asking the kernel.
-            client = PassedSocket(family, socket.SOCK_STREAM, 0, fileno=fds[0])
+            maker: type[socket.socket] = socket.socket if flagged & _PARTIAL else PassedSocket
+            client = maker(family, socket.SOCK_STREAM, 0, fileno=fds[0])
         except (OSError, ValueError):
             for fd in fds:
                 os.close(fd)
@@ -330,11 +346,15 @@ def peek_head(data: bytes) -> tuple[bytes, bool] | None:
     """What a worker routing by itself reads of the bytes it peeked: the request's
     Cookie headers (joined with ``; ``; b"" if none), and whether ``data`` is that one
     request whole (its head, and the body its Content-Length announces, nothing more);
-    None when the head has not arrived whole. Only the choice of worker, and whether
-    the close may skip lingering, ride on this: gunicorn's parser reads the request."""
+    None when the head has not arrived whole. A head longer than ``PEEK_BYTES`` is read
+    as far as its last complete line. Only the choice of worker, and whether the close
+    may skip lingering, ride on this: gunicorn's parser reads the request."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
-        return None
+        if len(data) < PEEK_BYTES:
+            return None
+        last = data.rfind(b"\r\n")
+        return b"; ".join(_COOKIE_LINE.findall(data, 0, last + 2)), False
     cookie = b"; ".join(_COOKIE_LINE.findall(data, 0, end + 2))
     body = len(data) - end - 4
     framing = _BODY_LINE.findall(data, 0, end + 2)
@@ -370,16 +390,28 @@ class RoutingListener(SlotListener):
     (:func:`peek_head`): a connection whose session another slot owns goes to that
     slot's channel, as the router would have passed it; one without a session goes to
     the next slot in turn, so new sessions spread evenly. Its own channel brings the
-    connections the other workers pass to it. A request whose head has not arrived
-    whole is served here: every worker can serve any session (affinity reads Redis;
-    sticky fetches it from its slot), routing only makes it cheap.
+    connections the other workers pass to it.
+
+    Every request goes to its session's worker, as the router's do: a sticky session
+    lives in that worker's memory alone, and an affinity session's parallel requests
+    must not meet in two workers. So the peek waits up to ``HEAD_WAIT`` seconds for a
+    head still arriving, a request whose body is still coming is passed too (its close
+    then lingers, as gunicorn's does), and a full channel is waited on for up to
+    ``PASS_WAIT`` seconds. Only a client that has not sent its head by then, or a
+    worker whose channel stays full, is served where it landed (a sticky session then
+    starts afresh there).
 
     ``owner`` names the slot that owns the session of a Cookie header (None: no
-    session cookie); ``running`` is false once the worker is stopping, when it passes
-    nothing more on; ``turns``, the count all the workers share."""
+    session cookie); ``running`` is false once the worker is stopping, when it accepts
+    nothing more; ``turns``, the count all the workers share."""
 
     #: Connections passed on in one accept() before it returns to gunicorn's loop.
     BATCH = 16
+    #: Seconds a worker waits for a head still arriving (the router waits too, up to
+    #: its header timeout; a sync worker waits on its client anyway).
+    HEAD_WAIT = 2.0
+    #: Seconds a worker waits for room in a full channel before it serves the request.
+    PASS_WAIT = 1.0
 
     def __init__(
         self,
@@ -404,29 +436,56 @@ class RoutingListener(SlotListener):
     def _accepted(self) -> tuple[socket.socket, Any]:
         """The next connection on the public listener that this worker serves."""
         for _ in range(self.BATCH):
+            if not self.running():  # stopping: what it accepted it passed on; no more
+                break
             conn, peer = self.slot.accept()  # BlockingIOError: none waiting
-            try:
-                data = conn.recv(PEEK_BYTES, _PEEK_FLAGS)
-            except OSError:
-                return conn, peer  # gunicorn meets the error and ends it
-            head = peek_head(data)
-            if head is None:
+            head = self._head(conn)
+            if head is None:  # no whole head in time: gunicorn's parser judges it
                 return conn, peer
             cookie, whole = head
             slot = self.owner(cookie) if cookie else None
             if slot is None:  # no session yet: round robin, so new ones spread evenly
                 slot = self._rotation[self.turns.next(len(self._rotation))]
             channel = self.peers.get(slot)
-            if (
-                channel is not None
-                and whole
-                and self.running()
-                and send_connection(channel, conn, peer)
+            if channel is not None and send_connection(
+                channel, conn, peer, whole=whole, wait=self.PASS_WAIT
             ):
                 conn.close()  # the owner's now
                 self.passed += 1
                 continue
+            if channel is not None:
+                log.warning(
+                    "statescale: %s's channel stayed full for %gs; served a request of its "
+                    "session here",
+                    slot,
+                    self.PASS_WAIT,
+                )
             if whole:  # like a passed one, its close need not wait for the client's
                 conn = PassedSocket(conn.family, socket.SOCK_STREAM, 0, fileno=conn.detach())
             return conn, peer
         raise BlockingIOError(errno.EAGAIN, "passed a batch on; gunicorn's loop goes round")
+
+    def _head(self, conn: socket.socket) -> tuple[bytes, bool] | None:
+        """:func:`peek_head` of what ``conn`` has sent, once its head is whole (waiting
+        up to ``HEAD_WAIT``); None if it is not by then, or the client is gone."""
+        deadline = 0.0
+        while True:
+            try:
+                data = conn.recv(PEEK_BYTES, _PEEK_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                data = None  # nothing yet
+            except OSError:
+                return None  # reset: gunicorn meets the error and ends it
+            if data == b"":
+                return None  # closed before it said anything
+            head = peek_head(data) if data else None
+            if head is not None:
+                return head
+            now = time.monotonic()
+            deadline = deadline or now + self.HEAD_WAIT
+            if now >= deadline:
+                return None
+            if data is None:  # wait for the first bytes
+                select.select([conn], [], [], deadline - now)
+            else:  # readable already (a peek takes nothing): look again shortly
+                time.sleep(0.002)
