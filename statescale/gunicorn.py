@@ -137,6 +137,12 @@ def on_starting(server: Any) -> None:
     _master = _Master(settings)
     if settings.routed and (settings.node is None or server.cfg.workers > 1):
         _prepare_sticky(server, _master)
+    if settings.routing == "workers" and not _master.workers_route:
+        server.log.warning(
+            "statescale: STATESCALE_ROUTING=workers ignored: it routes among the workers "
+            "of one master in sticky or affinity mode, and here %s",
+            "no session is routed (shared mode)" if not settings.routed else "one worker serves",
+        )
     if settings.registry is not None and server.cfg.preload_app:
         raise ConfigError(
             "STATESCALE_REGISTRY: drop --preload; each worker follows the registry from "
@@ -305,7 +311,7 @@ def _serve_meanwhile(server: Any, seconds: float, done: Any = None) -> str | Non
     meanwhile what gunicorn's arbiter loop would: reap exited workers, kill those past
     ``--timeout`` and fork their replacements, so the node serves its drain in full.
     A fast stop (``INT``, ``QUIT``) that arrives meanwhile ends the wait: the name of
-    its handler is returned (on a gunicorn that queues its signals, as 27 does; an
+    its handler is returned (on a gunicorn that queues its signals, 24 or later; an
     older one handles them after the wait). Other signals are logged and dropped: it is
     stopping. Exited workers are reaped every round, not only on a ``SIGCHLD`` seen
     here: one may have come in the same batch as the ``TERM`` that started the wait."""

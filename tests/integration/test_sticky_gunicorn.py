@@ -190,6 +190,9 @@ def test_routing_by_the_workers_needs_sync_workers_and_one_master() -> None:
         )
         with pytest.raises(RuntimeError, match="STATESCALE_ROUTING=workers"):
             server.start()
+    with Gunicorn(env={"STATESCALE_ROUTING": "workers"}, workers=1) as shared:  # said, not done
+        assert SessionClient(shared.port).post("/api/incr?key=c").json["value"] == 1
+        assert "STATESCALE_ROUTING=workers ignored" in shared.log()
 
 
 def test_ttin_cannot_add_a_worker_the_ring_has_no_slot_for() -> None:
