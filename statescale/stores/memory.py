@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..config import (
     DEFAULT_ABSOLUTE_LIFETIME,
@@ -39,8 +39,10 @@ from .base import Lifetime
 
 _STRIPES = 64
 PROTECTED_SHARE = 0.8  # of max_sessions, at most, for sessions whose client came back
-#: Sessions given away, deleted or replaced lately, whose versions a store remembers
-#: (a hand-over of an older copy arriving late is refused).
+#: Sessions given away lately, whose versions a store remembers (a hand-over of an
+#: older copy arriving late is refused), and, as many again, sessions deleted or
+#: replaced lately (never revived): a scale-out that gives away many sessions does not
+#: push out the marks of logouts.
 MAX_LEFT = 10_000
 _DELETED = sys.maxsize  # the version a deleted session's copy would need: none has it
 UNCOUNTED = -1  # the version of a copy from a process that does not count writes
@@ -100,7 +102,8 @@ class MemoryStore:
         self._clock = clock
         self._probation: OrderedDict[str, _Entry] = OrderedDict()  # new, not returned to
         self._protected: OrderedDict[str, _Entry] = OrderedDict()  # their clients came back
-        self._left: OrderedDict[str, int] = OrderedDict()  # gone lately -> at what version
+        self._given: OrderedDict[str, int] = OrderedDict()  # given away lately -> version
+        self._deleted: OrderedDict[str, None] = OrderedDict()  # deleted or replaced lately
         self._mutex = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
 
@@ -164,7 +167,7 @@ class MemoryStore:
         with self._mutex:
             if replaces is not None:
                 self._drop(replaces, _DELETED)
-            self._left.pop(session_id, None)  # live again, whatever it was
+            self._forget(session_id)  # live again, whatever it was
             segment = self._probation if first else self._protected
             segment[session_id] = entry
             segment.move_to_end(session_id)
@@ -225,7 +228,7 @@ class MemoryStore:
         if not self._alive(entry, now):
             return False
         with self._mutex:
-            left = self._left.get(session_id, 0)
+            left = _DELETED if session_id in self._deleted else self._given.get(session_id, 0)
             held = self._protected.get(session_id) or self._probation.get(session_id)
             if held is not None and not self._alive(held, now):
                 held = None
@@ -235,7 +238,7 @@ class MemoryStore:
                 entry.version = left  # and counted on from what is known
             elif kept.version < left or (held is not None and held.version >= kept.version):
                 return False
-            self._left.pop(session_id, None)
+            self._forget(session_id)
             self._probation.pop(session_id, None)
             self._protected.pop(session_id, None)
             segment = self._protected if kept.returned else self._probation
@@ -257,10 +260,21 @@ class MemoryStore:
         ``version`` (under ``_mutex``)."""
         self._probation.pop(session_id, None)
         self._protected.pop(session_id, None)
-        self._left[session_id] = version
-        self._left.move_to_end(session_id)
-        if len(self._left) > MAX_LEFT:
-            self._left.popitem(last=False)
+        if version == _DELETED:
+            self._given.pop(session_id, None)
+            marks: OrderedDict[str, Any] = self._deleted
+            marks[session_id] = None
+        else:
+            marks = self._given
+            marks[session_id] = version
+        marks.move_to_end(session_id)
+        if len(marks) > MAX_LEFT:
+            marks.popitem(last=False)
+
+    def _forget(self, session_id: str) -> None:
+        """Live here again: no mark of its leaving stands (under ``_mutex``)."""
+        self._given.pop(session_id, None)
+        self._deleted.pop(session_id, None)
 
     @contextmanager
     def lock(self, session_id: str) -> Iterator[None]:

@@ -5,7 +5,7 @@ import pytest
 from statescale.exceptions import ConfigError
 from statescale.session import Changes, Record
 from statescale.stores import MemoryStore
-from statescale.stores.memory import UNCOUNTED, Kept
+from statescale.stores.memory import MAX_LEFT, UNCOUNTED, Kept
 from tests.conftest import Clock
 
 
@@ -119,6 +119,19 @@ def test_a_late_hand_over_never_revives_a_deleted_or_replaced_session(clock: Clo
     store.create("new", {"user": b"alice"}, replaces="old")  # a regeneration
     for session_id, kept in copies.items():
         assert not store.put(session_id, kept) and not store.holds(session_id)
+
+
+def test_a_scale_out_that_gives_many_sessions_away_keeps_the_marks_of_logouts(
+    clock: Clock,
+) -> None:
+    store = MemoryStore(clock=clock, max_sessions=MAX_LEFT + 10)
+    store.create("gone", {"user": b"alice"})
+    late = _copy(store, "gone")
+    store.delete("gone")  # a logout; then more sessions given away than it remembers
+    for n in range(MAX_LEFT + 1):
+        store.create(f"s{n}", {})
+        assert store.take(f"s{n}") is not None
+    assert not store.put("gone", late) and not store.holds("gone")
 
 
 def test_a_copy_from_a_release_that_does_not_count_writes_is_kept_as_before(
