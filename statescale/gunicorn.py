@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
@@ -114,9 +115,15 @@ class _Master:
     slots: list[_Slot] = field(default_factory=list)
     router: subprocess.Popen[bytes] | None = None
     heartbeat: Heartbeat | None = None  # this instance's registration, if it has a registry
-    workers_route: bool = False  # STATESCALE_ROUTING=workers: no router process
-    turns: Any = None  # ...and the round-robin count its workers share (passing.Turns)
+    #: STATESCALE_ROUTING=workers: the round-robin count its workers share
+    #: (passing.Turns); None when a router process routes, or nothing does.
+    turns: Any = None
     member: Backend | None = None  # how it registered itself (and its workers know it)
+
+    @property
+    def workers_route(self) -> bool:
+        """Whether its workers route among themselves (no router process)."""
+        return self.turns is not None
 
 
 _master: _Master | None = None
@@ -173,24 +180,24 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
     # A sync worker answers one request a connection, so the router passes it the
     # client's connection instead, and proxies only what it cannot route by a peek.
     passing = _passes_connections(server.cfg.worker_class)
-    master.workers_route = master.settings.routing == "workers"
-    if master.workers_route and server.cfg.is_ssl:
+    by_workers = master.settings.routing == "workers"
+    if by_workers and server.cfg.is_ssl:
         raise ConfigError(
             "STATESCALE_ROUTING=workers: the workers route by a peek at the request, which "
             "TLS hides; terminate TLS in front of gunicorn, or use STATESCALE_ROUTING=router"
         )
-    if master.workers_route and not passing:
+    if by_workers and not passing:
         raise ConfigError(
             "STATESCALE_ROUTING=workers: the workers pass connections among themselves, "
             "which only gunicorn's sync workers can take (one request a connection): "
             "drop --threads and --worker-class, or use STATESCALE_ROUTING=router"
         )
-    if master.workers_route and master.settings.node is not None:
+    if by_workers and master.settings.node is not None:
         raise ConfigError(
             "STATESCALE_ROUTING=workers is for one master serving the whole ring; a node "
             "of a fleet (STATESCALE_NODE) routes to its workers with its router"
         )
-    if master.workers_route:
+    if by_workers:
         from .routing.router.passing import Turns
 
         master.turns = Turns()  # made before the fork: every worker shares it
@@ -426,11 +433,11 @@ def _answer_passed(server: Any, worker: Any) -> None:
     start = time.monotonic()
     deadline = start + min(CHANNEL_DRAIN, server.cfg.graceful_timeout)
     quiet_until = start + CHANNEL_QUIET
-    while time.monotonic() < min(quiet_until, deadline):
+    while (left := min(quiet_until, deadline) - time.monotonic()) > 0:
         try:
             client, address = listener.take_passed()
         except BlockingIOError:
-            time.sleep(0.01)
+            select.select([listener.channel], [], [], left)  # until one is passed
             continue
         client.setblocking(True)
         worker.handle(listener, client, address)
