@@ -34,7 +34,9 @@ master (affinity keeps the sessions in Redis besides, as shared mode does):
   its slot. With sync workers (one request a connection) it passes the client's
   connection itself to the slot's worker, through a Unix socket pair per slot that the
   master keeps open (:mod:`statescale.routing.router.passing`), and proxies to the
-  slot's socket only what it cannot route by a peek. The router dies with the master.
+  slot's socket only what it cannot route by a peek. The router dies with the master;
+  a router that dies alone is logged and started again, as a worker would be
+  (:func:`_supervise_router`).
 * with ``STATESCALE_ROUTING=workers`` (sync workers only) there is no router: each
   worker accepts on gunicorn's listener, peeks, and passes a connection whose session
   another slot owns through that slot's channel
@@ -114,6 +116,11 @@ class _Master:
     slot_dir: Path | None = None  # where the slots' sockets are
     slots: list[_Slot] = field(default_factory=list)
     router: subprocess.Popen[bytes] | None = None
+    #: A router being stopped on purpose (not started again), reaped with its status.
+    retired: subprocess.Popen[bytes] | None = None
+    #: When (time.monotonic) a router that died may be started again.
+    restart_at: float = 0.0
+    restart_wait: float = 0.0  # how long the last restart that failed waits
     heartbeat: Heartbeat | None = None  # this instance's registration, if it has a registry
     #: STATESCALE_ROUTING=workers: the round-robin count its workers share
     #: (passing.Turns); None when a router process routes, or nothing does.
@@ -486,6 +493,7 @@ def when_ready(server: Any) -> None:
             server.LISTENERS[0].setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
     elif _master is not None and _master.slots:
         _start_router(server, _master)
+        _supervise_router(server, _master)
     if _master is not None and _master.settings.registry is not None:
         # Now that it listens (and its router runs): routers may send it requests.
         _register(server, _master)
@@ -536,6 +544,67 @@ def _start_router(server: Any, master: _Master) -> None:
     )
 
 
+#: A router that died is started again at once; one that then dies at start again
+#: waits this long (seconds) before the next try, doubled each time up to
+#: ``ROUTER_RESTART_MAX``.
+ROUTER_RESTART = 1.0
+ROUTER_RESTART_MAX = 30.0
+
+
+def _supervise_router(server: Any, master: _Master) -> None:
+    """The master keeps its router alive as it keeps its workers. A router that dies
+    (``kill -9``, the OOM killer, a bug) is logged with how it ended and started again
+    on the same listener and channels; only the connections it held are lost. Its exit
+    status is read before gunicorn's ``waitpid(-1)`` would reap it as an unknown child
+    (which leaves nothing to read)."""
+    reap, manage = server.reap_workers, server.manage_workers
+
+    def reap_the_router_first() -> None:
+        for router in (master.router, master.retired):
+            if router is not None:
+                router.poll()
+        reap()
+
+    def manage_workers_and_router() -> None:
+        manage()
+        _keep_router(server, master)
+
+    # The arbiter calls these by name, each round and on SIGCHLD.
+    server.reap_workers = reap_the_router_first
+    server.manage_workers = manage_workers_and_router
+
+
+def _keep_router(server: Any, master: _Master) -> None:
+    """Start another router if the one running has died (not one stopped on purpose:
+    :func:`_stop_router` and :func:`_stop_router_when_quiet` take it off first)."""
+    router = master.router
+    if router is None or router.poll() is None or time.monotonic() < master.restart_at:
+        return
+    server.log.error(
+        "statescale: the router (pid %d) %s; starting another", router.pid, _ended(router)
+    )
+    master.router = None
+    try:
+        _start_router(server, master)
+    except (ConfigError, OSError) as exc:  # it died at start too (or could not): later
+        master.restart_wait = min(max(2 * master.restart_wait, ROUTER_RESTART), ROUTER_RESTART_MAX)
+        master.restart_at = time.monotonic() + master.restart_wait
+        server.log.error("statescale: %s; next try in %g s", exc, master.restart_wait)
+    else:
+        master.restart_wait = 0.0
+
+
+def _ended(process: subprocess.Popen[bytes]) -> str:
+    """How ``process``, which has ended, ended."""
+    code = process.returncode
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 def _stop_router_when_quiet(server: Any, master: _Master) -> str | None:
     """Leaving the fleet for good: the router serves on while connections still arrive
     (a balancer slow to reload still sends some; stopped under them, the listener would
@@ -547,14 +616,16 @@ def _stop_router_when_quiet(server: Any, master: _Master) -> str | None:
         return None
     from .routing.router.serve import GRACE, QUIET
 
+    master.router, master.retired = None, router  # stopping: not to be started again
     router.send_signal(signal.SIGUSR1)
     # Its wait for quiet, then for what is in flight: GRACE seconds each at most.
     hurry = _serve_meanwhile(server, 2 * GRACE + QUIET + 2, lambda: router.poll() is not None)
+    master.retired = None
     if router.poll() is None:
-        return hurry  # stopped the ordinary way next
-    master.router = None
+        master.router = router  # stopped the ordinary way next
+        return hurry
     if router.returncode:
-        server.log.error("statescale: the router exited with code %s", router.returncode)
+        server.log.error("statescale: the router %s", _ended(router))
     return hurry
 
 
@@ -563,7 +634,9 @@ def _stop_router(server: Any, master: _Master) -> None:
     router, master.router = master.router, None
     if router is None or router.poll() is not None:
         return
+    master.retired = router
     stop_process(router, server.cfg.graceful_timeout + 1)
+    master.retired = None
 
 
 def on_exit(server: Any) -> None:

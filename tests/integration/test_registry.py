@@ -137,6 +137,9 @@ def test_nodes_scale_out_and_in_through_a_registry(
             assert load.failures == [], (load.failures, _logged(named))
             assert load.wrong() == [], (_around_wrong(load, owner), _logged(named))
             assert min(len(a) for a in load.answers) >= 3  # every user got going
+        # The router of the node that left stopped once requests ceased, for good.
+        log = nodes[0].log()
+        assert "sticky router on" in log and "starting another" not in log, _logged(named)
         # Sessions really moved: to the node that joined, and off the one that left,
         # carrying on from where they were.
         fourth = joined.worker_pids()

@@ -51,6 +51,30 @@ def test_sticky_mode_under_one_gunicorn_master() -> None:
     assert "sticky router on http://" in log and "several worker processes" not in log
 
 
+@pytest.mark.parametrize("mode", ["sticky", "affinity"])
+def test_a_router_that_dies_is_started_again_and_no_session_is_lost(mode: str) -> None:
+    # The master keeps its router alive as it keeps its workers: killed (an operator's
+    # kill -9, the OOM killer), it is logged with how it ended and started again.
+    with Gunicorn(env={"STATESCALE_MODE": mode}, workers=2) as server:
+        users = [SessionClient(server.port) for _ in range(8)]
+        for user in users:
+            assert user.post("/api/incr?key=c").json["value"] == 1
+
+        def routers() -> set[int]:
+            return {pid for pid, kind in server.children().items() if kind == "router"}
+
+        [router] = routers()
+        os.kill(router, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while routers() in (set(), {router}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(routers() - {router}) == 1
+        values = [user.post("/api/incr?key=c") for user in users]
+        log = server.log()
+    assert [(v.status, v.json["value"]) for v in values] == [(200, 2)] * len(users)
+    assert f"the router (pid {router}) was killed by SIGKILL; starting another" in log
+
+
 def test_the_router_passes_connections_and_proxies_what_a_peek_cannot_route() -> None:
     # Sync workers: the router hands each connection over (the worker answers the
     # client's own socket); a head that comes in pieces is proxied, to the same worker.
