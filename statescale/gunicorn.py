@@ -118,9 +118,13 @@ class _Master:
     router: subprocess.Popen[bytes] | None = None
     #: A router being stopped on purpose (not started again), reaped with its status.
     retired: subprocess.Popen[bytes] | None = None
-    #: When (time.monotonic) a router that died may be started again.
+    #: Supervision (:func:`_keep_router`): when the router running was started
+    #: (time.monotonic), the pid of the last one whose end was logged, how long the
+    #: next start waits after a short-lived one, and when it may come.
+    router_started: float = 0.0
+    mourned: int | None = None
+    restart_wait: float = 0.0
     restart_at: float = 0.0
-    restart_wait: float = 0.0  # how long the last restart that failed waits
     heartbeat: Heartbeat | None = None  # this instance's registration, if it has a registry
     #: STATESCALE_ROUTING=workers: the round-robin count its workers share
     #: (passing.Turns); None when a router process routes, or nothing does.
@@ -492,8 +496,8 @@ def when_ready(server: Any) -> None:
         with contextlib.suppress(OSError, AttributeError):
             server.LISTENERS[0].setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
     elif _master is not None and _master.slots:
-        _start_router(server, _master)
-        _supervise_router(server, _master)
+        _supervise_router(server, _master)  # first: a router that fails at once is reaped
+        _start_router(server, _master)  # with its status
     if _master is not None and _master.settings.registry is not None:
         # Now that it listens (and its router runs): routers may send it requests.
         _register(server, _master)
@@ -539,14 +543,16 @@ def _start_router(server: Any, master: _Master) -> None:
             f"statescale router exited at once (status {code}); nothing would serve "
             f"{host}:{port}. Is the router extra installed? pip install 'statescale[gunicorn]'"
         )
+    master.router_started = time.monotonic()
     server.log.info(
         "statescale: sticky router on http://%s:%d/ (pid %d)", host, port, master.router.pid
     )
 
 
-#: A router that died is started again at once; one that then dies at start again
-#: waits this long (seconds) before the next try, doubled each time up to
-#: ``ROUTER_RESTART_MAX``.
+#: A router that dies after ``ROUTER_STABLE`` seconds or more is started again at once.
+#: One that dies sooner, or cannot start, is started again after ``ROUTER_RESTART``
+#: seconds, doubled each time up to ``ROUTER_RESTART_MAX``.
+ROUTER_STABLE = 10.0
 ROUTER_RESTART = 1.0
 ROUTER_RESTART_MAX = 30.0
 
@@ -576,22 +582,40 @@ def _supervise_router(server: Any, master: _Master) -> None:
 
 def _keep_router(server: Any, master: _Master) -> None:
     """Start another router if the one running has died (not one stopped on purpose:
-    :func:`_stop_router` and :func:`_stop_router_when_quiet` take it off first)."""
+    :func:`_stop_router` and :func:`_stop_router_when_quiet` take it off first). Called
+    each round of the arbiter's loop, never from a signal handler."""
     router = master.router
-    if router is None or router.poll() is None or time.monotonic() < master.restart_at:
+    if router is None or router.poll() is None:
         return
-    server.log.error(
-        "statescale: the router (pid %d) %s; starting another", router.pid, _ended(router)
-    )
+    now = time.monotonic()
+    if master.mourned != router.pid:
+        master.mourned = router.pid
+        lived = now - master.router_started
+        master.restart_wait = 0.0 if lived >= ROUTER_STABLE else _longer(master.restart_wait)
+        master.restart_at = now + master.restart_wait
+        later = f" in {master.restart_wait:g} s" if master.restart_wait else ""
+        server.log.error(
+            "statescale: the router (pid %d) %s; starting another%s",
+            router.pid,
+            _ended(router),
+            later,
+        )
+    if now < master.restart_at:
+        return
     master.router = None
     try:
         _start_router(server, master)
-    except (ConfigError, OSError) as exc:  # it died at start too (or could not): later
-        master.restart_wait = min(max(2 * master.restart_wait, ROUTER_RESTART), ROUTER_RESTART_MAX)
+    except (ConfigError, OSError) as exc:  # it died at start (or could not be forked)
+        if master.router is None:
+            master.router = router  # the dead one stands for it until the next try
+        master.mourned = master.router.pid  # its end is in this message
+        master.restart_wait = _longer(master.restart_wait)
         master.restart_at = time.monotonic() + master.restart_wait
         server.log.error("statescale: %s; next try in %g s", exc, master.restart_wait)
-    else:
-        master.restart_wait = 0.0
+
+
+def _longer(wait: float) -> float:
+    return min(max(2 * wait, ROUTER_RESTART), ROUTER_RESTART_MAX)
 
 
 def _ended(process: subprocess.Popen[bytes]) -> str:

@@ -1,10 +1,10 @@
-"""The gunicorn hooks' supervision of the router, against a stand-in arbiter (the real
-one: tests/integration/test_sticky_gunicorn.py)."""
+"""The gunicorn hooks' supervision of the router in the master, against a stand-in
+arbiter and stand-in processes (the real ones: test_a_router_that_dies_is_started_again
+in tests/integration/test_sticky_gunicorn.py)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import itertools
 from typing import Any
 
 import pytest
@@ -13,76 +13,130 @@ from statescale import gunicorn as hooks
 from statescale.config import Settings
 from statescale.exceptions import ConfigError
 
+_pids = itertools.count(1000)
 
-class _Log:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
 
-    def error(self, message: str, *args: Any) -> None:
-        self.lines.append(message % args)
+class _Process:
+    """A stand-in for the router's Popen: ``returncode`` None while it runs."""
+
+    def __init__(self, events: list[str], returncode: int | None = None) -> None:
+        self.pid = next(_pids)
+        self.returncode = returncode
+        self.events = events
+
+    def poll(self) -> int | None:
+        self.events.append(f"poll {self.pid}")
+        return self.returncode
 
 
 class _Arbiter:
     """What the supervision wraps: the arbiter's reaping and its round."""
 
-    def __init__(self) -> None:
-        self.log = _Log()
-        self.rounds = self.reaped = 0
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+        self.errors: list[str] = []
+        self.log = self
+
+    def error(self, message: str, *args: Any) -> None:
+        self.errors.append(message % args)
 
     def reap_workers(self) -> None:
-        self.reaped += 1
+        self.events.append("gunicorn reaps")
 
     def manage_workers(self) -> None:
-        self.rounds += 1
+        self.events.append("gunicorn manages")
 
 
-def _exited(code: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
-    process.wait()
-    return process
+class _Rig:
+    """A master with a supervised router, a clock, and a ``_start_router`` that does
+    what ``outcomes`` say, one start each: ``"runs"``, ``"dies"`` (at once: a
+    ``ConfigError``, the dead router kept) or ``"no fork"`` (an ``OSError``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, outcomes: list[str]) -> None:
+        self.now = 100.0
+        monkeypatch.setattr(hooks.time, "monotonic", lambda: self.now)
+        self.events: list[str] = []
+        self.starts: list[float] = []
+        self.master = hooks._Master(Settings.from_env({}))
+        self.arbiter = _Arbiter(self.events)
+        outcome = iter(outcomes)
+
+        def start(server: Any, master: hooks._Master) -> None:
+            self.starts.append(self.now)
+            what = next(outcome)
+            if what == "no fork":
+                raise OSError(12, "Cannot allocate memory")
+            master.router = _Process(self.events, 3 if what == "dies" else None)  # type: ignore[assignment]
+            if what == "dies":
+                raise ConfigError("statescale router exited at once (status 3)")
+            master.router_started = self.now
+
+        monkeypatch.setattr(hooks, "_start_router", start)
+        hooks._supervise_router(self.arbiter, self.master)
+
+    def run(self, seconds: float) -> None:
+        """The arbiter's rounds, half a second apart."""
+        for _ in range(int(seconds * 2)):
+            self.arbiter.manage_workers()
+            self.now += 0.5
+
+    def router(self) -> _Process:
+        return self.master.router  # type: ignore[return-value]
 
 
-def test_a_router_that_dies_at_start_again_is_retried_later_and_later(
+def test_a_router_that_died_is_reaped_with_its_status_before_gunicorn_reaps(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = [100.0]
-    monkeypatch.setattr(hooks.time, "monotonic", lambda: clock[0])
-    master = hooks._Master(Settings.from_env({}))
-    starts: list[float] = []
+    rig = _Rig(monkeypatch, [])
+    rig.master.router = running = _Process(rig.events)  # type: ignore[assignment]
+    rig.master.retired = stopping = _Process(rig.events, 0)  # type: ignore[assignment]
+    rig.arbiter.reap_workers()
+    assert rig.events == [f"poll {running.pid}", f"poll {stopping.pid}", "gunicorn reaps"]
+    rig.master.router = None  # taken off by a stop on purpose: never started again
+    rig.run(5)
+    assert rig.starts == [] and rig.arbiter.errors == []
 
-    def start(server: Any, master: hooks._Master) -> None:
-        starts.append(clock[0])
-        if len(starts) < 4:
-            master.router = _exited(3)
-            raise ConfigError("statescale router exited at once (status 3)")
-        master.router = _Running()  # type: ignore[assignment]
 
-    monkeypatch.setattr(hooks, "_start_router", start)
-    arbiter = _Arbiter()
-    master.router = first = _exited(7)
-    hooks._supervise_router(arbiter, master)
+def test_a_router_that_dies_after_a_long_life_is_started_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rig = _Rig(monkeypatch, ["runs", "runs", "runs", "runs"])
+    first = rig.master.router = _Process(rig.events, -9)  # type: ignore[assignment]
+    rig.run(1)
+    assert rig.starts == [100.0]
+    assert rig.arbiter.errors == [
+        f"statescale: the router (pid {first.pid}) was killed by SIGKILL; starting another"
+    ]
+    # The new one dies within ROUTER_STABLE seconds, again and again: waits of 1, then 2 s.
+    rig.router().returncode = 1
+    rig.run(1.5)
+    rig.router().returncode = 1
+    rig.run(3)
+    assert [t - 100.0 for t in rig.starts] == [0.0, 2.0, 4.5]
+    assert rig.arbiter.errors[1].endswith("exited with code 1; starting another in 1 s")
+    assert rig.arbiter.errors[2].endswith("exited with code 1; starting another in 2 s")
+    # One that lived past ROUTER_STABLE is started again at once, the waits forgotten.
+    rig.run(hooks.ROUTER_STABLE)
+    rig.router().returncode = -15
+    rig.run(1)
+    assert len(rig.starts) == 4 and rig.starts[3] - rig.starts[2] > hooks.ROUTER_STABLE
+    assert rig.arbiter.errors[3].endswith("was killed by SIGTERM; starting another")
 
-    arbiter.reap_workers()
-    assert arbiter.reaped == 1  # gunicorn's own reaping still runs
-    for _ in range(40):  # arbiter rounds, 0.5 s apart
-        arbiter.manage_workers()
-        clock[0] += 0.5
-    assert arbiter.rounds == 40
-    assert [t - 100.0 for t in starts] == [0.0, 1.0, 3.0, 7.0]  # waits of 1, 2, 4 s
-    lines = arbiter.log.lines
-    assert lines[0] == (
-        f"statescale: the router (pid {first.pid}) exited with code 7; starting another"
+
+def test_a_router_that_cannot_start_again_is_tried_later_and_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rig = _Rig(monkeypatch, ["dies", "no fork", "dies", "runs"])
+    first = rig.master.router = _Process(rig.events, 7)  # type: ignore[assignment]
+    rig.run(20)
+    assert [t - 100.0 for t in rig.starts] == [0.0, 1.0, 3.0, 7.0]  # waits of 1, 2, 4 s
+    assert rig.router().returncode is None  # the fourth runs, and is kept
+    errors = rig.arbiter.errors
+    assert (
+        errors[0]
+        == f"statescale: the router (pid {first.pid}) exited with code 7; starting another"
     )
-    assert lines[1].endswith("exited at once (status 3); next try in 1 s")
-    assert lines[2].endswith("exited with code 3; starting another")
-    assert [line.rpartition("next try in ")[2] for line in lines[1::2]] == ["1 s", "2 s", "4 s"]
-    assert len(lines) == 7
-    assert master.restart_wait == 0.0  # it runs: a later death restarts it at once
-
-
-class _Running:
-    pid = 1
-    returncode = None
-
-    def poll(self) -> None:
-        return None
+    assert errors[1].endswith("exited at once (status 3); next try in 1 s")
+    assert errors[2] == "statescale: [Errno 12] Cannot allocate memory; next try in 2 s"
+    assert errors[3].endswith("exited at once (status 3); next try in 4 s")
+    assert len(errors) == 4  # each end logged once
