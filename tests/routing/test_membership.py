@@ -115,6 +115,29 @@ def test_a_heartbeat_keeps_a_member_in_and_leaves_on_stop(registry: Registry) ->
     assert registry.members() == []
 
 
+def test_a_heartbeat_outlives_an_unexpected_error(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renewal that raises what no registry should (a bug, a library's surprise) is
+    logged and tried again: the thread must not die and let the member drop out."""
+    register, failures = registry.register, [RuntimeError("a surprise")]
+
+    def flaky(backend: Backend, *, ttl: float, token: str) -> None:
+        if failures and registry.members():  # once, after the first registration
+            raise failures.pop()
+        register(backend, ttl=ttl, token=token)
+
+    registry.register = flaky  # type: ignore[method-assign]
+    beat = Heartbeat(registry, C, ttl=2)
+    beat.start()
+    try:
+        time.sleep(3)  # past the TTL: only the renewals after the error keep it
+        assert failures == [] and registry.members() == [C]
+    finally:
+        beat.stop()
+    assert "registering c=127.0.0.1:9003 failed; trying again" in caplog.text
+
+
 def test_a_successor_keeps_the_name_its_predecessor_leaves(registry: Registry) -> None:
     """A USR2 upgrade: the new master registers the same name; the old one, stopping,
     must not remove it."""

@@ -49,6 +49,9 @@ class Heartbeat:
         except RegistryUnavailable as exc:
             log.warning("statescale: could not register %s: %s", self.backend.spec, exc)
             return False
+        except Exception:  # a bug must not end the renewals: the node would drop out
+            log.exception("statescale: registering %s failed; trying again", self.backend.spec)
+            return False
         return True
 
     def _run(self, registered: bool) -> None:
