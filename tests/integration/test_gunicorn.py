@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import redis
@@ -323,3 +324,38 @@ def test_23_reload_and_recycling_lose_nothing(redis_url: str, args: tuple[str, .
         for thread in threads:
             thread.join(60)
     assert failures == []
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+SOAK_USERS = 200
+SOAK_SECONDS = 60
+
+
+def test_27_soak_200_concurrent_users_for_60_s(own_redis: EmbeddedRedis) -> None:
+    """Shared mode, 200 users each incrementing its own counter at once for a minute:
+    no failed request and no wrong answer, the same four workers throughout with flat
+    memory, and one Redis key per live session, nothing else."""
+    with Gunicorn(env={"STATESCALE_REDIS_URL": own_redis.url}) as server:
+        pids = server.worker_pids()
+        with Load(server.port, users=SOAK_USERS) as load:
+            time.sleep(SOAK_SECONDS / 4)  # warm: every user has its session and copies
+            warm = {pid: _rss_kb(pid) for pid in pids}
+            warm_requests = load.requests
+            time.sleep(SOAK_SECONDS * 3 / 4)
+            end = {pid: _rss_kb(pid) for pid in pids}
+        assert server.worker_pids() == pids
+        keys = redis.Redis.from_url(own_redis.url).dbsize()
+    assert load.failures == []
+    assert load.wrong() == []
+    assert min(len(a) for a in load.answers) >= 10  # every user was served all along
+    assert load.requests - warm_requests >= 10 * SOAK_USERS
+    assert keys == SOAK_USERS
+    growth = {pid: end[pid] - warm[pid] for pid in pids}
+    # KB over the last 45 s (measured: about 240 of 40,500, over some 56,000 requests)
+    assert max(growth.values()) <= 2048, (warm, end)
