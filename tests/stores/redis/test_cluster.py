@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from statescale.embedded import find_redis_server
 from statescale.processes import free_port
@@ -107,3 +108,60 @@ def test_sessions_on_a_real_cluster(cluster: list[int]) -> None:
     with store.lock("session-new"):  # the lock key shares the record's slot
         pass
     assert store.key("session-new").endswith("}")
+
+
+def test_a_slot_migrating_under_reads_and_writes_keeps_every_copy_current(
+    cluster: list[int],
+) -> None:
+    """RELIABILITY 21: a session's slot moves from one master to another, step by step
+    as ``redis-cli --cluster reshard`` moves it (IMPORTING and MIGRATING, the key
+    MIGRATEd, then the slot given to its new master). One process keeps copies and
+    reads; another writes. At every step each read answers the last write (ASK and
+    MOVED followed, no copy kept from a server that does not track it for this
+    process) and nothing raises."""
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in cluster)
+    reader, writer = RedisStore.from_url(url), RedisStore.from_url(url, local_cache=0)
+    nodes = {port: redis.Redis(port=port, decode_responses=True) for port in cluster}
+    key_slot = nodes[cluster[0]].cluster("KEYSLOT", reader.key("moving"))
+    source = next(p for p, n in nodes.items() if _owns(n, key_slot))
+    target = next(p for p in cluster if p != source)
+    ids = {p: n.cluster("MYID") for p, n in nodes.items()}
+    created = writer.create("moving", {"n": b"0"}).created
+    value = 0
+
+    def write_then_read(step: str) -> None:
+        nonlocal value
+        value += 1
+        writer.save("moving", Changes({"n": str(value).encode()}, frozenset()), created=created)
+        time.sleep(0.02)  # the invalidation's way to the reader
+        for _ in range(2):  # the second read may come from a copy
+            record = reader.load("moving")
+            assert record is not None, step
+            assert dict(record.fields) == {"n": str(value).encode()}, step
+
+    write_then_read("before")
+    nodes[target].cluster("SETSLOT", key_slot, "IMPORTING", ids[source])
+    nodes[source].cluster("SETSLOT", key_slot, "MIGRATING", ids[target])
+    write_then_read("migrating, the key still at its source")
+    moving = nodes[source].cluster("GETKEYSINSLOT", key_slot, 100)
+    assert moving == [reader.key("moving")]
+    for key in moving:
+        nodes[source].migrate("127.0.0.1", target, key, 0, 5000)
+    write_then_read("migrating, the key moved (ASK)")
+    for node in nodes.values():
+        node.cluster("SETSLOT", key_slot, "NODE", ids[target])
+    write_then_read("moved (MOVED)")
+    write_then_read("moved, the slot map learnt")
+    assert reader.shards is not None
+    holder = reader.shards[f"127.0.0.1:{target}"]
+    assert holder.copies.get(reader.key("moving"), 0) is not None  # kept where tracked
+
+
+def _owns(node: redis.Redis, slot: int) -> bool:
+    """Whether ``node`` is the master serving ``slot`` (``CLUSTER SLOTS``: ranges, each
+    with its master's host and port first)."""
+    port = node.connection_pool.connection_kwargs["port"]
+    return any(
+        int(start) <= slot <= int(end) and int(master[1]) == port
+        for start, end, master, *_replicas in node.cluster("SLOTS")
+    )
