@@ -15,7 +15,10 @@ wrk drives, each request carrying one of ``--sessions`` cookies:
                       reads Redis)
 
 The three alternate round by round in one run (this machine is noisy), and the table
-gives each route's median with min-max and its ratio to the ceiling's median.
+gives each route's median with min-max and its ratio to the ceiling's median, and what
+each request cost the server's processes (the master, its workers, its router and its
+Redis; not wrk), from ``/proc``: CPU microseconds and context switches. A round trip to
+Redis shows as two or three switches more: the worker sleeps until Redis answers.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.rig.harness import Gunicorn, SessionClient
+from benchmarks.rig.harness import Gunicorn, SessionClient, usage
 from benchmarks.rig.loadgen import run_load
+
+#: What each route's runs record: req/s, and per request CPU µs and context switches.
+COSTS = ("cpu_us", "switches")
 
 ROUTES = [
     ("GET /health (ceiling)", "GET", "/health"),
@@ -51,6 +57,7 @@ def run(
     mode: str, sessions: int, duration: float, rounds: int, connections: int, routing: str
 ) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {name: [] for name, _, _ in ROUTES}
+    results.update({f"{name} {cost}": [] for name, _, _ in ROUTES for cost in COSTS})
     env = {"STATESCALE_STORE": "redis", "STATESCALE_MODE": mode, "STATESCALE_ROUTING": routing}
     with Gunicorn(env=env, workers=4) as server:
         cookies = []
@@ -62,20 +69,32 @@ def run(
             cookies.append(client.cookie)
         for n in range(1, rounds + 1):
             for name, method, path in ROUTES:
+                pids = server.pids()
+                cpu, switches = usage(pids)
                 rps = wrk(server.port, method, path, cookies, duration, connections)
+                cpu_after, switches_after = usage(pids)
+                requests = rps * max(1, round(duration))  # wrk runs whole seconds
                 results[name].append(rps)
+                results[f"{name} cpu_us"].append((cpu_after - cpu) * 1e6 / requests)
+                results[f"{name} switches"].append((switches_after - switches) / requests)
                 print(f"  round {n}/{rounds}  {name:<24} {rps:9.0f} req/s", flush=True)
     return results
 
 
 def table(results: dict[str, list[float]]) -> str:
     ceiling = statistics.median(results[ROUTES[0][0]])
-    lines = ["| route | req/s median | min-max | ratio to ceiling |", "|---|---|---|---|"]
-    for name, values in results.items():
+    lines = [
+        "| route | req/s median | min-max | ratio to ceiling "
+        "| server CPU µs a request | context switches a request |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, _, _ in ROUTES:
+        values = results[name]
         median = statistics.median(values)
+        cpu, switches = (statistics.median(results[f"{name} {cost}"]) for cost in COSTS)
         lines.append(
             f"| {name} | {median:.0f} | {min(values):.0f}-{max(values):.0f} "
-            f"| {median / ceiling:.2f} |"
+            f"| {median / ceiling:.2f} | {cpu:.0f} | {switches:.1f} |"
         )
     return "\n".join(lines)
 
