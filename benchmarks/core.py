@@ -30,7 +30,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.rig.harness import Gunicorn, SessionClient, usage
+from benchmarks.rig.harness import Gunicorn, SessionClient, spent, usage
 from benchmarks.rig.loadgen import run_load
 
 #: What each route's runs record: req/s, and per request CPU µs and context switches.
@@ -49,7 +49,13 @@ def wrk(
     """Requests per second (a run with any failed request is an error)."""
     route = (method, path)
     return run_load(
-        port, cookies, writes=0.0, duration=duration, connections=connections, route=route
+        port,
+        cookies,
+        writes=0.0,
+        duration=duration,
+        connections=connections,
+        route=route,
+        tool="wrk",  # whole seconds: the costs divide by them
     ).rps
 
 
@@ -70,13 +76,13 @@ def run(
         for n in range(1, rounds + 1):
             for name, method, path in ROUTES:
                 pids = server.pids()
-                cpu, switches = usage(pids)
+                before = usage(pids)
                 rps = wrk(server.port, method, path, cookies, duration, connections)
-                cpu_after, switches_after = usage(pids)
+                cpu, switches = spent(before, usage(pids))
                 requests = rps * max(1, round(duration))  # wrk runs whole seconds
                 results[name].append(rps)
-                results[f"{name} cpu_us"].append((cpu_after - cpu) * 1e6 / requests)
-                results[f"{name} switches"].append((switches_after - switches) / requests)
+                results[f"{name} cpu_us"].append(cpu * 1e6 / requests)
+                results[f"{name} switches"].append(switches / requests)
                 print(f"  round {n}/{rounds}  {name:<24} {rps:9.0f} req/s", flush=True)
     return results
 

@@ -262,21 +262,36 @@ class Gunicorn:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def usage(pids: set[int]) -> tuple[float, int]:
-    """CPU seconds (user and system) and context switches (voluntary and not) that
-    ``pids`` have used so far, from ``/proc``; a process gone meanwhile counts nothing."""
-    seconds, switches = 0.0, 0
+def usage(pids: set[int]) -> dict[int, tuple[float, int]]:
+    """For each of ``pids`` still alive: the CPU seconds (user and system, all its
+    threads) and context switches (voluntary and not, all its threads) it has used so
+    far, from ``/proc``. :func:`spent` takes the difference of two readings."""
+    found = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
+            switches = sum(
+                int(line.split()[1])
+                for task in Path(f"/proc/{pid}/task").iterdir()
+                for line in (task / "status").read_text().splitlines()
+                if "ctxt_switches" in line
+            )
+        except OSError:  # gone meanwhile
             continue
-        seconds += (int(fields[11]) + int(fields[12])) / _TICK
-        switches += sum(
-            int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line
-        )
-    return seconds, switches
+        found[pid] = ((int(fields[11]) + int(fields[12])) / _TICK, switches)
+    return found
+
+
+def spent(
+    before: dict[int, tuple[float, int]], after: dict[int, tuple[float, int]]
+) -> tuple[float, int]:
+    """CPU seconds and context switches used between two :func:`usage` readings by the
+    processes alive at both (one that exited or started in between counts nothing)."""
+    common = before.keys() & after.keys()
+    return (
+        sum(after[p][0] - before[p][0] for p in common),
+        sum(after[p][1] - before[p][1] for p in common),
+    )
 
 
 def _stop_pid(pid: int, timeout: float = 15.0) -> None:

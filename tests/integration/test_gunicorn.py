@@ -330,10 +330,11 @@ def test_23_reload_and_recycling_lose_nothing(redis_url: str, args: tuple[str, .
 
 
 def _rss_kb(pid: int) -> int:
+    """Anonymous resident memory (KB): the heap, not code pages touched late."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith("RssAnon:"):
             return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
+    raise AssertionError(f"no RssAnon for {pid}")
 
 
 SOAK_USERS = 200
@@ -356,11 +357,13 @@ def test_27_soak_200_concurrent_users_for_60_s(own_redis: EmbeddedRedis) -> None
         keys = redis.Redis.from_url(own_redis.url).dbsize()
     assert load.failures == []
     assert load.wrong() == []
-    assert min(len(a) for a in load.answers) >= 10  # every user was served all along
+    assert min(len(a) for a in load.answers) >= 10  # no user starved
     assert load.requests - warm_requests >= 10 * SOAK_USERS
     assert keys == SOAK_USERS
     growth = {pid: end[pid] - warm[pid] for pid in pids}
-    # KB over the last 45 s (measured: about 240 of 40,500, over some 56,000 requests)
+    # KB over the last 45 s. Measured: 220-236 KB over some 54,000 requests, still the
+    # warm-up (caches filling): over 300 s, a worker grew about 500 KB in the first 90 s
+    # and 75 KB in the 210 after (270,000 requests): flat.
     assert max(growth.values()) <= 2048, (warm, end)
 
 
@@ -368,9 +371,9 @@ def test_21_a_sentinel_failover_under_traffic_answers_503_at_worst(tmp_path: Pat
     """A master, its replica and a real redis-sentinel; shared mode through the
     Sentinel URL while 16 users increment. The master is killed (-9) and the sentinel
     promotes the replica: meanwhile requests fail with 503 and nothing worse (no 500,
-    no reset), and then every user is served by the new master, its counter going on.
-    (Replication is asynchronous: a write acknowledged just before the crash may be
-    lost with the master. None was in the runs seen; the promise is about errors.)"""
+    no reset); then every user is served again, and for 3 s nothing fails. (Replication
+    is asynchronous: a write acknowledged just before the crash may be lost with the
+    master, so the counters are not checked; the promise is about errors.)"""
     with EmbeddedRedis() as master, EmbeddedRedis() as replica:
         redis.Redis(port=replica.port).replicaof("127.0.0.1", master.port)
         port = free_port()
@@ -404,19 +407,21 @@ def test_21_a_sentinel_failover_under_traffic_answers_503_at_worst(tmp_path: Pat
                     ):
                         assert time.monotonic() < deadline, "no failover"
                         time.sleep(0.1)
-                    time.sleep(3)
-                    promoted = load.requests
-                    time.sleep(3)  # every user served again, by the new master
-                served = [len(a) for a in load.answers]
+                    promoted = [len(a) for a in load.answers]
+                    while any(len(a) <= n for a, n in zip(load.answers, promoted, strict=True)):
+                        assert time.monotonic() < deadline, "a user was not served again"
+                        time.sleep(0.1)
+                    failed, served = len(load.failures), [len(a) for a in load.answers]
+                    time.sleep(3)  # served on, by the new master
+                late = load.failures[failed:]
+                grew = all(len(a) > n for a, n in zip(load.answers, served, strict=True))
                 role = redis.Redis(port=replica.port).info("replication")["role"]
         finally:
             stop_process(sentinel_process, 5)
-    assert role == "master"
-    assert before >= 16 and load.requests - promoted >= 16
+    assert role == "master" and before >= 16
     assert load.failures  # the window was there...
     assert [f for f in load.failures if ": 503 " not in f] == []  # ...and only 503s
-    assert min(served) >= 3
-    assert all(a[-1] > a[0] for a in load.answers)  # each counter went on after it
+    assert late == [] and grew
 
 
 def _quiet(call: Callable[[], list[dict[str, str]]], default: list[dict[str, str]]) -> Any:
