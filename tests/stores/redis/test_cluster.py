@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from benchmarks.rig.harness import Gunicorn, Load
 from statescale.embedded import find_redis_server
 from statescale.processes import free_port
 from statescale.session import Changes
@@ -167,3 +168,35 @@ def _owns(node: redis.Redis, slot: int) -> bool:
         int(start) <= slot <= int(end) and int(master[1]) == port
         for start, end, master, *_replicas in node.cluster("SLOTS")
     )
+
+
+def test_a_reshard_under_traffic_fails_nothing_and_loses_nothing(cluster: list[int]) -> None:
+    """RELIABILITY 21 under load: ``gunicorn -w 4`` in shared mode on the Cluster while
+    16 users increment, and ``redis-cli --cluster reshard`` moves every slot of one
+    master to another, keys and all. Each request follows ASK and MOVED: none fails
+    (a 503 at worst is the promise), no counter skips or repeats, every user is served
+    once it is over, and the first master ends up holding nothing."""
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in cluster)
+    cli = shutil.which("redis-cli")
+    assert cli
+    nodes = {port: redis.Redis(port=port) for port in cluster}
+    ids = {port: node.cluster("MYID") for port, node in nodes.items()}
+    source, target = cluster[0], cluster[1]
+    with Gunicorn(env={"STATESCALE_REDIS_URL": url}) as server:
+        with Load(server.port, users=16) as load:
+            time.sleep(2)
+            on_source = nodes[source].dbsize()
+            reshard = [
+                cli, "--cluster", "reshard", f"127.0.0.1:{source}",
+                "--cluster-from", ids[source], "--cluster-to", ids[target],
+                "--cluster-slots", "16384", "--cluster-yes",
+            ]  # fmt: skip
+            subprocess.run(reshard, check=True, capture_output=True, timeout=120)
+            served = [len(a) for a in load.answers]
+            time.sleep(2)
+        left = nodes[source].dbsize()
+    assert on_source > 0  # sessions lived there, and moved
+    assert [f for f in load.failures if ": 503 " not in f] == []
+    assert load.wrong() == []
+    assert all(len(a) > n for a, n in zip(load.answers, served, strict=True))
+    assert left == 0
