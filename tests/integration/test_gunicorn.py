@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -18,8 +17,8 @@ import pytest
 import redis
 
 from benchmarks.rig.harness import Gunicorn, Load, Reply, SessionClient
+from benchmarks.rig.sentinel import SERVICE, sentinel
 from statescale.embedded import EmbeddedRedis
-from statescale.processes import free_port, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -376,33 +375,23 @@ def test_21_a_sentinel_failover_under_traffic_answers_503_at_worst(tmp_path: Pat
     master, so the counters are not checked; the promise is about errors.)"""
     with EmbeddedRedis() as master, EmbeddedRedis() as replica:
         redis.Redis(port=replica.port).replicaof("127.0.0.1", master.port)
-        port = free_port()
-        conf = tmp_path / "sentinel.conf"
-        conf.write_text(
-            f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-            f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n"
-            "sentinel down-after-milliseconds mymaster 1000\n"
-            "sentinel failover-timeout mymaster 10000\n"
-        )
-        command = [master.executable, str(conf), "--sentinel"]
-        sentinel_process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        try:
-            sentinel = redis.Redis(port=port, decode_responses=True)
+        with sentinel(master, tmp_path, down_after_ms=1000) as port:
+            watcher = redis.Redis(port=port, decode_responses=True)
             deadline = time.monotonic() + 30
             while not any(  # the sentinel has found the replica, and it is in sync
                 r.get("flags") == "slave" and r.get("master-link-status") == "ok"
-                for r in _quiet(lambda: sentinel.sentinel_slaves("mymaster"), [])
+                for r in _quiet(lambda: watcher.sentinel_slaves(SERVICE), [])
             ):
                 assert time.monotonic() < deadline, "the sentinel never saw the replica"
                 time.sleep(0.2)
-            url = f"redis+sentinel://127.0.0.1:{port}/mymaster/0"
+            url = f"redis+sentinel://127.0.0.1:{port}/{SERVICE}/0"
             with Gunicorn(env={"STATESCALE_REDIS_URL": url}) as server:
                 with Load(server.port, users=16) as load:
                     time.sleep(2)
                     before = load.requests
                     master.kill()  # kill -9: the sentinel promotes the replica
                     deadline = time.monotonic() + 30
-                    while int(sentinel.sentinel_get_master_addr_by_name("mymaster")[1]) != (
+                    while int(watcher.sentinel_get_master_addr_by_name(SERVICE)[1]) != (
                         replica.port
                     ):
                         assert time.monotonic() < deadline, "no failover"
@@ -416,8 +405,6 @@ def test_21_a_sentinel_failover_under_traffic_answers_503_at_worst(tmp_path: Pat
                 late = load.failures[failed:]
                 grew = all(len(a) > n for a, n in zip(load.answers, served, strict=True))
                 role = redis.Redis(port=replica.port).info("replication")["role"]
-        finally:
-            stop_process(sentinel_process, 5)
     assert role == "master" and before >= 16
     assert load.failures  # the window was there...
     assert [f for f in load.failures if ": 503 " not in f] == []  # ...and only 503s

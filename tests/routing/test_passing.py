@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -340,16 +341,24 @@ def _arrived(listener: socket.socket) -> None:
     time.sleep(0.05)
 
 
+def _passed_on(
+    listener: socket.socket, by: RoutingListener, to: RoutingListener
+) -> tuple[socket.socket, Any]:
+    """Once a connection has arrived: ``by`` accepts it and keeps nothing (it passed it
+    on); what ``to`` takes from its channel: the connection and its client's address."""
+    _arrived(listener)
+    with pytest.raises(BlockingIOError):
+        by.accept()
+    return to.take_passed()
+
+
 def test_a_worker_passes_a_session_it_does_not_own_to_its_owner(
     listener: socket.socket, two_workers: tuple[RoutingListener, RoutingListener, list[bool]]
 ) -> None:
     a, b, _ = two_workers
     client = _client(listener, _request("b.sig"))
-    _arrived(listener)
-    with pytest.raises(BlockingIOError):
-        a.accept()  # passed on: nothing for a
+    served, address = _passed_on(listener, a, b)
     assert a.passed == 1
-    served, address = b.take_passed()
     assert address == client.getsockname()
     served.settimeout(5)
     assert served.recv(65536) == _request("b.sig")
@@ -399,10 +408,7 @@ def test_a_head_still_arriving_is_waited_for_and_passed_to_the_owner(
     request = _request("b.sig")
     client = _client(listener, request[:20])
     threading.Timer(0.2, client.sendall, [request[20:]]).start()
-    _arrived(listener)
-    with pytest.raises(BlockingIOError):
-        a.accept()
-    served, _ = b.take_passed()
+    served, _ = _passed_on(listener, a, b)
     assert isinstance(served, PassedSocket)
     for sock in (served, client):
         sock.close()
@@ -414,10 +420,7 @@ def test_a_request_whose_body_is_still_coming_is_passed_and_lingers(
     a, b, _ = two_workers
     head = b"POST /api/set HTTP/1.1\r\nHost: x\r\nCookie: statescale=b.sig\r\n"
     client = _client(listener, head + b"Content-Length: 5\r\n\r\nhi")
-    _arrived(listener)
-    with pytest.raises(BlockingIOError):
-        a.accept()
-    served, _ = b.take_passed()
+    served, _ = _passed_on(listener, a, b)
     assert type(served) is socket.socket  # not a PassedSocket: its close lingers
     client.sendall(b"!!!")
     served.settimeout(5)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import redis
 
+from benchmarks.rig.sentinel import SERVICE, sentinel
 from statescale.embedded import EmbeddedRedis
 from statescale.exceptions import ConfigError, StoreUnavailable
 from statescale.session import Changes
@@ -199,24 +201,11 @@ def test_bad_urls_say_what_to_change(url: str) -> None:
         client_from_url(url)
 
 
-def test_sentinel_url_finds_the_master(own_redis: EmbeddedRedis, tmp_path: object) -> None:
+def test_sentinel_url_finds_the_master(own_redis: EmbeddedRedis, tmp_path: Path) -> None:
     """A real redis-sentinel watching a real master."""
-    import pathlib
-    import subprocess
-
-    from statescale.processes import free_port
-
-    port = free_port()
-    conf = pathlib.Path(str(tmp_path)) / "sentinel.conf"
-    conf.write_text(
-        f"port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {own_redis.port} 1\n"
-    )
-    proc = subprocess.Popen(
-        [own_redis.executable, str(conf), "--sentinel"], stdout=subprocess.DEVNULL
-    )
-    try:
+    with sentinel(own_redis, tmp_path) as port:
         deadline = time.monotonic() + 10
-        store = RedisStore.from_url(f"redis+sentinel://127.0.0.1:{port}/mymaster/0")
+        store = RedisStore.from_url(f"redis+sentinel://127.0.0.1:{port}/{SERVICE}/0")
         while True:
             try:
                 store.create("s", {"a": b"1"})
@@ -237,9 +226,6 @@ def test_sentinel_url_finds_the_master(own_redis: EmbeddedRedis, tmp_path: objec
         assert record is not None and dict(record.fields) == {"a": b"2"}
         store.save("s", Changes({"b": b"3"}, frozenset()), created=record.created)
         assert direct.hgetall(store.key("s"))[b"b"] == b"3"  # written to the master
-    finally:
-        proc.terminate()
-        proc.wait(5)
 
 
 @pytest.mark.parametrize("cache", [10_000, 0], ids=["local-cache", "no-cache"])

@@ -1,0 +1,43 @@
+"""A throwaway ``redis-sentinel`` (the ``redis-server`` binary in sentinel mode) on a
+free loopback port, watching one master as ``SERVICE``: for the Sentinel tests."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from statescale.embedded import EmbeddedRedis
+from statescale.processes import free_port, stop_process
+
+SERVICE = "mymaster"
+
+
+@contextmanager
+def sentinel(
+    master: EmbeddedRedis, folder: Path, *, down_after_ms: int | None = None
+) -> Iterator[int]:
+    """A sentinel of ``master`` (quorum 1), its configuration in ``folder``; yields its
+    port, and stops it on the way out. ``down_after_ms``: how soon it takes a silent
+    master for dead and promotes a replica (Redis's default otherwise: 30 s)."""
+    port = free_port()
+    lines = [
+        f"port {port}",
+        "bind 127.0.0.1",
+        f"dir {folder}",
+        f"sentinel monitor {SERVICE} 127.0.0.1 {master.port} 1",
+    ]
+    if down_after_ms is not None:
+        lines += [
+            f"sentinel down-after-milliseconds {SERVICE} {down_after_ms}",
+            f"sentinel failover-timeout {SERVICE} 10000",
+        ]
+    conf = folder / "sentinel.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    command = [master.executable, str(conf), "--sentinel"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        yield port
+    finally:
+        stop_process(process, 5)
