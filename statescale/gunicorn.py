@@ -106,6 +106,44 @@ class _Slot:
     channel: tuple[socket.socket, socket.socket] | None = None
 
 
+#: How soon a router that died is started again: see :class:`_Restarts`.
+ROUTER_STABLE = 10.0
+ROUTER_RESTART = 1.0
+ROUTER_RESTART_MAX = 30.0
+
+
+@dataclass
+class _Restarts:
+    """When the master may start its router again (:func:`_keep_router`). A router that
+    dies after ``ROUTER_STABLE`` seconds or more is started again at once; one that
+    dies sooner, or cannot start, after ``ROUTER_RESTART`` seconds, doubled each time
+    up to ``ROUTER_RESTART_MAX``."""
+
+    started: float = 0.0  # when the router running was started (time.monotonic)
+    mourned: int | None = None  # the pid of the last router whose end was logged
+    wait: float = 0.0  # how long the next start waits
+    at: float = 0.0  # when it may come
+
+    def died(self, pid: int, now: float) -> bool:
+        """Router ``pid`` has ended: when to start the next. Whether that is news (the
+        end of ``pid`` not yet logged)."""
+        if self.mourned == pid:
+            return False
+        self.mourned = pid
+        self.wait = 0.0 if now - self.started >= ROUTER_STABLE else self._longer()
+        self.at = now + self.wait
+        return True
+
+    def failed(self, pid: int, now: float) -> None:
+        """A start failed (router ``pid`` died at once, or none could be forked)."""
+        self.mourned = pid  # its end is in the failure's message
+        self.wait = self._longer()
+        self.at = now + self.wait
+
+    def _longer(self) -> float:
+        return min(max(2 * self.wait, ROUTER_RESTART), ROUTER_RESTART_MAX)
+
+
 @dataclass
 class _Master:
     """What the hooks know in the master (and, by fork, in each worker)."""
@@ -118,13 +156,7 @@ class _Master:
     router: subprocess.Popen[bytes] | None = None
     #: A router being stopped on purpose (not started again), reaped with its status.
     retired: subprocess.Popen[bytes] | None = None
-    #: Supervision (:func:`_keep_router`): when the router running was started
-    #: (time.monotonic), the pid of the last one whose end was logged, how long the
-    #: next start waits after a short-lived one, and when it may come.
-    router_started: float = 0.0
-    mourned: int | None = None
-    restart_wait: float = 0.0
-    restart_at: float = 0.0
+    restarts: _Restarts = field(default_factory=_Restarts)
     heartbeat: Heartbeat | None = None  # this instance's registration, if it has a registry
     #: STATESCALE_ROUTING=workers: the round-robin count its workers share
     #: (passing.Turns); None when a router process routes, or nothing does.
@@ -543,18 +575,10 @@ def _start_router(server: Any, master: _Master) -> None:
             f"statescale router exited at once (status {code}); nothing would serve "
             f"{host}:{port}. Is the router extra installed? pip install 'statescale[gunicorn]'"
         )
-    master.router_started = time.monotonic()
+    master.restarts.started = time.monotonic()
     server.log.info(
         "statescale: sticky router on http://%s:%d/ (pid %d)", host, port, master.router.pid
     )
-
-
-#: A router that dies after ``ROUTER_STABLE`` seconds or more is started again at once.
-#: One that dies sooner, or cannot start, is started again after ``ROUTER_RESTART``
-#: seconds, doubled each time up to ``ROUTER_RESTART_MAX``.
-ROUTER_STABLE = 10.0
-ROUTER_RESTART = 1.0
-ROUTER_RESTART_MAX = 30.0
 
 
 def _supervise_router(server: Any, master: _Master) -> None:
@@ -584,23 +608,18 @@ def _keep_router(server: Any, master: _Master) -> None:
     """Start another router if the one running has died (not one stopped on purpose:
     :func:`_stop_router` and :func:`_stop_router_when_quiet` take it off first). Called
     each round of the arbiter's loop, never from a signal handler."""
-    router = master.router
+    router, restarts = master.router, master.restarts
     if router is None or router.poll() is None:
         return
-    now = time.monotonic()
-    if master.mourned != router.pid:
-        master.mourned = router.pid
-        lived = now - master.router_started
-        master.restart_wait = 0.0 if lived >= ROUTER_STABLE else _longer(master.restart_wait)
-        master.restart_at = now + master.restart_wait
-        later = f" in {master.restart_wait:g} s" if master.restart_wait else ""
+    if restarts.died(router.pid, time.monotonic()):
+        later = f" in {restarts.wait:g} s" if restarts.wait else ""
         server.log.error(
             "statescale: the router (pid %d) %s; starting another%s",
             router.pid,
             _ended(router),
             later,
         )
-    if now < master.restart_at:
+    if time.monotonic() < restarts.at:
         return
     master.router = None
     try:
@@ -608,14 +627,8 @@ def _keep_router(server: Any, master: _Master) -> None:
     except (ConfigError, OSError) as exc:  # it died at start (or could not be forked)
         if master.router is None:
             master.router = router  # the dead one stands for it until the next try
-        master.mourned = master.router.pid  # its end is in this message
-        master.restart_wait = _longer(master.restart_wait)
-        master.restart_at = time.monotonic() + master.restart_wait
-        server.log.error("statescale: %s; next try in %g s", exc, master.restart_wait)
-
-
-def _longer(wait: float) -> float:
-    return min(max(2 * wait, ROUTER_RESTART), ROUTER_RESTART_MAX)
+        restarts.failed(master.router.pid, time.monotonic())
+        server.log.error("statescale: %s; next try in %g s", exc, restarts.wait)
 
 
 def _ended(process: subprocess.Popen[bytes]) -> str:

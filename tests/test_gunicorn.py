@@ -69,7 +69,7 @@ class _Rig:
             master.router = _Process(self.events, 3 if what == "dies" else None)  # type: ignore[assignment]
             if what == "dies":
                 raise ConfigError("statescale router exited at once (status 3)")
-            master.router_started = self.now
+            master.restarts.started = self.now
 
         monkeypatch.setattr(hooks, "_start_router", start)
         hooks._supervise_router(self.arbiter, self.master)
