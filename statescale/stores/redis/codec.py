@@ -29,7 +29,9 @@ CREATE = "c"
 # KEYS[1]: the session; KEYS[2] (optional): a session to delete in the same step.
 # ARGV: mode, expiry in ms, the number of fields to delete, those fields, then
 # field/value pairs to set. Returns the record's new version (>= 1), or 0 when an update
-# finds no record: then it writes nothing.
+# finds no record: then it writes nothing. Fields go a thousand arguments a call (pairs
+# stay whole): unpack() puts what it returns on Lua's stack, which holds 8,000 at most,
+# and a larger unpack would fail after the deletes, leaving half a write.
 # The last command reads the key: a write ends every client's tracking of the keys it
 # changes (server-assisted client-side caching), and a read made by a script is tracked
 # for the script's caller, so the writer goes on hearing of later changes to its copy.
@@ -41,8 +43,12 @@ else
   redis.call('DEL', key)
 end
 local n = tonumber(ARGV[3])
-if n > 0 then redis.call('HDEL', key, unpack(ARGV, 4, 3 + n)) end
-if #ARGV > 3 + n then redis.call('HSET', key, unpack(ARGV, 4 + n, #ARGV)) end
+for i = 4, 3 + n, 1000 do
+  redis.call('HDEL', key, unpack(ARGV, i, math.min(i + 999, 3 + n)))
+end
+for i = 4 + n, #ARGV, 1000 do
+  redis.call('HSET', key, unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
 local v = redis.call('HINCRBY', key, '\\0v', 1)
 redis.call('PEXPIRE', key, ARGV[2])
 if KEYS[2] then redis.call('DEL', KEYS[2]) end

@@ -141,6 +141,20 @@ def test_failed_commit_leaves_old_or_new_never_a_mix(own_redis: EmbeddedRedis) -
     assert store.load("s") is None
 
 
+def test_thousands_of_fields_are_written_whole(redis_url: str, raw_redis: redis.Redis) -> None:
+    # The script hands fields to Redis in batches: one unpack() of them all overflows
+    # Lua's stack (8,000 values) after the deletes have run, which left half a write.
+    store = RedisStore.from_url(redis_url)
+    many = {f"k{n}": b"1" for n in range(5000)}
+    created = store.create("s", {"gone": b"x", **many}).created
+    assert len(raw_redis.hkeys(store.key("s"))) == 5003  # the fields, created, version
+    changes = Changes({f"k{n}": b"2" for n in range(4500)}, frozenset({"gone", "k4999"}))
+    assert store.save("s", changes, created=created) == 2
+    stored = raw_redis.hgetall(store.key("s"))
+    assert b"gone" not in stored and b"k4999" not in stored
+    assert stored[b"k0"] == stored[b"k4499"] == b"2" and stored[b"k4500"] == b"1"
+
+
 def test_save_is_one_script_call_that_sends_nothing_to_anyone_else(
     redis_url: str, raw_redis: redis.Redis
 ) -> None:
