@@ -14,6 +14,11 @@ Each copy carries the record's version. Why a copy served from here is current:
 * This process's own writes apply to its copy only on top of the version just before
   (a write that returns version ``v`` finds the copy at ``v - 1``); anything else means
   someone else wrote in between, and the copy goes.
+* Redis does not tell a connection of its own writes (``NOLOOP``), so a write of this
+  process spoils every other read or write of that key still in flight here: with
+  threads, one may be on the very connection the write went out on, and hold a reply
+  from before it that no invalidation would ever follow. A read never replaces a copy
+  with an older version either.
 * A copy is read again from Redis at least every ``touch_interval`` seconds, so the
   idle timeout Redis keeps slides while the copy serves the reads.
 """
@@ -76,26 +81,46 @@ class Copies:
             pending[0] += 1
         return self._seq
 
-    def _spoilt(self, key: str, token: int) -> bool:
-        """End what :meth:`begin` began: whether ``key`` was invalidated since."""
-        pending = self._pending[key]
+    def _spoilt(self, key: str, token: int, *, wrote: bool = False) -> bool:
+        """End what :meth:`begin` began: whether ``key`` was invalidated since. What
+        ``wrote`` (or may have: it failed) spoils what else is in flight for ``key``."""
+        pending = self._pending.get(key)
+        if pending is None:  # forgotten meanwhile (a fork noticed late): trust nothing
+            return True
         pending[0] -= 1
+        spoilt = pending[1] > token or self._everything_at > token
         if pending[0] == 0:
             del self._pending[key]
-        return pending[1] > token or self._everything_at > token
+        elif wrote:
+            self._seq += 1
+            pending[1] = self._seq
+        return spoilt
 
-    def read(self, key: str, token: int, record: Record | None, version: int, ttl_ms: int) -> None:
-        """What a read of ``key`` returned, or the whole record this process wrote:
-        kept, unless invalidated meanwhile."""
-        if self._spoilt(key, token) or record is None or version <= 0:
+    def read(
+        self,
+        key: str,
+        token: int,
+        record: Record | None,
+        version: int,
+        ttl_ms: int,
+        *,
+        wrote: bool = False,
+    ) -> None:
+        """What a read of ``key`` returned, or the whole record this process wrote
+        (``wrote``; also when the read slid the idle timeout, a write): kept, unless
+        invalidated meanwhile, or older than the copy already kept."""
+        if self._spoilt(key, token, wrote=wrote) or record is None or version <= 0:
             self._copies.pop(key, None)
             return
+        kept = self._copies.get(key)
+        if kept is not None and kept.version > version:
+            return  # a reply from before a write this process has applied since
         self._put(key, dict(record.fields), record.created, version, ttl_ms)
 
     def wrote(self, key: str, token: int, changes: Changes, version: int, ttl_ms: int) -> None:
         """This process applied ``changes`` to ``key``, which is now at ``version``."""
         copy = self._copies.get(key)
-        if self._spoilt(key, token) or copy is None or copy.version != version - 1:
+        if self._spoilt(key, token, wrote=True) or copy is None or copy.version != version - 1:
             self._copies.pop(key, None)
             return
         for field in changes.deleted:

@@ -272,12 +272,13 @@ class RedisStore:
         if cached is not None and self.lifetime.remaining(cached.created, self._clock()) > 0:
             return cached
         token = tracking.begin(key)
-        answered = False
+        answered = touching = False
         try:
             with self._translated("load"):
                 record, version, pttl = self._read(key, ("PTTL", key), via=tracking)
                 slide_below = (self.lifetime.idle - tracking.copies.touch_interval) * 1000
                 if record is not None and pttl < slide_below:
+                    touching = True
                     # A copy serves reads without touching Redis, so the idle timeout
                     # Redis keeps slides here, through the script (a write).
                     ttl_ms = self._ttl_ms(record.created)
@@ -292,9 +293,9 @@ class RedisStore:
             answered = True
         finally:
             if answered:
-                tracking.read(key, token, record, version, pttl)
+                tracking.read(key, token, record, version, pttl, wrote=touching)
             else:
-                tracking.abandon(key, token)
+                tracking.abandon(key, token, wrote=touching)
         return record
 
     def save(self, session_id: str, changes: Changes, *, created: float) -> int | None:
@@ -314,8 +315,8 @@ class RedisStore:
         finally:
             if version:
                 tracking.wrote(key, token, changes, version, ttl_ms)
-            else:  # failed, or no record any more: no copy either
-                tracking.abandon(key, token)
+            else:  # failed (maybe after Redis applied it), or no record: no copy either
+                tracking.abandon(key, token, wrote=True)
         return version or None
 
     def create(
@@ -348,9 +349,9 @@ class RedisStore:
                 if version and not first:  # a new one is read from Redis on its return
                     tracking.created(key, token, Record(dict(fields), created), version, ttl_ms)
                 elif version:  # Redis answers: subscribe now, so the return is kept
-                    tracking.read(key, token, None, 0, 0)
+                    tracking.read(key, token, None, 0, 0, wrote=True)
                 else:
-                    tracking.abandon(key, token)
+                    tracking.abandon(key, token, wrote=True)
         if replaces is not None:
             if self._cluster:  # another slot: a step of its own
                 self.delete(replaces)

@@ -368,44 +368,69 @@ class Tracking(Direct):
             return self.copies.get(key, min_version)
 
     def begin(self, key: str) -> int:
+        self._here()
         with self._lock:
             return self.copies.begin(key)
 
-    def read(self, key: str, token: int, record: Record | None, version: int, ttl_ms: int) -> None:
+    def read(
+        self,
+        key: str,
+        token: int,
+        record: Record | None,
+        version: int,
+        ttl_ms: int,
+        *,
+        wrote: bool = False,
+    ) -> None:
+        """What a read returned (``wrote``: it slid the idle timeout, a write too)."""
+        self._here()
         with self._lock:
             if self._current():
-                self.copies.read(key, token, record, version, ttl_ms)
+                self.copies.read(key, token, record, version, ttl_ms, wrote=wrote)
             else:
-                self.abandon(key, token)
+                self.abandon(key, token, wrote=wrote)
                 self._subscribe()
 
-    def abandon(self, key: str, token: int) -> None:
+    def abandon(self, key: str, token: int, *, wrote: bool = False) -> None:
         """What :meth:`begin` began failed: nothing is kept (and, Redis not having
-        answered, nothing subscribes)."""
+        answered, nothing subscribes). A write that failed (``wrote``) may still have
+        been applied, so it spoils what else is in flight for ``key``."""
+        self._here()
         with self._lock:
-            self.copies.read(key, token, None, 0, 0)
+            self.copies.read(key, token, None, 0, 0, wrote=wrote)
 
     def wrote(self, key: str, token: int, changes: Changes, version: int, ttl_ms: int) -> None:
+        self._here()
         with self._lock:
             if self._current():
                 self.copies.wrote(key, token, changes, version, ttl_ms)
             else:
-                self.abandon(key, token)
+                self.abandon(key, token, wrote=True)
 
     def created(self, key: str, token: int, record: Record, version: int, ttl_ms: int) -> None:
+        self._here()
         with self._lock:
             if self._current():
-                self.copies.read(key, token, record, version, ttl_ms)
+                self.copies.read(key, token, record, version, ttl_ms, wrote=True)
             else:
-                self.abandon(key, token)
+                self.abandon(key, token, wrote=True)
 
     def drop(self, key: str) -> None:
+        self._here()
         with self._lock:
             self.copies.drop(key)
 
     def drop_all(self) -> None:
+        self._here()
         with self._lock:
             self.copies.invalidate(None)
+
+    def _here(self) -> None:
+        """Notice a fork that ran no at-fork hooks (a C ``fork()``, as uWSGI's workers
+        are made unless ``py-call-osafterfork`` is set) before taking the lock: the
+        parent's may have been held by a thread the child does not have."""
+        if self._pid != os.getpid():
+            self._forked()
 
     def _current(self) -> bool:
         """Whether invalidations arrive, as far as is known. No drain here: one that has

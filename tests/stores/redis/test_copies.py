@@ -98,3 +98,47 @@ def test_a_fork_forgets_reads_in_flight(clock: Clock) -> None:
     copies.begin("x")  # the child's own read of it
     copies.read("x", token, REC, 1, 60_000)
     assert copies.get("x") is None
+
+
+def test_a_write_of_this_process_spoils_the_reads_in_flight_beside_it(clock: Clock) -> None:
+    # Redis does not tell a connection of its own writes (NOLOOP): a read in flight on
+    # the connection a write then went out on would hold a reply from before the write,
+    # which no invalidation follows. The write itself spoils it.
+    copies = table(clock)
+    reading = copies.begin("k")
+    writing = copies.begin("k")
+    copies.wrote("k", writing, Changes({"a": b"2"}, frozenset()), 4, 60_000)
+    copies.read("k", reading, REC, 3, 60_000)
+    assert copies.get("k") is None
+    after = copies.begin("k")  # a read sent after the write is kept
+    copies.read("k", after, Record({"a": b"2"}, 100.0), 4, 60_000)
+    assert copies.get("k", 4) == Record({"a": b"2"}, 100.0)
+
+
+def test_a_failed_or_created_write_spoils_the_reads_in_flight_too(clock: Clock) -> None:
+    copies = table(clock)
+    reading = copies.begin("k")
+    copies.read("k", copies.begin("k"), None, 0, 0, wrote=True)  # a write that failed
+    copies.read("k", reading, REC, 3, 60_000)
+    assert copies.get("k") is None
+    reading = copies.begin("k")
+    copies.read("k", copies.begin("k"), REC, 5, 60_000, wrote=True)  # a create
+    copies.read("k", reading, REC, 4, 60_000)
+    assert copies.get("k") is None
+
+
+def test_a_read_never_replaces_a_newer_copy(clock: Clock) -> None:
+    copies = table(clock)
+    old = copies.begin("k")
+    kept(copies, version=5)
+    copies.read("k", old, Record({"a": b"0"}, 100.0), 4, 60_000)
+    assert copies.get("k", 5) == REC
+
+
+def test_a_read_whose_table_was_forgotten_meanwhile_is_not_kept(clock: Clock) -> None:
+    copies = table(clock)
+    token = copies.begin("k")
+    copies.forget_all()  # a fork noticed between the read's start and its end
+    copies.read("k", token, REC, 3, 60_000)
+    copies.wrote("k", token, Changes({"a": b"2"}, frozenset()), 4, 60_000)
+    assert copies.get("k") is None

@@ -4,7 +4,14 @@ Two stores with their own clients stand for two worker processes."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import select
+import signal
+import threading
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -223,8 +230,6 @@ def test_under_the_lock_reads_come_from_redis(redis_url: str, raw_redis: redis.R
 
 
 def test_a_forked_child_starts_with_no_copies(redis_url: str) -> None:
-    import os
-
     store = RedisStore.from_url(redis_url)
     created = store.create("s", {"x": b"1"}).created
     warm(store, "s")
@@ -241,6 +246,82 @@ def test_a_forked_child_starts_with_no_copies(redis_url: str) -> None:
     assert os.read(read, 2) == b"ok"
     later()
     assert fields(store, "s") == {"x": b"2"}  # the parent heard of the child's write
+
+
+def test_a_read_in_flight_beside_this_processs_own_write_is_not_kept(redis_url: str) -> None:
+    # Threads of one process: A has read the record and is descheduled before keeping
+    # it; B writes on the connection A's read went out on (the idle list gives back the
+    # last one used), and Redis tells no connection of its own writes (NOLOOP). A's
+    # reply must not become the copy: no invalidation would ever remove it.
+    store = RedisStore.from_url(redis_url)
+    created = store.create("s", {"x": b"old"}).created
+    fields(store, "s")  # subscribes
+    tracking = store.tracking
+    assert tracking is not None
+    tracking.drop(store.key("s"))
+    in_hand, written = threading.Event(), threading.Event()
+    keep = tracking.read
+
+    def descheduled(*args: Any, **kwargs: Any) -> None:
+        in_hand.set()
+        written.wait(5)
+        keep(*args, **kwargs)
+
+    tracking.read = descheduled  # type: ignore[method-assign]
+    reader = threading.Thread(target=store.load, args=("s",))
+    reader.start()
+    assert in_hand.wait(5)
+    tracking.read = keep  # type: ignore[method-assign]
+    (used,) = tracking._idle
+    store.save("s", Changes({"x": b"new"}, frozenset()), created=created)
+    assert tracking._idle == [used]  # the write went out where the read had
+    written.set()
+    reader.join(5)
+    later()
+    assert fields(store, "s") == {"x": b"new"}
+
+
+def test_a_fork_without_pythons_fork_hooks_starts_afresh(redis_url: str) -> None:
+    # uWSGI makes its workers with C's fork() unless py-call-osafterfork is set: no
+    # at-fork hook runs. The child notices on its first call, even when a thread of the
+    # parent held the copies' lock at the fork (a thread the child does not have).
+    store = RedisStore.from_url(redis_url)
+    created = store.create("s", {"x": b"1"}).created
+    warm(store, "s")
+    tracking = store.tracking
+    assert tracking is not None
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with tracking._lock:
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    assert holding.wait(5)
+    read, write = os.pipe()
+    pid = ctypes.PyDLL(None).fork()  # PyDLL: the GIL stays held across it
+    if pid == 0:
+        try:
+            loaded = fields(store, "s")
+            store.save("s", Changes({"x": b"2"}, frozenset()), created=created)
+            ok = loaded == {"x": b"1"} and fields(store, "s") == {"x": b"2"}
+            os.write(write, b"ok" if ok else b"no")
+        finally:
+            os._exit(0)
+    release.set()
+    holder.join()
+    os.close(write)
+    try:
+        answered = select.select([read], [], [], 10)[0]
+        assert answered, "the child hung"
+        assert os.read(read, 2) == b"ok"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read)
 
 
 def test_a_round_trip_reads_each_reply_and_raises_the_first_error_after_them(
