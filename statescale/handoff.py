@@ -26,7 +26,11 @@ sends what it holds to the sessions' next owners.
 In flight: between the old worker's last request and the new one's first, a session is
 in the old worker's memory, then in its file: never nowhere. A request for it on the
 new worker waits for the hand-over (one Unix-socket round trip, or the file: under a
-millisecond for a session, tens of milliseconds for 10,000 in a file). A session keeps
+millisecond for a session, tens of milliseconds for 10,000 in a file). A request that
+finds it nowhere while a peer says it is busy (on its way to the asker, or held there
+by a request past the wait) gets a 503 (:class:`HandoffBusy`), never an empty session.
+A worker that stops first lets the requests holding sessions save (and answers that
+took one be sent), then writes its file; a write after that is refused with a 503. A session keeps
 its expiry and its place in the store (returned or not) across a hand-over, and its
 count of writes: a copy that arrives late or twice (a leaving node's push racing its
 next owner's fetch) never replaces a newer one (:meth:`MemoryStore.put`).
@@ -54,12 +58,12 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .exceptions import ConfigError
+from .exceptions import ConfigError, StoreUnavailable
 from .routing.balancers import BackendRing
 from .routing.membership.fleet import Fleet
 from .session import Changes, Record, Written
@@ -91,6 +95,17 @@ _BATCH = 4 * 1024 * 1024
 HANDOFF_PATH = "/.statescale/handoff"
 
 _handoffs: list[Handoff] = []  # this process's, for the exit hooks
+#: What every request carries and no answer does.
+_REQUEST_KEYS = frozenset({"t", "give", "take"})
+
+
+class HandoffBusy(StoreUnavailable):
+    """A session this process misses is on its way between processes, or held by a
+    request elsewhere: not known to be gone, so the request gets a 503 and comes back,
+    rather than a fresh session and its cookie cleared."""
+
+    def __init__(self) -> None:
+        super().__init__("the memory store", "a session is on its way between processes")
 
 
 def private_directory(path: Path) -> Path:
@@ -167,6 +182,8 @@ class Sealer:
         message = json.loads(body)
         if not isinstance(message, dict) or message.get("n") != nonce:
             return None
+        if _REQUEST_KEYS & message.keys():  # a request echoed back is no answer
+            return None
         return message
 
 
@@ -219,7 +236,11 @@ class Handoff:
         # back here, and is fetched back from there (the old ring does not know it).
         self._gone_to: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._pushing: dict[str, tuple[str, int]] = {}  # on their way to a peer: where
+        self._fetching: dict[str, int] = {}  # session -> threads here asking peers for it
+        self._answering = 0  # sessions taken for a peer whose answer is not sent yet
         self._stopped = False
+        #: Set once :meth:`stop` has taken what this process holds: writes are refused.
+        self.closed = False
         self._handed = threading.Event()  # what is left is where peers will look
         self._member = peers is not None and peers.node in peers.fleet.ring.names
         if peers is not None:
@@ -248,7 +269,8 @@ class Handoff:
         it from its load until the response starts, when the session is saved), no
         peer takes it."""
         with self._cond:  # one on its way to a peer is not served here until it lands
-            self._cond.wait_for(lambda: session_id not in self._pushing, ASK_TIMEOUT)
+            if not self._cond.wait_for(lambda: session_id not in self._pushing, ASK_TIMEOUT):
+                raise HandoffBusy()  # neither here nor there yet: not to be served twice
             self._in_use[session_id] = self._in_use.get(session_id, 0) + 1
         try:
             yield
@@ -265,36 +287,55 @@ class Handoff:
                 threading.Thread(target=self.hand_over, daemon=True).start()
 
     def load(self, session_id: str) -> Record | None:
-        """The session from this process's memory, else from a peer or a file."""
+        """The session from this process's memory, else from a peer or a file. Raises
+        :class:`HandoffBusy` when a peer said it is on its way, or held there too long,
+        and it is nowhere else: not gone, so not to be answered as gone."""
         record = self.memory.load(session_id)
         if record is not None or self._stopped:
             return record
+        with self._cond:
+            self._fetching[session_id] = self._fetching.get(session_id, 0) + 1
+        try:
+            record, busy = self._fetch(session_id)
+        finally:
+            with self._cond:
+                left = self._fetching.pop(session_id) - 1
+                if left:
+                    self._fetching[session_id] = left
+        if record is None and busy:
+            raise HandoffBusy()
+        return record
+
+    def _fetch(self, session_id: str) -> tuple[Record | None, bool]:
+        """:meth:`load`'s asking: the session, and whether a peer said it was busy."""
+        busy = False
         if self.directory is not None:
-            found = self._ask_slot(session_id)
+            found, busy = self._ask_slot(session_id)
             if found is not None:
                 self._put(session_id, found)
             else:
                 with self._claiming:  # another thread may be taking in its file
                     record = self.memory.load(session_id)
                     if record is not None:
-                        return record
+                        return record, False
                     found = self._claim_files(session_id)
                     if found is not None:
                         self._put(session_id, found)
             record = self.memory.load(session_id)
             if record is not None or self.peers is None:
-                return record
+                return record, busy and record is None
             # None here, or only a copy older than one given away: the peers are asked.
         if self.peers is None:
-            return None
+            return None, False
         with self._cond:  # on its way to a peer: once there, ask that peer first
             self._cond.wait_for(lambda: session_id not in self._pushing, ASK_TIMEOUT)
             gone_to = self._gone_to.pop(session_id, None)
-        found = self.peers.fetch(session_id, self.sealer, first=gone_to)
+        found, asked_busy = self.peers.fetch(session_id, self.sealer, first=gone_to)
         if found is None:  # a stopping peer may have sent it here meanwhile
-            return self._arrived(session_id)
+            record = self._arrived(session_id)
+            return record, (busy or asked_busy) and record is None
         self._put(session_id, found)
-        return self.memory.load(session_id)
+        return self.memory.load(session_id), False
 
     def _put(self, session_id: str, kept: Kept) -> None:
         """Keep a copy handed over, unless this process knows a newer one."""
@@ -319,44 +360,74 @@ class Handoff:
             except OSError:
                 return  # closed: stopped
             with conn:
+                taken: tuple[str, Kept] | None = None
+                sent = False
                 try:
                     conn.settimeout(ASK_TIMEOUT)
-                    reply = self.answer(_read_all(conn))
+                    reply, taken = self._answer(_read_all(conn))
                     if reply is not None:
                         conn.sendall(reply)
+                        sent = True
                 except (OSError, ValueError) as exc:
                     log.warning("statescale: a hand-off request failed: %s", exc)
+                finally:
+                    if taken is not None:
+                        self._answered(taken, sent)
 
     def answer(self, sealed: bytes) -> bytes | None:
         """A peer's sealed request, answered sealed (``None``: refused). ``give``: the
         session, taken from here; ``take``: sessions for this process to keep."""
+        reply, taken = self._answer(sealed)
+        if taken is not None:  # sent by the HTTP server: the asker's deadline has a margin
+            self._answered(taken, sent=True)
+        return reply
+
+    def _answered(self, taken: tuple[str, Kept], sent: bool) -> None:
+        """An answer that took a session has been sent; or not, and the session goes
+        back into memory (the asker has nothing). :meth:`stop` waits for these."""
+        with self._cond:
+            if not sent:
+                session_id, kept = taken
+                self._gone_to.pop(session_id, None)
+                self._put(session_id, kept)
+            self._answering -= 1
+            self._cond.notify_all()
+
+    def _answer(self, sealed: bytes) -> tuple[bytes | None, tuple[str, Kept] | None]:
+        """:meth:`answer`, and the session it took (counted in ``_answering`` until
+        :meth:`_answered`)."""
         try:
             request = self.sealer.open_request(sealed)
             if request is None:
                 log.warning("statescale: refused a hand-off request: bad seal, stale or replayed")
-                return None
+                return None, None
             nonce = request["n"]
             meant_for = request.get("to")  # the node it is for: not to be replayed to another
             if meant_for is not None and (self.peers is None or meant_for != self.peers.node):
                 log.warning("statescale: refused a hand-off request meant for %s", meant_for)
-                return None
+                return None, None
             if "take" in request:
                 self._keep(dict(request["take"]))
-                return self.sealer.answer(nonce)
+                return self.sealer.answer(nonce), None
             session_id = str(request["give"])
             if not self.memory.holds(session_id):
                 self._take_in_files()  # it may wait in one (this slot's worker reloaded)
             asker = request.get("from")
             to = None if asker is None else (str(asker[0]), int(asker[1]))
+            # The asker's deadline, on this clock too: clocks may differ (by up to
+            # MAX_AGE), and a session taken after the asker gave up would be lost.
+            sent = min(float(request["t"]), time.time())
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             log.warning("statescale: refused a malformed hand-off request: %r", exc)
-            return None
-        taken, at = self._take(session_id, to, float(request["t"]) + ASK_TIMEOUT - _MARGIN)
+            return None, None
+        taken, at, busy = self._take(session_id, to, sent + ASK_TIMEOUT - _MARGIN)
         if taken is not None and to is not None:
             with self._cond:
                 self._remember(session_id, to)
         record = None if taken is None else _encode(taken)
-        return self.sealer.answer(nonce, id=session_id, record=record, at=at)
+        extra = {"busy": True} if busy else {}
+        reply = self.sealer.answer(nonce, id=session_id, record=record, at=at, **extra)
+        return reply, None if taken is None else (session_id, taken)
 
     def _remember(self, session_id: str, to: tuple[str, int]) -> None:
         """Where a session went (under ``_cond``)."""
@@ -392,31 +463,41 @@ class Handoff:
 
     def _take(
         self, session_id: str, asker: tuple[str, int] | None, until: float
-    ) -> tuple[Kept | None, tuple[str, int] | None]:
+    ) -> tuple[Kept | None, tuple[str, int] | None, bool]:
         """Remove and return a session, once no request of this process holds it, if
         that happens before ``until`` (the asker's deadline, epoch seconds); or, if it
-        has just been sent elsewhere, where."""
+        has just been sent elsewhere, where. Last, whether it is busy here: held by a
+        request too long, or on its way to this process (a thread here is asking for
+        it): the asker must not take it for gone."""
         with self._cond:
             going = self._pushing.get(session_id)
             if going is not None and going != asker:  # it lands there first
                 self._cond.wait_for(lambda: session_id not in self._pushing, until - time.time())
                 if not self.memory.holds(session_id):
-                    return None, self._gone_to.get(session_id)
+                    return None, self._gone_to.get(session_id), False
             if not self._stopped and not self.memory.holds(session_id):
-                return None, None  # (a request here may miss it too: it asks, it does not hold)
+                # A request here may miss it too: it asks, it does not hold. If that
+                # request was answered already, the session may be on its way here.
+                return None, None, session_id in self._fetching
             while self._in_use.get(session_id) and not self._stopped:
                 if not self._cond.wait(max(0.0, until - time.time())):
-                    return None, None  # held too long: keep it here
+                    return None, None, True  # held too long: kept here, for now
             if not self._stopped:
                 if time.time() >= until:
-                    return None, None  # the asker has given up: keep it here
-                return self.memory.take(session_id), None
+                    return None, None, True  # the asker has given up: keep it here
+                kept = self.memory.take(session_id)
+                if kept is not None:
+                    self._answering += 1  # until sent: stop() waits for it
+                return kept, None, False
         self._handed.wait(max(0.0, until - time.time()))  # once handed on, the asker looks
-        return None, None
+        return None, None, False
 
     # -- asking ----------------------------------------------------------------------------
-    def _ask_slot(self, session_id: str) -> Kept | None:
+    def _ask_slot(self, session_id: str) -> tuple[Kept | None, bool]:
+        """The session from this slot's other worker, if it holds it; and whether one
+        said it was busy (see :meth:`_take`)."""
         assert self.directory is not None
+        busy = False
         for path in self.directory.glob("*.sock"):
             if path == self._path:
                 continue
@@ -436,8 +517,9 @@ class Handoff:
                 continue
             found = _given(answer, session_id)
             if found is not None:
-                return found
-        return None
+                return found, False
+            busy = busy or _busy(answer)
+        return None, busy
 
     def _claim_files(self, wanted: str | None) -> Kept | None:
         """Take in every session of the files that stopped processes left; the one
@@ -520,16 +602,25 @@ class Handoff:
             targets = {s: t for s in free if (t := self.peers.target(s)) is not None}
             self._pushing.update(targets)
         delivered: dict[str, tuple[str, int]] = {}
+
+        def landed(batch: Mapping[str, tuple[str, int]]) -> None:
+            """A batch arrived: its sessions leave here at once, not when every batch
+            has (a request here waits for one on its way, ASK_TIMEOUT at most)."""
+            with self._cond:
+                for session_id, where in batch.items():
+                    # Unless a request wrote it meanwhile: the newer copy stays, and
+                    # goes at the next hand-over.
+                    if self.memory.take(session_id, free[session_id].version) is not None:
+                        self._remember(session_id, where)
+                    self._pushing.pop(session_id, None)
+                delivered.update(batch)
+                self._cond.notify_all()
+
         try:
             encoded = {sid: _encode(free[sid]) for sid in targets}
-            delivered = self.peers.push(encoded, self.sealer)
+            self.peers.push(encoded, self.sealer, landed=landed)
         finally:
             with self._cond:
-                for session_id in delivered:
-                    # Unless a request wrote it meanwhile (one waits for a push at most
-                    # ASK_TIMEOUT): the newer copy stays, and goes at the next hand-over.
-                    if self.memory.take(session_id, free[session_id].version) is not None:
-                        self._remember(session_id, delivered[session_id])
                 for session_id in targets:
                     self._pushing.pop(session_id, None)
                 self._cond.notify_all()
@@ -550,9 +641,14 @@ class Handoff:
                 return
             self._stopped = True
             self._cond.notify_all()
-            # Let hand-overs in flight land, or come back here, first.
-            self._cond.wait_for(lambda: not self._pushing, ASK_TIMEOUT)
+            # First let hand-overs in flight land (or come back here), answers that took
+            # a session be sent (or put it back), and requests holding one save it: a
+            # thread pool's requests may outlive gunicorn's graceful timeout.
+            self._cond.wait_for(
+                lambda: not (self._pushing or self._answering or self._in_use), ASK_TIMEOUT
+            )
             sessions = {sid: _encode(kept) for sid, kept in self.memory.items()}
+            self.closed = True  # what is written here now would be lost: refused
         if self.directory is None or (leaving and self.peers is not None):
             if self.peers is not None and sessions:
                 self.peers.push(sessions, self.sealer)
@@ -576,6 +672,11 @@ def leaving_mark(root: Path, master: int) -> Path:
     """The file by which a node's master, leaving the fleet for good, tells its
     workers to hand their sessions to the fleet rather than to their slots' successors."""
     return root / f"leaving-{master}"
+
+
+def _busy(answer: Mapping[str, Any] | None) -> bool:
+    """Whether a ``give`` answer says the session is busy there (see ``Handoff._take``)."""
+    return answer is not None and answer.get("busy") is True
 
 
 def _given(answer: Mapping[str, Any] | None, session_id: str) -> Kept | None:
@@ -642,11 +743,13 @@ class RemotePeers:
 
     def fetch(
         self, session_id: str, sealer: Sealer, *, first: tuple[str, int] | None = None
-    ) -> Kept | None:
-        """Ask ``first`` (where this node gave the session), then the candidates."""
+    ) -> tuple[Kept | None, bool]:
+        """Ask ``first`` (where this node gave the session), then the candidates: the
+        session, and whether a node said it was busy there."""
         where = self.fleet.address
         mine = where(self.node)
         here = list(mine) if mine is not None else None
+        names = {a: name for name in self._known() if (a := where(name)) is not None}
         addresses = [a for a in map(where, self.candidates(session_id)) if a is not None]
         if first is not None:
             addresses = [first, *(a for a in addresses if a != first)]
@@ -654,20 +757,34 @@ class RemotePeers:
         # it), so a node's own router sends the call to the worker that holds it.
         routed = {"Cookie": f"{self.cookie}={session_id}.handoff"}
         asked: set[tuple[str, int]] = set()
+        busy = False
         while addresses:
             address = addresses.pop(0)
             if address in asked or len(asked) >= MAX_ASKED:
                 continue
             asked.add(address)
-            request, nonce = sealer.request(give=session_id, **({"from": here} if here else {}))
+            # Named for the node asked, when it is known: a call captured on the wire is
+            # refused by any other node (each remembers only the nonces it has seen).
+            message: dict[str, Any] = {"give": session_id}
+            if here:
+                message["from"] = here
+            if address in names:
+                message["to"] = names[address]
+            request, nonce = sealer.request(**message)
             answer = self._post(address, request, nonce, sealer, routed)
             found = _given(answer, session_id)
             if found is not None:
-                return found
+                return found, False
+            busy = busy or _busy(answer)
             at = answer.get("at") if answer else None
             if isinstance(at, list) and len(at) == 2:  # just handed on: ask there
                 addresses.insert(0, (str(at[0]), int(at[1])))
-        return None
+        return None, busy
+
+    def _known(self) -> list[str]:
+        """Every node of the ring and of the rings it replaced lately."""
+        rings = [self.fleet.ring, *self.fleet.previous]
+        return list(dict.fromkeys(b.name for ring in rings for b in ring.backends))
 
     def _next_owner(self, ring: BackendRing, session_id: str) -> str | None:
         """Who ``session_id`` goes to when this node hands it on: its owner on
@@ -683,9 +800,16 @@ class RemotePeers:
         owner = self._next_owner(self.fleet.ring, session_id)
         return None if owner is None else self.fleet.address(owner)
 
-    def push(self, sessions: Mapping[str, Any], sealer: Sealer) -> dict[str, tuple[str, int]]:
-        """Each session to its owner on the ring without this node, in batches; where
-        each session that arrived went."""
+    def push(
+        self,
+        sessions: Mapping[str, Any],
+        sealer: Sealer,
+        *,
+        landed: Callable[[Mapping[str, tuple[str, int]]], None] | None = None,
+    ) -> dict[str, tuple[str, int]]:
+        """Each session to its owner on the ring without this node, in batches (each
+        one that arrives told to ``landed`` at once); where each session that arrived
+        went."""
         delivered: dict[str, tuple[str, int]] = {}
         ring = self.fleet.ring
         by_owner: dict[str, list[tuple[str, Any]]] = {}
@@ -701,13 +825,15 @@ class RemotePeers:
             size = 0
             for n, (session_id, data) in enumerate(items, 1):
                 batch[session_id] = data
-                size += sum(len(v) for v in data["f"].values()) + 64
+                size += len(json.dumps(data)) + 64  # as sent: escapes can be 12 bytes a char
                 if size >= _BATCH or n == len(items):
                     request, nonce = sealer.request(take=batch, to=owner)
                     if self._post(where, request, nonce, sealer) is None:
                         log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
                     else:
-                        delivered.update(dict.fromkeys(batch, where))
+                        delivered.update(arrived := dict.fromkeys(batch, where))
+                        if landed is not None:
+                            landed(arrived)
                     batch, size = {}, 0
         return delivered
 
@@ -753,7 +879,8 @@ class HandoffStore:
         return self.handoff.load(session_id)
 
     def save(self, session_id: str, changes: Changes, *, created: float) -> int | None:
-        return self.memory.save(session_id, changes, created=created)
+        with self._open():
+            return self.memory.save(session_id, changes, created=created)
 
     def create(
         self,
@@ -765,13 +892,25 @@ class HandoffStore:
     ) -> Written:
         if replaces is not None and replaces != session_id:
             self.handoff.load(replaces)  # dropped everywhere, as by delete()
-        return self.memory.create(session_id, fields, created=created, replaces=replaces)
+        with self._open():
+            return self.memory.create(session_id, fields, created=created, replaces=replaces)
 
     def delete(self, session_id: str) -> None:
         # A session not held here (a logout that loaded nothing, during a hand-over) is
         # taken in first: else its last holder keeps it, and a later miss fetches it back.
         self.handoff.load(session_id)
-        self.memory.delete(session_id)
+        with self._open():
+            self.memory.delete(session_id)
+
+    @contextmanager
+    def _open(self) -> Iterator[None]:
+        """A write, unless this process has handed its sessions over already (a
+        request that outlived its worker's stop): then a 503, never a write that is
+        acknowledged and lost. The next worker has the session as it was."""
+        with self.handoff._cond:
+            if self.handoff.closed:
+                raise StoreUnavailable("the memory store", "this worker has handed over")
+            yield
 
     #: The middleware holds each session it loads (:meth:`lock`) until the response
     #: starts, whether or not locking was asked for.

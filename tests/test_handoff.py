@@ -4,14 +4,17 @@ real thing)."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from statescale.exceptions import ConfigError
+from statescale.exceptions import ConfigError, StoreUnavailable
 from statescale.handoff import Handoff, HandoffStore
 from statescale.session import Changes, Record
 from statescale.stores.memory import Kept, MemoryStore
@@ -304,3 +307,283 @@ def test_of_two_files_holding_a_session_the_newer_copy_is_taken(
         body = json.dumps({"sessions": {"s": _encode(kept)}}).encode()
         (tmp_path / f"{name}.json").write_bytes(sealer.seal(body))
     assert fields(worker(tmp_path, "new"), "s") == {"n": b"6"}
+
+
+# -- what an independent review found (each test failed on the code before) -------------
+
+
+def _fleet(*names: str, port: int = 9000) -> Any:
+    from statescale.routing.backends import Backend
+    from statescale.routing.membership import Fleet
+
+    return Fleet("statescale", [Backend(n, "127.0.0.1", port + i) for i, n in enumerate(names)])
+
+
+def _node(fleet: Any, name: str) -> Handoff:
+    from statescale.handoff import RemotePeers
+
+    return Handoff(MemoryStore(), [KEY], peers=RemotePeers(fleet, name), name=name)
+
+
+def _fresh(n: bytes = b"1") -> Kept:
+    return Kept(Record({"n": n}, time.time()), time.time() + 60, True, 1)
+
+
+def test_a_request_echoed_back_is_not_its_answer() -> None:
+    # A take answered by its own bytes (anything that reflects the body) looked
+    # delivered, and the sessions left memory for nowhere.
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Echo(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        a = _node(_fleet("a", "b", port=server.server_address[1] - 1), "a")
+        a.memory.put("s", _fresh())
+        a.hand_over()
+        assert a.memory.holds("s")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_give_named_for_one_node_is_refused_by_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from statescale.handoff import RemotePeers, Sealer
+
+    fleet = _fleet("x", "y", "z")
+    y = _node(fleet, "y")
+    y.memory.put("s", _fresh())
+    captured, _ = Sealer([KEY]).request(give="s", to="x")
+    assert y.answer(captured) is None and y.memory.holds("s")  # a replay to y
+    # And a node names the node it asks.
+    sent: list[dict[str, Any]] = []
+
+    def post(self: Any, address: Any, request: bytes, *args: Any, **kwargs: Any) -> None:
+        sent.append(json.loads(request.partition(b" ")[2]))
+
+    monkeypatch.setattr(RemotePeers, "_post", post)
+    z = _node(fleet, "z")
+    assert z.peers is not None and z.peers.fetch("s", z.sealer) == (None, False)
+    assert sent and all(m["to"] in ("x", "y") for m in sent)
+
+
+def test_a_stopping_node_sends_batches_its_peers_accept(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Batches were sized by characters; JSON escapes a CJK character in 6 bytes, so a
+    # stopping node sent one request over MAX_HANDOFF, refused whole: all lost.
+    from statescale import handoff
+    from statescale.handoff import RemotePeers
+
+    sizes: list[int] = []
+
+    def post(self: Any, address: Any, request: bytes, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(request))
+        return {}
+
+    monkeypatch.setattr(RemotePeers, "_post", post)
+    a = _node(_fleet("a", "b"), "a")
+    text = ("語" * 12_000).encode()
+    for n in range(300):  # 3.6 M characters, 21.6 MB as JSON
+        a.memory.put(f"s{n}", Kept(Record({"t": text}, time.time()), time.time() + 60, True, 1))
+    a.stop()
+    assert len(sizes) > 1 and max(sizes) <= handoff.MAX_HANDOFF
+
+
+def test_a_holder_keeps_the_askers_deadline_on_its_own_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The asker's clock ahead of the holder's: the holder took the session after the
+    # asker had given up, and sent it to nobody.
+    from statescale import handoff
+    from statescale.handoff import Sealer
+
+    monkeypatch.setattr(handoff, "ASK_TIMEOUT", 0.6)
+    monkeypatch.setattr(handoff, "_MARGIN", 0.1)
+    holder = worker(tmp_path, "holder")
+    holder.create("s", {"n": b"1"}, replaces="s")
+
+    def long_request() -> None:
+        with holder.lock("s"):
+            holder.load("s")
+            time.sleep(0.8)
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(0.05)
+    sealer = Sealer([KEY])
+    body = {"give": "s", "t": time.time() + 0.5, "n": "nonce-0123456789abcdef"}
+    holder.handoff.answer(sealer.seal(json.dumps(body).encode()))
+    thread.join()
+    assert holder.memory.holds("s")  # not taken past the asker's wait
+
+
+def test_an_answer_that_cannot_be_sent_puts_the_session_back(tmp_path: Path) -> None:
+    # The asker gone (its wait over, or its process stopped): the holder's send fails,
+    # and the session it took must not be lost with it.
+    from statescale.handoff import Sealer
+
+    holder = worker(tmp_path, "holder")
+    holder.create("s", {"n": b"1"}, replaces="s")
+    asker_gone = threading.Event()
+    answer = holder.handoff._answer
+
+    def slow_answer(sealed: bytes) -> Any:
+        reply = answer(sealed)
+        asker_gone.wait(5)  # the session taken, its answer not sent yet
+        return reply
+
+    holder.handoff._answer = slow_answer  # type: ignore[method-assign]
+    request, _ = Sealer([KEY]).request(give="s")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(str(next(tmp_path.glob("*holder.sock"))))
+        conn.sendall(request)
+        conn.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 5
+        while not holder.handoff._answering:  # taken
+            assert time.monotonic() < deadline, "the holder never took it"
+            time.sleep(0.01)
+    asker_gone.set()
+    deadline = time.monotonic() + 5
+    while holder.handoff._answering or not holder.memory.holds("s"):
+        assert time.monotonic() < deadline, "the session did not come back"
+        time.sleep(0.01)
+
+
+def test_a_stop_waits_for_the_requests_holding_sessions_then_refuses_writes(
+    tmp_path: Path,
+) -> None:
+    # A thread pool's request may outlive gunicorn's graceful timeout: its write must
+    # be in what the next worker gets, and a write after that must not be acknowledged.
+    old, new = worker(tmp_path, "old"), worker(tmp_path, "new")
+    created = old.create("s", {"cart": b"1"}, replaces="s").created
+    holding = threading.Event()
+
+    def request() -> None:
+        with old.lock("s"):
+            old.load("s")
+            holding.set()
+            time.sleep(0.3)
+            old.save("s", Changes({"cart": b"2"}, frozenset()), created=created)
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    assert holding.wait(5)
+    old.handoff.stop()
+    thread.join()
+    with pytest.raises(StoreUnavailable):
+        old.save("s", Changes({"cart": b"3"}, frozenset()), created=created)
+    assert fields(new, "s") == {"cart": b"2"}
+
+
+def test_a_session_held_too_long_elsewhere_is_busy_not_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Taken for gone, the asker answered with an empty session and cleared the cookie.
+    from statescale import handoff
+    from statescale.handoff import HandoffBusy
+
+    monkeypatch.setattr(handoff, "ASK_TIMEOUT", 0.6)
+    monkeypatch.setattr(handoff, "_MARGIN", 0.1)
+    a, b = worker(tmp_path, "a"), worker(tmp_path, "b")
+    a.create("s", {"n": b"1"}, replaces="s")
+    holding = threading.Event()
+
+    def long_request() -> None:
+        with a.lock("s"):
+            a.load("s")
+            holding.set()
+            time.sleep(1.0)
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    assert holding.wait(5)
+    with pytest.raises(HandoffBusy), b.lock("s"):
+        b.load("s")
+    thread.join()
+    assert fields(b, "s") == {"n": b"1"}  # asked again, it comes
+
+
+def test_a_session_on_its_way_here_is_busy_for_a_peer_that_misses_it(tmp_path: Path) -> None:
+    # A gave s to B; before B keeps it, a request for s reaches A, which asks B.
+    from statescale.handoff import HandoffBusy
+
+    a, b = worker(tmp_path, "a"), worker(tmp_path, "b")
+    a.create("s", {"n": b"1"}, replaces="s")
+    arriving, asked = threading.Event(), threading.Event()
+    keep = b.handoff._put
+
+    def slow_put(session_id: str, kept: Kept) -> None:
+        arriving.set()
+        asked.wait(5)
+        keep(session_id, kept)
+
+    b.handoff._put = slow_put  # type: ignore[method-assign]
+    thread = threading.Thread(target=fields, args=(b, "s"))
+    thread.start()
+    assert arriving.wait(5)
+    b.handoff._put = keep  # type: ignore[method-assign]
+    try:
+        with pytest.raises(HandoffBusy), a.lock("s"):
+            a.load("s")
+    finally:
+        asked.set()
+        thread.join()
+    assert fields(b, "s") == {"n": b"1"}
+
+
+def test_a_leaving_nodes_batches_leave_it_one_by_one_and_none_is_served_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # All sessions stayed "on their way" until every batch was sent; a request that
+    # waited past ASK_TIMEOUT went on with the copy here while the next owner held one
+    # too: two holders, or a write lost under the request.
+    from statescale import handoff
+    from statescale.handoff import HandoffBusy, RemotePeers
+
+    monkeypatch.setattr(handoff, "ASK_TIMEOUT", 0.3)
+    posted: list[set[str]] = []
+    slow = threading.Event()
+
+    def post(self: Any, address: Any, request: bytes, *args: Any, **kwargs: Any) -> Any:
+        posted.append(set(json.loads(request.partition(b" ")[2])["take"]))
+        if len(posted) == 2:
+            slow.set()
+            time.sleep(1.0)  # the second batch takes its time
+        return {}
+
+    monkeypatch.setattr(RemotePeers, "_post", post)
+    fleet = _fleet("a", "b", "c")
+    a = HandoffStore(_node(fleet, "a"))
+    assert a.handoff.peers is not None
+    owners: dict[str, str] = {}
+    n = 0
+    while len(set(owners.values())) < 2:  # sessions for both other nodes
+        session_id = f"s{n}"
+        owner = a.handoff.peers.target(session_id)
+        assert owner is not None
+        owners[session_id] = f"{owner[0]}:{owner[1]}"
+        a.memory.put(session_id, _fresh())
+        n += 1
+    leaving = threading.Thread(target=a.handoff.hand_over)
+    leaving.start()
+    try:
+        assert slow.wait(5)
+        first, second = posted
+        assert not any(a.memory.holds(s) for s in first)  # gone with its batch
+        assert all(a.memory.holds(s) for s in second)  # still on its way
+        with pytest.raises(HandoffBusy), a.lock(next(iter(second))):
+            pass  # not served here while it may already be there
+    finally:
+        leaving.join()
+    assert not any(a.memory.holds(s) for s in owners)
