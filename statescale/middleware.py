@@ -198,7 +198,10 @@ class StateScaleMiddleware:
                 )
             return Session(None, self._loader(request, 0), max_size=self.max_size)
         versions = cookie_values(header, self.version_cookie.name)
-        min_version = max((int(v) for v in versions if v.isdigit() and len(v) < 19), default=0)
+        # ASCII digits only: "²".isdigit() is true, and int() refuses it.
+        min_version = max(
+            (int(v) for v in versions if v.isascii() and v.isdigit() and len(v) < 19), default=0
+        )
         return Session(
             verified.session_id,
             self._loader(request, min_version),
@@ -223,7 +226,8 @@ class StateScaleMiddleware:
     def _commit(
         self, session: Session, app_headers: list[tuple[str, str]]
     ) -> list[tuple[str, str]]:
-        """Save what the request changed; the headers that go with it."""
+        """Save what the request changed; the response's headers with it: the app's,
+        then the session's."""
         plan = session.plan()
         headers = [("Vary", "Cookie")] if session.accessed else []
         session_id, version, cookie = plan.session_id, 0, plan.cookie
@@ -247,10 +251,15 @@ class StateScaleMiddleware:
             headers.append(("Set-Cookie", self._versions.clear))
         if version:
             headers.append(("Set-Cookie", self._versions.set(str(version))))
-        if cookie is not None and not any(k.lower() == "cache-control" for k, _ in app_headers):
-            # A response that carries a session ID must not be cached for others.
-            headers.append(("Cache-Control", 'private, no-cache="Set-Cookie"'))
-        return headers
+        if cookie is None:
+            return app_headers + headers
+        # A response that carries a session ID must not be cached for others: not even
+        # where the app said public (the browser may still keep it, as the app asked).
+        own = [v for k, v in app_headers if k.lower() == "cache-control"]
+        if not own:
+            return [*app_headers, *headers, ("Cache-Control", 'private, no-cache="Set-Cookie"')]
+        app_headers = [(k, v) for k, v in app_headers if k.lower() != "cache-control"]
+        return [*app_headers, *headers, ("Cache-Control", _private(", ".join(own)))]
 
     def _event(self, what: str, session_id: str, other: str | None = None) -> None:
         """One line on the ``statescale.sessions`` logger (INFO) for a session's life
@@ -302,6 +311,7 @@ class _Request:
     ``commit`` (save the session; the headers to add) and ``log_outage``."""
 
     __slots__ = (
+        "_added",
         "_commit",
         "_committed",
         "_lock",
@@ -323,6 +333,7 @@ class _Request:
         self._log_outage = log_outage
         self._lock: AbstractContextManager[None] | None = None
         self._committed = False
+        self._added: list[tuple[str, str]] = []  # the session's headers, once committed
         self.started = False
         self.failed = False
         self.session: Session
@@ -344,24 +355,34 @@ class _Request:
         self, status: str, headers: list[tuple[str, str]], exc_info: _ExcInfo | None = None
     ) -> Callable[[bytes], object]:
         self.started = True
+        if self.failed:  # the 503 stands: what the app sends now goes nowhere
+            return _discard
         if not self._committed:
             self._committed = True
             try:
-                headers = headers + self._commit(self.session, headers)
+                full = self._commit(self.session, headers)
             except StoreError as exc:
                 self.failed = True
                 self._log_outage(exc)
-                return self._start(*unavailable_response(exc), exc_info)
+                self._start(*unavailable_response(exc), exc_info)
+                return _discard  # the app's own body must not follow the 503's headers
             finally:
                 self.release()
+                self.session.close()  # saved (or not): later changes are refused
+            self._added = [h for h in full if h not in headers]
+            headers = full
+        else:  # a response started again (exc_info): with the session's headers still
+            headers = headers + [h for h in self._added if h not in headers]
         return self._start(status, headers, exc_info)
 
     def prime(self, app_iter: Iterable[bytes]) -> Iterable[bytes]:
         """Run a lazy app up to its first chunk, so the response has started (and been
         committed) before the server sees anything."""
         iterator: Iterator[bytes] = iter(app_iter)
+        first = b""
         try:
-            first = next(iterator)
+            while not self.started and not first:  # empty chunks may come before it
+                first = next(iterator)
         except StopIteration:
             first = b""
         except BaseException:
@@ -378,6 +399,20 @@ class _Request:
         return [UNAVAILABLE_BODY]
 
 
+_SHARED = ("public", "s-maxage")
+
+
+def _private(cache_control: str) -> str:
+    """``cache_control`` for this client alone: ``private``, without what lets a shared
+    cache keep it."""
+    kept = [
+        d.strip()
+        for d in cache_control.split(",")
+        if d.strip() and d.strip().split("=")[0].strip().lower() not in (*_SHARED, "private")
+    ]
+    return ", ".join(["private", *kept])
+
+
 def unavailable_response(exc: StoreError) -> tuple[str, list[tuple[str, str]]]:
     """Status and headers of the 503 a store error becomes (body: UNAVAILABLE_BODY)."""
     return "503 Service Unavailable", [
@@ -386,6 +421,10 @@ def unavailable_response(exc: StoreError) -> tuple[str, list[tuple[str, str]]]:
         ("Retry-After", str(exc.retry_after)),
         ("Cache-Control", "no-store"),
     ]
+
+
+def _discard(data: bytes) -> None:
+    """The ``write`` an app gets once its response has become a 503."""
 
 
 def _close(iterable: Any) -> None:

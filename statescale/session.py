@@ -109,6 +109,7 @@ class Session(MutableMapping[str, Any]):
         self._watch: set[str] = set()
         self._drop: str | None = None
         self._rotate = False
+        self._closed = False
 
     # -- loading ---------------------------------------------------------------------
     def _ensure(self) -> None:
@@ -121,7 +122,7 @@ class Session(MutableMapping[str, Any]):
             return
         try:
             data = {key: _decode(raw.decode("utf-8")) for key, raw in record.fields.items()}
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # (nested too deep here)
             log.warning("statescale: dropped a session whose stored data is not valid JSON")
             self._drop = self._presented
             return
@@ -129,7 +130,7 @@ class Session(MutableMapping[str, Any]):
         self.created = record.created
         self._data = data
         self._raw = dict(record.fields)
-        self._size = sum(len(k) + len(v) for k, v in self._raw.items())
+        self._size = sum(len(k.encode()) + len(v) for k, v in self._raw.items())
 
     @property
     def id(self) -> str | None:
@@ -170,10 +171,12 @@ class Session(MutableMapping[str, Any]):
         if not isinstance(key, str) or "\x00" in key:
             # NUL: the stores' own fields start with it, and changes are NUL-separated
             raise SessionError(f"session keys must be str without NUL characters, not {key!r}")
+        self._writable()
         raw = encode_value(key, value)
         self._ensure()
         old = self._raw.get(key)
-        size = self._size + len(key) + len(raw) - (0 if old is None else len(key) + len(old))
+        width = len(key.encode())  # bytes, as stored
+        size = self._size + width + len(raw) - (0 if old is None else width + len(old))
         if size > self.max_size:
             raise SessionTooLarge(key, size, self.max_size)
         self._data[key] = value
@@ -185,10 +188,11 @@ class Session(MutableMapping[str, Any]):
             self._watch.add(key)
 
     def __delitem__(self, key: str) -> None:
+        self._writable()
         self._ensure()
         del self._data[key]
         raw = self._raw.pop(key)
-        self._size -= len(key) + len(raw)
+        self._size -= len(key.encode()) + len(raw)
         self._set.discard(key)
         self._watch.discard(key)
         self._deleted.add(key)
@@ -212,6 +216,7 @@ class Session(MutableMapping[str, Any]):
     # -- life cycle ------------------------------------------------------------------
     def regenerate(self) -> None:
         """Move the data to a fresh ID and delete the old record (call it on login)."""
+        self._writable()
         self._ensure()
         self._rotate = True
         if self._id is not None:
@@ -221,6 +226,7 @@ class Session(MutableMapping[str, Any]):
     def invalidate(self) -> None:
         """Delete the stored record and expire the cookie (logout). The session is then
         empty and new; writing to it again starts another session under a fresh ID."""
+        self._writable()
         self.accessed = True
         if self._presented is not None:
             self._drop = self._presented
@@ -233,11 +239,24 @@ class Session(MutableMapping[str, Any]):
         self._deleted.clear()
         self._watch.clear()
 
+    def _writable(self) -> None:
+        if self._closed:
+            raise SessionError(
+                "the session was saved when the response started; a change made after "
+                "that (in a streamed body, a teardown) would be lost, so it is refused"
+            )
+
     # -- end of request --------------------------------------------------------------
+    def close(self) -> None:
+        """The middleware saved the session (the response started): later changes are
+        refused rather than lost."""
+        self._closed = True
+
     def changes(self) -> Changes:
-        """The fields to write and remove, including values changed in place."""
+        """The fields to write and remove, including values changed in place (also
+        those set in this request: ``setdefault("cart", []).append(x)``)."""
         written = {key: self._raw[key] for key in self._set}
-        for key in self._watch - self._set:
+        for key in self._watch:
             if key not in self._data:
                 continue
             raw = encode_value(key, self._data[key])

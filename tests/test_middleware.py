@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -17,6 +18,9 @@ from werkzeug.test import Client, TestResponse
 
 from statescale import CookieOptions, StateScaleMiddleware, get_session
 from statescale.embedded import EmbeddedRedis
+from statescale.exceptions import SessionError, SessionTooLarge, StoreUnavailable
+from statescale.middleware import UNAVAILABLE_BODY
+from statescale.session import Changes, Session
 from statescale.signing import SessionSigner
 from statescale.stores import MemoryStore
 from statescale.stores.redis import RedisStore
@@ -400,7 +404,8 @@ def test_a_response_that_sets_the_session_cookie_is_not_cached_for_others() -> N
     assert fresh.headers["Cache-Control"] == 'private, no-cache="Set-Cookie"'
     assert call(client_for(MemoryStore()), "/read").headers.get("Cache-Control") is None
     own = call(client_for(MemoryStore(), app=cached_app), "/")
-    assert own.headers.getlist("Cache-Control") == ["public, max-age=60"]  # the app's own
+    # Not even where the app says public: the browser may keep it, no shared cache.
+    assert own.headers.getlist("Cache-Control") == ["private, max-age=60"]
 
 
 def test_the_session_life_cycle_is_logged_by_a_keyed_hash(
@@ -437,3 +442,137 @@ def test_a_session_first_read_after_the_response_started_holds_no_lock() -> None
     cookie = cookie_value(call(client, "/set"))
     for _ in range(3):  # a lock left held would time out the next request
         assert call(client, "/read", cookie).data == b"1"
+
+
+# -- what an independent review found (each test failed on the code before) -------------
+
+
+def _sessioned(app: Any, store: Any = None) -> tuple[StateScaleMiddleware, Any]:
+    store = store if store is not None else MemoryStore()
+    return StateScaleMiddleware(app, store, secret_keys=[SECRET], cookie=COOKIE), store
+
+
+def _by_hand(mw: StateScaleMiddleware, path: str = "/", cookie: str | None = None) -> Any:
+    """A hand-made server: every start_response call, and the body."""
+    calls: list[tuple[str, list[tuple[str, str]]]] = []
+    written: list[bytes] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        calls.append((status, headers))
+        return written.append
+
+    environ: dict[str, Any] = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "wsgi.input": None}
+    if cookie is not None:
+        environ["HTTP_COOKIE"] = cookie
+    body = b"".join(mw(environ, start_response))
+    return calls, b"".join(written) + body
+
+
+def test_02_a_version_cookie_of_non_ascii_digits_is_ignored() -> None:
+    client = client_for(MemoryStore())
+    cookie = cookie_value(call(client, "/set?k=a&v=1"))
+    # Servers decode the header as latin-1; "²".isdigit() is true and int() refuses it.
+    response = client.get("/read", headers={"Cookie": f"statescale={cookie}; statescale_v=\xb2"})
+    assert response.status_code == 200 and response.json == {"a": "1"}
+
+
+def test_a_value_set_then_changed_in_place_is_saved_as_changed() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        session = get_session(environ)
+        if environ["PATH_INFO"] == "/cart":
+            session.setdefault("cart", []).append("book")
+            session["prefs"] = {}
+            session["prefs"]["theme"] = "dark"
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps(dict(session)).encode()]
+
+    client = client_for(MemoryStore(), app=app)
+    cookie = cookie_value(call(client, "/cart"))
+    assert call(client, "/read", cookie).json == {"cart": ["book"], "prefs": {"theme": "dark"}}
+
+
+def test_10_stored_json_nested_too_deep_to_read_is_dropped_not_a_500() -> None:
+    store = MemoryStore()
+    client = client_for(store)
+    cookie = cookie_value(call(client, "/set?k=a&v=1"))
+    session_id = SessionSigner([SECRET]).unsign(cookie or "")
+    assert session_id is not None
+    created = store.load(session_id.session_id)
+    assert created is not None
+    store.save(session_id.session_id, Changes({"a": b"[" * 100_000}, frozenset()), created=0.0)
+    response = call(client, "/read", cookie)
+    assert response.status_code == 200 and response.json == {}
+
+
+def test_a_change_after_the_response_started_is_refused_not_lost() -> None:
+    refused: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        session = get_session(environ)
+        if environ["PATH_INFO"] == "/read":
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [json.dumps(dict(session)).encode()]
+        session["a"] = 1
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            session["b"] = 2  # saved already: this would be lost
+        except SessionError as exc:
+            refused.append(str(exc))
+        return [b"ok"]
+
+    client = client_for(MemoryStore(), app=app)
+    cookie = cookie_value(call(client, "/"))
+    assert refused and "refused" in refused[0]
+    assert call(client, "/read", cookie).json == {"a": 1}
+
+
+def test_19_no_body_of_the_app_follows_a_503() -> None:
+    store = MemoryStore()
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("test", "down")
+
+    store.create = failing  # type: ignore[method-assign]
+
+    def writer(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        get_session(environ)["a"] = 1
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"SECRET-BY-WRITE")
+        return [b"SECRET-IN-BODY"]
+
+    def late(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        get_session(environ)["a"] = 1
+        yield b""  # allowed before start_response
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"SECRET-LATE"
+
+    for app in (writer, late):
+        mw, _ = _sessioned(app, store)
+        calls, body = _by_hand(mw)
+        assert calls[-1][0].startswith("503") and body == UNAVAILABLE_BODY, (app, body)
+
+
+def test_08_a_restarted_response_keeps_the_new_sessions_cookie() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        session = get_session(environ)
+        session.regenerate()
+        session["user"] = "ada"
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            raise RuntimeError("after the start, before any body")
+        except RuntimeError:
+            start_response("500 Internal Server Error", [], sys.exc_info())
+        return [b"error"]
+
+    mw, store = _sessioned(app)
+    calls, _ = _by_hand(mw)
+    status, headers = calls[-1]
+    assert status.startswith("500") and len(store) == 1
+    assert any(k == "Set-Cookie" and v.startswith("statescale=") for k, v in headers)
+
+
+def test_11_the_size_limit_counts_a_keys_bytes() -> None:
+    session = Session(None, lambda _: None, max_size=1000)
+    with pytest.raises(SessionTooLarge):
+        for n in range(100):
+            session["語" * 4 + str(n)] = 1  # 12 bytes of key a value, not 4
