@@ -84,7 +84,8 @@ def test_the_demo_compares_the_modes(tmp_path: Path, capsys: pytest.CaptureFixtu
     advice under the table, and the picture."""
     from benchmarks import demo
 
-    quick = ["--requests", "20", "--seconds", "0.5", "--users", "6", "--out", str(tmp_path)]
+    quick = ["--requests", "20", "--seconds", "0.5", "--rounds", "2", "--users", "6"]
+    quick += ["--out", str(tmp_path)]
     assert demo.main(quick) == 0
     out = capsys.readouterr().out
     for mode in ("shared", "sticky", "affinity"):
