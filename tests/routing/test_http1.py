@@ -104,3 +104,33 @@ def test_a_response_coded_but_not_chunked_ends_when_the_node_closes() -> None:
     head = chunked.events.popleft()
     assert isinstance(head, ResponseHead) and head.chunked and not chunked.until_close
     assert list(chunked.events) == [b"abc", END]
+
+
+# -- what an independent review found (each test failed on the code before) -------------
+
+
+def test_a_trailer_is_bounded_as_a_head_is() -> None:
+    # llhttp holds a trailer field whole, and built it a copy per read: one endless
+    # trailer held every client's requests up for seconds.
+    import pytest
+
+    from statescale.routing.router.http1 import MAX_HEAD, BadRequest
+
+    parser = RequestParser()
+    parser.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    parser.feed(b"5\r\nhello\r\n0\r\nX-T: ")
+    with pytest.raises(BadRequest) as refused:
+        for _ in range(2 * MAX_HEAD // 4096 + 2):
+            parser.feed(b"A" * 4096)
+    assert refused.value.status == 431
+
+
+def test_what_a_trusted_proxy_would_set_never_comes_from_the_client() -> None:
+    # gunicorn trusts its loopback peer, the router, for SCRIPT_NAME and PATH_INFO
+    # headers and the X-Forwarded-* ones: a client's own must not pass as the router's.
+    head = request_head(
+        b"GET /admin/users HTTP/1.1\r\nHost: h\r\nSCRIPT_NAME: /admin\r\nPATH_INFO: /x\r\n"
+        b"Forwarded: for=6.6.6.6\r\nX-Forwarded-Host: evil\r\nX-Forwarded-Ssl: on\r\n"
+        b"X-Forwarded-Protocol: ssl\r\nX-Forwarded-Port: 443\r\nX-Kept: 1\r\n\r\n"
+    )
+    assert head.lines == [b"Host: h", b"X-Kept: 1"]

@@ -464,3 +464,22 @@ def test_a_stopping_worker_accepts_nothing_more(
     conn, _ = b.accept()  # still queued at the listener, for a worker that runs
     for sock in (conn, client):
         sock.close()
+
+
+def test_a_head_past_the_first_peek_is_still_routed_by_its_cookie(
+    listener: socket.socket, two_workers: tuple[RoutingListener, RoutingListener, list[bool]]
+) -> None:
+    # An independent review: browsers send heads past 8 KB (a long Referer, many
+    # cookies); the Cookie line cut off by the peek sent the request to any worker.
+    a, b, _ = two_workers
+    head = b"GET /api/session HTTP/1.1\r\nHost: x\r\nReferer: https://x/" + b"r" * 8200
+    head += b"\r\nCookie: statescale=b.sig\r\n\r\n"
+    client = _client(listener, head)
+    served, _ = _passed_on(listener, a, b)
+    served.settimeout(5)
+    received = b""
+    while len(received) < len(head):
+        received += served.recv(65536)
+    assert received == head
+    served.close()
+    client.close()

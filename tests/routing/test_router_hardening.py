@@ -4,6 +4,7 @@ Numbers refer to shared/RELIABILITY.md. Real router processes, real sockets."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -346,3 +347,119 @@ def test_31_a_head_over_the_limit_is_431_however_it_is_split(
     finally:
         router.stop()
     assert answer.startswith(b"HTTP/1.1 431 ") and reached == 0
+
+
+# -- what an independent review found (each test failed on the code before) -------------
+
+
+class _DiesAfterAPost(RawNode):
+    """Keeps connections alive; runs a POST, then closes unanswered (a worker killed
+    mid-request)."""
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+        super().__init__()
+
+    def answer(self, conn: socket.socket) -> None:
+        buffer = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                line = head.split(b"\r\n")[0]
+                self.seen.append(line)
+                if line.startswith(b"POST"):
+                    return  # ran it, died before answering
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+def test_a_request_that_may_have_run_is_never_sent_twice() -> None:
+    # RFC 9110 9.2.2: a bodiless POST on a kept-alive connection the node then closed
+    # unanswered was sent again, and ran twice.
+    node = _DiesAfterAPost()
+    router = RouterProcess([Backend("n", "127.0.0.1", node.port)])
+    try:
+        assert ask(router.port)[0] == 200  # a pooled connection to the node
+        conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=10)
+        conn.request("POST", "/charge?amount=100")
+        status = conn.getresponse().status
+        conn.close()
+    finally:
+        router.stop()
+        node.close()
+    assert status == 502
+    assert node.seen.count(b"POST /charge?amount=100 HTTP/1.1") == 1
+
+
+def test_31_blank_lines_do_not_hold_a_connection_open(
+    echoes: list[tuple[str, ThreadingHTTPServer]],
+) -> None:
+    # llhttp skips CRLFs before a request without starting one; each re-armed the head's
+    # deadline, so a CRLF every 0.7 s held a connection for good.
+    router = RouterProcess(backends_of(echoes), "--idle-timeout", "2", "--header-timeout", "1")
+    try:
+        with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+            started = time.monotonic()
+            closed = None
+            while time.monotonic() - started < 8:
+                try:
+                    sock.sendall(b"\r\n")
+                except OSError:
+                    closed = time.monotonic() - started
+                    break
+                sock.settimeout(0.7)
+                try:
+                    if sock.recv(1) == b"":
+                        closed = time.monotonic() - started
+                        break
+                except TimeoutError:
+                    pass
+    finally:
+        router.stop()
+    assert closed is not None and closed < 5
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class _Slow(RawNode):
+    def answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            time.sleep(6)
+            with contextlib.suppress(OSError):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+def test_31_what_a_client_sends_behind_a_slow_request_waits_in_its_socket() -> None:
+    # The router read and parsed all a client sent: a request pipelined behind one still
+    # at its node took 1.5 GB of the router's memory in 2 s. It stops reading instead.
+    node = _Slow()
+    router = RouterProcess([Backend("n", "127.0.0.1", node.port)])
+    try:
+        before = _rss_mb(router.process.pid)
+        with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
+            sock.setblocking(False)
+            sent, block, started = 0, b"x" * 65536, time.monotonic()
+            while sent < 300_000_000 and time.monotonic() - started < 3:
+                try:
+                    sent += sock.send(block)
+                except BlockingIOError:
+                    time.sleep(0.01)
+            grown = _rss_mb(router.process.pid) - before
+    finally:
+        router.stop()
+        node.close()
+    assert sent < 100_000_000, sent  # the router stopped reading...
+    assert grown < 48, grown  # ...and holds little of it

@@ -84,3 +84,11 @@ def test_an_interim_response_does_not_end_the_exchange() -> None:
 def test_a_body_that_ends_when_the_node_closes_waits_for_that_close() -> None:
     _, transport = exchange(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nsome body")
     assert not transport.closed
+
+
+def test_stray_bytes_after_a_response_keep_its_connection_from_the_pool() -> None:
+    # Half a message after the response makes no event: the connection was pooled.
+    stray = b"HTTP/1.1 200 OK\r\nX: 1\r\n"
+    upstream, _ = exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + stray)
+    relayed(upstream)
+    assert not upstream.finish()

@@ -53,12 +53,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .http1 import END, BadRequest, RequestHead, RequestParser
+from .http1 import END, MAX_HEAD, BadRequest, RequestHead, RequestParser
 
 log = logging.getLogger("statescale.router")
 
 #: Bytes of a request head the router looks at; a longer head is proxied.
 PEEK_BYTES = 8192
+#: A worker routing by itself looks again, this far, at a head longer than PEEK_BYTES:
+#: browsers send heads past 8 KB (long referrers, many cookies), and a Cookie line cut
+#: off would send the request to the wrong worker.
+LONG_PEEK_BYTES = MAX_HEAD
 #: Connections accepted in one go before the loop serves anything else.
 ACCEPT_BATCH = 64
 #: Seconds the listener rests after accept() failed for want of descriptors.
@@ -342,16 +346,17 @@ _COOKIE_LINE = re.compile(rb"\r\ncookie:[ \t]*([^\r\n]*)", re.IGNORECASE)
 _BODY_LINE = re.compile(rb"\r\n(content-length|transfer-encoding):[ \t]*([^\r\n]*)", re.IGNORECASE)
 
 
-def peek_head(data: bytes) -> tuple[bytes, bool] | None:
+def peek_head(data: bytes, limit: int = PEEK_BYTES) -> tuple[bytes, bool] | None:
     """What a worker routing by itself reads of the bytes it peeked: the request's
     Cookie headers (joined with ``; ``; b"" if none), and whether ``data`` is that one
     request whole (its head, and the body its Content-Length announces, nothing more);
-    None when the head has not arrived whole. A head longer than ``PEEK_BYTES`` is read
-    as far as its last complete line. Only the choice of worker, and whether the close
-    may skip lingering, ride on this: gunicorn's parser reads the request."""
+    None when the head has not arrived whole. A head longer than ``limit`` (the bytes
+    peeked at most) is read as far as its last complete line. Only the choice of
+    worker, and whether the close may skip lingering, ride on this: gunicorn's parser
+    reads the request."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
-        if len(data) < PEEK_BYTES:
+        if len(data) < limit:
             return None
         last = data.rfind(b"\r\n")
         return b"; ".join(_COOKIE_LINE.findall(data, 0, last + 2)), False
@@ -469,16 +474,20 @@ class RoutingListener(SlotListener):
         """:func:`peek_head` of what ``conn`` has sent, once its head is whole (waiting
         up to ``HEAD_WAIT``); None if it is not by then, or the client is gone."""
         deadline = 0.0
+        size = PEEK_BYTES
         while True:
             try:
-                data = conn.recv(PEEK_BYTES, _PEEK_FLAGS)
+                data = conn.recv(size, _PEEK_FLAGS)
             except (BlockingIOError, InterruptedError):
                 data = None  # nothing yet
             except OSError:
                 return None  # reset: gunicorn meets the error and ends it
             if data == b"":
                 return None  # closed before it said anything
-            head = peek_head(data) if data else None
+            if data and len(data) == size < LONG_PEEK_BYTES and b"\r\n\r\n" not in data:
+                size = LONG_PEEK_BYTES  # a long head: look at more of it first
+                continue
+            head = peek_head(data, size) if data else None
             if head is not None:
                 return head
             now = time.monotonic()

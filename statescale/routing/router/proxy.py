@@ -75,6 +75,11 @@ ATTEMPTS = 3
 _SAFE = frozenset({b"GET", b"HEAD", b"OPTIONS"})  # may go again: RFC 9110 9.2.1
 
 
+#: Methods a request may be sent again with when a kept-alive node connection turns out
+#: closed unanswered (RFC 9110 9.2.2).
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
 class _Abortable(Protocol):
     def abort(self) -> None: ...
 
@@ -451,7 +456,9 @@ class Router:
                     client=client,
                     deadline=deadline,
                     client_keep=client_keep,
-                    retry_ok=reused and not head.has_body,  # nothing sent that cannot go again
+                    # Again only what may be sent twice (RFC 9110 9.2.2): the node may have
+                    # acted on it before it closed unanswered.
+                    retry_ok=reused and not head.has_body and head.method in IDEMPOTENT,
                 )
             except _Stale:
                 continue  # closed unanswered, and the request may go again: afresh

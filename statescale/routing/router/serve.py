@@ -62,6 +62,11 @@ SWEEP_INTERVAL = 0.25  # seconds between two sweeps of the connections' deadline
 #: have followed (a HAProxy reload under load took 1.3 s to switch over).
 QUIET = 0.5
 GRACE = 10.0  # seconds, by default, for what is in flight at a stop
+#: What a client may have parsed and queued before the router stops reading from it
+#: (it reads on as the relay takes them): a request pipelined behind one still being
+#: answered, or a body sent faster than it is taken, waits in the client's socket.
+QUEUED_BYTES = 1024 * 1024
+QUEUED_EVENTS = 64
 
 
 class ClientConnection(asyncio.Protocol):
@@ -84,6 +89,9 @@ class ClientConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False  # the transport's write buffer is full
         self._drained: asyncio.Future[None] | None = None
+        self._queued = 0  # bytes of body parsed and not yet taken by the relay
+        self._held = False  # reading paused: enough is queued
+        self._head_armed = False  # this wait's first byte armed the head's deadline
 
     # -- the protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -101,15 +109,35 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
             return  # refused already: what else it sends is dropped
-        begun = self.parser.in_message
+        events = self.parser.events
+        begun, before = self.parser.in_message, len(events)
         try:
             self.parser.feed(data)
         except BadRequest as exc:
             self.error = exc
-        if self.waiting and not begun and self.deadline.target is not None:
-            # the first byte of a request: its head must now complete in time
+        for n in range(before, len(events)):
+            event = events[n]
+            if isinstance(event, bytes):
+                self._queued += len(event)
+        if self._queued > QUEUED_BYTES or len(events) > QUEUED_EVENTS:
+            self._hold()
+        if self.waiting and not begun and not self._head_armed and self.deadline.target:
+            # The first byte of a request (a CRLF before it too: llhttp skips those, and
+            # they must not keep a connection open): its head must now come in time.
             self.deadline.arm(self.server.router.timeouts.header, self.transport)
+            self._head_armed = True
         self._wake()
+
+    def _hold(self) -> None:
+        if not self._held and not self.transport.is_closing():
+            self._held = True
+            cast("asyncio.Transport", self.transport).pause_reading()
+
+    def _release(self) -> None:
+        if self._held:
+            self._held = False
+            if not self.transport.is_closing():
+                cast("asyncio.Transport", self.transport).resume_reading()
 
     def eof_received(self) -> bool:
         self.gone = True
@@ -144,8 +172,22 @@ class ClientConnection(asyncio.Protocol):
                 raise self.error
             if self.gone:
                 return None
+            self._release()  # all taken: read on
             await self.wait()
-        return events.popleft()
+        event = events.popleft()
+        if isinstance(event, bytes):
+            self._queued -= len(event)
+        if self._held and self._queued <= QUEUED_BYTES // 2 and len(events) <= QUEUED_EVENTS // 2:
+            self._release()
+        return event
+
+    def refuse(self, error: BadRequest) -> None:
+        """A request refused: what the client has queued, and whatever else it sends
+        while the router lingers, is dropped unparsed."""
+        self.error = self.error or error
+        self.parser.events.clear()
+        self._queued = 0
+        self._release()  # read on (to drop it): closing with unread bytes resets
 
     async def wait(self) -> None:
         """Until the client sends something, or goes."""
@@ -200,7 +242,7 @@ class Server:
         timeouts = self.router.timeouts
         try:
             while not (self._stopping and client.served):
-                client.waiting = True
+                client.waiting, client._head_armed = True, False
                 if client.deadline.target is None:  # armed at connect; again between requests
                     wait = timeouts.header if client.parser.in_message else timeouts.idle
                     client.deadline.arm(wait, client.transport)
@@ -217,6 +259,7 @@ class Server:
                 if not keep:
                     break
         except BadRequest as exc:
+            client.refuse(exc)
             client.write(reply(exc.status, REASONS.get(exc.status, "Error"), f"{exc.reason}\n"))
             await _linger(client)
         except (ClientGone, ConnectionError, asyncio.CancelledError):

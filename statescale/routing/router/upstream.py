@@ -117,7 +117,9 @@ class Upstream(asyncio.Protocol):
         parser, self.parser = self.parser, None
         if parser is not None and parser.complete and not parser.head_only:
             self.node_closes = not parser.keep_alive
-        if parser is None or parser.events or parser.until_close or self._paused:
+        if parser is None or parser.events or parser.in_message or parser.until_close:
+            return False  # (in_message: stray bytes past the response, not a whole one)
+        if self._paused:
             return False
         return parser.keep_alive and self.usable and not self.half_closed
 
