@@ -749,7 +749,10 @@ class RemotePeers:
         where = self.fleet.address
         mine = where(self.node)
         here = list(mine) if mine is not None else None
-        names = {a: name for name in self._known() if (a := where(name)) is not None}
+        names: dict[tuple[str, int], str] = {}
+        for name in self._known():  # the ring's own first: a port may have been reused
+            if (address := where(name)) is not None:
+                names.setdefault(address, name)
         addresses = [a for a in map(where, self.candidates(session_id)) if a is not None]
         if first is not None:
             addresses = [first, *(a for a in addresses if a != first)]

@@ -377,6 +377,14 @@ def test_a_give_named_for_one_node_is_refused_by_another(
     z = _node(fleet, "z")
     assert z.peers is not None and z.peers.fetch("s", z.sealer) == (None, False)
     assert sent and all(m["to"] in ("x", "y") for m in sent)
+    # A node that left, its port taken since by one that joined: named for the new one.
+    from statescale.routing.backends import Backend
+
+    fleet.update([Backend("x", "127.0.0.1", 9000), Backend("w", "127.0.0.1", 9001)])
+    fleet.update([Backend("x", "127.0.0.1", 9000), Backend("v", "127.0.0.1", 9001)])
+    sent.clear()
+    z.peers.fetch("s", z.sealer)
+    assert {m["to"] for m in sent} == {"x", "v"}
 
 
 def test_a_stopping_node_sends_batches_its_peers_accept(monkeypatch: pytest.MonkeyPatch) -> None:
