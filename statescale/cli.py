@@ -129,7 +129,9 @@ def cmd_router(args: argparse.Namespace) -> int:
         backends,
         cookie=args.cookie,
         ip_hash=args.ip_hash,
-        timeouts=Timeouts(idle=args.idle_timeout, header=args.header_timeout),
+        timeouts=Timeouts(
+            idle=args.idle_timeout, header=args.header_timeout, body=args.body_timeout
+        ),
         check_interval=args.check_interval,
         backends_file=Path(args.backends_file) if args.backends_file else None,
         max_body=args.max_body,
@@ -254,7 +256,7 @@ def parser() -> argparse.ArgumentParser:
     cluster.set_defaults(func=cmd_cluster)
 
     from .routing import balancers
-    from .routing.router.limits import MAX_BODY, Timeouts
+    from .routing.router.limits import MAX_BODY, MIN_BODY_RATE, Timeouts
 
     lb = sub.add_parser(
         "lb-config",
@@ -376,6 +378,14 @@ def parser() -> argparse.ArgumentParser:
         default=Timeouts.header,
         help="seconds from a request's first byte to the end of its head "
         f"(default {Timeouts.header:g})",
+    )
+    router.add_argument(
+        "--body-timeout",
+        type=float,
+        default=Timeouts.body,
+        help="seconds between two pieces of a request body; past it since the body "
+        f"began, the body must average {MIN_BODY_RATE} bytes a second "
+        f"(default {Timeouts.body:g})",
     )
     router.add_argument(
         "--max-connections",

@@ -463,3 +463,48 @@ def test_31_what_a_client_sends_behind_a_slow_request_waits_in_its_socket() -> N
         node.close()
     assert sent < 100_000_000, sent  # the router stopped reading...
     assert grown < 48, grown  # ...and holds little of it
+
+
+def _slow_bodies(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections each sending a request head whose body then trickles."""
+    slow = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nx")
+        slow.append(sock)
+    return slow
+
+
+def _closed(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def test_31_slow_bodies_cannot_hold_the_connection_cap(
+    echoes: list[tuple[str, ThreadingHTTPServer]],
+) -> None:
+    # Bodies sent a byte now and then filled every slot: every other client got a 503
+    # for as long as they trickled. At the cap, the slowest body (under the minimum
+    # rate) makes room; and past the body timeout such a body ends its connection.
+    router = RouterProcess(backends_of(echoes), "--max-connections", "4", "--body-timeout", "1")
+    slow = _slow_bodies(router.port, 4)
+    try:
+        time.sleep(1.2)  # each now averages under a byte a second
+        served = [ask(router.port)[0] for _ in range(4)]
+        late = _slow_bodies(router.port, 1)[0]
+        slow.append(late)
+        time.sleep(1.5)
+        late.sendall(b"x")  # a piece in time for the timeout between two, too slow all told
+        assert _closed(late, 5)
+    finally:
+        for sock in slow:
+            sock.close()
+        router.stop()
+    assert served == [200] * 4

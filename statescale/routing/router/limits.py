@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from ...exceptions import ConfigError
 
 MAX_BODY = 8 * 1024 * 1024  # bytes of a request body the router buffers, at most
+#: Bytes a second a request body must average once the body timeout has passed since it
+#: began (as Apache's mod_reqtimeout MinRate), and to keep its connection when the
+#: connection cap is reached: one byte every few seconds holds a slot no longer.
+MIN_BODY_RATE = 1024
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from ..backends import Backend
 from ..membership import Follower, Registry
 from .admin import Admin
 from .http1 import REASONS, BadRequest, RequestHead, RequestParser, reply
+from .limits import MIN_BODY_RATE
 from .passing import Passer, unread
 from .proxy import ClientGone, Deadline, Membership, Router
 
@@ -92,6 +93,8 @@ class ClientConnection(asyncio.Protocol):
         self._queued = 0  # bytes of body parsed and not yet taken by the relay
         self._held = False  # reading paused: enough is queued
         self._head_armed = False  # this wait's first byte armed the head's deadline
+        self.body_since: float | None = None  # when the body being read began
+        self.body_received = 0  # bytes of it taken so far
 
     # -- the protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -177,9 +180,33 @@ class ClientConnection(asyncio.Protocol):
         event = events.popleft()
         if isinstance(event, bytes):
             self._queued -= len(event)
+            self._body_piece(len(event))
+        elif isinstance(event, RequestHead):
+            self.body_since = time.monotonic() if event.has_body else None
+            self.body_received = 0
+        else:  # END
+            self.body_since = None
         if self._held and self._queued <= QUEUED_BYTES // 2 and len(events) <= QUEUED_EVENTS // 2:
             self._release()
         return event
+
+    def _body_piece(self, size: int) -> None:
+        """A body that falls below ``MIN_BODY_RATE``, once the body timeout has passed
+        since it began, ends its connection (a slow-body attack's bytes come in pieces,
+        each in time for the timeout between two)."""
+        self.body_received += size
+        if self.body_since is None:
+            return
+        late = time.monotonic() - self.body_since - self.server.router.timeouts.body
+        if late > 0 and self.body_received < late * MIN_BODY_RATE:
+            raise ClientGone("request body below the minimum rate")
+
+    def body_rate(self, now: float) -> float | None:
+        """Bytes a second the body being read has averaged (None: none is, or it began
+        under a second ago)."""
+        if self.body_since is None or now - self.body_since < 1.0:
+            return None
+        return self.body_received / (now - self.body_since)
 
     def refuse(self, error: BadRequest) -> None:
         """A request refused: what the client has queued, and whatever else it sends
@@ -281,13 +308,23 @@ class Server:
                 client.deadline.enforce(now)
 
     def _make_room(self) -> bool:
-        """Close the oldest connection that is only waiting for a request, if any."""
+        """Close the oldest connection that is only waiting for a request, if any; else
+        the one whose request body comes slowest, if under ``MIN_BODY_RATE``."""
+        now = time.monotonic()
+        slowest: ClientConnection | None = None
+        slowest_rate = float(MIN_BODY_RATE)
         for client in self._clients:
             if client.waiting:
-                self._clients.pop(client)
-                client.transport.abort()  # its wait ends as a closed connection would
-                return True
-        return False
+                slowest = client
+                break
+            rate = client.body_rate(now)
+            if rate is not None and rate < slowest_rate:
+                slowest, slowest_rate = client, rate
+        if slowest is None:
+            return False
+        self._clients.pop(slowest)
+        slowest.transport.abort()  # its wait ends as a closed connection would
+        return True
 
     async def serve(
         self,
