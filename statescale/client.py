@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from .cookies import cookie_value
 from .exceptions import ConfigError
 from .routing.backends import Backend, check
 from .routing.balancers import BackendRing
@@ -126,11 +127,13 @@ class _Routes:
         raise LookupError("every node is down")
 
     def _session(self, request: httpx.Request) -> str | None:
+        """The session ID to route by, read as the routers read it (the first value
+        of the cookie's name that has the shape of a signed ID)."""
+        name = self.cookie.encode()
         for header in request.headers.get_list("cookie"):
-            for part in header.split(";"):
-                name, _, value = part.strip().partition("=")
-                if name == self.cookie and value:
-                    return routing_key(value.strip('"'))
+            value = cookie_value(header.encode("latin-1", "replace"), name)
+            if value is not None:
+                return routing_key(value)
         return None
 
     def refused(self, node: Backend) -> None:

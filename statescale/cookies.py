@@ -10,6 +10,8 @@ werkzeug.
 
 from __future__ import annotations
 
+import re
+
 from werkzeug.http import dump_cookie
 
 from .config import CookieOptions
@@ -69,3 +71,26 @@ class CookieWriter:
     def set(self, value: str) -> str:
         """``Set-Cookie`` for a signed session ID (URL-safe text: needs no quoting)."""
         return f"{self._head}{value}{self._tail}"
+
+
+_SIGNED = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")  # the shape of ID.SIGNATURE
+
+
+def cookie_value(header: bytes, name: bytes) -> str | None:
+    """The first value of cookie ``name`` in a Cookie header that has the shape of a
+    signed session ID (split on ';' alone, as the middleware reads it): what every
+    router, and the peer-to-peer client, routes by. Junk under the same name before it
+    does not move the session to another node. (A router cannot check signatures; a
+    planted value of the right shape can still move it, and the session then starts
+    afresh there: a nuisance, never a takeover.)"""
+    if name not in header:
+        return None
+    for pair in header.split(b";"):
+        key, sep, value = pair.partition(b"=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[:1] == value[-1:] == b'"':
+                value = value[1:-1]
+            if _SIGNED.match(value):
+                return value.decode("ascii")
+    return None

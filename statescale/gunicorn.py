@@ -429,9 +429,9 @@ def post_fork(server: Any, worker: Any) -> None:
 def _routing_listener(server: Any, master: _Master, slot: _Slot, worker: Any) -> Any:
     """``STATESCALE_ROUTING=workers``: the worker's listener, which accepts on
     gunicorn's own and passes each connection to its session's slot."""
+    from .cookies import cookie_value
     from .routing.balancers import get
     from .routing.router.passing import RoutingListener
-    from .routing.router.proxy import cookie_value
     from .signing import routing_key
 
     assert slot.channel is not None

@@ -80,3 +80,17 @@ def test_the_transport_says_what_it_needs() -> None:
         StickyTransport()
     with pytest.raises(ConfigError, match="NAME=HOST:PORT"):
         StickyTransport(backends=["nonsense"])
+
+
+def test_the_client_routes_by_the_cookie_value_the_routers_route_by() -> None:
+    # An independent review: junk under the cookie's name before the signed value sent
+    # the request to the junk's node, where the session started afresh.
+    from statescale.routing.router.proxy import cookie_value as routers
+
+    transport = StickyTransport(backends=["a=127.0.0.1:1", "b=127.0.0.1:2", "c=127.0.0.1:3"])
+    header = "statescale=junk1; statescale=ID1xxxxxxxxxxxxxxxxxxxx.SIGsigsig"
+    request = httpx.Request("GET", "http://app/", headers={"Cookie": header})
+    routed = routers(header.encode(), b"statescale")
+    assert routed is not None
+    assert transport.routes._session(request) == routed.partition(".")[0]
+    transport.close()

@@ -271,3 +271,50 @@ def test_an_unreachable_etcd_says_why() -> None:
         RegistryUnavailable, match=r"etcd registry failed: \[Errno \d+\] Connection refused"
     ):
         registry.members()
+
+
+# -- what an independent review found (each test failed on the code before) -------------
+
+
+def test_a_bad_entry_is_skipped_and_followers_go_on(registry: Registry, redis_url: str) -> None:
+    # One entry the parser choked on (written by something else, or half a write)
+    # stopped every follower for good: each read raised, no change applied again.
+    import redis
+
+    if hasattr(registry, "hash"):
+        raw = redis.Redis.from_url(redis_url)
+        raw.hset(registry.hash, "junk", "99999999999999 tok")
+        raw.hset(registry.hash, "bytes", b"99999999999999 tok \xff\xfe")
+    else:
+        registry._client.put(registry.prefix + "junk", b"\xff\xfe not utf-8")  # type: ignore[attr-defined]
+    registry.register(A, ttl=5, token="t1")
+    assert registry.members() == [A]
+    follower, seen = _following(registry)
+    try:
+        registry.register(B, ttl=5, token="t2")
+        deadline = time.monotonic() + 5
+        while not seen or seen[-1] != [A, B]:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+    finally:
+        follower.stop()
+
+
+def test_an_etcd_entry_taken_over_then_lapsed_comes_back_at_the_next_renewal(
+    etcd: EtcdServer,
+) -> None:
+    # A USR2 upgrade rolled back: the new master put the name on its own lease, which
+    # lapsed when it stopped; the old master went on renewing its lease, and its key
+    # was gone for good.
+    url = f"{etcd.url}/lapse-{time.monotonic_ns()}"
+    old, new = open_registry(url), open_registry(url)
+    try:
+        old.register(A, ttl=5, token="old")
+        new.register(A, ttl=5, token="new")
+        new._leases["a"][0].revoke()  # type: ignore[attr-defined]  # its lease lapses
+        assert old.members() == []
+        old.register(A, ttl=5, token="old")  # a renewal
+        assert old.members() == [A]
+    finally:
+        old.close()
+        new.close()

@@ -89,11 +89,11 @@ class EtcdRegistry:
             raise RegistryUnavailable(f"the etcd registry failed: {_why(exc)}") from exc
         members = []
         for value, _ in values:
-            spec = value.decode().partition(" ")[2]
-            try:
+            try:  # one bad entry is skipped: it must not stop every follower for good
+                spec = value.decode().partition(" ")[2]
                 members.append(Backend.parse(spec))
-            except ConfigError as exc:
-                log.warning("statescale: the registry holds a bad entry %r: %s", spec, exc)
+            except (ConfigError, ValueError) as exc:
+                log.warning("statescale: the registry holds a bad entry %r: %s", value, exc)
         return sort(members)
 
     def register(self, backend: Backend, *, ttl: float, token: str) -> None:
@@ -102,7 +102,13 @@ class EtcdRegistry:
             try:
                 held = self._leases.get(backend.name)
                 if held is not None and held[1] == value and held[0].refresh() > 0:
-                    return  # renewed
+                    # Renewed, if the entry is still ours: another registration of the
+                    # name (a USR2 upgrade's new master) may have taken the key onto its
+                    # lease, which has lapsed since (an upgrade rolled back).
+                    key = self.prefix + backend.name
+                    if self._client.get(key) != [value.encode()]:
+                        self._client.put(key, value, lease=held[0])
+                    return
                 lease = self._client.lease(ttl=max(2, math.ceil(ttl)))
                 self._client.put(self.prefix + backend.name, value, lease=lease)
             except self._errors as exc:

@@ -48,7 +48,7 @@ local old = redis.call('HGET', KEYS[1], ARGV[1])
 local fresh = 1
 if old then
   local expires, token, spec = string.match(old, '^(%d+) (%S+) (.*)$')
-  if tonumber(expires) > now then
+  if expires and tonumber(expires) > now then  -- (junk there is no registration)
     if spec == ARGV[3] then
       fresh = 0
     elseif token ~= ARGV[2] then
@@ -131,12 +131,13 @@ class RedisRegistry:
         now, *entries = self._call(self._read)
         members, first = [], float("inf")
         for entry in entries:
-            expires, _, spec = entry.decode().split(" ", 2)
-            first = min(first, (int(expires) - int(now)) / 1000)
-            try:
+            try:  # written by something else: skip it, say so (it must not stop a follower)
+                expires, _, spec = entry.decode().split(" ", 2)
                 members.append(Backend.parse(spec))
-            except ConfigError as exc:  # written by something else: skip it, say so
-                log.warning("statescale: the registry holds a bad entry %r: %s", spec, exc)
+            except (ConfigError, ValueError) as exc:
+                log.warning("statescale: the registry holds a bad entry %r: %s", entry, exc)
+                continue
+            first = min(first, (int(expires) - int(now)) / 1000)
         return sort(members), first
 
     def members(self) -> list[Backend]:

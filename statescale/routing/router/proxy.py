@@ -34,12 +34,12 @@ import asyncio
 import itertools
 import logging
 import math
-import re
 import time
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Protocol
 
+from ...cookies import cookie_value
 from ...exceptions import ConfigError
 from ...signing import DEFAULT_COOKIE_NAME, routing_key
 from ..backends import Backend, check, read_backends_file
@@ -65,7 +65,6 @@ from .upstream import NodeFailed, Upstream
 log = logging.getLogger("statescale.router")
 
 CHUNK = 64 * 1024
-_SIGNED = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")  # the shape of ID.SIGNATURE
 POOL_PER_NODE = 32  # idle keep-alive connections kept to each node
 PROBE_EVERY = 64  # requests to a closing node, one of which goes without the half-close
 CLOSES_IN_A_ROW = 3  # closing responses before a node counts as one that closes
@@ -583,22 +582,3 @@ def _forwarding(client_ip: str) -> bytes:
     return b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\nConnection: keep-alive\r\n" % (
         client_ip.encode()
     )
-
-
-def cookie_value(header: bytes, name: bytes) -> str | None:
-    """The first value of cookie ``name`` in a Cookie header that has the shape of a
-    signed session ID (split on ';' alone, as the middleware reads it): junk under the
-    same name before it does not move the session to another node. (The router cannot
-    check signatures; a planted value of the right shape can still move it, and the
-    session then starts afresh there: a nuisance, never a takeover.)"""
-    if name not in header:
-        return None
-    for pair in header.split(b";"):
-        key, sep, value = pair.partition(b"=")
-        if sep and key.strip() == name:
-            value = value.strip()
-            if len(value) >= 2 and value[:1] == value[-1:] == b'"':
-                value = value[1:-1]
-            if _SIGNED.match(value):
-                return value.decode("ascii")
-    return None
