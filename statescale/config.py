@@ -23,6 +23,8 @@ from .routing.backends import Backend, check
 from .signing import DEFAULT_COOKIE_NAME
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 token: a cookie name
+#: A Domain or Path attribute value: printable ASCII but ';' (RFC 6265 5.2).
+_ATTRIBUTE = re.compile(r"[!-:<-~]*\Z")
 _SAMESITE = ("Strict", "Lax", "None")
 
 #: Used when STATESCALE_SECRET_KEYS is not set. Public, so only for development.
@@ -78,6 +80,12 @@ class CookieOptions:
             )
         if self.max_age is not None and self.max_age <= 0:
             raise ConfigError(f"max_age must be > 0 or None, not {self.max_age!r}")
+        for what, value in (("domain", self.domain), ("path", self.path)):
+            if value is not None and not _ATTRIBUTE.match(value):
+                # ';' would add attributes, CR or LF a header: neither is a domain or path
+                raise ConfigError(
+                    f"cookie {what} {value!r} holds characters a cookie {what} cannot have"
+                )
 
 
 @dataclass(frozen=True)
@@ -211,6 +219,14 @@ class Settings:
             part, _, name = where.rpartition(".")
             parts[part][name] = parse(variable, value)
         keys = parts["session"].pop("secret_keys", ())
+        given = values.get("STATESCALE_SECRET_KEYS")
+        if not keys and given is not None and (not isinstance(given, str) or given.strip()):
+            # Set, yet no key in it (",", " , ", an empty list): a template that
+            # rendered empty must not fall back to the public development key.
+            raise ConfigError(
+                "STATESCALE_SECRET_KEYS is set but holds no key: give one or more, "
+                "comma-separated, or leave it unset for the development key"
+            )
         session = SessionOptions(
             secret_keys=keys or (DEVELOPMENT_SECRET,),
             cookie=CookieOptions(**parts["cookie"]),

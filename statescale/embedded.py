@@ -104,8 +104,35 @@ class EmbeddedRedis:
                     f"redis-server on port {self.port} did not answer in {timeout}s"
                 )
             time.sleep(0.02)
+        answering = self.server_pid()
+        if answering != self.process.pid:
+            # Another server took the port between the check that it was free and our
+            # bind (ours then exits): never use someone else's as our own.
+            self.stop()
+            raise StateScaleError(
+                f"port {self.port} is served by another redis-server (pid {answering}), "
+                "not the one started here; start again (another port is picked)"
+            )
         atexit.register(self.stop)
         return self
+
+    def server_pid(self, timeout: float = 2.0) -> int | None:
+        """The pid of the redis-server answering on the port (``INFO server``)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+                sock.sendall(b"INFO server\r\n")
+                data = b""
+                while b"process_id:" not in data or not data.endswith(b"\r\n"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+        except OSError:
+            return None
+        for line in data.split(b"\r\n"):
+            if line.startswith(b"process_id:"):
+                return int(line.partition(b":")[2])
+        return None
 
     def ping(self, timeout: float = 0.5) -> bool:
         try:

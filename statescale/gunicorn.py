@@ -216,6 +216,11 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
             "sticky mode loads the app in each worker (to know its name): drop --preload"
         )
     public = server.cfg.bind[0]
+    if len(server.cfg.bind) > 1:
+        raise ConfigError(
+            f"sticky and affinity modes route one listener, not {len(server.cfg.bind)}: "
+            "give gunicorn a single -b HOST:PORT (the others would accept and never answer)"
+        )
     if public.startswith(("unix:", "fd://")) or ":" not in public:
         raise ConfigError(f"sticky mode needs a HOST:PORT bind for the router, not {public!r}")
     # Unix sockets: the router connects to a worker for every request (a sync worker
@@ -262,6 +267,20 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
     if master.settings.store_kind == "memory":
         master.handoff = _handoff_root(public)
 
+    _keep_the_slots(server, master)
+    server.log.info(
+        "statescale: %s mode, %d workers%s: %s",
+        master.settings.mode,
+        len(backends),
+        " routing among themselves (no router process)" if master.workers_route else "",
+        ", ".join(b.spec for b in backends),
+    )
+
+
+def _keep_the_slots(server: Any, master: _Master) -> None:
+    """One worker a slot, for the master's whole life (every node's ring must agree),
+    and a stop that lets the router drain first: the arbiter's handlers, by name."""
+
     def refuse_ttin() -> None:  # the arbiter looks its signal handlers up by name
         server.log.error(_FIXED_SLOTS, len(master.slots), "TTIN ignored")
 
@@ -276,16 +295,21 @@ def _prepare_sticky(server: Any, master: _Master) -> None:
         _stop_router(server, master)
         graceful_stop()
 
+    manage = server.manage_workers
+
+    def keep_one_worker_a_slot() -> None:
+        if server.num_workers != len(master.slots):
+            # gunicorn's control socket (gunicornc "worker add|remove"), or a HUP that
+            # read another -w, changes the count past the TTIN/TTOU refusal: a slot
+            # left without a worker holds its requests unanswered, two split its sessions.
+            server.log.error(_FIXED_SLOTS, len(master.slots), "the change is undone")
+            server.num_workers = len(master.slots)
+        manage()
+
     server.handle_ttin = refuse_ttin
     server.handle_ttou = refuse_ttou
+    server.manage_workers = keep_one_worker_a_slot  # (called by name each round)
     server.handle_term = stop_router_first
-    server.log.info(
-        "statescale: %s mode, %d workers%s: %s",
-        master.settings.mode,
-        len(backends),
-        " routing among themselves (no router process)" if master.workers_route else "",
-        ", ".join(b.spec for b in backends),
-    )
 
 
 def _passes_connections(worker_class: Any) -> bool:

@@ -156,3 +156,22 @@ def test_affinity_refuses_the_memory_store() -> None:
 def test_settings_that_cannot_work(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         Settings.from_env(env)
+
+
+# -- what an independent review found (each test failed on the code before) -------------
+
+
+@pytest.mark.parametrize("keys", [",", " , , ", []])
+def test_secret_keys_set_yet_empty_are_refused_not_the_public_key(keys: object) -> None:
+    with pytest.raises(ConfigError, match="holds no key"):
+        Settings.from_mapping({"STATESCALE_SECRET_KEYS": keys})
+    assert Settings.from_mapping({"STATESCALE_SECRET_KEYS": ""}).development_secret  # unset
+
+
+@pytest.mark.parametrize(
+    "domain", ["example.com; SameSite=None; Partitioned", "example.com\r\nX-Evil: 1"]
+)
+def test_a_cookie_domain_cannot_carry_attributes_or_headers(domain: str) -> None:
+    with pytest.raises(ConfigError, match="cookie domain"):
+        Settings.from_mapping({"STATESCALE_COOKIE_DOMAIN": domain})
+    assert CookieOptions(domain=".example.com").domain == ".example.com"

@@ -156,3 +156,13 @@ def test_cluster_serves_consistent_sessions_and_stops_on_sigterm(mode: str) -> N
         out = process.stdout.read().decode()
         process.stdout.close()
     assert f"http://127.0.0.1:{port}/" in out
+
+
+def test_an_embedded_redis_whose_port_another_server_took_is_refused() -> None:
+    # Between the check that a port is free and redis-server's bind, another server may
+    # take it; ours then exits, and its PONG came from the other: never used as ours.
+    with EmbeddedRedis() as other:
+        mine = EmbeddedRedis(port=other.port)
+        with pytest.raises(embedded.StateScaleError, match="another redis-server"):
+            mine.start()
+        assert other.ping()  # the other one is left alone

@@ -140,3 +140,30 @@ def test_a_router_that_cannot_start_again_is_tried_later_and_later(
     assert errors[2] == "statescale: [Errno 12] Cannot allocate memory; next try in 2 s"
     assert errors[3].endswith("exited at once (status 3); next try in 4 s")
     assert len(errors) == 4  # each end logged once
+
+
+# -- what an independent review found (each test failed on the code before) -------------
+
+
+def test_a_worker_count_changed_behind_the_signals_back_is_undone() -> None:
+    # gunicorn's control socket ("gunicornc worker remove 1") set num_workers past the
+    # TTIN/TTOU refusal: a slot without a worker held its sessions' requests unanswered.
+    events: list[str] = []
+    arbiter = _Arbiter(events)
+    arbiter.num_workers = 2  # type: ignore[attr-defined]
+    arbiter.handle_term = lambda: None  # type: ignore[attr-defined]
+    master = hooks._Master(Settings.from_env({}))
+    master.slots = [object(), object()]  # type: ignore[list-item]
+    hooks._keep_the_slots(arbiter, master)
+    arbiter.num_workers = 1  # type: ignore[attr-defined]
+    arbiter.manage_workers()
+    assert arbiter.num_workers == 2  # type: ignore[attr-defined]
+    assert events == ["gunicorn manages"] and "undone" in arbiter.errors[0]
+
+
+def test_sticky_mode_refuses_a_second_listener_it_would_never_answer() -> None:
+    config = type("Config", (), {"preload_app": False})()
+    config.bind = ["127.0.0.1:8001", "127.0.0.1:8002"]
+    server = type("Server", (), {"cfg": config})()
+    with pytest.raises(ConfigError, match="single -b"):
+        hooks._prepare_sticky(server, hooks._Master(Settings.from_env({})))
