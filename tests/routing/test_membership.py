@@ -318,3 +318,22 @@ def test_an_etcd_entry_taken_over_then_lapsed_comes_back_at_the_next_renewal(
     finally:
         old.close()
         new.close()
+
+
+def test_an_etcd_name_held_at_another_address_is_not_taken_back_on_renewal(
+    etcd: EtcdServer,
+) -> None:
+    # Two instances given one name: the renewal that puts a lapsed key back must not
+    # put this one's address over the other's at every renewal (the ring would flap).
+    url = f"{etcd.url}/twice-{time.monotonic_ns()}"
+    first, second = open_registry(url), open_registry(url)
+    elsewhere = Backend("a", "127.0.0.1", 9999)
+    try:
+        first.register(A, ttl=5, token="first")
+        second.register(elsewhere, ttl=5, token="second")
+        with pytest.raises(RegistryUnavailable, match="another address"):
+            first.register(A, ttl=5, token="first")
+        assert first.members() == [elsewhere]
+    finally:
+        first.close()
+        second.close()

@@ -106,8 +106,17 @@ class EtcdRegistry:
                     # name (a USR2 upgrade's new master) may have taken the key onto its
                     # lease, which has lapsed since (an upgrade rolled back).
                     key = self.prefix + backend.name
-                    if self._client.get(key) != [value.encode()]:
-                        self._client.put(key, value, lease=held[0])
+                    stored = self._client.get(key)
+                    if stored == [value.encode()]:
+                        return
+                    if stored and stored[0].decode(errors="replace").partition(" ")[2] != (
+                        backend.spec
+                    ):
+                        raise RegistryUnavailable(
+                            f"another instance is registered as {backend.name!r} at another "
+                            "address; give each instance its own STATESCALE_NODE"
+                        )
+                    self._client.put(key, value, lease=held[0])
                     return
                 lease = self._client.lease(ttl=max(2, math.ceil(ttl)))
                 self._client.put(self.prefix + backend.name, value, lease=lease)
