@@ -123,10 +123,17 @@ class Direct:
     def _new(self) -> Any:
         return self._pool.connection_class(**self._options())
 
-    def _take(self) -> Any:
-        if self._pid != os.getpid():  # the parent's connections are not ours
+    def _here(self) -> None:
+        """Notice a fork: the parent's connections are not ours. Also one that ran no
+        at-fork hooks (a C ``fork()``, as uWSGI's workers are made unless
+        ``py-call-osafterfork`` is set): :class:`Tracking` calls this before taking its
+        lock, which the parent's thread may have held at the fork."""
+        if self._pid != os.getpid():
             self._idle, self._pid = [], os.getpid()
             self._forked()
+
+    def _take(self) -> Any:
+        self._here()
         try:
             return self._idle.pop()
         except IndexError:
@@ -424,13 +431,6 @@ class Tracking(Direct):
         self._here()
         with self._lock:
             self.copies.invalidate(None)
-
-    def _here(self) -> None:
-        """Notice a fork that ran no at-fork hooks (a C ``fork()``, as uWSGI's workers
-        are made unless ``py-call-osafterfork`` is set) before taking the lock: the
-        parent's may have been held by a thread the child does not have."""
-        if self._pid != os.getpid():
-            self._forked()
 
     def _current(self) -> bool:
         """Whether invalidations arrive, as far as is known. No drain here: one that has
