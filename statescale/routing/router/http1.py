@@ -136,7 +136,6 @@ class RequestParser(_Parser):
         self._target = b""
         self._in_head = True  # between the end of a message and the end of the next head
         self._head_bytes = 0
-        self._made = 0  # events made so far
         self._quiet = 0  # bytes fed since the last event (a trailer, a chunk's extensions)
 
     def on_message_begin(self) -> None:
@@ -155,7 +154,7 @@ class RequestParser(_Parser):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD + len(data) and not self.events:
                 raise BadRequest(431, "request head too large")
-        made = self._made
+        made = len(self.events)  # (only feed appends to it, and nothing takes meanwhile)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -166,18 +165,13 @@ class RequestParser(_Parser):
             raise BadRequest(400, str(exc) or type(exc).__name__) from None
         # After the head, bytes that make no event (a chunked body's trailer, a chunk
         # size's extensions) are held by llhttp whole: bounded as a head is.
-        self._quiet = 0 if self._made != made else self._quiet + len(data)
+        self._quiet = 0 if len(self.events) != made else self._quiet + len(data)
         if self._quiet > MAX_HEAD and not self._in_head:
             raise BadRequest(431, "request trailer too large")
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head, self._head_bytes = True, 0
-        self._made += 1
-
-    def on_body(self, body: bytes) -> None:
-        super().on_body(body)
-        self._made += 1
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -217,7 +211,6 @@ class RequestParser(_Parser):
         if method == b"CONNECT":
             self._fail(BadRequest(405, "CONNECT is not supported"))
         length = int(lengths[0]) if lengths else -1
-        self._made += 1
         self.events.append(
             RequestHead(
                 method=method,

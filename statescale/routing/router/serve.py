@@ -184,6 +184,7 @@ class ClientConnection(asyncio.Protocol):
         elif isinstance(event, RequestHead):
             self.body_since = time.monotonic() if event.has_body else None
             self.body_received = 0
+            self._head_armed = False  # the next request's first byte arms it again
         else:  # END
             self.body_since = None
         if self._held and self._queued <= QUEUED_BYTES // 2 and len(events) <= QUEUED_EVENTS // 2:
@@ -269,7 +270,7 @@ class Server:
         timeouts = self.router.timeouts
         try:
             while not (self._stopping and client.served):
-                client.waiting, client._head_armed = True, False
+                client.waiting = True
                 if client.deadline.target is None:  # armed at connect; again between requests
                     wait = timeouts.header if client.parser.in_message else timeouts.idle
                     client.deadline.arm(wait, client.transport)
