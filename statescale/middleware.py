@@ -225,9 +225,9 @@ class StateScaleMiddleware:
 
     def _commit(
         self, session: Session, app_headers: list[tuple[str, str]]
-    ) -> list[tuple[str, str]]:
-        """Save what the request changed; the response's headers with it: the app's,
-        then the session's."""
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """Save what the request changed. The response's headers with it: the app's
+        (its Cache-Control made private when a session ID goes out), and the session's."""
         plan = session.plan()
         headers = [("Vary", "Cookie")] if session.accessed else []
         session_id, version, cookie = plan.session_id, 0, plan.cookie
@@ -252,14 +252,15 @@ class StateScaleMiddleware:
         if version:
             headers.append(("Set-Cookie", self._versions.set(str(version))))
         if cookie is None:
-            return app_headers + headers
+            return app_headers, headers
         # A response that carries a session ID must not be cached for others: not even
         # where the app said public (the browser may still keep it, as the app asked).
         own = [v for k, v in app_headers if k.lower() == "cache-control"]
         if not own:
-            return [*app_headers, *headers, ("Cache-Control", 'private, no-cache="Set-Cookie"')]
-        app_headers = [(k, v) for k, v in app_headers if k.lower() != "cache-control"]
-        return [*app_headers, *headers, ("Cache-Control", _private(", ".join(own)))]
+            headers.append(("Cache-Control", 'private, no-cache="Set-Cookie"'))
+            return app_headers, headers
+        headers.append(("Cache-Control", _private(", ".join(own))))
+        return [(k, v) for k, v in app_headers if k.lower() != "cache-control"], headers
 
     def _event(self, what: str, session_id: str, other: str | None = None) -> None:
         """One line on the ``statescale.sessions`` logger (INFO) for a session's life
@@ -308,7 +309,8 @@ class StateScaleMiddleware:
 class _Request:
     """One request's state: its session, the lock it holds, whether its response has
     started. It talks to the middleware through the two callables it is given:
-    ``commit`` (save the session; the headers to add) and ``log_outage``."""
+    ``commit`` (save the session; the app's headers to send, and the session's) and
+    ``log_outage``."""
 
     __slots__ = (
         "_added",
@@ -325,7 +327,10 @@ class _Request:
     def __init__(
         self,
         start: StartResponse,
-        commit: Callable[[Session, list[tuple[str, str]]], list[tuple[str, str]]],
+        commit: Callable[
+            [Session, list[tuple[str, str]]],
+            tuple[list[tuple[str, str]], list[tuple[str, str]]],
+        ],
         log_outage: Callable[[StoreError], None],
     ) -> None:
         self._start = start
@@ -360,7 +365,7 @@ class _Request:
         if not self._committed:
             self._committed = True
             try:
-                full = self._commit(self.session, headers)
+                app_headers, self._added = self._commit(self.session, headers)
             except StoreError as exc:
                 self.failed = True
                 self._log_outage(exc)
@@ -369,8 +374,7 @@ class _Request:
             finally:
                 self.release()
                 self.session.close()  # saved (or not): later changes are refused
-            self._added = [h for h in full if h not in headers]
-            headers = full
+            headers = app_headers + self._added
         else:  # a response started again (exc_info): with the session's headers still
             headers = headers + [h for h in self._added if h not in headers]
         return self._start(status, headers, exc_info)
@@ -405,11 +409,9 @@ _SHARED = ("public", "s-maxage")
 def _private(cache_control: str) -> str:
     """``cache_control`` for this client alone: ``private``, without what lets a shared
     cache keep it."""
-    kept = [
-        d.strip()
-        for d in cache_control.split(",")
-        if d.strip() and d.strip().split("=")[0].strip().lower() not in (*_SHARED, "private")
-    ]
+    directives = (d.strip() for d in cache_control.split(","))
+    dropped = (*_SHARED, "private")
+    kept = [d for d in directives if d and d.partition("=")[0].strip().lower() not in dropped]
     return ", ".join(["private", *kept])
 
 
