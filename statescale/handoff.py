@@ -30,8 +30,9 @@ millisecond for a session, tens of milliseconds for 10,000 in a file). A request
 finds it nowhere while a peer says it is busy (on its way to the asker, or held there
 by a request past the wait) gets a 503 (:class:`HandoffBusy`), never an empty session.
 A worker that stops first lets the requests holding sessions save (and answers that
-took one be sent), then writes its file; a write after that is refused with a 503. A session keeps
-its expiry and its place in the store (returned or not) across a hand-over, and its
+took one be sent), then writes its file; a write after that is refused with a 503.
+
+A session keeps its expiry and its place in the store (returned or not) across a hand-over, and its
 count of writes: a copy that arrives late or twice (a leaving node's push racing its
 next owner's fetch) never replaces a newer one (:meth:`MemoryStore.put`).
 
@@ -239,8 +240,7 @@ class Handoff:
         self._fetching: dict[str, int] = {}  # session -> threads here asking peers for it
         self._answering = 0  # sessions taken for a peer whose answer is not sent yet
         self._stopped = False
-        #: Set once :meth:`stop` has taken what this process holds: writes are refused.
-        self.closed = False
+        self._closed = False  # stop() has taken what this process holds: no more writes
         self._handed = threading.Event()  # what is left is where peers will look
         self._member = peers is not None and peers.node in peers.fleet.ring.names
         if peers is not None:
@@ -263,6 +263,16 @@ class Handoff:
         _handoffs.append(self)
 
     # -- the requests of this process ----------------------------------------------------
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """A write to this process's memory, unless it has handed its sessions over
+        already (a request that outlived its worker's stop): then a 503, never a write
+        that is acknowledged and lost. The next worker has the session as it was."""
+        with self._cond:
+            if self._closed:
+                raise StoreUnavailable("the memory store", "this worker has handed over")
+            yield
+
     @contextmanager
     def holding(self, session_id: str) -> Iterator[None]:
         """While a request of this process holds ``session_id`` (the middleware holds
@@ -648,7 +658,7 @@ class Handoff:
                 lambda: not (self._pushing or self._answering or self._in_use), ASK_TIMEOUT
             )
             sessions = {sid: _encode(kept) for sid, kept in self.memory.items()}
-            self.closed = True  # what is written here now would be lost: refused
+            self._closed = True  # what is written here now would be lost: refused
         if self.directory is None or (leaving and self.peers is not None):
             if self.peers is not None and sessions:
                 self.peers.push(sessions, self.sealer)
@@ -882,7 +892,7 @@ class HandoffStore:
         return self.handoff.load(session_id)
 
     def save(self, session_id: str, changes: Changes, *, created: float) -> int | None:
-        with self._open():
+        with self.handoff.writing():
             return self.memory.save(session_id, changes, created=created)
 
     def create(
@@ -895,25 +905,15 @@ class HandoffStore:
     ) -> Written:
         if replaces is not None and replaces != session_id:
             self.handoff.load(replaces)  # dropped everywhere, as by delete()
-        with self._open():
+        with self.handoff.writing():
             return self.memory.create(session_id, fields, created=created, replaces=replaces)
 
     def delete(self, session_id: str) -> None:
         # A session not held here (a logout that loaded nothing, during a hand-over) is
         # taken in first: else its last holder keeps it, and a later miss fetches it back.
         self.handoff.load(session_id)
-        with self._open():
+        with self.handoff.writing():
             self.memory.delete(session_id)
-
-    @contextmanager
-    def _open(self) -> Iterator[None]:
-        """A write, unless this process has handed its sessions over already (a
-        request that outlived its worker's stop): then a 503, never a write that is
-        acknowledged and lost. The next worker has the session as it was."""
-        with self.handoff._cond:
-            if self.handoff.closed:
-                raise StoreUnavailable("the memory store", "this worker has handed over")
-            yield
 
     #: The middleware holds each session it loads (:meth:`lock`) until the response
     #: starts, whether or not locking was asked for.
