@@ -21,6 +21,18 @@ from statescale.routing.backends import Backend
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
+def next_head(conn: socket.socket, buffer: bytes) -> tuple[bytes, bytes] | None:
+    """The next request head from ``conn`` (``buffer``: what was read past the last),
+    and what came after it; None if the connection closed first."""
+    while b"\r\n\r\n" not in buffer:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buffer += data
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    return head, rest
+
+
 class RawNode:
     """A node on a bare socket, for answers no HTTP server library would send: each
     connection it accepts goes to :meth:`answer` on a thread of its own."""

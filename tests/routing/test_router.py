@@ -25,7 +25,7 @@ from benchmarks.rig.harness import (
 from statescale.processes import free_port
 from statescale.routing import balancers
 from statescale.routing.backends import Backend
-from tests.routing.echo import Echo, RawNode, RouterProcess, ask, echo_servers, kill
+from tests.routing.echo import Echo, RawNode, RouterProcess, ask, echo_servers, kill, next_head
 
 pytestmark = pytest.mark.integration
 
@@ -173,13 +173,8 @@ class ClosingNode(RawNode):
     def answer(self, conn: socket.socket) -> None:
         with conn:
             buffer = b""
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buffer += data
-                buffer = buffer.partition(b"\r\n\r\n")[2]
+            while (got := next_head(conn, buffer)) is not None:
+                buffer = got[1]
                 conn.settimeout(0.3)  # a half-close is there at once; else none comes
                 try:
                     self.seen_eof.append(conn.recv(1) == b"")

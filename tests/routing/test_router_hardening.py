@@ -21,7 +21,15 @@ import pytest
 from benchmarks.rig.harness import ADMIN_TOKEN, start_router
 from statescale.processes import free_port
 from statescale.routing.backends import Backend
-from tests.routing.echo import AUTH, RawNode, RouterProcess, ask, echo_servers, wait_until_serving
+from tests.routing.echo import (
+    AUTH,
+    RawNode,
+    RouterProcess,
+    ask,
+    echo_servers,
+    next_head,
+    wait_until_serving,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -363,13 +371,8 @@ class _DiesAfterAPost(RawNode):
     def answer(self, conn: socket.socket) -> None:
         buffer = b""
         with conn:
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buffer += data
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
+            while (got := next_head(conn, buffer)) is not None:
+                head, buffer = got
                 line = head.split(b"\r\n")[0]
                 self.seen.append(line)
                 if line.startswith(b"POST"):
