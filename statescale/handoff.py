@@ -322,7 +322,7 @@ class Handoff:
         if self.directory is not None:
             found, busy = self._ask_slot(session_id)
             if found is not None:
-                self._put(session_id, found)
+                busy = self._put(session_id, found)
             else:
                 with self._claiming:  # another thread may be taking in its file
                     record = self.memory.load(session_id)
@@ -330,7 +330,7 @@ class Handoff:
                         return record, False
                     found = self._claim_files(session_id)
                     if found is not None:
-                        self._put(session_id, found)
+                        busy = self._put(session_id, found) or busy
             record = self.memory.load(session_id)
             if record is not None or self.peers is None:
                 return record, busy and record is None
@@ -344,13 +344,18 @@ class Handoff:
         if found is None:  # a stopping peer may have sent it here meanwhile
             record = self._arrived(session_id)
             return record, (busy or asked_busy) and record is None
-        self._put(session_id, found)
-        return self.memory.load(session_id), False
+        stale = self._put(session_id, found)
+        record = self.memory.load(session_id)
+        return record, stale and record is None
 
-    def _put(self, session_id: str, kept: Kept) -> None:
-        """Keep a copy handed over, unless this process knows a newer one."""
-        if not self.memory.put(session_id, kept):
-            log.info("statescale: dropped a copy of a session older than one known here")
+    def _put(self, session_id: str, kept: Kept) -> bool:
+        """Keep a copy handed over, unless this process knows a newer one. Whether it
+        was refused as older than one this process gave away: that one is somewhere
+        else (a duplicate copy came back), so the session is busy, not gone."""
+        if self.memory.put(session_id, kept):
+            return False
+        log.info("statescale: dropped a copy of a session older than one known here")
+        return self.memory.superseded(session_id, kept)
 
     def _arrived(self, session_id: str) -> Record | None:
         """``session_id``, if a peer's hand-over brought it while this process asked."""
@@ -627,11 +632,13 @@ class Handoff:
                 self._cond.notify_all()
 
         try:
-            encoded = {sid: _encode(free[sid]) for sid in targets}
+            encoded = {sid: _encode(free[sid].moved()) for sid in targets}
             self.peers.push(encoded, self.sealer, landed=landed)
         finally:
             with self._cond:
-                for session_id in targets:
+                # Only those still on their way: one that landed may be on its way
+                # again by now (fetched back, and handed on by another thread).
+                for session_id in targets.keys() - delivered.keys():
                     self._pushing.pop(session_id, None)
                 self._cond.notify_all()
         log.info("statescale: left the fleet; handed %d sessions on", len(delivered))
@@ -657,7 +664,7 @@ class Handoff:
             self._cond.wait_for(
                 lambda: not (self._pushing or self._answering or self._in_use), ASK_TIMEOUT
             )
-            sessions = {sid: _encode(kept) for sid, kept in self.memory.items()}
+            sessions = {sid: _encode(kept.moved()) for sid, kept in self.memory.items()}
             self._closed = True  # what is written here now would be lost: refused
         if self.directory is None or (leaving and self.peers is not None):
             if self.peers is not None and sessions:

@@ -595,3 +595,89 @@ def test_a_leaving_nodes_batches_leave_it_one_by_one_and_none_is_served_twice(
     finally:
         leaving.join()
     assert not any(a.memory.holds(s) for s in owners)
+
+
+# -- a lost write that CI caught in the HAProxy scale-in test ----------------------------
+
+
+def _sessions_for_two_owners(a: Handoff) -> tuple[str, str]:
+    """Two session IDs that ``a`` hands to two different nodes."""
+    assert a.peers is not None
+    first = a.peers.target("s0")
+    n = 1
+    while a.peers.target(f"s{n}") == first:
+        n += 1
+    return "s0", f"s{n}"
+
+
+def test_a_hand_over_that_ends_leaves_a_later_ones_session_on_its_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A session that landed, came back (its user still routed here) and was handed on
+    # again by a second thread: when the first thread's push ended, it took the session
+    # off "on its way" too, and a third thread pushed it once more. Two copies at one
+    # version, and later a fresh session for its user.
+    from statescale.handoff import RemotePeers
+
+    release_other, release_second = threading.Event(), threading.Event()
+    pushes: list[set[str]] = []
+    a = _node(_fleet("a", "b", "c"), "a")
+    s, other = _sessions_for_two_owners(a)
+
+    def post(self: Any, address: Any, request: bytes, *args: Any, **kwargs: Any) -> Any:
+        sent = set(json.loads(request.partition(b" ")[2])["take"])
+        pushes.append(sent)
+        if other in sent:
+            release_other.wait(5)  # the first hand-over's other batch takes its time
+        elif pushes.count({s}) == 2:
+            release_second.wait(5)  # and so does the second hand-over of s
+        return {}
+
+    monkeypatch.setattr(RemotePeers, "_post", post)
+    a.memory.put(s, _fresh())
+    a.memory.put(other, _fresh())
+    first = threading.Thread(target=a.hand_over)
+    first.start()
+    _eventually(lambda: not a.memory.holds(s))  # s landed; the other batch is on its way
+    a.memory.put(s, _fresh(b"2")._replace(version=5))  # fetched back, and written
+    second = threading.Thread(target=a.hand_over)
+    second.start()
+    _eventually(lambda: pushes.count({s}) == 2)
+    release_other.set()
+    first.join(5)
+    try:
+        a.hand_over()  # a third: s is still on its way, and not sent again
+        assert pushes.count({s}) == 2
+    finally:
+        release_second.set()
+        second.join(5)
+    assert not a.memory.holds(s) and not a._pushing
+
+
+def test_a_copy_older_than_one_given_away_is_busy_not_a_fresh_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A peer answered with a stale copy (a duplicate that came back there): the newer
+    # one this node gave away is somewhere, so the user gets a 503 and tries again,
+    # never a fresh session over their data.
+    from statescale.handoff import HandoffBusy, RemotePeers
+
+    a = _node(_fleet("a", "b"), "a")
+    a.memory.put("s", _fresh())
+    stale = a.memory.take("s")
+    assert stale is not None
+    assert a.memory.put("s", stale)
+    assert a.memory.take("s") is not None  # given on again, at a newer version
+    monkeypatch.setattr(RemotePeers, "fetch", lambda *args, **kwargs: (stale, False))
+    with pytest.raises(HandoffBusy):
+        a.load("s")
+    # A copy refused because the session was deleted here is gone: no 503.
+    a.memory.delete("s")
+    assert a.load("s") is None
+
+
+def _eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

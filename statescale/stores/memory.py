@@ -10,11 +10,13 @@ When full it evicts in two segments (a segmented LRU): a new session waits on
 which *protects* it. Eviction takes the least recently used session on probation first,
 so a flood of one-shot anonymous sessions never pushes out a session whose user returned.
 
-Each record counts its writes (its *version*), which a hand-over carries. A copy that
-arrives from another process (:meth:`MemoryStore.put`) replaces only an older one, is
-not kept if older than the one this process gave away lately, and never revives a
+Each record counts its writes and its moves (its *version*), which a hand-over carries:
+a copy that leaves a process moves on to the next version (:meth:`Kept.moved`). A copy
+that arrives from another process (:meth:`MemoryStore.put`) replaces only an older one,
+is not kept if older than the one this process gave away lately, and never revives a
 session this process deleted or replaced lately. So a late or duplicate hand-over cannot
-undo a write.
+undo a write: a duplicate of a copy this process received is older than the one it gave
+away since, even if nobody wrote in between.
 """
 
 from __future__ import annotations
@@ -55,7 +57,11 @@ class Kept(NamedTuple):
     record: Record
     expires: float
     returned: bool
-    version: int = 0  # writes since the record was created; UNCOUNTED: not known
+    version: int = 0  # writes and moves since the record was created; UNCOUNTED: not known
+
+    def moved(self) -> Kept:
+        """This copy as it leaves for another process: at the next version."""
+        return self._replace(version=self.version + 1)
 
 
 class _Entry:
@@ -191,8 +197,9 @@ class MemoryStore:
             return entry is not None and entry.expires > self._clock()
 
     def take(self, session_id: str, version: int | None = None) -> Kept | None:
-        """Remove a live record and return it (a hand-over to another process); with
-        ``version``, only if the record is still at that version."""
+        """Remove a live record and return it as it leaves for another process (moved
+        on, :meth:`Kept.moved`); with ``version``, only if the record is still at that
+        version. The version it left at is remembered: see :meth:`put`."""
         now = self._clock()
         with self._mutex:
             returned = session_id in self._protected
@@ -203,11 +210,12 @@ class MemoryStore:
             del segment[session_id]
             if not self._alive(entry, now):
                 return None
-            self._drop(session_id, entry.version)
-            return entry.kept(returned)
+            kept = entry.kept(returned).moved()
+            self._drop(session_id, kept.version)
+            return kept
 
     def items(self) -> list[tuple[str, Kept]]:
-        """Every live record (a worker that stops hands them over)."""
+        """Every live record, as held here (a copy sent from these moves on first)."""
         now = self._clock()
         with self._mutex:
             return [
@@ -247,6 +255,13 @@ class MemoryStore:
             while len(self) > self.max_sessions:  # probation first
                 (self._probation or self._protected).popitem(last=False)
         return True
+
+    def superseded(self, session_id: str, kept: Kept) -> bool:
+        """Whether this store gave away lately a newer copy of ``session_id`` than
+        ``kept`` (so :meth:`put` refused it): that one is somewhere else."""
+        with self._mutex:
+            given = self._given.get(session_id, UNCOUNTED)
+        return kept.version != UNCOUNTED and kept.version < given
 
     def _alive(self, entry: _Entry, now: float) -> bool:
         return entry.expires > now and self.lifetime.remaining(entry.created, now) > 0

@@ -105,9 +105,27 @@ def test_a_copy_older_than_the_one_given_away_is_refused(clock: Clock) -> None:
     stale = _copy(store, "s")
     store.save("s", Changes({"n": b"2"}, frozenset()), created=clock.now)
     given = store.take("s")  # to another process
-    assert given is not None and given.version == stale.version + 1
+    assert given is not None and given.version > stale.version
     assert not store.put("s", stale) and not store.holds("s")
+    assert store.superseded("s", stale) and not store.superseded("s", given)
     assert store.put("s", given)  # the same copy coming back is kept
+
+
+def test_a_duplicate_of_a_copy_received_cannot_come_back_after_it_moved_on(
+    clock: Clock,
+) -> None:
+    # A session pushed here twice (two hand-overs of one copy), given on in between
+    # with no write: the second copy was as new as the one given, and was kept. A peer
+    # then got that stale copy, refused it, and its user a fresh session (CI saw it).
+    sender, store = MemoryStore(clock=clock), MemoryStore(clock=clock)
+    sender.create("s", {"n": b"1"})
+    copy = sender.take("s")
+    assert copy is not None and store.put("s", copy)  # the first of the two arrives
+    given = store.take("s")  # asked for by the session's user's node, unchanged
+    assert given is not None and given.version > copy.version
+    assert not store.put("s", copy) and not store.holds("s")  # the duplicate
+    assert store.superseded("s", copy)
+    assert store.put("s", given.moved())  # the session itself comes back: kept
 
 
 def test_a_late_hand_over_never_revives_a_deleted_or_replaced_session(clock: Clock) -> None:
@@ -144,12 +162,12 @@ def test_a_copy_from_a_release_that_does_not_count_writes_is_kept_as_before(
     store.create("s", {"n": b"1"})
     store.save("s", Changes({"n": b"2"}, frozenset()), created=clock.now)
     given = store.take("s")
-    assert given is not None and given.version == 1
+    assert given is not None and given.version == 2  # one write, one move
     back = given._replace(record=Record({"n": b"3"}, given.record.created), version=UNCOUNTED)
     assert store.put("s", back) and store.load("s") == Record({"n": b"3"}, back.record.created)
     assert not store.put("s", back._replace(record=Record({"n": b"0"}, 0.0)))  # held here
     store.save("s", Changes({"n": b"4"}, frozenset()), created=clock.now)
-    assert store.take("s", version=1) is None  # written since: not taken
+    assert store.take("s", version=2) is None  # written since: not taken
     assert store.holds("s")
     store.delete("s")
     assert not store.put("s", back) and not store.holds("s")
