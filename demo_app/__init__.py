@@ -43,8 +43,8 @@ def create_app(env: dict[str, str] | None = None) -> Flask:
     app.config.update(
         {k: v for k, v in (env or _environment()).items() if k.startswith("STATESCALE_")}
     )
-    ext = StateScale(app)
-    assert ext.middleware is not None
+    StateScale(app)
+    ext = app.extensions["statescale"]  # this app's middleware and settings
     store_name = ext.middleware.store.name
     mode, node = ext.settings.mode, ext.settings.node
     owner_of = ring_owner(ext.settings)

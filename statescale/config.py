@@ -92,7 +92,7 @@ class CookieOptions:
 class SessionOptions:
     """How sessions behave in the middleware."""
 
-    secret_keys: tuple[str, ...]
+    secret_keys: tuple[str | bytes, ...]
     cookie: CookieOptions = field(default_factory=CookieOptions)
     max_size: int = DEFAULT_MAX_SIZE
     locking: bool = False
@@ -261,6 +261,10 @@ def _text(name: str, value: object) -> str:
     return str(value).strip()
 
 
+def _samesite(name: str, value: object) -> str:
+    return str(value).strip().capitalize()  # lax -> Lax; CookieOptions checks the rest
+
+
 def _number(name: str, value: object) -> float:
     try:
         if isinstance(value, bool):
@@ -294,8 +298,9 @@ def _items(value: object) -> list[object]:
     return [value]
 
 
-def _keys(name: str, value: object) -> tuple[str, ...]:
-    return tuple(str(key).strip() for key in _items(value))
+def _keys(name: str, value: object) -> tuple[str | bytes, ...]:
+    """Text keys, stripped; bytes keys (Flask's ``SECRET_KEY`` may be) as they are."""
+    return tuple(k if isinstance(k, bytes) else str(k).strip() for k in _items(value))
 
 
 def _backends(name: str, value: object) -> tuple[Backend, ...]:
@@ -318,6 +323,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "STATESCALE_COOKIE_NAME": ("cookie.name", _text),
     "STATESCALE_COOKIE_SECURE": ("cookie.secure", parse_bool),
     "STATESCALE_COOKIE_DOMAIN": ("cookie.domain", _text),
+    "STATESCALE_COOKIE_PATH": ("cookie.path", _text),
+    "STATESCALE_COOKIE_HTTPONLY": ("cookie.httponly", parse_bool),
+    "STATESCALE_COOKIE_SAMESITE": ("cookie.samesite", _samesite),
+    "STATESCALE_COOKIE_MAX_AGE": ("cookie.max_age", _count),
     "STATESCALE_IDLE_TIMEOUT": ("idle_timeout", _number),
     "STATESCALE_ABSOLUTE_LIFETIME": ("absolute_lifetime", _optional_number),
     "STATESCALE_FIRST_LIFETIME": ("first_lifetime", _number),

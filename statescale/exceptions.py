@@ -33,11 +33,12 @@ class SessionError(StateScaleError):
 class SerializationError(SessionError, TypeError):
     """A session value is not JSON-serializable."""
 
-    def __init__(self, key: str, value: object) -> None:
+    def __init__(self, key: str, value: object, reason: str = "") -> None:
         self.key = key
         self.value_type = type(value).__name__
+        why = f" ({reason})" if reason else ""  # what inside it JSON refused
         super().__init__(
-            f"session[{key!r}]: a {self.value_type} cannot be stored; session values "
+            f"session[{key!r}]: a {self.value_type} cannot be stored{why}; session values "
             "must be JSON-serializable (str, int, float, bool, None, list, dict)"
         )
 

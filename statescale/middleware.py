@@ -40,6 +40,7 @@ log = logging.getLogger("statescale")
 events = logging.getLogger("statescale.sessions")
 
 ENVIRON_KEY = "statescale.session"
+OUTSIDE_KEY = "statescale.outside"  # the session was opened by open_outside
 MAX_CANDIDATES = 8  # values of the session cookie's name checked per request, at most
 UNAVAILABLE_BODY = b"503 Service Unavailable: the session store is unavailable; retry shortly.\n"
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
@@ -160,6 +161,23 @@ class StateScaleMiddleware:
             _close(app_iter)
             return [UNAVAILABLE_BODY]
         return app_iter
+
+    def open_outside(self, environ: WSGIEnvironment) -> Session:
+        """The session of a request that does not pass through this middleware (Flask's
+        ``test_request_context`` and ``session_transaction``). It takes no lock (nothing
+        would be sure to release it); :meth:`save_outside` saves it."""
+        session = self._open(environ, _Outside(_no_start, self._commit, self.log_outage))
+        environ[ENVIRON_KEY] = session
+        environ[OUTSIDE_KEY] = True
+        return session
+
+    def save_outside(self, session: Session) -> list[tuple[str, str]]:
+        """Save a session :meth:`open_outside` opened; the headers (its cookies) that
+        the response must carry."""
+        try:
+            return self._commit(session, [])[1]
+        finally:
+            session.close()
 
     def _answer_handoff(
         self, environ: WSGIEnvironment, start_response: StartResponse
@@ -401,6 +419,19 @@ class _Request:
         self.started = self.failed = True
         self._start(*unavailable_response(exc))
         return [UNAVAILABLE_BODY]
+
+
+class _Outside(_Request):
+    """A request that does not pass through the middleware: it holds no lock."""
+
+    __slots__ = ()
+
+    def hold(self, lock: AbstractContextManager[None]) -> None:
+        pass
+
+
+def _no_start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+    raise AssertionError("a session opened outside the middleware starts no response")
 
 
 _SHARED = ("public", "s-maxage")

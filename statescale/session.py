@@ -33,7 +33,7 @@ def encode_value(key: str, value: object) -> bytes:
     try:
         return _encoder.encode(value).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:
-        raise SerializationError(key, value) from exc
+        raise SerializationError(key, value, str(exc)) from exc
 
 
 class Record(NamedTuple):
@@ -110,6 +110,7 @@ class Session(MutableMapping[str, Any]):
         self._drop: str | None = None
         self._rotate = False
         self._closed = False
+        self._abandoned = False  # nothing of this request is to be saved
 
     # -- loading ---------------------------------------------------------------------
     def _ensure(self) -> None:
@@ -154,6 +155,7 @@ class Session(MutableMapping[str, Any]):
     @modified.setter
     def modified(self, value: bool) -> None:
         if value:
+            self._writable()
             self._ensure()
             self._watch.update(self._data)
 
@@ -209,6 +211,18 @@ class Session(MutableMapping[str, Any]):
         self._ensure()
         return key in self._data
 
+    def clear(self) -> None:
+        """Empty the session as :meth:`invalidate` does: the record is deleted, and
+        what is written next starts a session under a fresh ID (Flask's login idiom,
+        ``session.clear()`` then ``session["user_id"] = ...``, never keeps an ID that
+        someone else may have planted)."""
+        self.invalidate()
+
+    def copy(self) -> dict[str, Any]:
+        """A plain ``dict`` of the session's values (changing it changes nothing)."""
+        self._ensure()
+        return {key: _decode(self._raw[key].decode("utf-8")) for key in self._data}
+
     def __repr__(self) -> str:
         state = "unloaded" if not self._loaded else repr(self._data)
         return f"<Session {self._id or 'new'} {state}>"
@@ -249,27 +263,38 @@ class Session(MutableMapping[str, Any]):
     # -- end of request --------------------------------------------------------------
     def close(self) -> None:
         """The middleware saved the session (the response started): later changes are
-        refused rather than lost."""
+        refused rather than lost (a value changed in place after this is not seen:
+        change values before the response starts)."""
         self._closed = True
+
+    def abandon(self) -> None:
+        """Save nothing of this request (its response is an error: see
+        ``statescale.flask``), and refuse changes from now on."""
+        self._abandoned = self._closed = True
 
     def changes(self) -> Changes:
         """The fields to write and remove, including values changed in place (also
-        those set in this request: ``setdefault("cart", []).append(x)``)."""
-        written = {key: self._raw[key] for key in self._set}
+        those set in this request: ``setdefault("cart", []).append(x)``). Raises
+        :class:`SerializationError` or :class:`SessionTooLarge` for what cannot be
+        stored; asking again gives the same answer."""
+        if self._abandoned:
+            return Changes({}, frozenset())
         for key in self._watch:
             if key not in self._data:
                 continue
             raw = encode_value(key, self._data[key])
             if raw != self._raw[key]:
                 self._size += len(raw) - len(self._raw[key])
-                self._raw[key] = written[key] = raw
+                self._raw[key] = raw
+                self._set.add(key)
+        written = {key: self._raw[key] for key in self._set}
         if self._size > self.max_size:
             raise SessionTooLarge(next(iter(written), ""), self._size, self.max_size)
         return Changes(written, frozenset(self._deleted))
 
     def plan(self) -> Plan:
         """What to do with the store and the cookie now the request is done."""
-        if not self._loaded:
+        if not self._loaded or self._abandoned:
             return _NOTHING
         changes = self.changes()
         if self._id is not None:  # a live record, same ID

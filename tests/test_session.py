@@ -125,3 +125,28 @@ def test_what_is_written_reads_back(data: dict[str, Any]) -> None:
     assert plan.create is not None
     reloaded = Session("sid", lambda _sid: Record(plan.create or {}, 1.0), max_size=1 << 20)
     assert dict(reloaded) == data
+
+
+def test_asking_for_the_changes_twice_gives_the_same_answer() -> None:
+    # Flask's save_session asks first (what cannot be stored fails there), the
+    # middleware then: an in-place change of a loaded value was found only once.
+    session = loaded({"cart": ["a"]})
+    session["cart"].append("b")
+    first = session.changes()
+    assert session.changes() == first and first.set == {"cart": b'["a","b"]'}
+
+
+def test_after_the_save_marking_the_session_modified_is_refused() -> None:
+    session = loaded({"cart": ["a"]})
+    session.close()
+    with pytest.raises(SessionError):
+        session.modified = True
+
+
+def test_an_abandoned_session_saves_nothing() -> None:
+    session = loaded({"n": 1})
+    session["n"] = 2
+    session.abandon()
+    assert not session.changes() and session.plan().update is None
+    with pytest.raises(SessionError):
+        session["n"] = 3

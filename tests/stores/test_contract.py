@@ -96,3 +96,17 @@ def test_lock_excludes_and_times_out(any_store: Any) -> None:
         thread.join()
     with any_store.lock("s1"):  # free again
         pass
+
+
+def test_a_lock_taken_on_one_thread_is_released_on_another(any_store: Any) -> None:
+    # The middleware releases where the response starts; Flask runs an async view on
+    # asgiref's thread, which took it. Redis's lock kept its token per thread, so the
+    # release raised and the lock stayed for its whole expiry.
+    any_store.lock_wait = 0.2
+    lock = any_store.lock("s1")
+    taker = threading.Thread(target=lock.__enter__)
+    taker.start()
+    taker.join()
+    lock.__exit__(None, None, None)
+    with any_store.lock("s1"):  # free again at once
+        pass

@@ -380,6 +380,9 @@ class RedisStore:
             timeout=self.lock_expiry,
             blocking_timeout=self.lock_wait,
             sleep=0.005,
+            # Released where the response starts: another thread than the one that
+            # took it when the view ran elsewhere (Flask's async views, on asgiref's).
+            thread_local=False,
         )
         with self._translated("lock"):
             if not lock.acquire():
