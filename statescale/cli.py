@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import socket
 import sys
@@ -52,10 +53,10 @@ def cmd_lb_config(args: argparse.Namespace) -> int:
 
     backends = parse_backends(args.backend)
     sys.stdout.write(get(args.balancer).config(backends, listen=args.listen, cookie=args.cookie))
-    specs = ",".join(b.spec for b in backends)
+    specs = shlex.quote(",".join(b.spec for b in backends))
     print(
         f"# Start each instance with STATESCALE_MODE=sticky STATESCALE_STORE=memory "
-        f"STATESCALE_BALANCER={args.balancer} STATESCALE_BACKENDS={specs} "
+        f"STATESCALE_BALANCER={args.balancer} STATESCALE_BACKENDS={specs}{_cookie_env(args)} "
         "STATESCALE_NODE=<its name>, so it mints session IDs this balancer routes to it.",
         file=sys.stderr,
     )
@@ -74,12 +75,14 @@ def cmd_lb_sync(args: argparse.Namespace) -> int:
     config = Path(args.config).resolve()
     sync = ConfigSync(balancer, config, listen=args.listen, cookie=args.cookie, say=_say)
     registry = open_registry(args.registry)
-    sync.apply(_first_members(registry, args.wait))
-    command = " ".join(balancer.command(config, listen=args.listen, cookie=args.cookie))
+    if not sync.apply(_first_members(registry, args.wait)):
+        raise ConfigError(f"no configuration written to {config} (see above)")
+    command = shlex.join(balancer.command(config, listen=args.listen, cookie=args.cookie))
     print(f"serve it with: {command}", flush=True)
     print(
-        f"start each instance with STATESCALE_BALANCER={args.balancer} "
-        f"STATESCALE_REGISTRY={args.registry} STATESCALE_NODE=<its name>",
+        f"start each instance with STATESCALE_MODE=sticky (or affinity) "
+        f"STATESCALE_BALANCER={args.balancer} STATESCALE_REGISTRY={shlex.quote(args.registry)}"
+        f"{_cookie_env(args)} STATESCALE_NODE=<its name>",
         flush=True,
     )
     if args.once:
@@ -91,6 +94,23 @@ def cmd_lb_sync(args: argparse.Namespace) -> int:
     stop.wait()
     follower.stop()
     return 0
+
+
+def _cookie_env(args: argparse.Namespace) -> str:
+    """The instances' cookie setting, when ``--cookie`` is not the default."""
+    if args.cookie == DEFAULT_COOKIE_NAME:
+        return ""
+    return f" STATESCALE_COOKIE_NAME={shlex.quote(args.cookie)}"
+
+
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return number
 
 
 def _say(line: str) -> None:
@@ -251,7 +271,9 @@ def parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument("mode", choices=list(MODES))
     cluster.add_argument("app", help="the WSGI app, MODULE:VARIABLE (e.g. demo_app:app)")
-    cluster.add_argument("--workers", type=int, default=4)
+    cluster.add_argument(
+        "--workers", type=_positive, default=4, help="gunicorn workers (default: 4)"
+    )
     cluster.add_argument("--bind", type=_address, default=("127.0.0.1", 8000), help="HOST:PORT")
     cluster.set_defaults(func=cmd_cluster)
 

@@ -483,15 +483,15 @@ def registered_node(
 
 
 def start_balancer(
-    kind: str, backends: list[Backend], port: int, folder: Path
+    kind: str, backends: list[Backend], port: int, folder: Path, cookie: str = "statescale"
 ) -> subprocess.Popen[bytes]:
     """The balancer ``kind`` (a name in statescale's balancer registry) on
     127.0.0.1:``port``, from the configuration `statescale lb-config` writes, in ``folder``."""
     balancer = get_balancer(kind)
     listen = f"127.0.0.1:{port}"
     config = folder / balancer.config_name
-    config.write_text(balancer.config(backends, listen=listen, cookie="statescale"))
-    command = balancer.command(config, listen=listen, cookie="statescale")
+    config.write_text(balancer.config(backends, listen=listen, cookie=cookie))
+    command = balancer.command(config, listen=listen, cookie=cookie)
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

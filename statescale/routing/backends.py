@@ -12,6 +12,12 @@ from ..exceptions import ConfigError
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _NUMBER = re.compile(r"[0-9]{1,5}\Z")  # ASCII digits only: str.isdigit() takes "²" too
+# A hostname, an IPv4 address or a bracketed IPv6 one: what a balancer's configuration
+# can take as it is (a registry entry is written by any instance; a space, ';', '{' or
+# a newline in it would add directives to nginx's or HAProxy's configuration).
+_HOST = re.compile(r"(?:[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])\Z")
+_UNIX = re.compile(r"unix:/[^\s\x00]{1,200}\Z")
+MAX_WEIGHT = 256  # HAProxy's most; more only slows the rings down
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,21 @@ class Backend:
     host: str
     port: int
     weight: int = 1
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ConfigError(f"a backend's name is 1-64 of A-Z a-z 0-9 _ . -, not {self.name!r}")
+        if self.host.startswith("unix:"):
+            if not _UNIX.match(self.host):
+                raise ConfigError(f"{self.host!r} is not a Unix socket's unix:/PATH")
+        elif not _HOST.match(self.host):
+            raise ConfigError(
+                f"{self.host!r} is not a hostname, an IPv4 address or a [bracketed] IPv6 one"
+            )
+        elif not 0 < self.port < 65536:
+            raise ConfigError(f"{self.name}: the port must be between 1 and 65535")
+        if not 1 <= self.weight <= MAX_WEIGHT:
+            raise ConfigError(f"{self.name}: the weight must be from 1 to {MAX_WEIGHT}")
 
     @property
     def address(self) -> str:
@@ -45,8 +66,8 @@ class Backend:
         hooks give the router inside a master; no balancer, node or admin call takes it)."""
         name, sep, rest = spec.strip().partition("=")
         address, _, weight = rest.partition("*")
-        if weight and (not _NUMBER.match(weight) or int(weight) < 1):
-            raise ConfigError(f"{spec!r}: the weight after * must be a whole number >= 1")
+        if weight and (not _NUMBER.match(weight) or not 1 <= int(weight) <= MAX_WEIGHT):
+            raise ConfigError(f"{spec!r}: the weight after * must be from 1 to {MAX_WEIGHT}")
         if address.startswith("unix:"):
             if not unix:
                 raise ConfigError(f"{spec!r}: a backend is NAME=HOST:PORT (no Unix sockets here)")
@@ -58,7 +79,10 @@ class Backend:
             raise ConfigError(f"{spec!r}: a backend is NAME=HOST:PORT (or NAME=HOST:PORT*WEIGHT)")
         if not 0 < int(port) < 65536:
             raise ConfigError(f"{spec!r}: the port must be between 1 and 65535")
-        return cls(name, host, int(port), int(weight or 1))
+        try:
+            return cls(name, host, int(port), int(weight or 1))
+        except ConfigError as exc:
+            raise ConfigError(f"{spec!r}: {exc}") from None
 
 
 def check(backends: Sequence[Backend]) -> list[Backend]:
@@ -68,6 +92,9 @@ def check(backends: Sequence[Backend]) -> list[Backend]:
     names = [b.name for b in backends]
     if len(set(names)) != len(names):
         raise ConfigError(f"backend names must be distinct: {names}")
+    addresses = [b.address for b in backends]
+    if len(set(addresses)) != len(addresses):  # nginx's ring is keyed by address
+        raise ConfigError(f"backend addresses must be distinct: {addresses}")
     return list(backends)
 
 

@@ -60,11 +60,13 @@ def sample_cookies(n: int, seed: int) -> list[str]:
     ]
 
 
-def landed(port: int, cookie: str) -> str:
+def landed(port: int, cookie: str, header: str | None = None) -> str:
+    """The node that answers a request carrying ``cookie`` (or the Cookie ``header``)."""
     for attempt in range(50):
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/", headers={"Cookie": f"other=1; statescale={cookie}"})
+            header = f"other=1; statescale={cookie}" if header is None else header
+            conn.request("GET", "/", headers={"Cookie": header})
             body = conn.getresponse().read().decode()
             conn.close()
             return body
@@ -98,3 +100,36 @@ def test_1000_cookies_land_where_the_replica_predicts(
             process.send_signal(signal.SIGTERM)
             process.wait(10)
         assert wrong == [], f"{balancer}, {label}: {len(wrong)} of 1000 elsewhere, e.g. {wrong[:3]}"
+
+
+@pytest.mark.parametrize("balancer", ["nginx", "haproxy"])
+def test_the_balancers_route_by_the_cookie_value_statescale_reads(
+    balancer: str, backends: dict[str, Backend], tmp_path: Path
+) -> None:
+    # nginx read $cookie_NAME: a name with '-' or '.' (the __Host- prefix) was never
+    # found, and junk before the ID went round robin; HAProxy took the last value.
+    from statescale.cookies import cookie_value
+
+    members = list(backends.values())
+    ring = balancers.get(balancer).ring(members)
+    a, *others = sample_cookies(40, seed=3)
+    b = next(
+        c for c in others if ring.owner(c.partition(".")[0]) != ring.owner(a.partition(".")[0])
+    )
+    for name in ("__Host-sid", "session.id"):
+        port = free_port()
+        process = start_balancer(balancer, members, port, tmp_path, cookie=name)
+        try:
+            for header in (
+                f"{name}={a}; {name}={b}",  # two of the name (two paths): the first
+                f"{name}=junk; {name}={b}",  # junk first: the signed one
+                f"{name.upper()}={a}; x{name}={a}; {name}={b}",  # other names
+                f'other=1;{name} = "{a}" ;{name}={b}',  # spaces, quotes
+            ):
+                sid = cookie_value(header.encode(), name.encode())
+                assert sid is not None
+                want = ring.owner(sid.partition(".")[0])
+                assert {landed(port, "", header) for _ in range(3)} == {want}, header
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(10)

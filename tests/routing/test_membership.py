@@ -337,3 +337,13 @@ def test_an_etcd_name_held_at_another_address_is_not_taken_back_on_renewal(
     finally:
         first.close()
         second.close()
+
+
+def test_two_entries_at_one_address_count_once(caplog: pytest.LogCaptureFixture) -> None:
+    # An instance renamed before its old entry expired: nginx's ring is keyed by
+    # address, and the replica merged the two unlike nginx (other weights, KeyError).
+    from statescale.routing.membership.base import sort
+
+    renamed = Backend("z", A.host, A.port, 3)
+    assert sort([renamed, C, A]) == [A, C]
+    assert "at one address" in caplog.text

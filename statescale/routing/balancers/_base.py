@@ -3,13 +3,17 @@ its name, its ring, its configuration writer and how to run it. Pure."""
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...exceptions import ConfigError
 from ..backends import Backend, check
 from ..ring import NodeRing
+
+_COOKIE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")  # what every configuration takes as it is
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,10 @@ class Balancer:
 
     def config(self, backends: Sequence[Backend], *, listen: str, cookie: str) -> str:
         """The configuration that routes ``cookie``'s sessions as :meth:`ring` does."""
+        if not _COOKIE.match(cookie):
+            raise ConfigError(
+                f"a balancer routes by a cookie named with A-Z a-z 0-9 _ . - only, not {cookie!r}"
+            )
         return self.write_config(check(backends), listen, cookie)
 
     def command(self, config: Path, *, listen: str, cookie: str) -> list[str]:
@@ -75,6 +83,20 @@ class BackendRing:
 
     def __repr__(self) -> str:
         return f"BackendRing({self.balancer.name!r}, {[b.spec for b in self.backends]})"
+
+
+def serving_pid(pidfile: Path, program: str, config_file: Path) -> int | None:
+    """The pid in ``pidfile``, if that process is ``program`` serving ``config_file``:
+    a pid file left behind (a balancer stopped or crashed) may name a process that has
+    nothing to do with it by now, and must not be signalled."""
+    try:
+        pid = int(pidfile.read_text().split()[0])
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return None  # the pid file, or the process, is gone
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None
+    return pid if program in argv and config_file.name in argv else None
 
 
 def python_module(*args: str) -> list[str]:

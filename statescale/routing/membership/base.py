@@ -1,5 +1,5 @@
 """What every registry does (:class:`Registry`), the error it raises when it cannot, and
-the order members come in. Pure; :mod:`.registry` picks a registry by its URL.
+the order members come in. :mod:`.registry` picks a registry by its URL.
 
 A registry holds the fleet's live members, each a :class:`~..backends.Backend` (a
 name, the address others reach it at, a weight):
@@ -14,11 +14,13 @@ name, the address others reach it at, a weight):
   first and again after each change, woken by the registry's own notices (a Redis
   channel, an etcd watch), not by a polling loop.
 
-Members come sorted by name, so every follower builds the same ring.
+Members come sorted by name, so every follower builds the same ring; of two at one
+address, only the first.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -26,7 +28,9 @@ from typing import Protocol
 from ...exceptions import StateScaleError
 from ..backends import Backend
 
-Changed = Callable[[list[Backend]], None]
+log = logging.getLogger("statescale")
+
+Changed = Callable[[list[Backend]], object]  # (what it returns is ignored)
 
 
 class RegistryUnavailable(StateScaleError):
@@ -55,4 +59,15 @@ class Registry(Protocol):
 
 
 def sort(members: Sequence[Backend]) -> list[Backend]:
-    return sorted(members, key=lambda b: b.name)
+    """A registry's members in the order every reader agrees on (by name); of two at
+    one address (an instance renamed before its old entry expired), the first only:
+    nginx's ring is keyed by address, and one instance must not weigh twice."""
+    kept: dict[str, Backend] = {}
+    for member in sorted(members, key=lambda b: b.name):
+        other = kept.setdefault(member.address, member)
+        if other is not member:
+            log.warning(
+                "statescale: the registry holds %s and %s at one address %s; following %s",
+                other.name, member.name, member.address, other.name,
+            )  # fmt: skip
+    return list(kept.values())

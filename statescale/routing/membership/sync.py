@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ...exceptions import ConfigError
 from ..backends import Backend
 from ..balancers import Balancer
 
@@ -45,34 +46,54 @@ class ConfigSync:
         return self.balancer.reloadable(written, self.config)
 
     def write(self, members: Sequence[Backend]) -> bool:
-        """Write the configuration for ``members``; False if it is unchanged, or if
-        the balancer's check refuses it (the old one stays)."""
+        """Write the configuration for ``members``; False if it is unchanged. Raises
+        :class:`ConfigError`, saying why, if it cannot be written or the balancer's
+        check refuses it (the old one stays)."""
         text = self.text(members)
         if self.config.exists() and self.config.read_text() == text:
             return False
         new = self.config.with_name(self.config.name + ".new")
-        new.write_text(text)
-        if self.balancer.check is not None:
-            checked = subprocess.run(
-                self.balancer.check(new), capture_output=True, text=True, check=False
-            )
-            if checked.returncode != 0:
-                self.say(f"refused by {self.balancer.name}'s check, not applied: {checked.stderr}")
-                new.unlink()
-                return False
-        new.replace(self.config)
+        try:
+            new.write_text(text)
+            self._check(new)
+            new.replace(self.config)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {self.config}: {exc}") from exc
+        finally:
+            new.unlink(missing_ok=True)
         return True
 
-    def apply(self, members: list[Backend]) -> None:
-        """What the follower calls: write, then reload if the balancer runs."""
+    def _check(self, new: Path) -> None:
+        if self.balancer.check is None:
+            return
+        name = self.balancer.name
+        try:
+            checked = subprocess.run(
+                self.balancer.check(new), capture_output=True, text=True, check=False, timeout=60
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ConfigError(f"could not run {name}'s check ({exc}); is it installed?") from exc
+        if checked.returncode != 0:
+            why = (checked.stderr + checked.stdout).strip() or f"exit status {checked.returncode}"
+            raise ConfigError(f"{name}'s check refused the configuration, not applied:\n{why}")
+
+    def apply(self, members: list[Backend]) -> bool:
+        """What the follower calls: write, then reload if the balancer runs. False if
+        the configuration could not be written (said, and the old one stays)."""
         if not members:
             self.say("the registry lists no node; keeping the configuration as it is")
-            return
-        if not self.write(members):
-            return
+            return True
         specs = ", ".join(b.spec for b in members)
+        try:
+            if not self.write(members):
+                return True
+        except ConfigError as exc:
+            self.say(f"{specs}: {exc}")
+            log.error("statescale: lb-sync could not apply %s: %s", specs, exc)
+            return False
         reload = self.balancer.reload
         if reload is not None and reload(self.config):
             self.say(f"{specs}: wrote {self.config}, reloaded {self.balancer.name}")
         else:
             self.say(f"{specs}: wrote {self.config} ({self.balancer.name} is not running)")
+        return True
