@@ -63,7 +63,9 @@ def settings_from_config(config: dict[str, Any]) -> Settings:
         value = config.get(flask_name)
         if name not in values and value not in (None, Flask.default_config.get(flask_name)):
             values[name] = value
-    if not values.get("STATESCALE_SECRET_KEYS") and config.get("SECRET_KEY"):
+    given = values.get("STATESCALE_SECRET_KEYS")
+    unset = not given or (isinstance(given, str) and not given.strip())  # as from_mapping
+    if unset and config.get("SECRET_KEY"):
         # (Flask 3.1's default SECRET_KEY_FALLBACKS is None; keys may be bytes)
         keys = [*(config.get("SECRET_KEY_FALLBACKS") or []), config["SECRET_KEY"]]
         values["STATESCALE_SECRET_KEYS"] = keys

@@ -80,12 +80,17 @@ def test_init_app_twice_is_an_error() -> None:
 # -- what an independent review found (each test failed on the code before) -------------
 
 
-def test_flasks_own_secret_key_alone_signs() -> None:
+@pytest.mark.parametrize("blank", [None, "", " "])
+def test_flasks_own_secret_key_alone_signs(
+    blank: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
     # Flask 3.1's default SECRET_KEY_FALLBACKS is None: StateScale(app) raised TypeError.
-    app = make_app(SECRET_KEY="flask-secret-0123456789")
+    # A blank STATESCALE_SECRET_KEYS (" ") fell back to the public development key.
+    app = make_app(SECRET_KEY="flask-secret-0123456789", STATESCALE_SECRET_KEYS=blank)
     assert app.config["SECRET_KEY_FALLBACKS"] is None  # as Flask leaves it
     StateScale(app, store=MemoryStore())
     assert app.test_client().post("/incr").json == {"n": 1}
+    assert "development key" not in caplog.text
 
 
 def test_a_bytes_secret_key_is_the_same_key_as_its_text() -> None:
