@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -414,3 +415,45 @@ def test_ip_hash_sends_a_client_without_a_session_to_one_node(
     finally:
         router.stop()
     assert nodes == {ring.owner("127.0.0.1")}
+
+
+class _KeepAliveRacer(RawNode):
+    """A node whose keep-alive closes a connection idle for ``idle`` seconds just as the
+    next request arrives on it: that request is reset unanswered (gunicorn's 2 s
+    keep-alive racing a router that reuses the connection)."""
+
+    def __init__(self, idle: float) -> None:
+        self.idle = idle
+        self.answered = 0
+        super().__init__()
+
+    def answer(self, conn: socket.socket) -> None:
+        with conn:
+            buffer, last = b"", time.monotonic()
+            while (got := next_head(conn, buffer)) is not None:
+                buffer = got[1]
+                if time.monotonic() - last > self.idle:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return  # closed with the request unread: a reset
+                self.answered += 1
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                last = time.monotonic()
+
+
+def test_a_pooled_connection_is_not_kept_past_the_nodes_keep_alive() -> None:
+    # A POST (which cannot go again) on a connection the node was just closing got a
+    # 502 (CI's registry test saw one); the router now drops connections idle 1 s.
+    node = _KeepAliveRacer(idle=1.2)
+    router = RouterProcess([Backend("node1", "127.0.0.1", node.port)])
+    try:
+        statuses = []
+        for pause in (0.0, 0.1, 1.4):
+            time.sleep(pause)
+            conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=5)
+            conn.request("POST", "/", body=b"")
+            statuses.append(conn.getresponse().status)
+            conn.close()
+    finally:
+        router.stop()
+        node.close()
+    assert statuses == [200, 200, 200] and node.answered == 3

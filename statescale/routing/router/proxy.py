@@ -66,6 +66,10 @@ log = logging.getLogger("statescale.router")
 
 CHUNK = 64 * 1024
 POOL_PER_NODE = 32  # idle keep-alive connections kept to each node
+#: Seconds a pooled connection may wait for its next request: under gunicorn's keep-alive
+#: (2 s), so a node never closes one just as a request goes on it. A request that is not
+#: idempotent cannot go again when that happens (the node may have acted on it): a 502.
+POOL_IDLE = 1.0
 PROBE_EVERY = 64  # requests to a closing node, one of which goes without the half-close
 CLOSES_IN_A_ROW = 3  # closing responses before a node counts as one that closes
 # Tries of one request: a pooled connection the node had dropped, or a half-close a node
@@ -308,10 +312,17 @@ class Router:
         self._new_upstream = partial(Upstream, loop)
         return self._new_upstream
 
-    def _pooled(self, name: str) -> Upstream | None:
+    def _pooled(self, name: str, now: float) -> Upstream | None:
+        """The connection to ``name`` last put back, if usable and not idle too long
+        (those below it have waited longer: they go too)."""
         idle = self._pool.get(name, [])
         while idle:
             upstream = idle.pop()
+            if now - upstream.idle_since > POOL_IDLE:
+                for stale in (upstream, *idle):
+                    stale.close()
+                idle.clear()
+                return None
             if upstream.usable:
                 return upstream
             upstream.close()
@@ -368,6 +379,7 @@ class Router:
         # another address) while this request ran must not get the old connection back.
         same = upstream.backend is not None and upstream.backend == self.members.get(name)
         if reusable and same and len(idle) < POOL_PER_NODE:
+            upstream.idle_since = upstream.loop.time()
             idle.append(upstream)
         else:
             upstream.close()
@@ -385,7 +397,7 @@ class Router:
             name = self.choose(head.cookie, client.ip)
             if name is None:
                 return None
-            pooled = None if fresh else self._pooled(name)
+            pooled = None if fresh else self._pooled(name, loop.time())
             if pooled is not None:
                 return name, pooled, True
             backend = self.members[name]

@@ -38,6 +38,7 @@ class Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser: ResponseParser | None = None
         self.closed = False
+        self.idle_since = 0.0  # when it went back to the pool (the loop's clock)
         self.half_closed = False  # our side is shut: the node saw the request end there
         self.node_closes: bool | None = None  # what the last whole response said, if any
         self.failure: str | None = None
