@@ -30,10 +30,20 @@ log = logging.getLogger("statescale.registry")
 DEFAULT_PREFIX = "/statescale/registry"
 TIMEOUT = 2.0  # seconds per etcd call (and to open a watch)
 IDLE = 30.0  # seconds a watch stream may stay silent before it is opened again
+_CLAIM_TRIES = 5  # reads and transactions of one registration, at most
 
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+def _is_spec(text: str) -> bool:
+    """Whether ``text`` is a member's spec (not junk, which a registration replaces)."""
+    try:
+        Backend.parse(text)
+    except ConfigError:
+        return False
+    return True
 
 
 class EtcdRegistry:
@@ -105,26 +115,52 @@ class EtcdRegistry:
                     # Renewed, if the entry is still ours: another registration of the
                     # name (a USR2 upgrade's new master) may have taken the key onto its
                     # lease, which has lapsed since (an upgrade rolled back).
-                    key = self.prefix + backend.name
-                    stored = self._client.get(key)
-                    if stored == [value.encode()]:
-                        return
-                    if stored and stored[0].decode(errors="replace").partition(" ")[2] != (
-                        backend.spec
-                    ):
-                        raise RegistryUnavailable(
-                            f"another instance is registered as {backend.name!r} at another "
-                            "address; give each instance its own STATESCALE_NODE"
-                        )
-                    self._client.put(key, value, lease=held[0])
+                    self._claim(backend, value, held[0])
                     return
                 lease = self._client.lease(ttl=max(2, math.ceil(ttl)))
-                self._client.put(self.prefix + backend.name, value, lease=lease)
+                try:
+                    self._claim(backend, value, lease)
+                except RegistryUnavailable:
+                    self._revoke(lease)
+                    raise
             except self._errors as exc:
                 raise RegistryUnavailable(f"the etcd registry failed: {_why(exc)}") from exc
             self._leases[backend.name] = (lease, value)
             if held is not None:  # a changed entry: the old lease goes
                 self._revoke(held[0])
+
+    def _claim(self, backend: Backend, value: str, lease: Any) -> None:
+        """Put ``value`` under ``backend``'s name on ``lease``, unless a live instance at
+        another address holds the name (as the Redis registry refuses it): one
+        transaction on what was read, so two instances racing for a name cannot both
+        win. Over the same address (a ``USR2`` upgrade's new master), or junk, it goes."""
+        key = self.prefix + backend.name
+        for _ in range(_CLAIM_TRIES):
+            stored = self._client.get(key)
+            if stored == [value.encode()]:
+                return  # ours already
+            compare: dict[str, object]
+            if stored:
+                other = stored[0].decode(errors="replace").partition(" ")[2]
+                if other != backend.spec and _is_spec(other):
+                    raise RegistryUnavailable(
+                        f"another instance is registered as {backend.name!r} at another "
+                        "address; give each instance its own STATESCALE_NODE"
+                    )
+                compare = {"target": "VALUE", "value": base64.b64encode(stored[0]).decode()}
+            else:
+                compare = {"target": "CREATE", "create_revision": 0}
+            put = {"key": _b64(key), "value": _b64(value), "lease": lease.id}
+            answer = self._client.transaction(
+                {
+                    "compare": [{"key": _b64(key), "result": "EQUAL", **compare}],
+                    "success": [{"request_put": put}],
+                    "failure": [],
+                }
+            )
+            if answer.get("succeeded"):
+                return
+        raise RegistryUnavailable(f"the name {backend.name!r} kept changing under this claim")
 
     def deregister(self, name: str, *, token: str) -> None:
         with self._lock:
