@@ -414,12 +414,16 @@ def interleaved_increments(port: int, users: int, rounds: int, key: str = "c") -
 
 
 def sticky_nodes(
-    stack: ExitStack, count: int = 4, balancer: str = "statescale", args: tuple[str, ...] = ()
+    stack: ExitStack,
+    count: int = 4,
+    balancer: str = "statescale",
+    args: tuple[str, ...] = (),
+    app: str = "demo_app:app",
 ) -> tuple[list[Gunicorn], list[Backend]]:
-    """``count`` single-worker demo_app nodes in sticky mode on the memory store, each
+    """``count`` single-worker nodes of ``app`` in sticky mode on the memory store, each
     told every node (``STATESCALE_BACKENDS``), its own name and whose ring routes them;
     stopped when ``stack`` closes. ``args``: more gunicorn options for each."""
-    nodes = [Gunicorn(workers=1, args=args) for _ in range(count)]
+    nodes = [Gunicorn(workers=1, args=args, app=app) for _ in range(count)]
     backends = [Backend(f"node{i}", "127.0.0.1", g.port) for i, g in enumerate(nodes, 1)]
     for backend, node in zip(backends, nodes, strict=True):
         _sticky_env(node, backend, backends, balancer)
@@ -432,9 +436,10 @@ def add_sticky_node(
     backends: list[Backend],
     balancer: str = "statescale",
     args: tuple[str, ...] = (),
+    app: str = "demo_app:app",
 ) -> tuple[Gunicorn, Backend]:
     """One more node beside ``backends`` (the new node knows them all; they are not told)."""
-    node = Gunicorn(workers=1, args=args)
+    node = Gunicorn(workers=1, args=args, app=app)
     backend = Backend(f"node{len(backends) + 1}", "127.0.0.1", node.port)
     _sticky_env(node, backend, [*backends, backend], balancer)
     stack.enter_context(node)
@@ -461,12 +466,13 @@ def registered_node(
     args: tuple[str, ...] = ("--threads", "4"),
     balancer: str = "statescale",
     env: Mapping[str, str] | None = None,
+    app: str = "demo_app:app",
 ) -> Gunicorn:
-    """A demo_app node that registers itself in ``registry`` as ``name`` and follows it
+    """A node of ``app`` that registers itself in ``registry`` as ``name`` and follows it
     (sticky mode on the memory store, or ``mode``), on ``balancer``'s ring; stopped when
     ``stack`` closes. ``env``: more environment, or other values (affinity:
     ``STATESCALE_REDIS_URL``; ``STATESCALE_DRAIN``, 1.5 s here)."""
-    node = Gunicorn(workers=workers, args=args)
+    node = Gunicorn(workers=workers, args=args, app=app)
     node.env.update(
         STATESCALE_BALANCER=balancer,
         STATESCALE_MODE=mode,

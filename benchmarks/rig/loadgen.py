@@ -116,7 +116,7 @@ def _wrk(plan: _Plan) -> Load:
             check=True,
             timeout=duration + 60,
         ).stdout
-    if "Non-2xx" in out or re.search(r"Socket errors: connect [1-9]|read [1-9]|timeout [1-9]", out):
+    if "Non-2xx" in out or re.search(r"Socket errors:.*\b(connect|read|write|timeout) [1-9]", out):
         raise RuntimeError(f"wrk saw failed requests on port {port}:\n{out}")
     rps = _RPS.search(out)
     latency = {p: float(v) * _UNIT[u] for p, v, u in _LATENCY.findall(out)}
