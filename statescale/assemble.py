@@ -246,6 +246,9 @@ def build_middleware(
         cookie=session.cookie,
         max_size=session.max_size,
         locking=session.locking,
+        # Affinity: the router sends a session's requests to one process, whose threads
+        # must still take them one at a time (a read-modify-write would be lost).
+        process_locking=settings.mode == "affinity",
         id_factory=build_id_factory(settings),
         sticky=settings.routed,
     )

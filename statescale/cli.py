@@ -177,6 +177,7 @@ def cmd_router(args: argparse.Namespace) -> int:
         use_uvloop=not args.no_uvloop,
         registry=registry,
         passes=passes,
+        grace=args.grace,
     )
     return 0
 
@@ -251,77 +252,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     os.execve(command[0], command, env)  # noqa: S606 - gunicorn takes our place: signals reach it
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
-        prog="statescale",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    top.add_argument("--version", action="version", version=f"statescale {__version__}")
-    sub = top.add_subparsers(dest="command", metavar="COMMAND")
-
-    cluster = sub.add_parser(
-        "cluster",
-        help="serve an app under gunicorn -w N in shared, sticky or affinity mode",
-        description="Run APP (module:variable) under gunicorn with statescale's hooks. shared: "
-        "every worker uses one Redis (an embedded one unless STATESCALE_REDIS_URL is set). "
-        "sticky: every worker keeps sessions in memory and statescale router on --bind sends "
-        "each session to its worker. affinity: the router as in sticky, in front of one "
-        "Redis as in shared; each worker serves its sessions' reads from its copies.",
-    )
-    cluster.add_argument("mode", choices=list(MODES))
-    cluster.add_argument("app", help="the WSGI app, MODULE:VARIABLE (e.g. demo_app:app)")
-    cluster.add_argument(
-        "--workers", type=_positive, default=4, help="gunicorn workers (default: 4)"
-    )
-    cluster.add_argument("--bind", type=_address, default=("127.0.0.1", 8000), help="HOST:PORT")
-    cluster.set_defaults(func=cmd_cluster)
-
-    from .routing import balancers
+def _router_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``statescale router``'s options."""
     from .routing.router.limits import MAX_BODY, MIN_BODY_RATE, Timeouts
-
-    lb = sub.add_parser(
-        "lb-config",
-        help="print a balancer's configuration for sticky sessions",
-        description="Print a complete configuration for a balancer that routes each session "
-        "to one backend by its session ID: "
-        + "; ".join(f"{name}: {balancers.get(name).summary}" for name in balancers.names())
-        + ". statescale replicates every one of these rings exactly, so each instance, told "
-        "the same backends (STATESCALE_BACKENDS, in this order) and its own name "
-        "(STATESCALE_NODE), mints IDs the balancer routes to it.",
-    )
-    lb.add_argument("balancer", choices=balancers.names())
-    lb.add_argument(
-        "--backend",
-        action="append",
-        required=True,
-        metavar="NAME=HOST:PORT[*WEIGHT]",
-        help="one instance (repeat, in a fixed order)",
-    )
-    lb.add_argument("--listen", default="127.0.0.1:8080", help="address:port to listen on")
-    lb.add_argument("--cookie", default=DEFAULT_COOKIE_NAME, help="the session cookie's name")
-    lb.set_defaults(func=cmd_lb_config)
-
-    sync = sub.add_parser(
-        "lb-sync",
-        help="keep an nginx or HAProxy configuration to a registry's membership",
-        description="Write the balancer's configuration for the registry's members (as "
-        "lb-config does), then rewrite it and reload the balancer (nginx -s reload; "
-        "HAProxy's seamless reload, USR2 to its master) at each membership change, within "
-        "a second or two. A new configuration that the balancer's own check refuses is "
-        "not applied. Start the balancer with the command it prints; start each instance "
-        "with the same STATESCALE_REGISTRY and STATESCALE_BALANCER.",
-    )
-    sync.add_argument("balancer", choices=["nginx", "haproxy"])
-    sync.add_argument("--registry", required=True, metavar="URL", help="redis://, etcd://, file://")
-    sync.add_argument("--config", required=True, metavar="FILE", help="the file to keep")
-    sync.add_argument("--listen", default="127.0.0.1:8080", help="address:port to listen on")
-    sync.add_argument("--cookie", default=DEFAULT_COOKIE_NAME, help="the session cookie's name")
-    sync.add_argument(
-        "--wait", type=float, default=30.0, help="seconds to wait for a first node (default 30)"
-    )
-    sync.add_argument("--once", action="store_true", help="write the file once and exit")
-    sync.set_defaults(func=cmd_lb_sync)
+    from .routing.router.serve import GRACE
 
     router = sub.add_parser(
         "router",
@@ -410,6 +344,12 @@ def parser() -> argparse.ArgumentParser:
         f"(default {Timeouts.body:g})",
     )
     router.add_argument(
+        "--grace",
+        type=float,
+        default=GRACE,
+        help=f"seconds what is in flight may take to finish at a stop (default {GRACE:g})",
+    )
+    router.add_argument(
         "--max-connections",
         type=int,
         help="client connections at once (default: what the file-descriptor limit allows)",
@@ -430,6 +370,80 @@ def parser() -> argparse.ArgumentParser:
         "that closes its first half-closed request unanswered gets none again)",
     )
     router.set_defaults(func=cmd_router)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="statescale",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("--version", action="version", version=f"statescale {__version__}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+
+    cluster = sub.add_parser(
+        "cluster",
+        help="serve an app under gunicorn -w N in shared, sticky or affinity mode",
+        description="Run APP (module:variable) under gunicorn with statescale's hooks. shared: "
+        "every worker uses one Redis (an embedded one unless STATESCALE_REDIS_URL is set). "
+        "sticky: every worker keeps sessions in memory and statescale router on --bind sends "
+        "each session to its worker. affinity: the router as in sticky, in front of one "
+        "Redis as in shared; each worker serves its sessions' reads from its copies.",
+    )
+    cluster.add_argument("mode", choices=list(MODES))
+    cluster.add_argument("app", help="the WSGI app, MODULE:VARIABLE (e.g. demo_app:app)")
+    cluster.add_argument(
+        "--workers", type=_positive, default=4, help="gunicorn workers (default: 4)"
+    )
+    cluster.add_argument("--bind", type=_address, default=("127.0.0.1", 8000), help="HOST:PORT")
+    cluster.set_defaults(func=cmd_cluster)
+
+    from .routing import balancers
+
+    lb = sub.add_parser(
+        "lb-config",
+        help="print a balancer's configuration for sticky sessions",
+        description="Print a complete configuration for a balancer that routes each session "
+        "to one backend by its session ID: "
+        + "; ".join(f"{name}: {balancers.get(name).summary}" for name in balancers.names())
+        + ". statescale replicates every one of these rings exactly, so each instance, told "
+        "the same backends (STATESCALE_BACKENDS, in this order) and its own name "
+        "(STATESCALE_NODE), mints IDs the balancer routes to it.",
+    )
+    lb.add_argument("balancer", choices=balancers.names())
+    lb.add_argument(
+        "--backend",
+        action="append",
+        required=True,
+        metavar="NAME=HOST:PORT[*WEIGHT]",
+        help="one instance (repeat, in a fixed order)",
+    )
+    lb.add_argument("--listen", default="127.0.0.1:8080", help="address:port to listen on")
+    lb.add_argument("--cookie", default=DEFAULT_COOKIE_NAME, help="the session cookie's name")
+    lb.set_defaults(func=cmd_lb_config)
+
+    sync = sub.add_parser(
+        "lb-sync",
+        help="keep an nginx or HAProxy configuration to a registry's membership",
+        description="Write the balancer's configuration for the registry's members (as "
+        "lb-config does), then rewrite it and reload the balancer (nginx -s reload; "
+        "HAProxy's seamless reload, USR2 to its master) at each membership change, within "
+        "a second or two. A new configuration that the balancer's own check refuses is "
+        "not applied. Start the balancer with the command it prints; start each instance "
+        "with the same STATESCALE_REGISTRY and STATESCALE_BALANCER.",
+    )
+    sync.add_argument("balancer", choices=["nginx", "haproxy"])
+    sync.add_argument("--registry", required=True, metavar="URL", help="redis://, etcd://, file://")
+    sync.add_argument("--config", required=True, metavar="FILE", help="the file to keep")
+    sync.add_argument("--listen", default="127.0.0.1:8080", help="address:port to listen on")
+    sync.add_argument("--cookie", default=DEFAULT_COOKIE_NAME, help="the session cookie's name")
+    sync.add_argument(
+        "--wait", type=float, default=30.0, help="seconds to wait for a first node (default 30)"
+    )
+    sync.add_argument("--once", action="store_true", help="write the file once and exit")
+    sync.set_defaults(func=cmd_lb_sync)
+
+    _router_parser(sub)
 
     redis = sub.add_parser(
         "redis",

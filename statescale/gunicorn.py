@@ -77,7 +77,7 @@ from . import assemble, embedded
 from .config import Settings
 from .exceptions import ConfigError
 from .middleware import MULTIPROCESS_WARNING
-from .processes import die_with_parent, stop_process
+from .processes import SharedFlag, die_with_parent, stop_process
 from .routing.backends import Backend
 
 if TYPE_CHECKING:
@@ -162,6 +162,8 @@ class _Master:
     #: (passing.Turns); None when a router process routes, or nothing does.
     turns: Any = None
     member: Backend | None = None  # how it registered itself (and its workers know it)
+    #: Set in the master when it stops (TERM, INT, QUIT); its workers see it (shared).
+    stopping: SharedFlag = field(default_factory=SharedFlag)
 
     @property
     def workers_route(self) -> bool:
@@ -208,43 +210,76 @@ def on_starting(server: Any) -> None:
         )
 
 
+def _refuse_what_cannot_route(server: Any, master: _Master) -> None:
+    """gunicorn options sticky and affinity modes cannot serve: a clear error at start,
+    not requests that fail."""
+    cfg, mode = server.cfg, master.settings.mode
+    public = cfg.bind[0]
+    by_workers = master.settings.routing == "workers"
+    router = "the router in the master"
+    proxy_protocol = getattr(cfg, "proxy_protocol", "off") not in ("off", False)
+    refusals = (
+        (
+            cfg.preload_app,
+            "sticky mode loads the app in each worker (to know its name): drop --preload",
+        ),
+        (
+            len(cfg.bind) > 1,
+            f"sticky and affinity modes route one listener, not {len(cfg.bind)}: give "
+            "gunicorn a single -b HOST:PORT (the others would accept and never answer)",
+        ),
+        (
+            public.startswith(("unix:", "fd://")) or ":" not in public,
+            f"sticky mode needs a HOST:PORT bind for the router, not {public!r}",
+        ),
+        (
+            cfg.reuse_port,
+            f"{mode} mode: --reuse-port would give each worker a listener of its own, "
+            "bypassing the routing; drop it",
+        ),
+        (
+            not by_workers and cfg.is_ssl,
+            f"{router} speaks plain HTTP: terminate TLS in front of gunicorn (nginx, "
+            "HAProxy, a cloud balancer)",
+        ),
+        (
+            not by_workers and proxy_protocol,
+            f"{router} does not read PROXY protocol lines: drop --proxy-protocol, or use "
+            "STATESCALE_ROUTING=workers",
+        ),
+        (
+            by_workers and cfg.is_ssl,
+            "STATESCALE_ROUTING=workers: the workers route by a peek at the request, which "
+            "TLS hides; terminate TLS in front of gunicorn, or use STATESCALE_ROUTING=router",
+        ),
+        (
+            by_workers and not _passes_connections(cfg.worker_class),
+            "STATESCALE_ROUTING=workers: the workers pass connections among themselves, "
+            "which only gunicorn's sync workers can take (one request a connection): "
+            "drop --threads and --worker-class, or use STATESCALE_ROUTING=router",
+        ),
+        (
+            by_workers and master.settings.node is not None,
+            "STATESCALE_ROUTING=workers is for one master serving the whole ring; a node "
+            "of a fleet (STATESCALE_NODE) routes to its workers with its router",
+        ),
+    )
+    for refused, why in refusals:
+        if refused:
+            raise ConfigError(why)
+
+
 def _prepare_sticky(server: Any, master: _Master) -> None:
     from gunicorn.sock import UnixSocket
 
-    if server.cfg.preload_app:
-        raise ConfigError(
-            "sticky mode loads the app in each worker (to know its name): drop --preload"
-        )
+    _refuse_what_cannot_route(server, master)
     public = server.cfg.bind[0]
-    if len(server.cfg.bind) > 1:
-        raise ConfigError(
-            f"sticky and affinity modes route one listener, not {len(server.cfg.bind)}: "
-            "give gunicorn a single -b HOST:PORT (the others would accept and never answer)"
-        )
-    if public.startswith(("unix:", "fd://")) or ":" not in public:
-        raise ConfigError(f"sticky mode needs a HOST:PORT bind for the router, not {public!r}")
     # Unix sockets: the router connects to a worker for every request (a sync worker
     # closes each connection), and a Unix connection costs a third less CPU than TCP's.
     # A sync worker answers one request a connection, so the router passes it the
     # client's connection instead, and proxies only what it cannot route by a peek.
     passing = _passes_connections(server.cfg.worker_class)
     by_workers = master.settings.routing == "workers"
-    if by_workers and server.cfg.is_ssl:
-        raise ConfigError(
-            "STATESCALE_ROUTING=workers: the workers route by a peek at the request, which "
-            "TLS hides; terminate TLS in front of gunicorn, or use STATESCALE_ROUTING=router"
-        )
-    if by_workers and not passing:
-        raise ConfigError(
-            "STATESCALE_ROUTING=workers: the workers pass connections among themselves, "
-            "which only gunicorn's sync workers can take (one request a connection): "
-            "drop --threads and --worker-class, or use STATESCALE_ROUTING=router"
-        )
-    if by_workers and master.settings.node is not None:
-        raise ConfigError(
-            "STATESCALE_ROUTING=workers is for one master serving the whole ring; a node "
-            "of a fleet (STATESCALE_NODE) routes to its workers with its router"
-        )
     if by_workers:
         from .routing.router.passing import Turns
 
@@ -287,13 +322,24 @@ def _keep_the_slots(server: Any, master: _Master) -> None:
     def refuse_ttou() -> None:  # a slot without a worker would queue its sessions forever
         server.log.error(_FIXED_SLOTS, len(master.slots), "TTOU ignored")
 
-    graceful_stop = server.handle_term
+    graceful_stop, int_stop, quit_stop = server.handle_term, server.handle_int, server.handle_quit
 
     def stop_router_first() -> None:
         # The router drains its requests while the workers still serve them; stopped
         # after them, what it had queued at their sockets would be reset.
+        master.stopping.set()
         _stop_router(server, master)
         graceful_stop()
+
+    def stop_router_at_once(stop: Any) -> Any:
+        def fast_stop() -> None:
+            # INT, QUIT: the workers go now; the router must not accept on meanwhile
+            # into channels nobody reads any more.
+            master.stopping.set()
+            _stop_router(server, master, grace=0.5)
+            stop()
+
+        return fast_stop
 
     manage = server.manage_workers
 
@@ -310,6 +356,8 @@ def _keep_the_slots(server: Any, master: _Master) -> None:
     server.handle_ttou = refuse_ttou
     server.manage_workers = keep_one_worker_a_slot  # (called by name each round)
     server.handle_term = stop_router_first
+    server.handle_int = stop_router_at_once(int_stop)
+    server.handle_quit = stop_router_at_once(quit_stop)
 
 
 def _passes_connections(worker_class: Any) -> bool:
@@ -497,6 +545,11 @@ def _answer_passed(server: Any, worker: Any) -> None:
         return  # a worker that never booted leaves them to its slot's next one
     if getattr(worker, "statescale_hurried", False):
         return  # not a graceful stop: its slot's next worker takes them
+    if _master is not None and not _master.stopping.is_set():
+        # A reload or a recycle: its slot's next worker reads the same channel (a HUP's
+        # is running already). Answered here too, one session's requests would be
+        # served by two workers at once: in affinity mode, an update lost.
+        return
     start = time.monotonic()
     deadline = start + min(CHANNEL_DRAIN, server.cfg.graceful_timeout)
     quiet_until = start + CHANNEL_QUIET
@@ -587,6 +640,8 @@ def _start_router(server: Any, master: _Master) -> None:
         cookie,
         "--check-interval",
         "0.5",
+        "--grace",  # what is in flight gets as long as gunicorn gives its workers
+        str(server.cfg.graceful_timeout),
         *passes,
     ]
     master.router = subprocess.Popen(command, pass_fds=(fd, *channels.values()))
@@ -690,13 +745,14 @@ def _stop_router_when_quiet(server: Any, master: _Master) -> str | None:
     return hurry
 
 
-def _stop_router(server: Any, master: _Master) -> None:
-    """SIGTERM the router: it stops accepting and finishes what is in flight."""
+def _stop_router(server: Any, master: _Master, grace: float | None = None) -> None:
+    """SIGTERM the router: it stops accepting and finishes what is in flight (its
+    ``--grace`` is gunicorn's graceful timeout), killed ``grace`` seconds later."""
     router, master.router = master.router, None
     if router is None or router.poll() is not None:
         return
     master.retired = router
-    stop_process(router, server.cfg.graceful_timeout + 1)
+    stop_process(router, server.cfg.graceful_timeout + 1 if grace is None else grace)
     master.retired = None
 
 

@@ -32,6 +32,7 @@ from .handoff import HANDOFF_PATH, MAX_HANDOFF
 from .session import Changes, Record, Session
 from .signing import SessionSigner, new_session_id
 from .stores.base import Store
+from .stores.memory import ProcessLocks
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -89,6 +90,9 @@ class StateScaleMiddleware:
     * ``max_size``: the largest encoded session in bytes.
     * ``locking``: serialize the requests of one session with the store's lock, so
       read-modify-write updates are never lost (costs two round trips).
+    * ``process_locking``: serialize them within this process only, with no round trip:
+      enough where a router sends every request of a session to one process (affinity
+      mode), which may still run two of them at once on its threads.
     * ``id_factory``: mints session IDs (sticky routing mints IDs its node owns).
     * ``sticky``: say so when a per-process store sits behind sticky routing, which
       silences the several-workers warning.
@@ -103,6 +107,7 @@ class StateScaleMiddleware:
         cookie: CookieOptions | None = None,
         max_size: int = DEFAULT_MAX_SIZE,
         locking: bool = False,
+        process_locking: bool = False,
         id_factory: Callable[[], str] = new_session_id,
         sticky: bool = False,
     ) -> None:
@@ -113,6 +118,7 @@ class StateScaleMiddleware:
         self.cookie = cookie or CookieOptions()
         self.max_size = max_size
         self.locking = locking
+        self._process_locks = ProcessLocks() if process_locking and not locking else None
         self.sticky = sticky
         self.signer = SessionSigner(secret_keys, id_factory=id_factory)
         self._cookies = CookieWriter(self.cookie)
@@ -233,10 +239,13 @@ class StateScaleMiddleware:
         # A store that hands sessions between processes (sticky hand-over) is told
         # which ones a request holds, through the same lock, with or without locking.
         locking = self.locking or getattr(store, "holds_sessions", False)
+        locks = None if locking else self._process_locks
 
         def load(session_id: str) -> Record | None:
             if locking:
                 request.hold(store.lock(session_id))
+            elif locks is not None:
+                request.hold(locks.lock(session_id))
             return store.load(session_id, min_version=min_version)
 
         return load

@@ -4,6 +4,7 @@ the gunicorn master's router) and for tests."""
 from __future__ import annotations
 
 import contextlib
+import mmap
 import random
 import shutil
 import socket
@@ -66,3 +67,17 @@ def die_with_parent() -> list[str]:
     when the process that started it dies, even by kill -9; empty where there is none."""
     setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
     return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+
+
+class SharedFlag:
+    """A flag shared with the processes forked after it is made (an anonymous shared
+    mapping): a gunicorn master's word to its workers."""
+
+    def __init__(self) -> None:
+        self._byte = mmap.mmap(-1, 1)
+
+    def set(self) -> None:
+        self._byte[0] = 1
+
+    def is_set(self) -> bool:
+        return self._byte[0] == 1

@@ -151,7 +151,8 @@ def test_a_worker_count_changed_behind_the_signals_back_is_undone() -> None:
     events: list[str] = []
     arbiter = _Arbiter(events)
     arbiter.num_workers = 2  # type: ignore[attr-defined]
-    arbiter.handle_term = lambda: None  # type: ignore[attr-defined]
+    for name in ("handle_term", "handle_int", "handle_quit"):
+        setattr(arbiter, name, lambda: None)
     master = hooks._Master(Settings.from_env({}))
     master.slots = [object(), object()]  # type: ignore[list-item]
     hooks._keep_the_slots(arbiter, master)
@@ -161,9 +162,41 @@ def test_a_worker_count_changed_behind_the_signals_back_is_undone() -> None:
     assert events == ["gunicorn manages"] and "undone" in arbiter.errors[0]
 
 
+def _server(**options: object) -> Any:
+    """A stand-in arbiter with gunicorn's defaults for what the sticky hooks check."""
+    defaults = {
+        "preload_app": False,
+        "bind": ["127.0.0.1:8001"],
+        "is_ssl": False,
+        "proxy_protocol": "off",
+        "reuse_port": False,
+        "worker_class": object,
+    }
+    config = type("Config", (), {**defaults, **options})()
+    return type("Server", (), {"cfg": config})()
+
+
 def test_sticky_mode_refuses_a_second_listener_it_would_never_answer() -> None:
-    config = type("Config", (), {"preload_app": False})()
-    config.bind = ["127.0.0.1:8001", "127.0.0.1:8002"]
-    server = type("Server", (), {"cfg": config})()
+    server = _server(bind=["127.0.0.1:8001", "127.0.0.1:8002"])
     with pytest.raises(ConfigError, match="single -b"):
         hooks._prepare_sticky(server, hooks._Master(Settings.from_env({})))
+
+
+@pytest.mark.parametrize(
+    ("options", "routing", "said"),
+    [
+        ({"is_ssl": True}, "router", "terminate TLS in front"),
+        ({"proxy_protocol": "v1"}, "router", "PROXY protocol"),
+        ({"reuse_port": True}, "router", "--reuse-port"),
+        ({"reuse_port": True}, "workers", "--reuse-port"),
+    ],
+)
+def test_options_the_routing_cannot_serve_are_refused_at_start(
+    options: dict[str, object], routing: str, said: str
+) -> None:
+    # TLS and PROXY lines reached the router, which speaks plain HTTP: every request
+    # failed while gunicorn said it listened; --reuse-port crashed the master.
+    server = _server(**options)
+    settings = Settings.from_env({"STATESCALE_MODE": "affinity", "STATESCALE_ROUTING": routing})
+    with pytest.raises(ConfigError, match=said):
+        hooks._prepare_sticky(server, hooks._Master(settings))

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NamedTuple
 
 from ..config import (
@@ -48,6 +48,26 @@ PROTECTED_SHARE = 0.8  # of max_sessions, at most, for sessions whose client cam
 MAX_LEFT = 10_000
 _DELETED = sys.maxsize  # the version a deleted session's copy would need: none has it
 UNCOUNTED = -1  # the version of a copy from a process that does not count writes
+
+
+class ProcessLocks:
+    """Per-session locks of this process, striped (two sessions may share a stripe: a
+    short wait, never a deadlock, as one request holds one session). ``wait`` bounds
+    how long a thread waits for another holding the same stripe."""
+
+    def __init__(self, wait: float = 5.0) -> None:
+        self.wait = wait
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+
+    @contextmanager
+    def lock(self, session_id: str) -> Iterator[None]:
+        stripe = self._stripes[hash(session_id) % _STRIPES]  # per process: hash() is fine
+        if not stripe.acquire(timeout=self.wait):
+            raise LockTimeout(self.wait)
+        try:
+            yield
+        finally:
+            stripe.release()
 
 
 class Kept(NamedTuple):
@@ -104,14 +124,13 @@ class MemoryStore:
             raise ConfigError(f"max_sessions must be >= 1, not {max_sessions!r}")
         self.max_sessions = max_sessions
         self.lifetime = Lifetime(idle_timeout, absolute_lifetime, first_lifetime)
-        self.lock_wait = lock_wait
         self._clock = clock
         self._probation: OrderedDict[str, _Entry] = OrderedDict()  # new, not returned to
         self._protected: OrderedDict[str, _Entry] = OrderedDict()  # their clients came back
         self._given: OrderedDict[str, int] = OrderedDict()  # given away lately -> version
         self._deleted: OrderedDict[str, None] = OrderedDict()  # deleted or replaced lately
         self._mutex = threading.Lock()
-        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._locks = ProcessLocks(lock_wait)
 
     def __len__(self) -> int:
         return len(self._probation) + len(self._protected)
@@ -291,12 +310,13 @@ class MemoryStore:
         self._given.pop(session_id, None)
         self._deleted.pop(session_id, None)
 
-    @contextmanager
-    def lock(self, session_id: str) -> Iterator[None]:
-        stripe = self._stripes[hash(session_id) % _STRIPES]  # per process: hash() is fine
-        if not stripe.acquire(timeout=self.lock_wait):
-            raise LockTimeout(self.lock_wait)
-        try:
-            yield
-        finally:
-            stripe.release()
+    @property
+    def lock_wait(self) -> float:
+        return self._locks.wait
+
+    @lock_wait.setter
+    def lock_wait(self, seconds: float) -> None:
+        self._locks.wait = seconds
+
+    def lock(self, session_id: str) -> AbstractContextManager[None]:
+        return self._locks.lock(session_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import Counter
 
@@ -121,3 +122,71 @@ def test_reload_and_upgrade_fail_nothing_and_lose_nothing(
     assert load.requests > 300
     assert sorted(children.values()) == processes(routing)
     assert not set(children) & before  # every worker replaced
+
+
+# -- what an independent review found (each test failed on the code before) -------------
+
+
+def _shared_increments(
+    server: Gunicorn, cookie: str, seconds: float, meanwhile: object = None
+) -> tuple[int, int]:
+    """8 users sharing one session increment it in parallel for ``seconds``
+    (``meanwhile()`` half a second in): increments acknowledged, and how far the
+    stored counter moved."""
+    header = f"statescale={cookie}"
+
+    def value() -> int:
+        reply = SessionClient(server.port).request("GET", "/api/session", cookie_header=header)
+        return int(reply.json["data"]["n"])
+
+    acknowledged: list[int] = []
+    stop = threading.Event()
+
+    def user() -> None:
+        client = SessionClient(server.port)
+        while not stop.is_set():
+            reply = client.request("POST", "/api/incr?key=n", cookie_header=header)
+            if reply.status == 200:
+                acknowledged.append(1)
+
+    before = value()
+    users = [threading.Thread(target=user) for _ in range(8)]
+    for thread in users:
+        thread.start()
+    time.sleep(0.5)
+    if meanwhile is not None:
+        meanwhile()  # type: ignore[operator]
+    time.sleep(seconds - 0.5)
+    stop.set()
+    for thread in users:
+        thread.join(20)
+    return len(acknowledged), value() - before
+
+
+def test_parallel_requests_of_one_session_on_threads_lose_no_update(redis_url: str) -> None:
+    # Affinity relied on one process per session; with --threads, two threads of the
+    # owner read n and both wrote n + 1 (40 increments moved the counter 15).
+    with Gunicorn(env=affinity(redis_url), workers=2, args=("--threads", "4")) as server:
+        owner = SessionClient(server.port)
+        owner.post("/api/incr?key=n")
+        assert owner.cookie is not None
+        acknowledged, moved = _shared_increments(server, owner.cookie, 1.5)
+    assert acknowledged > 50 and moved == acknowledged
+
+
+def test_a_reload_of_workers_that_route_serves_a_session_in_one_worker_at_a_time(
+    redis_url: str,
+) -> None:
+    # STATESCALE_ROUTING=workers: at a HUP, the old worker drained its slot's channel
+    # while its successor read it too: one session's requests in two workers at once,
+    # and about one increment in eight lost.
+    with Gunicorn(env=affinity(redis_url, "workers"), workers=2) as server:
+        owner = SessionClient(server.port)
+        owner.post("/api/incr?key=n")
+        assert owner.cookie is not None
+        before = server.worker_pids()
+        acknowledged, moved = _shared_increments(
+            server, owner.cookie, 2.5, lambda: server.signal(signal.SIGHUP)
+        )
+        assert not server.worker_pids() & before  # reloaded meanwhile
+    assert acknowledged > 100 and moved == acknowledged

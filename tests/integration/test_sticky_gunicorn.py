@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from benchmarks.rig.harness import Gunicorn, SessionClient, interleaved_increments
+from benchmarks.rig.harness import Gunicorn, Load, SessionClient, interleaved_increments
 
 pytestmark = pytest.mark.integration
 
@@ -256,3 +256,56 @@ def test_29_12000_one_shot_sessions_keep_a_returning_users_session() -> None:
             made = sum(pool.map(one_shots, [3000] * 4))
         assert made == 12_000
         assert user.post("/api/incr?key=c").json["value"] == 3
+
+
+# -- what an independent review found (each test failed on the code before) -------------
+
+
+def test_a_head_that_completes_after_the_stop_is_served_not_reset() -> None:
+    # STATESCALE_ROUTING=workers: a worker accepted a connection before the master's
+    # TERM and passed it once its head came, after its owner had drained and exited:
+    # left unread in the channel, it was reset.
+    env = {"STATESCALE_MODE": "sticky", "STATESCALE_ROUTING": "workers"}
+    with Gunicorn(env=env, workers=2) as server:
+        user = SessionClient(server.port)
+        owner = user.post("/api/incr?key=c").json["pid"]
+        os.kill(owner, signal.SIGSTOP)  # only the other worker can accept now
+        try:
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            raw.sendall(b"POST /api/incr?key=c HTTP/1.1\r\nHost: x\r\n")
+            time.sleep(0.2)  # accepted, its head awaited
+        finally:
+            os.kill(owner, signal.SIGCONT)
+        time.sleep(0.1)
+        server.signal(signal.SIGTERM)
+        time.sleep(0.8)  # the owner drains its channel, and exits
+        raw.sendall(f"Cookie: statescale={user.cookie}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+        raw.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+
+
+def test_a_fast_stop_stops_the_router_before_the_workers() -> None:
+    # QUIT or INT: the workers went at once, and the router went on accepting into
+    # channels nobody read, until the master's exit reset them (about 12 s later).
+    with Gunicorn(env={"STATESCALE_MODE": "sticky"}, workers=2) as server:
+        with Load(server.port, users=3):
+            time.sleep(0.5)
+            server.signal(signal.SIGQUIT)
+            assert server.process is not None
+            server.process.wait(20)
+        log = server.log()
+    assert log.index("statescale router: stopping") < log.index("Shutting down: Master")
+
+
+def test_the_router_gives_requests_in_flight_gunicorns_graceful_timeout() -> None:
+    # It had its own 10 s: a request still running then was cut, whatever
+    # --graceful-timeout said.
+    env = {"STATESCALE_MODE": "sticky"}
+    with Gunicorn(env=env, workers=1, args=("--graceful-timeout", "27")) as server:
+        (router,) = [pid for pid, what in server.children().items() if what == "router"]
+        with open(f"/proc/{router}/cmdline", "rb") as cmdline:
+            argv = cmdline.read().split(b"\0")
+    assert argv[argv.index(b"--grace") + 1] == b"27"

@@ -445,7 +445,10 @@ class RoutingListener(SlotListener):
                 break
             conn, peer = self.slot.accept()  # BlockingIOError: none waiting
             head = self._head(conn)
-            if head is None:  # no whole head in time: gunicorn's parser judges it
+            if head is None or not self.running():
+                # No whole head in time: gunicorn's parser judges it. Or the master
+                # stopped while it came: its owner may be gone; served here, not left
+                # unread in a channel to be reset.
                 return conn, peer
             cookie, whole = head
             slot = self.owner(cookie) if cookie else None

@@ -534,8 +534,10 @@ def run(
     use_uvloop: bool = True,
     registry: Registry | None = None,
     passes: dict[str, socket.socket] | None = None,
+    grace: float = GRACE,
 ) -> None:
-    """Run until SIGTERM/SIGINT, on uvloop when it is installed (and wanted)."""
+    """Run until SIGTERM/SIGINT, on uvloop when it is installed (and wanted); at a stop,
+    what is in flight has ``grace`` seconds to finish."""
     server = Server(router, max_connections=max_connections, passes=passes)
     runner: Callable[..., object] = asyncio.run
     if use_uvloop:
@@ -552,5 +554,6 @@ def run(
             admin_token=admin_token,
             admin_remote=admin_remote,
             registry=registry,
+            grace=grace,
         )
     )
