@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .rig.harness import Gunicorn, Load, SessionClient
-from .rig.loadgen import generator, run_load
+from .rig.loadgen import GENERATORS, generator, run_load
 
 CEILING_APP = "benchmarks.rig.peer_apps:plain_app"
 HEALTH = ("GET", "/health")
@@ -380,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--users", type=int, default=16, help="users during the faults")
     parser.add_argument("--redis-url", help="use this Redis instead of embedded ones")
-    parser.add_argument("--loadgen", default="auto", help="wrk, python or auto (default)")
+    parser.add_argument(
+        "--loadgen", choices=GENERATORS, default="auto", help="wrk, python or auto (default)"
+    )
     return run(parser.parse_args(argv))
 
 

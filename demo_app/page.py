@@ -40,6 +40,16 @@ Session <code id="sid">{{ session_id or "none yet" }}</code>, owned on the ring 
 with the memory store and no sticky routing it jumps as the workers take turns.</p>
 <script>
 const seen = [];
+function note(line){
+  seen.unshift(line);
+  seen.length = Math.min(seen.length, 8);
+  document.getElementById("log").innerHTML = "";
+  for (const line of seen) {
+    const item = document.createElement("li");
+    item.textContent = line;
+    document.getElementById("log").appendChild(item);
+  }
+}
 function show(method, path, status, body){
   const data = body.data || {};
   if (path.startsWith("/api/incr")) document.getElementById("clicks").textContent = body.value;
@@ -54,18 +64,23 @@ function show(method, path, status, body){
   }
   if (body.owner) document.getElementById("owner").textContent = body.owner;
   const who = "pid " + body.pid + (body.node ? " (" + body.node + ")" : "");
-  seen.unshift(method + " " + path + " -> " + status + ", served by " + who);
-  seen.length = Math.min(seen.length, 8);
-  document.getElementById("log").innerHTML = "";
-  for (const line of seen) {
-    const item = document.createElement("li");
-    item.textContent = line;
-    document.getElementById("log").appendChild(item);
-  }
+  note(method + " " + path + " -> " + status + ", served by " + who);
 }
 async function call(method, path){
-  const answer = await fetch(path, {method: method});
-  show(method, path, answer.status, await answer.json());
+  let answer;
+  try {
+    answer = await fetch(path, {method: method});
+  } catch (error) {
+    note(method + " " + path + " -> no answer: " + error.message);
+    return;
+  }
+  const json = (answer.headers.get("Content-Type") || "").includes("json");
+  if (answer.ok && json) {
+    show(method, path, answer.status, await answer.json());
+  } else {  // a 503 while the store is down, a router's 502: shown, counter untouched
+    const text = json ? JSON.stringify(await answer.json()) : await answer.text();
+    note(method + " " + path + " -> " + answer.status + ": " + text.trim().slice(0, 120));
+  }
 }
 setInterval(() => call("GET", "/api/session"), 2000);
 </script>

@@ -254,8 +254,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 def _router_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``statescale router``'s options."""
-    from .routing.router.limits import MAX_BODY, MIN_BODY_RATE, Timeouts
-    from .routing.router.serve import GRACE
+    from .routing.router.limits import GRACE, MAX_BODY, MIN_BODY_RATE, Timeouts
 
     router = sub.add_parser(
         "router",

@@ -7,10 +7,10 @@ between (the ``client`` extra installs httpx)::
 
     with httpx.Client(
         transport=StickyTransport(registry="redis://10.0.0.5:6379/0"),
-        base_url="http://statescale",
+        base_url="https://statescale",  # Secure cookies go to https URLs only
     ) as client:
-        client.post("/api/incr")  # no cookie yet: round robin; the answer sets one
-        client.post("/api/incr")  # to the node that minted it
+        client.post("/api/incr?key=n")  # no cookie yet: round robin; the answer sets one
+        client.post("/api/incr?key=n")  # to the node that minted it
 
 * Membership comes from a registry (``registry=URL``, followed from a thread: changes
   apply within a second or two) or a fixed list (``backends=["a=10.0.0.1:8000", ...]``).

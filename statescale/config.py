@@ -19,7 +19,7 @@ from typing import Any
 
 from .exceptions import ConfigError
 from .routing import balancers
-from .routing.backends import Backend, check
+from .routing.backends import MAX_WEIGHT, Backend, check
 from .signing import DEFAULT_COOKIE_NAME
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 token: a cookie name
@@ -180,8 +180,10 @@ class Settings:
             raise ConfigError(f"STATESCALE_LOCAL_CACHE={self.local_cache!r}: must be >= 0")
 
     def _check_registry(self) -> None:
-        if self.weight < 1:
-            raise ConfigError(f"STATESCALE_WEIGHT={self.weight!r}: must be a whole number >= 1")
+        if not 1 <= self.weight <= MAX_WEIGHT:
+            raise ConfigError(
+                f"STATESCALE_WEIGHT={self.weight!r}: must be a whole number from 1 to {MAX_WEIGHT}"
+            )
         if self.drain < 0:
             raise ConfigError(f"STATESCALE_DRAIN={self.drain!r}: must be >= 0")
         if self.advertise is not None:

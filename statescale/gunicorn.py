@@ -730,12 +730,14 @@ def _stop_router_when_quiet(server: Any, master: _Master) -> str | None:
     router = master.router
     if router is None or router.poll() is not None:
         return None
-    from .routing.router.serve import GRACE, QUIET
+    from .routing.router.serve import QUIET
 
     master.router, master.retired = None, router  # stopping: not to be started again
     router.send_signal(signal.SIGUSR1)
-    # Its wait for quiet, then for what is in flight: GRACE seconds each at most.
-    hurry = _serve_meanwhile(server, 2 * GRACE + QUIET + 2, lambda: router.poll() is not None)
+    # Its wait for quiet, then for what is in flight: its grace (gunicorn's graceful
+    # timeout) each at most.
+    grace = server.cfg.graceful_timeout
+    hurry = _serve_meanwhile(server, 2 * grace + QUIET + 2, lambda: router.poll() is not None)
     master.retired = None
     if router.poll() is None:
         master.router = router  # stopped the ordinary way next

@@ -57,6 +57,24 @@ def test_cli_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
 
 
+def test_the_cli_works_without_the_routers_extra() -> None:
+    # The parser imported the router's serving module (for a default), which needs
+    # httptools, an extra: `statescale --help` failed on a plain install.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['httptools'] = None\n"  # as if not installed
+        "from statescale.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    for args in (["--help"], ["lb-config", "nginx", "--backend", "a=127.0.0.1:8001"]):
+        done = subprocess.run(
+            [sys.executable, "-c", script, *args], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
 def test_the_comparison_refuses_a_configuration_it_does_not_have(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -1,5 +1,5 @@
 """The middleware in process (werkzeug's test client) against memory and real Redis.
-Numbers in the test names refer to shared/RELIABILITY.md."""
+Numbers in the test names refer to docs/RELIABILITY.md."""
 
 from __future__ import annotations
 

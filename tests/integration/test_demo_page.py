@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -75,4 +76,23 @@ def test_log_in_and_log_out(browser: Browser) -> None:
         page.goto(url)
         expect(page.locator("#user")).to_have_text("nobody")
         expect(page.locator("#clicks")).to_have_text("0")  # logged out: the session is gone
+        page.close()
+
+
+def test_an_answer_that_is_an_error_is_shown(browser: Browser, own_redis: Any) -> None:
+    # The page read every answer as JSON: a 503 (the store down) broke its script and
+    # showed nothing at all.
+    env = {"STATESCALE_MODE": "shared", "STATESCALE_REDIS_URL": own_redis.url}
+    with Gunicorn(env=env) as server:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.click("#incr")
+        expect(page.locator("#clicks")).to_have_text("1")
+        own_redis.pause()
+        try:
+            page.click("#incr")
+            expect(page.locator("#log")).to_contain_text("POST /api/incr?key=clicks -> 503")
+            expect(page.locator("#clicks")).to_have_text("1")
+        finally:
+            own_redis.resume()
         page.close()

@@ -1,5 +1,5 @@
 """``gunicorn -w 4 demo_app:app`` as real processes, real HTTP, a real redis-server.
-Numbers refer to shared/RELIABILITY.md."""
+Numbers refer to docs/RELIABILITY.md."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """gunicorn's process changes under load, in every mode: HUP (reload), USR2 (an in-place
 upgrade) and --max-requests recycling fail no request, the master and its router live
 on, and the embedded Redis stays one per deployment. Numbers refer to
-shared/RELIABILITY.md."""
+docs/RELIABILITY.md."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """statescale router against what an attacker or a broken peer sends: ambiguous framing,
 slow and idle connections, too many connections, a broken node, the admin endpoint.
-Numbers refer to shared/RELIABILITY.md. Real router processes, real sockets."""
+Numbers refer to docs/RELIABILITY.md. Real router processes, real sockets."""
 
 from __future__ import annotations
 

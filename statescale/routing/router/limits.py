@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ...exceptions import ConfigError
 
+GRACE = 10.0  # seconds, by default, for what is in flight at a stop
 MAX_BODY = 8 * 1024 * 1024  # bytes of a request body the router buffers, at most
 #: Bytes a second a request body must average once the body timeout has passed since it
 #: began (as Apache's mod_reqtimeout MinRate), and to keep its connection when the

@@ -38,7 +38,7 @@ from ..backends import Backend
 from ..membership import Follower, Registry
 from .admin import Admin
 from .http1 import REASONS, BadRequest, RequestHead, RequestParser, reply
-from .limits import MIN_BODY_RATE
+from .limits import GRACE, MIN_BODY_RATE
 from .passing import Passer, unread
 from .proxy import ClientGone, Deadline, Membership, Router
 
@@ -62,7 +62,6 @@ SWEEP_INTERVAL = 0.25  # seconds between two sweeps of the connections' deadline
 #: Seconds without a request after which a node leaving its fleet stops: its balancers
 #: have followed (a HAProxy reload under load took 1.3 s to switch over).
 QUIET = 0.5
-GRACE = 10.0  # seconds, by default, for what is in flight at a stop
 #: What a client may have parsed and queued before the router stops reading from it
 #: (it reads on as the relay takes them): a request pipelined behind one still being
 #: answered, or a body sent faster than it is taken, waits in the client's socket.
