@@ -10,6 +10,7 @@ from urllib.parse import unquote, urlsplit
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 
@@ -104,7 +105,9 @@ def client_from_url(url: str, *, timeout: float = DEFAULT_REDIS_TIMEOUT, retries
 
 
 class LazyCluster:
-    """RedisCluster connects in its constructor; defer that to the first command."""
+    """RedisCluster connects in its constructor; defer that to the first command. A
+    Cluster it cannot reach then is a ``ConnectionError`` (a 503, tried again at the
+    next command), not redis-py's ``RedisClusterException``, which is no ``RedisError``."""
 
     def __init__(self, factory: Callable[[], Any]) -> None:
         self._factory = factory
@@ -115,7 +118,10 @@ class LazyCluster:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = self._factory()
+                    try:
+                        self._client = self._factory()
+                    except RedisClusterException as exc:
+                        raise RedisConnectionError(str(exc)) from exc
         return getattr(self._client, name)
 
 

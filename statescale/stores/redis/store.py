@@ -28,15 +28,18 @@ while Redis is down and recover by themselves when it is back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
-from redis.exceptions import AskError, MovedError, RedisError, ResponseError
+from redis.exceptions import AskError, MovedError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from ...config import (
@@ -121,7 +124,9 @@ class RedisStore:
             self.tracking = self._direct = Tracking(pool, self._copies(), self.breaker)
         elif pool is not None:
             self._direct = Direct(pool)
-        self._script: Any = None if self._direct else client.register_script(codec.WRITE_SCRIPT)
+        self._script: Any = None  # through the client (registered at the first write)
+        self._map_lock = threading.Lock()
+        self._next_map = 0.0  # when a Cluster's slot map may be read again (monotonic)
 
     def _copies(self) -> Copies:
         touch = min(10.0, self.lifetime.idle / 10)
@@ -182,7 +187,7 @@ class RedisStore:
         self.breaker.guard(what)
         try:
             yield
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:  # (the latter: no RedisError)
             reason = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, RedisTimeout):
                 self.breaker.tripped(reason)
@@ -203,9 +208,18 @@ class RedisStore:
     def _write(self, keys: list[str], args: list[Any], via: Direct | None = None) -> int:
         return int(
             self._send(
-                via, lambda direct: direct.run(_WRITE, keys, args), lambda: self._script(keys, args)
+                via,
+                lambda direct: direct.run(_WRITE, keys, args),
+                lambda: self._client_script()(keys, args),
             )
         )
+
+    def _client_script(self) -> Any:
+        """The write script, through the client (a Cluster's: registering it there
+        connects, which must wait until a request is under :meth:`_translated`)."""
+        if self._script is None:
+            self._script = self.client.register_script(codec.WRITE_SCRIPT)
+        return self._script
 
     def _send(
         self, via: Direct | None, direct: Callable[[Direct], Any], client: Callable[[], Any]
@@ -222,7 +236,29 @@ class RedisStore:
             if own is self._direct or not _moved(exc):
                 raise
             self._slot_moved(own)
+        except (RedisConnectionError, RedisTimeout):
+            if own is not self._direct:  # a Cluster master's: a failover may have moved on
+                self._master_failed(own)
+            raise
         return client()
+
+    def _master_failed(self, shard: Direct) -> None:
+        """A Cluster master's connections failed: its copies go, and the client reads
+        the slot map again (once a second at most), so that once a replica takes over,
+        the next request goes there. (The client would learn it only from an error of
+        its own, and statescale's connections spare it every command.)"""
+        if self.shards is not None:
+            for name, held in list(self.shards.items()):
+                if held is shard:
+                    del self.shards[name]
+                    held.close()
+        now = time.monotonic()
+        with self._map_lock:
+            if now < self._next_map:
+                return
+            self._next_map = now + 1.0
+        with contextlib.suppress(RedisError, RedisClusterException):
+            self.client.nodes_manager.initialize()
 
     def _slot_moved(self, shard: Direct) -> None:
         """A Cluster slot moved off ``shard``: the client follows it (and learns the new

@@ -1,4 +1,5 @@
-"""RedisStore on a real three-master Redis Cluster (redis+cluster://)."""
+"""RedisStore on a real Redis Cluster (redis+cluster://): three masters, with replicas
+where a failover is tested."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from benchmarks.rig.harness import Gunicorn, Load
 from statescale.embedded import find_redis_server
+from statescale.exceptions import StoreUnavailable
 from statescale.processes import free_port
 from statescale.session import Changes
 from statescale.stores.redis import RedisStore
@@ -20,46 +24,31 @@ from statescale.stores.redis import RedisStore
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[list[int]]:
+@contextmanager
+def _cluster(folder: Path, masters: int = 3, replicas: int = 0) -> Iterator[dict[int, Any]]:
+    """A real Redis Cluster of ``masters`` (each with ``replicas``): its processes by
+    port. A node is taken for failed after 1 s (a replica takes over)."""
     server = find_redis_server()
     cli = shutil.which("redis-cli")
     assert cli, "redis-cli comes with Debian's redis-server (apt-get install redis-server)"
-    ports = [free_port(also_free=10000) for _ in range(3)]  # the bus port is +10000
-    procs = []
+    count = masters * (1 + replicas)
+    ports = [free_port(also_free=10000) for _ in range(count)]  # the bus port is +10000
+    procs: dict[int, Any] = {}
     for port in ports:
-        folder = tmp_path / str(port)
-        folder.mkdir()
-        procs.append(
-            subprocess.Popen(
-                [
-                    server,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--dir",
-                    str(folder),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                stdout=subprocess.DEVNULL,
-            )
-        )
+        (folder / str(port)).mkdir()
+        procs[port] = subprocess.Popen(
+            [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000",
+             "--dir", str(folder / str(port)), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
     try:
         time.sleep(0.3)
         subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes"],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
+            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             info = subprocess.run(
@@ -71,11 +60,24 @@ def cluster(tmp_path: Path) -> Iterator[list[int]]:
             if "cluster_state:ok" in info:
                 break
             time.sleep(0.2)
-        yield ports
+        while replicas and time.monotonic() < deadline:  # each replica in sync: it can take over
+            roles = [redis.Redis(port=p).info("replication") for p in ports]
+            linked = [r for r in roles if r["role"] == "slave" and r["master_link_status"] == "up"]
+            if len(linked) == masters * replicas:
+                break
+            time.sleep(0.2)
+        yield procs
     finally:
-        for proc in procs:
-            proc.terminate()
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
             proc.wait(10)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[int]]:
+    with _cluster(tmp_path) as procs:
+        yield list(procs)
 
 
 def test_sessions_on_a_real_cluster(cluster: list[int]) -> None:
@@ -200,3 +202,45 @@ def test_a_reshard_under_traffic_fails_nothing_and_loses_nothing(cluster: list[i
     assert load.wrong() == []
     assert all(len(a) > n for a, n in zip(load.answers, served, strict=True))
     assert left == 0
+
+
+# -- what an independent review found (each test failed on the code before) -------------
+
+
+def test_a_cluster_down_at_start_is_a_503_not_a_crash() -> None:
+    # RedisCluster connects in its constructor, which the store reached while it was
+    # built (workers never booted), and its RedisClusterException is no RedisError (a
+    # 500 where a 503 is due).
+    url = f"redis+cluster://127.0.0.1:{free_port()}"
+    for cache in (10_000, 0):
+        store = RedisStore.from_url(url, local_cache=cache)
+        with pytest.raises(StoreUnavailable):
+            store.load("s")
+        with pytest.raises(StoreUnavailable):
+            store.create("s", {"n": b"1"})
+
+
+def test_copies_follow_a_failover_to_the_replica(tmp_path: Path) -> None:
+    # With copies (the default), statescale's own connections to a master that died
+    # failed for good: nothing made the client read the slot map again, so its slots
+    # were a 503 until the process restarted.
+    with _cluster(tmp_path, masters=3, replicas=1) as procs:
+        url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in procs)
+        store, other = RedisStore.from_url(url), RedisStore.from_url(url, local_cache=0)
+        created = store.create("s", {"n": b"1"}).created
+        assert store.load("s") is not None  # a copy, on the master's shard
+        master = store.client.get_node_from_key(store.key("s")).port
+        time.sleep(0.5)  # the replica has it
+        procs[master].kill()
+        saved = False  # a 503 until a replica has taken over, then a write there
+        deadline = time.monotonic() + 30
+        while not saved and time.monotonic() < deadline:
+            try:
+                changes = Changes({"n": b"2"}, frozenset())
+                saved = store.save("s", changes, created=created) is not None
+            except StoreUnavailable:
+                time.sleep(0.2)
+        assert saved, "the store never found the session's new master"
+        for reader in (other, store):
+            record = reader.load("s")
+            assert record is not None and record.fields["n"] == b"2"
