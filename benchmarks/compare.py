@@ -712,8 +712,8 @@ def plot(data: dict[str, Any], sizes: list[int], folder: Path) -> list[str]:
     series = (
         ("lost_different_keys", "parallel writes of different keys lost"),
         ("lost_one_key", "parallel increments lost"),
-        ("node_loss_sessions_lost", "sessions lost when a node is killed"),
-        ("scale_out_sessions_lost", "sessions lost when a node is added"),
+        ("node_loss_sessions_lost", "sessions lost when a worker (or node) is killed"),
+        ("scale_out_sessions_lost", "sessions lost when an instance is added"),
     )
     for i, (key, label) in enumerate(series):
         shown = [(x, 100 * data[n][key]["median"]) for x, n in enumerate(faults) if key in data[n]]
