@@ -49,6 +49,7 @@ class Breaker:
         self._clock = clock
         self._lock = threading.Lock()
         self._open = False
+        self._probing = False  # a thread is probing: the others fail fast meanwhile
         self._next_probe = 0.0
         self._reason = ""
         # A fork copies the lock as it stands (maybe held by another thread).
@@ -63,20 +64,35 @@ class Breaker:
         return self._open
 
     def guard(self, what: str) -> None:
-        """Return if Redis may be asked now; else raise ``StoreUnavailable`` at once."""
+        """Return if Redis may be asked now; else raise ``StoreUnavailable`` at once.
+        One thread probes when a probe is due, outside the lock: the others fail fast
+        meanwhile, not one after another behind a probe that may take its timeout (a
+        Sentinel's discovery asks each Sentinel in turn)."""
         if not self._open:
             return
         with self._lock:
             if not self._open:
                 return
-            now = self._clock()
-            if now >= self._next_probe:
-                self._next_probe = now + self.interval
-                if self._probe():
-                    self._open = False
-                    return
+            probe = self._clock() >= self._next_probe and not self._probing
+            self._probing = self._probing or probe
             reason = self._reason
+        if probe and self._probed():
+            return
         raise StoreUnavailable("redis", f"{what}: not answering ({reason}); failing fast")
+
+    def _probed(self) -> bool:
+        """Probe; whether Redis answered (then the breaker is closed). The next probe is
+        due ``interval`` after this one ended, however long it took."""
+        answered = False
+        try:
+            answered = self._probe()
+        finally:
+            with self._lock:
+                self._probing = False
+                self._next_probe = self._clock() + self.interval
+                if answered:
+                    self._open = False
+        return answered
 
     def tripped(self, reason: str) -> None:
         """A command timed out: fail fast until a probe is answered."""
