@@ -386,6 +386,7 @@ def measure(
                     key = f"{label}_{size}"
                     for metric, value in (
                         ("rps", load.rps),
+                        ("client_cores", load.client_cores),
                         ("p50_ms", load.p50_ms),
                         ("p90_ms", load.p90_ms),
                         ("p99_ms", load.p99_ms),
@@ -609,6 +610,7 @@ def report(setups: list[Setup], sizes: list[int]) -> tuple[str, dict[str, Any]]:
                 f"| {setup.name} | {size} B | {' | '.join(cells_list)} | {consistency:.1%} |"
             )
     lines += ["", *(f"- {s.name}: {s.note}" for s in setups if s.note)]
+    lines += [_generator_share(setups)]
     lines += [
         "",
         "| configuration | parallel writes of different keys lost | parallel increments lost | "
@@ -654,6 +656,20 @@ def report(setups: list[Setup], sizes: list[int]) -> tuple[str, dict[str, Any]]:
             f"| {r['churn_requests'][0]:.0f} |"
         )
     return "\n".join(lines), data
+
+
+def _generator_share(setups: list[Setup]) -> str:
+    """A line on what the load generator took of the machine, which every ratio shares."""
+    cores = [c for s in setups for k, v in s.results.items() if k.endswith("_client_cores")
+             for c in v]  # fmt: skip
+    if not cores:
+        return ""
+    total = os.cpu_count() or 1
+    return (
+        f"- the load generator itself kept {statistics.median(cores):.2f} of the machine's "
+        f"{total} cores busy (median of the runs; {min(cores):.2f} to {max(cores):.2f}): "
+        "the same for every row, it pulls every ratio toward 1"
+    )
 
 
 def plot(data: dict[str, Any], sizes: list[int], folder: Path) -> list[str]:

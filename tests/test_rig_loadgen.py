@@ -63,6 +63,7 @@ def test_python_generator_sends_the_mix_with_the_cookies(
     )
     assert load.rps > 0
     assert 0 < load.p50_ms <= load.p90_ms <= load.p99_ms
+    assert 0 < load.client_cores <= 1.5  # its own CPU: one thread's, a share of the run
     methods = {m for m, _, _ in Handler.seen}
     paths = {p for _, p, _ in Handler.seen}
     assert methods == {"GET", "POST"}
@@ -93,4 +94,5 @@ def test_wrk_reads_rate_and_percentiles(server: int) -> None:
     load = loadgen.run_load(server, ["a", "b"], writes=0.5, duration=0.5, connections=2, tool="wrk")
     assert load.rps > 0
     assert 0 < load.p50_ms <= load.p90_ms <= load.p99_ms
+    assert load.client_cores > 0  # wrk's own CPU, which the servers did not get
     assert {m for m, _, _ in Handler.seen} == {"GET", "POST"}

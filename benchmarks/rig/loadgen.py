@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import resource
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 READ = ("GET", "/api/session")
 WRITE = ("POST", "/api/incr?key=n")
@@ -36,12 +37,16 @@ _UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 @dataclass(frozen=True)
 class Load:
-    """One run's figures: requests per second and latency percentiles in ms."""
+    """One run's figures: requests per second and latency percentiles in ms; and the
+    cores the load generator itself kept busy (its CPU seconds a second): it shares the
+    machine with the servers, the same for every configuration, so ratios between
+    configurations are pulled toward 1 by that much."""
 
     rps: float
     p50_ms: float
     p90_ms: float
     p99_ms: float
+    client_cores: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,12 @@ def run_load(
     share of writes), or with one ``route`` (method, path) only, driven by ``tool``
     (see :func:`generator`)."""
     plan = _Plan(port, cookies, writes, duration, connections, route)
-    return _wrk(plan) if generator(tool) == "wrk" else asyncio.run(_python(plan))
+    if generator(tool) == "wrk":
+        return _wrk(plan)
+    cpu, started = time.thread_time(), time.monotonic()  # the generator's thread alone
+    load = asyncio.run(_python(plan))
+    cores = (time.thread_time() - cpu) / (time.monotonic() - started)
+    return replace(load, client_cores=cores)
 
 
 def _wrk(plan: _Plan) -> Load:
@@ -109,6 +119,7 @@ def _wrk(plan: _Plan) -> Load:
         lua.flush()
         seconds = max(1, round(duration))  # wrk takes whole seconds only
         command = ["wrk", "-t2", f"-c{plan.connections}", f"-d{seconds}s", "--latency"]
+        before, started = _children_cpu(), time.monotonic()
         out = subprocess.run(
             [*command, "-s", lua.name, f"http://127.0.0.1:{port}/"],
             capture_output=True,
@@ -116,13 +127,20 @@ def _wrk(plan: _Plan) -> Load:
             check=True,
             timeout=duration + 60,
         ).stdout
+        cores = (_children_cpu() - before) / (time.monotonic() - started)
     if "Non-2xx" in out or re.search(r"Socket errors:.*\b(connect|read|write|timeout) [1-9]", out):
         raise RuntimeError(f"wrk saw failed requests on port {port}:\n{out}")
     rps = _RPS.search(out)
     latency = {p: float(v) * _UNIT[u] for p, v, u in _LATENCY.findall(out)}
     if rps is None or set(latency) != {"50", "90", "99"}:
         raise RuntimeError(f"could not read wrk's output:\n{out}")
-    return Load(float(rps.group(1)), latency["50"], latency["90"], latency["99"])
+    return Load(float(rps.group(1)), latency["50"], latency["90"], latency["99"], cores)
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's children that have ended (wrk, once waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def _python(plan: _Plan) -> Load:
