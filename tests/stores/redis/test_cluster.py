@@ -60,11 +60,12 @@ def _cluster(folder: Path, masters: int = 3, replicas: int = 0) -> Iterator[dict
             if "cluster_state:ok" in info:
                 break
             time.sleep(0.2)
-        while replicas and time.monotonic() < deadline:  # each replica in sync: it can take over
+        synced, deadline = not replicas, time.monotonic() + 30
+        while not synced:  # each replica in sync, so that it can take over
+            assert time.monotonic() < deadline, "the replicas never synced"
             roles = [redis.Redis(port=p).info("replication") for p in ports]
             linked = [r for r in roles if r["role"] == "slave" and r["master_link_status"] == "up"]
-            if len(linked) == masters * replicas:
-                break
+            synced = len(linked) == masters * replicas
             time.sleep(0.2)
         yield procs
     finally:
@@ -230,17 +231,17 @@ def test_copies_follow_a_failover_to_the_replica(tmp_path: Path) -> None:
         created = store.create("s", {"n": b"1"}).created
         assert store.load("s") is not None  # a copy, on the master's shard
         master = store.client.get_node_from_key(store.key("s")).port
-        time.sleep(0.5)  # the replica has it
+        assert redis.Redis(port=master).wait(1, 10_000) == 1  # the replica has it
         procs[master].kill()
-        saved = False  # a 503 until a replica has taken over, then a write there
+        saved = None  # a 503 until a replica has taken over, then a write there
         deadline = time.monotonic() + 30
-        while not saved and time.monotonic() < deadline:
+        while saved is None and time.monotonic() < deadline:
             try:
-                changes = Changes({"n": b"2"}, frozenset())
-                saved = store.save("s", changes, created=created) is not None
+                saved = store.save("s", Changes({"n": b"2"}, frozenset()), created=created)
+                assert saved is not None, "the new master has no such session"
             except StoreUnavailable:
                 time.sleep(0.2)
-        assert saved, "the store never found the session's new master"
+        assert saved is not None, "the store never found the session's new master"
         for reader in (other, store):
             record = reader.load("s")
             assert record is not None and record.fields["n"] == b"2"
