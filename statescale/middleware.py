@@ -118,7 +118,7 @@ class StateScaleMiddleware:
         self.cookie = cookie or CookieOptions()
         self.max_size = max_size
         self.locking = locking
-        self._process_locks = ProcessLocks() if process_locking and not locking else None
+        self._process_locks = ProcessLocks() if process_locking else None
         self.sticky = sticky
         self.signer = SessionSigner(secret_keys, id_factory=id_factory)
         self._cookies = CookieWriter(self.cookie)
@@ -239,7 +239,7 @@ class StateScaleMiddleware:
         # A store that hands sessions between processes (sticky hand-over) is told
         # which ones a request holds, through the same lock, with or without locking.
         locking = self.locking or getattr(store, "holds_sessions", False)
-        locks = None if locking else self._process_locks
+        locks = self._process_locks  # else, affinity's: this process's lock alone
 
         def load(session_id: str) -> Record | None:
             if locking:

@@ -66,20 +66,21 @@ class Backend:
         hooks give the router inside a master; no balancer, node or admin call takes it)."""
         name, sep, rest = spec.strip().partition("=")
         address, _, weight = rest.partition("*")
-        if weight and (not _NUMBER.match(weight) or not 1 <= int(weight) <= MAX_WEIGHT):
+        if weight and not _NUMBER.match(weight):
             raise ConfigError(f"{spec!r}: the weight after * must be from 1 to {MAX_WEIGHT}")
         if address.startswith("unix:"):
             if not unix:
                 raise ConfigError(f"{spec!r}: a backend is NAME=HOST:PORT (no Unix sockets here)")
             if not sep or not _NAME.match(name) or not address.startswith("unix:/"):
                 raise ConfigError(f"{spec!r}: a Unix-socket backend is NAME=unix:/PATH")
-            return cls(name, address, 0, int(weight or 1))
-        host, _, port = address.rpartition(":")
-        if not sep or not _NAME.match(name) or not host or not _NUMBER.match(port):
-            raise ConfigError(f"{spec!r}: a backend is NAME=HOST:PORT (or NAME=HOST:PORT*WEIGHT)")
-        if not 0 < int(port) < 65536:
-            raise ConfigError(f"{spec!r}: the port must be between 1 and 65535")
-        try:
+            host, port = address, "0"
+        else:
+            host, _, port = address.rpartition(":")
+            if not sep or not _NAME.match(name) or not host or not _NUMBER.match(port):
+                raise ConfigError(
+                    f"{spec!r}: a backend is NAME=HOST:PORT (or NAME=HOST:PORT*WEIGHT)"
+                )
+        try:  # the host, the port's and the weight's ranges: checked by the Backend
             return cls(name, host, int(port), int(weight or 1))
         except ConfigError as exc:
             raise ConfigError(f"{spec!r}: {exc}") from None

@@ -92,9 +92,7 @@ def serving_pid(pidfile: Path, program: str, config_file: Path) -> int | None:
     try:
         pid = int(pidfile.read_text().split()[0])
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except FileNotFoundError:
-        return None  # the pid file, or the process, is gone
-    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+    except (OSError, ValueError, IndexError):  # no pid file, or its process is gone
         return None
     return pid if program in argv and config_file.name in argv else None
 

@@ -61,6 +61,7 @@ from .subscription import Direct, Script, Tracking, pinger
 log = logging.getLogger("statescale")
 
 _WRITE = Script(codec.WRITE_SCRIPT)
+_MAP_EVERY = 1.0  # seconds: a Cluster's slot map is read again at most this often
 
 
 def _moved(exc: ResponseError) -> bool:
@@ -256,7 +257,7 @@ class RedisStore:
         with self._map_lock:
             if now < self._next_map:
                 return
-            self._next_map = now + 1.0
+            self._next_map = now + _MAP_EVERY
         with contextlib.suppress(RedisError, RedisClusterException):
             self.client.nodes_manager.initialize()
 
