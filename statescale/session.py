@@ -219,9 +219,10 @@ class Session(MutableMapping[str, Any]):
         self.invalidate()
 
     def copy(self) -> dict[str, Any]:
-        """A plain ``dict`` of the session's values (changing it changes nothing)."""
+        """A plain ``dict`` of the session's values as they are now, values changed in
+        place included (changing it changes nothing)."""
         self._ensure()
-        return {key: _decode(self._raw[key].decode("utf-8")) for key in self._data}
+        return {k: _decode(encode_value(k, v).decode("utf-8")) for k, v in self._data.items()}
 
     def __repr__(self) -> str:
         state = "unloaded" if not self._loaded else repr(self._data)

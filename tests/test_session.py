@@ -150,3 +150,13 @@ def test_an_abandoned_session_saves_nothing() -> None:
     assert not session.changes() and session.plan().update is None
     with pytest.raises(SessionError):
         session["n"] = 3
+
+
+def test_a_copy_holds_the_values_as_they_are_now() -> None:
+    # It decoded what was loaded: a value changed in place before was copied stale.
+    session = loaded({"cart": ["a"]})
+    session["cart"].append("b")
+    snapshot = session.copy()
+    assert snapshot == {"cart": ["a", "b"]}
+    snapshot["cart"].append("c")  # a copy: the session is untouched
+    assert session["cart"] == ["a", "b"]
