@@ -289,8 +289,9 @@ def test_17_store_hung_is_503_within_budget(own_redis: EmbeddedRedis) -> None:
 def test_17_store_hung_with_local_cache_serves_cached_reads_and_503s_writes(
     own_redis: EmbeddedRedis,
 ) -> None:
-    # While Redis is frozen nobody can change a session, so a copy this process holds
-    # (and Redis has not invalidated) is still the truth; writes cannot be, and fail fast.
+    # Within the lease (a second after Redis last answered on the subscription), a copy
+    # this process holds and Redis has not invalidated is still the truth; writes cannot
+    # be, and fail fast. (Past the lease: test_subscription's lease tests.)
     client = client_for(RedisStore.from_url(own_redis.url, timeout=0.3))
     cookie = cookie_value(call(client, "/set?k=a&v=1"))
     other = cookie_value(call(client_for(RedisStore.from_url(own_redis.url)), "/set?k=b&v=2"))

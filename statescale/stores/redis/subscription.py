@@ -47,6 +47,7 @@ import ssl
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -92,6 +93,12 @@ IDLE_DRAIN = 0.05
 #: A drain that reads this many bytes may have met a full socket with more held back;
 #: the next lookup syncs first.
 BACKLOG_BYTES = 1024
+
+#: Seconds a copy may be served after the ``PING`` (on the subscription) that Redis last
+#: answered went out; past it, a lookup syncs before it serves one.
+LEASE = 1.0
+#: Seconds between the ``PING``s that renew the lease while lookups find copies.
+HEARTBEAT = 0.25
 
 INVALIDATIONS = "__redis__:invalidate"
 _INVALIDATIONS = INVALIDATIONS.encode()
@@ -302,6 +309,9 @@ class Tracking(Direct):
         self._poll: select.poll = select.poll()  # what _drain polls, and the descriptors
         self._polled: list[int] = []
         self._pongs = 0
+        self._pings: deque[float] = deque()  # when each unanswered PING went out
+        self._fresh_until = 0.0  # the lease: copies may be served until then (monotonic)
+        self._next_beat = 0.0
         self._sync_timed_out = False
         self.last_drop = ""
         # A fork copies the lock as it stands, maybe held by the drainer thread, which
@@ -361,6 +371,7 @@ class Tracking(Direct):
         self._idle, self._pid, self._thread = [], os.getpid(), None
         self._sub = self._raw = self._reader = self._id = None
         self._poll, self._polled = select.poll(), []
+        self._pings, self._fresh_until = deque(), 0.0
         self.generation += 1
         self.copies.forget_all()
 
@@ -372,7 +383,17 @@ class Tracking(Direct):
         with self._lock:
             if not self._drain() or (self._behind and not self._catch_up()):
                 return None
-            return self.copies.get(key, min_version)
+            record = self.copies.get(key, min_version)
+            if record is None:
+                return None
+            now = time.monotonic()
+            if now >= self._fresh_until:  # Redis has not answered lately: ask it first
+                if not self._catch_up():
+                    return None
+                return self.copies.get(key, min_version)
+            if now >= self._next_beat:
+                self._beat(now)
+            return record
 
     def begin(self, key: str) -> int:
         self._here()
@@ -443,6 +464,7 @@ class Tracking(Direct):
     def _subscribe(self) -> None:
         """Subscribe, right after a read has shown that Redis answers (so a frozen
         Redis never costs a request a second timeout)."""
+        started = time.monotonic()
         try:
             conn = self._pool.connection_class(**self._options())
             conn.connect()
@@ -457,6 +479,8 @@ class Tracking(Direct):
         self._sub, self._id = conn, client_id
         self._raw = self._reader = None
         self._behind = False
+        self._pings.clear()
+        self._fresh_until, self._next_beat = started + LEASE, started + HEARTBEAT
         sock = getattr(conn, "_sock", None)
         if _Reader is not None and sock is not None:
             # Messages that came with the SUBSCRIBE reply sit in redis-py's parser:
@@ -492,6 +516,8 @@ class Tracking(Direct):
         self.last_drop = why or "closed"
         sub, self._sub = self._sub, None
         self._raw = self._reader = self._id = None
+        self._pings.clear()
+        self._fresh_until = 0.0
         self.generation += 1
         self.copies.invalidate(None)
         if sub is not None:
@@ -569,12 +595,14 @@ class Tracking(Direct):
     def _sync(self) -> bool:
         """Read every invalidation sent until now: ``PING`` on the subscription, and
         read up to its reply. False (the copies dropped) when that fails or times out."""
-        sub, expected = self._sub, self._pongs + 1
+        sub, expected = self._sub, self._pongs + len(self._pings) + 1
         try:
             if self._raw is not None:
                 timeout = sub.socket_timeout or 1.0
                 deadline = time.monotonic() + timeout
                 self._raw.sendall(_PING)
+                self._pings.append(deadline - timeout)
+                self._next_beat = deadline - timeout + HEARTBEAT  # this one renews it
                 while self._pongs < expected:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -585,6 +613,7 @@ class Tracking(Direct):
                         poller.poll(remaining * 1000)
                     self._drain_socket()
             else:  # pragma: no cover - without hiredis
+                self._pings.append(time.monotonic())
                 sub.send_command("PING")
                 while self._pongs < expected:
                     self._on_message(sub.read_response())
@@ -594,6 +623,19 @@ class Tracking(Direct):
             return False
         self._behind = False
         return True
+
+    def _beat(self, now: float) -> None:
+        """A ``PING`` on the subscription, unless one is unanswered: its answer renews
+        the lease. It is read by a later drain; nothing waits for it here."""
+        self._next_beat = now + HEARTBEAT
+        if self._pings or self._raw is None:
+            return
+        try:
+            self._raw.sendall(_PING)
+        except (OSError, ValueError) as exc:  # full, or broken: no PING half sent
+            self._drop(f"the invalidation subscription failed ({type(exc).__name__})")
+            return
+        self._pings.append(now)
 
     def _drain_socket(self) -> int:
         """One ``recv`` of all that has arrived (usually), parsed in C; the bytes read."""
@@ -626,6 +668,8 @@ class Tracking(Direct):
             self.copies.invalidate(None if keys is None else [k.decode() for k in keys])
         elif message[0] == b"pong":
             self._pongs += 1
+            if self._pings:  # every invalidation sent before that PING has been read
+                self._fresh_until = self._pings.popleft() + LEASE
 
 
 def pinger(pool: Any) -> Callable[[], bool]:

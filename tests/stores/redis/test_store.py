@@ -302,3 +302,56 @@ def test_a_write_between_a_read_and_its_slide_leaves_no_stale_copy(redis_url: st
     store.load("sid")
     record = store.load("sid", min_version=versions[0])
     assert record is not None and dict(record.fields) == {"a": b"2"}
+
+
+def test_a_frozen_master_replaced_by_sentinel_stops_its_copies(tmp_path: Path) -> None:
+    """A master frozen (SIGSTOP) and replaced by its replica, promoted by a real
+    sentinel: its subscription only falls silent, and another process writes to the new
+    master. Copies held from the frozen one are not served once their lease has run out
+    (the change is never heard of): from the moment the write is acknowledged, every
+    read answers it or 503, never the old value. (Measured before the lease: the old
+    value for 7.7 s after the write.)"""
+    with EmbeddedRedis() as master, EmbeddedRedis() as replica:
+        redis.Redis(port=replica.port).replicaof("127.0.0.1", master.port)
+        with sentinel(master, tmp_path, down_after_ms=1000) as port:
+            watcher = redis.Redis(port=port, decode_responses=True)
+            deadline = time.monotonic() + 30
+            while not any(
+                r.get("flags") == "slave" and r.get("master-link-status") == "ok"
+                for r in watcher.sentinel_slaves(SERVICE)
+            ):
+                assert time.monotonic() < deadline, "the sentinel never saw the replica"
+                time.sleep(0.2)
+            url = f"redis+sentinel://127.0.0.1:{port}/{SERVICE}/0"
+            holder, writer = RedisStore.from_url(url), RedisStore.from_url(url)
+            created = holder.create("s", {"n": b"1"}).created
+            for _ in range(3):  # the first read subscribes; the next ones are the copy
+                record = holder.load("s")
+                assert record is not None and record.fields == {"n": b"1"}
+            assert holder.tracking is not None and len(holder.tracking.copies) == 1
+            deadline = time.monotonic() + 10
+            while redis.Redis(port=replica.port).hget(holder.key("s"), "n") != b"1":
+                assert time.monotonic() < deadline, "the replica never had the session"
+                time.sleep(0.05)
+            master.pause()
+            deadline = time.monotonic() + 30
+            try:
+                while True:  # the writer's first answer comes from the promoted replica
+                    assert time.monotonic() < deadline, "no failover"
+                    try:
+                        writer.save("s", Changes({"n": b"2"}, frozenset()), created=created)
+                        break
+                    except StoreUnavailable:
+                        time.sleep(0.05)
+                seen = set()
+                until = time.monotonic() + 1.5
+                while time.monotonic() < until:
+                    try:
+                        record = holder.load("s")
+                        seen.add(None if record is None else record.fields["n"])
+                    except StoreUnavailable:
+                        seen.add("503")
+                    time.sleep(0.02)
+            finally:
+                master.resume()
+    assert b"1" not in seen and b"2" in seen, seen

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from statescale.embedded import EmbeddedRedis
+from statescale.exceptions import StoreUnavailable
 from statescale.session import Changes
 from statescale.stores.redis import RedisStore, subscription
 from tests.conftest import Clock
@@ -365,3 +366,52 @@ def test_a_demoted_master_is_a_lost_connection_as_redis_py_makes_it(redis_url: s
         with pytest.raises(redis.exceptions.ReadOnlyError):  # a plain server's: as redis-py
             subscription._round_trip(conn, [b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"], 1)
         client.execute_command("REPLICAOF", "NO", "ONE")
+
+
+def test_a_copy_is_served_only_within_the_lease_of_redis_last_answer(
+    own_redis: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A frozen Redis sends no invalidation, and a failover (Sentinel, a Cluster, an
+    # endpoint that moves) may meanwhile let another server take writes: silence is
+    # not "nothing changed" for longer than the lease.
+    monkeypatch.setattr(subscription, "LEASE", 0.5)
+    store = RedisStore.from_url(own_redis.url, timeout=0.3)
+    store.create("s", {"x": b"1"})
+    warm(store, "s")
+    own_redis.pause()
+    try:
+        assert fields(store, "s") == {"x": b"1"}  # within the lease: the copy
+        time.sleep(0.6)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.load("s")  # past it: Redis is asked first, and does not answer
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(StoreUnavailable):
+            store.load("s")  # the breaker is open: at once, no copy
+    finally:
+        own_redis.resume()
+    deadline = time.monotonic() + 3
+    while True:  # recovers by itself, within the breaker's probe interval
+        try:
+            assert fields(store, "s") == {"x": b"1"}
+            break
+        except StoreUnavailable:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_under_traffic_heartbeats_renew_the_lease(
+    redis_url: str, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(subscription, "LEASE", 0.4)
+    monkeypatch.setattr(subscription, "HEARTBEAT", 0.1)
+    store = RedisStore.from_url(redis_url)
+    store.create("s", {"x": b"1"})
+    warm(store, "s")
+    raw_redis.config_resetstat()
+    until = time.monotonic() + 1.2  # three leases long
+    while time.monotonic() < until:
+        assert fields(store, "s") == {"x": b"1"}
+        time.sleep(0.005)
+    assert calls(raw_redis, "hgetall") == 0  # every read was the copy...
+    assert 6 <= calls(raw_redis, "ping") <= 13  # ...while a PING a beat kept it current
