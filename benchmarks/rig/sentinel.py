@@ -3,9 +3,11 @@ free loopback port, watching one master as ``SERVICE``: for the Sentinel tests."
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from statescale.embedded import EmbeddedRedis
@@ -14,13 +16,28 @@ from statescale.processes import free_port, stop_process
 SERVICE = "mymaster"
 
 
+@dataclass(frozen=True)
+class Sentinel:
+    """A running sentinel: its port, and its process, which a test may pause."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def pause(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+
 @contextmanager
 def sentinel(
     master: EmbeddedRedis, folder: Path, *, down_after_ms: int | None = None
-) -> Iterator[int]:
-    """A sentinel of ``master`` (quorum 1), its configuration in ``folder``; yields its
-    port, and stops it on the way out. ``down_after_ms``: how soon it takes a silent
-    master for dead and promotes a replica (Redis's default otherwise: 30 s)."""
+) -> Iterator[Sentinel]:
+    """A sentinel of ``master`` (quorum 1), its configuration in ``folder``; yields it
+    running, and stops it on the way out (resumed first, if paused). ``down_after_ms``:
+    how soon it takes a silent master for dead and promotes a replica (Redis's default
+    otherwise: 30 s)."""
     port = free_port()
     lines = [
         f"port {port}",
@@ -37,7 +54,9 @@ def sentinel(
     conf.write_text("\n".join(lines) + "\n")
     command = [master.executable, str(conf), "--sentinel"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    running = Sentinel(port, process)
     try:
-        yield port
+        yield running
     finally:
+        running.resume()
         stop_process(process, 5)

@@ -375,7 +375,8 @@ def test_21_a_sentinel_failover_under_traffic_answers_503_at_worst(tmp_path: Pat
     master, so the counters are not checked; the promise is about errors.)"""
     with EmbeddedRedis() as master, EmbeddedRedis() as replica:
         redis.Redis(port=replica.port).replicaof("127.0.0.1", master.port)
-        with sentinel(master, tmp_path, down_after_ms=1000) as port:
+        with sentinel(master, tmp_path, down_after_ms=1000) as watched:
+            port = watched.port
             watcher = redis.Redis(port=port, decode_responses=True)
             deadline = time.monotonic() + 30
             while not any(  # the sentinel has found the replica, and it is in sync

@@ -8,8 +8,9 @@ from then on a request that needs Redis fails at once, unless a *probe* is due (
 a probe is answered the breaker closes and requests go to Redis again, so a process
 recovers by itself within ``interval`` of Redis answering.
 
-Only timeouts open it: a refused connection already fails in microseconds, and an error
-reply is an answer. Per store and thread-safe.
+Only timeouts open it, and a Sentinel discovery that found no master (which has waited
+on each Sentinel that did not answer): a refused connection already fails in
+microseconds, and an error reply is an answer. Per store and thread-safe.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from typing import Any, cast
 from redis.exceptions import AskError, MovedError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeout
+from redis.sentinel import MasterNotFoundError
 
 from ...config import (
     DEFAULT_ABSOLUTE_LIFETIME,
@@ -190,7 +191,9 @@ class RedisStore:
             yield
         except (RedisError, RedisClusterException) as exc:  # (the latter: no RedisError)
             reason = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, RedisTimeout):
+            # A Sentinel discovery that found no master has waited on every Sentinel
+            # that did not answer (1.7 s each request, one stalled): fail fast as well.
+            if isinstance(exc, (RedisTimeout, MasterNotFoundError)):
                 self.breaker.tripped(reason)
             raise StoreUnavailable("redis", f"{what}: {reason}") from exc
 

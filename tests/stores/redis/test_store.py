@@ -217,7 +217,8 @@ def test_bad_urls_say_what_to_change(url: str) -> None:
 
 def test_sentinel_url_finds_the_master(own_redis: EmbeddedRedis, tmp_path: Path) -> None:
     """A real redis-sentinel watching a real master."""
-    with sentinel(own_redis, tmp_path) as port:
+    with sentinel(own_redis, tmp_path) as watched:
+        port = watched.port
         deadline = time.monotonic() + 10
         store = RedisStore.from_url(f"redis+sentinel://127.0.0.1:{port}/{SERVICE}/0")
         while True:
@@ -313,7 +314,8 @@ def test_a_frozen_master_replaced_by_sentinel_stops_its_copies(tmp_path: Path) -
     value for 7.7 s after the write.)"""
     with EmbeddedRedis() as master, EmbeddedRedis() as replica:
         redis.Redis(port=replica.port).replicaof("127.0.0.1", master.port)
-        with sentinel(master, tmp_path, down_after_ms=1000) as port:
+        with sentinel(master, tmp_path, down_after_ms=1000) as watched:
+            port = watched.port
             watcher = redis.Redis(port=port, decode_responses=True)
             deadline = time.monotonic() + 30
             while not any(
@@ -355,3 +357,40 @@ def test_a_frozen_master_replaced_by_sentinel_stops_its_copies(tmp_path: Path) -
             finally:
                 master.resume()
     assert b"1" not in seen and b"2" in seen, seen
+
+
+def test_no_master_found_fails_fast_after_the_first(tmp_path: Path) -> None:
+    """The master gone and its Sentinel stalled: each request waited on the Sentinel's
+    timeouts, 1.7 s apiece (measured), to fail in the end. The first still does; the
+    breaker then fails the others at once, and the store recovers by itself."""
+    with EmbeddedRedis() as master, sentinel(master, tmp_path) as watched:
+        store = RedisStore.from_url(
+            f"redis+sentinel://127.0.0.1:{watched.port}/{SERVICE}/0", local_cache=0
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                store.create("s", {"a": b"1"})
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        master.stop()
+        watched.pause()
+        with pytest.raises(StoreUnavailable, match="MasterNotFoundError"):
+            store.load("s")
+        for _ in range(5):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                store.load("s")
+            assert time.monotonic() - started < 0.1
+        watched.resume()
+        master.start()  # the same port: the Sentinel's master again, emptied
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert store.load("s") is None  # answered: it kept nothing on disk
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
