@@ -17,18 +17,32 @@ between (the ``client`` extra installs httpx)::
 * The session is read from the request's ``Cookie`` header (``cookie``, the nodes'
   cookie name); the router's rule: the ID before the signature, hashed on ``balancer``'s
   ring (the nodes' ``STATESCALE_BALANCER``).
-* A node that refuses the connection is skipped for ``retry_after`` seconds and the
-  request goes to the session's next owner on the ring, as statescale's router does.
-  Other errors (a timeout, a reset mid-request) are raised: the request may have run.
-* The request's URL keeps its host for ``Host`` and for the client's cookie jar; only
-  the connection goes to the node.
+* A node whose connection cannot be made (refused, unreachable, or not accepted within
+  the client's connect timeout: nothing was sent) is skipped for ``retry_after``
+  seconds, and the request goes to the session's next owner on the ring, as
+  statescale's router does. Other errors (a read timeout, a reset mid-request) are
+  raised: the request may have run.
+* The request's URL keeps its scheme and host for ``Host`` and for the client's cookie
+  jar (so a Secure cookie needs an ``https://`` base URL, and a cookie Domain the
+  nodes set must match its host); only the connection goes to the node, over
+  ``scheme`` (``http`` by default: the nodes' own port, inside the fleet's network;
+  ``https`` where the nodes serve TLS).
+* With ``balancer="nginx"`` the ring hashes each node's address as text: spell the
+  ``backends`` as the nodes' own list does (a registry spells them for everyone).
+* Following a Redis registry runs its read script, which drops expired entries: the
+  client's Redis user needs ``EVALSHA``, ``TIME``, ``HGETALL``, ``HDEL``, ``PUBLISH``
+  and ``SUBSCRIBE`` on the registry's keys, as the nodes' does.
+* A transport made before a fork follows the registry afresh in the child.
 
-:class:`AsyncStickyTransport` is the same for ``httpx.AsyncClient``.
+:class:`AsyncStickyTransport` is the same for ``httpx.AsyncClient``; it waits for the
+registry's first membership at its first request, in a thread, not in its constructor.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import os
 import random
 import threading
 import time
@@ -48,6 +62,10 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
     raise ImportError("StickyTransport needs httpx: pip install 'statescale[client]'") from exc
 
 RETRY_AFTER = 1.0  # seconds a node that refused a connection is skipped
+FIRST_MEMBERSHIP = 10.0  # seconds to wait for a registry's first membership
+SCHEMES = ("http", "https")
+#: What fails before a byte of the request is sent: the next owner may take it.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 class _Routes:
@@ -66,22 +84,48 @@ class _Routes:
             raise ConfigError("give StickyTransport registry=URL or backends=[...], not both")
         self.cookie = cookie
         self.retry_after = retry_after
+        self.registry = registry
         self._balancer = get_balancer(balancer)
         self._down: dict[str, float] = {}  # node -> until when it is skipped
         self._lock = threading.Lock()
         self.follower: Any = None
+        self._pid = os.getpid()
+        self.routing = False  # whether there is a ring (``current``) to route by
         self.current: tuple[BackendRing, Iterator[str]]
         if backends is not None:
             parsed = [b if isinstance(b, Backend) else Backend.parse(b) for b in backends]
             self._use(check(parsed))
             return
+        self._start_following()
+
+    def _start_following(self) -> None:
         from .routing.membership import Follower, open_registry
 
-        found = open_registry(registry or "")
-        self.follower = Follower(found, self._follow).start()
-        if not self.follower.wait(bool, 10.0):  # (the first membership sets ``current``)
-            self.follower.stop()
-            raise ConfigError(f"{registry}: no node registered within 10 s")
+        self.follower = Follower(open_registry(self.registry or ""), self._follow).start()
+
+    def ready(self) -> None:
+        """Return once there is a ring to route by: at once with ``backends``; with a
+        registry, once its first membership has come (``ConfigError`` if it does not
+        within ``FIRST_MEMBERSHIP`` seconds, saying why). In a child of a fork, the
+        parent's follower is gone: follow afresh."""
+        if self.forked:
+            self._pid, self._lock = os.getpid(), threading.Lock()
+            if self.follower is not None:  # the parent's thread is not in this process
+                self._start_following()
+        if self.routing:
+            return
+        follower = self.follower
+        if follower.wait(bool, FIRST_MEMBERSHIP):
+            return
+        why = follower.last_error  # (it goes on following: a later request may route)
+        if why is not None:
+            raise ConfigError(f"{self.registry}: the registry cannot be read: {why}")
+        raise ConfigError(f"{self.registry}: no node registered within {FIRST_MEMBERSHIP:g} s")
+
+    @property
+    def forked(self) -> bool:
+        """Whether this is a child of the process that made these routes."""
+        return self._pid != os.getpid()
 
     def _follow(self, members: list[Backend]) -> None:
         if members:
@@ -94,6 +138,7 @@ class _Routes:
         start = random.randrange(len(ring.names))
         names = ring.names[start:] + ring.names[:start]
         self.current = (ring, itertools.cycle(names))  # one assignment: one snapshot
+        self.routing = True
 
     def targets(self, request: httpx.Request) -> Iterator[Backend]:
         """Where to send ``request``: its session's owner, then each next owner (round
@@ -137,17 +182,19 @@ class _Routes:
         return None
 
     def refused(self, node: Backend) -> None:
-        with self._lock:
-            self._down[node.name] = time.monotonic() + self.retry_after
+        now = time.monotonic()
+        with self._lock:  # (nodes come and go: only those skipped now are kept)
+            self._down = {name: until for name, until in self._down.items() if until > now}
+            self._down[node.name] = now + self.retry_after
 
     def close(self, *, wait: bool = True) -> None:
         if self.follower is not None:
             self.follower.stop(wait=wait)
 
 
-def _to(request: httpx.Request, node: Backend) -> httpx.Request:
+def _to(request: httpx.Request, node: Backend, scheme: str) -> httpx.Request:
     """``request`` sent to ``node``: a new request, so the client's own keeps its URL."""
-    url = request.url.copy_with(scheme="http", host=node.host, port=node.port)
+    url = request.url.copy_with(scheme=scheme, host=node.host, port=node.port)
     return httpx.Request(
         request.method,
         url,
@@ -159,8 +206,9 @@ def _to(request: httpx.Request, node: Backend) -> httpx.Request:
 
 class _Sticky:
     """What both transports take: the membership (``registry`` or ``backends``), the
-    nodes' cookie name and ``balancer``, how long a refusing node is skipped, and the
-    httpx transport that carries the requests (default: a new pooled one)."""
+    nodes' cookie name and ``balancer``, how long a refusing node is skipped, the
+    ``scheme`` the nodes serve, and the httpx transport that carries the requests
+    (default: a new pooled one)."""
 
     def __init__(
         self,
@@ -170,8 +218,12 @@ class _Sticky:
         cookie: str = DEFAULT_COOKIE_NAME,
         balancer: str = "statescale",
         retry_after: float = RETRY_AFTER,
+        scheme: str = "http",
         transport: Any = None,
     ) -> None:
+        if scheme not in SCHEMES:
+            raise ConfigError(f"scheme must be one of {SCHEMES}, not {scheme!r}")
+        self.scheme = scheme
         self.routes = _Routes(
             registry=registry,
             backends=backends,
@@ -190,15 +242,24 @@ class StickyTransport(_Sticky, httpx.BaseTransport):
 
     _transport: httpx.BaseTransport
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        try:
+            self.routes.ready()  # a registry's first membership: fail here, not later
+        except ConfigError:
+            self.routes.close(wait=False)
+            raise
+
     def _carrier(self) -> httpx.BaseTransport:
         return httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        refused: httpx.ConnectError | None = None
+        self.routes.ready()
+        refused: httpx.TransportError | None = None
         for node in self.routes.targets(request):
             try:
-                return self._transport.handle_request(_to(request, node))
-            except httpx.ConnectError as exc:
+                return self._transport.handle_request(_to(request, node, self.scheme))
+            except _NOT_SENT as exc:
                 self.routes.refused(node)
                 refused = exc
         raise refused or httpx.ConnectError("no node to send the request to", request=request)
@@ -217,11 +278,14 @@ class AsyncStickyTransport(_Sticky, httpx.AsyncBaseTransport):
         return httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        refused: httpx.ConnectError | None = None
+        routes = self.routes
+        if not routes.routing or routes.forked:
+            await asyncio.to_thread(routes.ready)  # a registry's first membership
+        refused: httpx.TransportError | None = None
         for node in self.routes.targets(request):
             try:
-                return await self._transport.handle_async_request(_to(request, node))
-            except httpx.ConnectError as exc:
+                return await self._transport.handle_async_request(_to(request, node, self.scheme))
+            except _NOT_SENT as exc:
                 self.routes.refused(node)
                 refused = exc
         raise refused or httpx.ConnectError("no node to send the request to", request=request)

@@ -4,6 +4,9 @@ and no balancer at all."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -11,10 +14,14 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from benchmarks.rig.harness import registered_node
+from benchmarks.rig.harness import Gunicorn, registered_node
+from statescale import client
 from statescale.client import AsyncStickyTransport, StickyTransport
 from statescale.exceptions import ConfigError
 from statescale.processes import free_port
+from statescale.routing.backends import Backend
+from statescale.routing.membership import open_registry
+from statescale.signing import routing_key
 
 pytestmark = pytest.mark.integration
 
@@ -44,17 +51,84 @@ def test_twenty_clients_reach_their_sessions_owners_directly(redis_url: str) -> 
     assert all(len(pids) == 1 for _, pids in results)  # one worker served each session
 
 
+def _owner_runs(
+    transport: StickyTransport, nodes: dict[str, Gunicorn], runs: int
+) -> list[tuple[str, str, list[int]]]:
+    """``runs`` new sessions of 5 increments each: for each, the session's key on the
+    client's ring, the node that served it, and the values."""
+    out = []
+    for _ in range(runs):
+        with httpx.Client(transport=transport, base_url="http://statescale") as client:
+            values, served = [], set()
+            for _ in range(5):
+                body = client.post("/api/incr?key=p").raise_for_status().json()
+                values.append(body["value"])
+                served |= {n for n, node in nodes.items() if body["pid"] in node.worker_pids()}
+            cookie = client.cookies.get("statescale")
+        assert cookie is not None and len(served) == 1
+        out.append((routing_key(cookie), served.pop(), values))
+    return out
+
+
 def test_a_refused_connection_goes_to_the_next_owner(redis_url: str) -> None:
-    """A fixed list with a node that is not there: sessions it would own go on to the
-    next owner, which minted them anyway (its own ring knows no such node)."""
+    """A fixed list with a node that is not there: a session it would own goes to its
+    next owner on the ring, which is the node that minted it (the nodes' ring knows no
+    such node), and stays there. Two live nodes, so that any other choice (round
+    robin, the wrong owner) would start the session afresh on the other one."""
     registry = f"{redis_url}?prefix=p2p-dead-{time.monotonic_ns()}"
     with ExitStack() as stack:
-        node = registered_node(stack, registry, "live")
+        nodes = {name: registered_node(stack, registry, name) for name in ("n1", "n2")}
         dead = f"dead=127.0.0.1:{free_port()}"
-        transport = StickyTransport(backends=[f"live=127.0.0.1:{node.port}", dead])
-        runs = [_increments(transport, 10)[0] for _ in range(6)]
+        live = [f"{name}=127.0.0.1:{node.port}" for name, node in nodes.items()]
+        transport = StickyTransport(backends=[*live, dead])
+        ring = transport.routes.current[0]
+        runs: list[tuple[str, str, list[int]]] = []
+        while sum(ring.owner(key) == "dead" for key, _, _ in runs) < 3:  # 1 in 3 or so
+            assert len(runs) < 60
+            runs += _owner_runs(transport, nodes, 1)
         transport.close()
-    assert runs == [list(range(1, 11))] * 6
+    for key, served, values in runs:
+        assert values == [1, 2, 3, 4, 5]
+        assert served == ring.owner(key, ["dead"])  # the owner, or the next one
+
+
+def test_a_connection_never_accepted_goes_to_the_next_owner(redis_url: str) -> None:
+    """A node whose host does not answer at all (its listen queue full: the SYN is
+    dropped, as for a host powered off) costs one connect timeout, then the next owner
+    serves, and the node is skipped for the next requests. Nothing was sent to it."""
+    registry = f"{redis_url}?prefix=p2p-hole-{time.monotonic_ns()}"
+    with ExitStack() as stack:
+        nodes = {name: registered_node(stack, registry, name) for name in ("n1", "n2")}
+        hole = stack.enter_context(socket.socket())
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(0)
+        for _ in range(3):  # fill its queue; connect() past it gets no answer
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(hole.getsockname())
+        live = [f"{name}=127.0.0.1:{node.port}" for name, node in nodes.items()]
+        transport = StickyTransport(backends=[*live, f"hole=127.0.0.1:{hole.getsockname()[1]}"])
+        ring = transport.routes.current[0]
+        timeout = httpx.Timeout(5.0, connect=0.5)
+        for _ in range(60):
+            with httpx.Client(
+                transport=transport, base_url="http://statescale", timeout=timeout
+            ) as c:
+                c.post("/api/incr?key=p").raise_for_status()
+                cookie = c.cookies.get("statescale")
+                assert cookie is not None
+                if ring.owner(routing_key(cookie)) != "hole":
+                    continue
+                values = [c.post("/api/incr?key=p").json()["value"]]  # one timeout
+                started = time.monotonic()
+                values += [c.post("/api/incr?key=p").json()["value"] for _ in range(2)]
+                took = time.monotonic() - started
+                break
+        else:
+            raise AssertionError("no session the hole owns in 60")
+        transport.close()
+    assert values == [2, 3, 4]  # on at the owner's next owner, the node that minted it
+    assert took < 0.5  # the hole skipped since: no second connect timeout
 
 
 def test_the_async_transport_routes_the_same(redis_url: str) -> None:
@@ -80,6 +154,25 @@ def test_the_transport_says_what_it_needs() -> None:
         StickyTransport()
     with pytest.raises(ConfigError, match="NAME=HOST:PORT"):
         StickyTransport(backends=["nonsense"])
+    with pytest.raises(ConfigError, match="scheme must be one of"):
+        StickyTransport(backends=["a=127.0.0.1:1"], scheme="ftp")
+
+
+def test_nodes_that_serve_tls_are_reached_over_https() -> None:
+    seen: list[httpx.URL] = []
+    carrier = httpx.MockTransport(lambda request: seen.append(request.url) or httpx.Response(200))
+    transport = StickyTransport(backends=["a=10.0.0.1:8443"], scheme="https", transport=carrier)
+    with httpx.Client(transport=transport, base_url="https://app.example") as c:
+        c.get("/x")
+    assert [str(url) for url in seen] == ["https://10.0.0.1:8443/x"]
+
+
+def test_the_nodes_skipped_are_only_those_that_refused_lately() -> None:
+    transport = StickyTransport(backends=["a=127.0.0.1:1"], retry_after=0.0)
+    for n in range(1000):  # names come and go (a rollout's pods): none is kept for good
+        transport.routes.refused(Backend.parse(f"pod-{n}=127.0.0.1:1"))
+    assert len(transport.routes._down) <= 1
+    transport.close()
 
 
 def test_the_client_routes_by_the_cookie_value_the_routers_route_by() -> None:
@@ -94,3 +187,69 @@ def test_the_client_routes_by_the_cookie_value_the_routers_route_by() -> None:
     assert routed is not None
     assert transport.routes._session(request) == routed.partition(".")[0]
     transport.close()
+
+
+def test_the_async_transport_does_not_block_its_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Made in a coroutine, with a registry that cannot be read: the constructor
+    returns at once (it blocked the loop for 10 s), and the first request says why."""
+    monkeypatch.setattr(client, "FIRST_MEMBERSHIP", 1.0)
+    ticks: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.02)
+
+    async def main() -> str:
+        beat = asyncio.create_task(ticker())
+        started = time.monotonic()
+        transport = AsyncStickyTransport(registry=f"redis://127.0.0.1:{free_port()}/0")
+        assert time.monotonic() - started < 0.5
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+                await c.get("/")
+        except ConfigError as exc:
+            return str(exc)
+        finally:
+            beat.cancel()
+        return "no error"
+
+    message = asyncio.run(main())
+    assert "registry cannot be read" in message and "Connection refused" in message
+    assert max(b - a for a, b in itertools.pairwise(ticks)) < 0.5  # the loop went on
+
+
+def test_a_transport_made_before_a_fork_follows_the_registry_in_the_child(
+    redis_url: str,
+) -> None:
+    registry = f"{redis_url}?prefix=p2p-fork-{time.monotonic_ns()}"
+    writer = open_registry(registry)
+    writer.register(Backend("a", "127.0.0.1", 1), ttl=30, token="t-a")
+    transport = StickyTransport(registry=registry)
+    reader, child_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a member registered after the fork must reach its ring
+        code = 1
+        try:
+            transport.routes.ready()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if transport.routes.current[0].names == ("a", "b"):
+                    code = 0
+                    break
+                time.sleep(0.05)
+        finally:
+            os.write(child_end, bytes([code]))
+            os._exit(code)
+    os.close(child_end)
+    try:
+        writer.register(Backend("b", "127.0.0.1", 2), ttl=30, token="t-b")
+        _, status = os.waitpid(pid, 0)
+        assert os.read(reader, 1) == b"\x00"
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(reader)
+        transport.close()
+        writer.close()

@@ -84,6 +84,7 @@ class Follower:
         self.registry = registry
         self._changed = changed
         self.members: list[Backend] | None = None
+        self.last_error: str | None = None  # why the registry was last unreachable
         self._failing = False
         self._seen = threading.Condition()
         self._stop = threading.Event()
@@ -111,6 +112,7 @@ class Follower:
             try:
                 self.registry.watch(self._on_change, self._stop)
             except RegistryUnavailable as exc:
+                self.last_error = str(exc)
                 if not self._failing:
                     log.warning(
                         "statescale: following %s: %s; keeping the last membership, retrying",
