@@ -113,7 +113,11 @@ class RedisStore:
         #: embedded Redis it started), or None for a server every process can reach.
         self.private_to: int | None = None
         pool = None if self._cluster else own_connections(client)
+        #: Fails fast while Redis does not answer. A Cluster's masters each have one of
+        #: their own (``_breakers``, by node name): one that hangs must not fail the
+        #: sessions the others hold. This one is then for what reaches no master yet.
         self.breaker = Breaker(pinger(pool) if pool is not None else lambda: True)
+        self._breakers: dict[str, Breaker] = {}
         #: How commands travel: this process's copies, statescale's own connections, or
         #: (a Cluster, a test double) the client's.
         self.tracking: Tracking | None = None
@@ -144,10 +148,27 @@ class RedisStore:
             shard = self.shards.get(node.name)
             if shard is None:
                 pool = self.client.get_redis_connection(node).connection_pool
-                shard = self.shards.setdefault(
-                    node.name, Tracking(pool, self._copies(), self.breaker)
-                )
+                breaker = self._master_breaker(node)
+                shard = self.shards.setdefault(node.name, Tracking(pool, self._copies(), breaker))
         return shard
+
+    def _breaker(self, key: str | None) -> Breaker:
+        """The breaker of the server that holds ``key``: on a Cluster, its master's
+        (the store's own until the slot map is known)."""
+        if not self._cluster or key is None:
+            return self.breaker
+        try:
+            node = self.client.get_node_from_key(key)
+        except (RedisError, RedisClusterException):  # no map yet: the Cluster is down
+            return self.breaker
+        return self._master_breaker(node)
+
+    def _master_breaker(self, node: Any) -> Breaker:
+        found = self._breakers.get(node.name)
+        if found is None:
+            pool = self.client.get_redis_connection(node).connection_pool
+            found = self._breakers.setdefault(node.name, Breaker(pinger(pool)))
+        return found
 
     @classmethod
     def from_url(
@@ -183,10 +204,12 @@ class RedisStore:
 
     # -- sending -------------------------------------------------------------------------
     @contextmanager
-    def _translated(self, what: str) -> Iterator[None]:
-        """Redis's errors become ``StoreUnavailable``; a timeout opens the breaker, which
-        fails the next requests at once while Redis does not answer."""
-        self.breaker.guard(what)
+    def _translated(self, what: str, key: str | None = None) -> Iterator[None]:
+        """Redis's errors become ``StoreUnavailable``; a timeout opens the breaker (of
+        the server that holds ``key``), which fails the next requests at once while that
+        server does not answer."""
+        breaker = self._breaker(key)
+        breaker.guard(what)
         try:
             yield
         except (RedisError, RedisClusterException) as exc:  # (the latter: no RedisError)
@@ -194,7 +217,7 @@ class RedisStore:
             # A Sentinel discovery that found no master has waited on every Sentinel
             # that did not answer (1.7 s each request, one stalled): fail fast as well.
             if isinstance(exc, (RedisTimeout, MasterNotFoundError)):
-                self.breaker.tripped(reason)
+                breaker.tripped(reason)
             raise StoreUnavailable("redis", f"{what}: {reason}") from exc
 
     def _call(self, *commands: Sequence[Any], via: Direct | None = None) -> list[Any]:
@@ -306,7 +329,7 @@ class RedisStore:
         key = self.key(session_id)
         tracking = self._tracking(key)
         if tracking is None:
-            with self._translated("load"):
+            with self._translated("load", key):
                 return self._read(key, ("PEXPIRE", key, int(self.lifetime.idle * 1000)))[0]
         cached = tracking.lookup(key, min_version)
         if cached is not None and self.lifetime.remaining(cached.created, self._clock()) > 0:
@@ -314,7 +337,7 @@ class RedisStore:
         token = tracking.begin(key)
         answered = touching = False
         try:
-            with self._translated("load"):
+            with self._translated("load", key):
                 record, version, pttl = self._read(key, ("PTTL", key), via=tracking)
                 slide_below = (self.lifetime.idle - tracking.copies.touch_interval) * 1000
                 if record is not None and pttl < slide_below:
@@ -344,13 +367,13 @@ class RedisStore:
         args = codec.write_args(codec.UPDATE, ttl_ms, changes.set, changes.deleted)
         tracking = self._tracking(key)
         if tracking is None:
-            with self._translated("save"):
+            with self._translated("save", key):
                 version = self._write([key], args)
             return version or None
         token = tracking.begin(key)
         version = 0
         try:
-            with self._translated("save"):
+            with self._translated("save", key):
                 version = self._write([key], args, via=tracking)
         finally:
             if version:
@@ -382,7 +405,7 @@ class RedisStore:
         token = tracking.begin(key) if tracking is not None else 0
         version = 0
         try:
-            with self._translated("create"):
+            with self._translated("create", key):
                 version = self._write(keys, args, via=tracking)
         finally:
             if tracking is not None:
@@ -407,7 +430,7 @@ class RedisStore:
         if tracking is not None:
             tracking.drop(key)
         try:
-            with self._translated("delete"):
+            with self._translated("delete", key):
                 self._call(("DEL", key), via=tracking)
         finally:  # and after: a read of this process in between may have kept it
             if tracking is not None:
@@ -424,7 +447,7 @@ class RedisStore:
             # took it when the view ran elsewhere (Flask's async views, on asgiref's).
             thread_local=False,
         )
-        with self._translated("lock"):
+        with self._translated("lock", self.key(session_id)):
             if not lock.acquire():
                 raise LockTimeout(self.lock_wait)
         tracking = self._tracking(self.key(session_id))
