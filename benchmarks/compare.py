@@ -9,6 +9,9 @@ noisy, and each figure is the median with its min-max.
   /api/session``, 10% ``POST /api/incr``) and a write-heavy one (the reverse), each
   request carrying one of 32 sessions' cookies, for small (~100 B) and, unless
   ``--quick``, large (~20 KB) sessions;
+* **CPU a request costs** the configuration's own processes (gunicorn's, its router,
+  its Redis; read from ``/proc``), which moves less from run to run than req/s, and
+  says where the ratios come from on a machine whose cores are all busy;
 * **consistency**: simulated users, each with its own cookie, increment a counter in
   turns and check every answer against what they expect (the fraction that matched);
 * **lost updates**: parallel requests of one session, setting different keys and
@@ -62,9 +65,11 @@ from .rig.harness import (
     add_sticky_node,
     interleaved_increments,
     registered_node,
+    spent,
     start_balancer,
     start_router,
     sticky_nodes,
+    usage,
     wait_serving,
 )
 from .rig.loadgen import GENERATORS, generator, run_load
@@ -110,6 +115,9 @@ class Setup:
     # Through a registry: a node that starts and registers, and one that leaves (SIGTERM).
     join: Callable[[], None] | None = None
     leave: Callable[[], None] | None = None
+    #: The processes that serve it (gunicorn's, its Redis): what its CPU per request
+    #: counts. None where not counted (the balanced fleets).
+    pids: Callable[[], set[int]] | None = None
 
 
 def _kill_worker(server: Gunicorn) -> Callable[[], None]:
@@ -144,15 +152,18 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
     one configuration's changes must not reach another's workers."""
     setups: list[Setup] = []
     notes: dict[str, str] = {}
+    made: list[EmbeddedRedis] = []  # each configuration's Redis, in the order made
 
     def redis() -> dict[str, str]:
         server = stack.enter_context(EmbeddedRedis())
+        made.append(server)
         return {"STATESCALE_STORE": "redis", "STATESCALE_REDIS_URL": server.url}
 
     def remote_redis() -> dict[str, str]:
         """A Redis about 1 ms away (0.5 ms each way through a delaying proxy): what a
         round trip through it measures is logged, and noted under the table."""
         server = stack.enter_context(EmbeddedRedis())
+        made.append(server)
         proxy = stack.enter_context(DelayProxy(("127.0.0.1", server.port), REMOTE_DELAY))
         far = (
             f"a Redis PING round trip through the delaying proxy: {proxy.round_trip() * 1e3:.2f} ms"
@@ -177,8 +188,10 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
         if not want(name):
             return
         log(f"starting {name}")
+        first = len(made)
         environment = env()
         server = stack.enter_context(Gunicorn(env=environment, app=app))
+        redis_pids = {s.process.pid for s in made[first:] if s.process is not None}
 
         def add_one() -> list[int]:
             """A second instance on the same store, behind a round-robin balancer."""
@@ -186,6 +199,7 @@ def start_all(stack: ExitStack, only: set[str] | None, log: Callable[[str], None
             return [server.port, other.port]
 
         setup = Setup(name, server.port, consistent, kill_one=_kill_worker(server))
+        setup.pids = lambda: server.pids() | redis_pids
         if routed:  # the router inside the master routes over the slots it started with
             setup.no_scale_out = "n/a: slots fixed at start"
         elif consistent:
@@ -232,6 +246,7 @@ def _sticky_setups(
         env = {"STATESCALE_MODE": "sticky", "STATESCALE_ROUTING": routing}
         server = stack.enter_context(Gunicorn(env=env, app=STATESCALE_APP))
         setup = Setup(name, server.port, True, kill_one=_kill_worker(server))
+        setup.pids = server.pids
         setup.no_scale_out = "n/a: slots fixed at start"
         setups.append(setup)
     if want("sticky (router)"):
@@ -350,6 +365,7 @@ def measure(
     log: Callable[[str], None],
 ) -> None:
     cookies = {(s.name, size): _sessions(s.port, 32, size) for s in setups for size in sizes}
+    seconds = max(1, round(duration)) if generator(tool) == "wrk" else 0  # wrk's whole seconds
     for (name, size), held in cookies.items():
         if not held and name != "ceiling":
             log(f"{name} cannot hold {size} B sessions: not measured at that size")
@@ -375,6 +391,8 @@ def measure(
                     else [(label, writes, None) for label, writes in MIXES]
                 )
                 for label, writes, route in mixes:
+                    pids = setup.pids() if setup.pids is not None else set()
+                    before = usage(pids)
                     load = run_load(
                         setup.port,
                         cookies[(setup.name, size)],
@@ -384,6 +402,10 @@ def measure(
                         tool=tool,
                     )
                     key = f"{label}_{size}"
+                    if pids:
+                        cpu = spent(before, usage(pids))[0]
+                        served = load.rps * (seconds if seconds else duration)
+                        setup.results.setdefault(f"{key}_cpu_us", []).append(cpu * 1e6 / served)
                     for metric, value in (
                         ("rps", load.rps),
                         ("client_cores", load.client_cores),
@@ -611,6 +633,7 @@ def report(setups: list[Setup], sizes: list[int]) -> tuple[str, dict[str, Any]]:
             )
     lines += ["", *(f"- {s.name}: {s.note}" for s in setups if s.note)]
     lines += [_generator_share(setups)]
+    lines += _costs(setups, sizes)
     lines += [
         "",
         "| configuration | parallel writes of different keys lost | parallel increments lost | "
@@ -656,6 +679,39 @@ def report(setups: list[Setup], sizes: list[int]) -> tuple[str, dict[str, Any]]:
             f"| {r['churn_requests'][0]:.0f} |"
         )
     return "\n".join(lines), data
+
+
+def _costs(setups: list[Setup], sizes: list[int]) -> list[str]:
+    """A table of what a request cost the machine in each configuration: CPU
+    microseconds of its processes (gunicorn's master and workers, its router, its Redis;
+    not the load generator), the medians of the runs. Steadier than req/s from one run
+    to the next, and what the ratios come from on a machine whose cores are all busy."""
+    counted = [s for s in setups if any(k.endswith("_cpu_us") for k in s.results)]
+    if not counted:
+        return []
+    heads = " | ".join(f"{label} µs" for label, _ in MIXES)
+    lines = [
+        "",
+        f"| CPU a request costs its server's processes and its Redis | session | {heads} |",
+        "|---|---|" + "---|" * len(MIXES),
+    ]
+    for setup in counted:
+        for size in sizes:
+            if setup.name == "ceiling":
+                values = setup.results.get(f"health_{size}_cpu_us")
+                if values:
+                    cells = " | ".join([f"{statistics.median(values):.0f} (/health)"] * len(MIXES))
+                    lines.append(f"| ceiling | no session | {cells} |")
+                continue
+            found = [setup.results.get(f"{label}_{size}_cpu_us") for label, _ in MIXES]
+            if all(found):
+                cells = " | ".join(f"{statistics.median(v or [0]):.0f}" for v in found)
+                lines.append(f"| {setup.name} | {size} B | {cells} |")
+    lines.append(
+        "- the balanced fleets (router, registry, nginx) are not counted: their processes "
+        "are many and come and go"
+    )
+    return lines
 
 
 def _generator_share(setups: list[Setup]) -> str:

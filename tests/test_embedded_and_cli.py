@@ -87,6 +87,27 @@ def test_the_comparison_refuses_a_configuration_it_does_not_have(
     assert "no configuration named 'affinity'" in error and "affinity (gunicorn)" in error
 
 
+def test_the_comparison_prints_what_a_request_costs() -> None:
+    from benchmarks.compare import Setup, report
+
+    ceiling = Setup("ceiling", 1, True, results={"health_100_rps": [3000.0]})
+    ceiling.results["health_100_cpu_us"] = [560.0, 580.0, 570.0]
+    ceiling.results.update({f"health_100_{m}": [1.0] for m in ("p50_ms", "p99_ms")})
+    shared = Setup("shared", 2, True, results={"consistency": [1.0]})
+    for label, rps, cpu in (("read-heavy", 2400.0, 800.0), ("write-heavy", 1700.0, 1100.0)):
+        shared.results.update({f"{label}_100_{m}": [1.0] for m in ("p50_ms", "p99_ms")})
+        shared.results[f"{label}_100_rps"] = [rps]
+        shared.results[f"{label}_100_cpu_us"] = [cpu, cpu + 20]
+    fleet = Setup("sticky (router)", 3, True, results={"consistency": [1.0]})
+    fleet.results.update({f"{m}_100_{k}": [1.0] for m in ("read-heavy", "write-heavy")
+                          for k in ("rps", "p50_ms", "p99_ms")})  # fmt: skip
+    text, data = report([ceiling, shared, fleet], [100])
+    assert "| ceiling | no session | 570 (/health) | 570 (/health) |" in text
+    assert "| shared | 100 B | 810 | 1110 |" in text  # medians, µs a request
+    assert "| sticky (router) | 100 B |" not in text.split("CPU a request")[1].split("\n\n")[0]
+    assert data["shared"]["write-heavy_100_cpu_us"]["median"] == 1110
+
+
 def test_the_demo_fails_when_a_mode_that_must_be_consistent_is_not() -> None:
     from benchmarks.demo import Mode, verdict
 
