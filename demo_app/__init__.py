@@ -8,6 +8,7 @@ without a shared store. Every JSON body carries ``pid``, the process that served
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from flask import Flask, Response, jsonify, request, session
@@ -25,6 +26,15 @@ def _environment() -> dict[str, str]:
     # from HTTP clients there. Production keeps the secure default.
     env.setdefault("STATESCALE_COOKIE_SECURE", "0")
     return env
+
+
+def tag(session_id: str | None) -> str | None:
+    """What the demo shows of a session ID: a short hash of it, which names the
+    session on the page and in answers (it changes when the ID does) and gives away
+    nothing of the ID itself, as a piece of it would."""
+    if session_id is None:
+        return None
+    return hashlib.blake2b(session_id.encode(), digest_size=4).hexdigest()
 
 
 def _key() -> str:
@@ -51,11 +61,19 @@ def create_app(env: dict[str, str] | None = None) -> Flask:
 
     def reply(*, owner: bool = True, **body: object) -> Response:
         """Every JSON answer says who served it: the process and its node on the ring
-        (in sticky and affinity modes); with ``owner``, which node owns this session
-        there (which loads the session: /health never asks)."""
-        session_id = get_session(request.environ).id if owner else None
-        whose = owner_of(session_id) if session_id else None
-        return jsonify(pid=os.getpid(), mode=mode, node=node, owner=whose, **body)
+        (in sticky and affinity modes); with ``owner``, which session this is (``tag``)
+        and which node owns it there (which loads the session: /health never asks).
+        A session this request creates gets its ID when the response starts: the node
+        mints one it owns, so the owner is this node, and the tag comes next time."""
+        if not owner:
+            return jsonify(pid=os.getpid(), mode=mode, node=node, owner=None, **body)
+        current = get_session(request.environ)
+        session_id = current.id
+        created = session_id is None and current.modified and len(current) > 0
+        whose = owner_of(session_id) if session_id else (node if created else None)
+        return jsonify(
+            pid=os.getpid(), mode=mode, node=node, owner=whose, session=tag(session_id), **body
+        )
 
     @app.errorhandler(_BadRequest)
     def bad_request(exc: _BadRequest) -> tuple[Response, int]:
@@ -76,7 +94,7 @@ def create_app(env: dict[str, str] | None = None) -> Flask:
             mode=mode,
             node=node,
             owner=owner_of(session_id) if session_id else None,
-            session_id=(session_id or "")[:8],
+            session_id=tag(session_id),
         )
 
     @app.get("/health")

@@ -63,6 +63,8 @@ function show(method, path, status, body){
     document.getElementById("clicks").textContent = 0;
   }
   if (body.owner) document.getElementById("owner").textContent = body.owner;
+  if (body.session) document.getElementById("sid").textContent = body.session;
+  if (path.startsWith("/api/logout")) document.getElementById("sid").textContent = "none yet";
   const who = "pid " + body.pid + (body.node ? " (" + body.node + ")" : "");
   note(method + " " + path + " -> " + status + ", served by " + who);
 }

@@ -288,7 +288,12 @@ def _router_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         default=30.0,
         help="with --registry and no --backend: seconds to wait for a first node (default 30)",
     )
-    router.add_argument("--listen", type=_address, default=("127.0.0.1", 8080), help="HOST:PORT")
+    router.add_argument(
+        "--listen",
+        type=_address,
+        default=("127.0.0.1", 8080),
+        help="HOST:PORT (default 127.0.0.1:8080)",
+    )
     router.add_argument(
         "--fd",
         type=int,
@@ -314,12 +319,19 @@ def _router_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         action="store_true",
         help="let --admin bind an address other than loopback",
     )
-    router.add_argument("--cookie", default=DEFAULT_COOKIE_NAME, help="the session cookie's name")
+    router.add_argument(
+        "--cookie",
+        default=DEFAULT_COOKIE_NAME,
+        help=f"the session cookie's name (default {DEFAULT_COOKIE_NAME})",
+    )
     router.add_argument(
         "--ip-hash", action="store_true", help="route requests without a session by client IP"
     )
     router.add_argument(
-        "--check-interval", type=float, default=1.0, help="seconds between checks of down nodes"
+        "--check-interval",
+        type=float,
+        default=1.0,
+        help="seconds between checks of down nodes (default 1)",
     )
     router.add_argument(
         "--idle-timeout",
@@ -371,6 +383,18 @@ def _router_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     router.set_defaults(func=cmd_router)
 
 
+def _balancer_options(parser: argparse.ArgumentParser) -> None:
+    """What a balancer's configuration takes besides its backends."""
+    parser.add_argument(
+        "--listen", default="127.0.0.1:8080", help="address:port to listen on (default %(default)s)"
+    )
+    parser.add_argument(
+        "--cookie",
+        default=DEFAULT_COOKIE_NAME,
+        help="the session cookie's name (default %(default)s)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="statescale",
@@ -394,7 +418,12 @@ def parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--workers", type=_positive, default=4, help="gunicorn workers (default: 4)"
     )
-    cluster.add_argument("--bind", type=_address, default=("127.0.0.1", 8000), help="HOST:PORT")
+    cluster.add_argument(
+        "--bind",
+        type=_address,
+        default=("127.0.0.1", 8000),
+        help="HOST:PORT (default 127.0.0.1:8000)",
+    )
     cluster.set_defaults(func=cmd_cluster)
 
     from .routing import balancers
@@ -417,8 +446,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME=HOST:PORT[*WEIGHT]",
         help="one instance (repeat, in a fixed order)",
     )
-    lb.add_argument("--listen", default="127.0.0.1:8080", help="address:port to listen on")
-    lb.add_argument("--cookie", default=DEFAULT_COOKIE_NAME, help="the session cookie's name")
+    _balancer_options(lb)
     lb.set_defaults(func=cmd_lb_config)
 
     sync = sub.add_parser(
@@ -434,8 +462,7 @@ def parser() -> argparse.ArgumentParser:
     sync.add_argument("balancer", choices=["nginx", "haproxy"])
     sync.add_argument("--registry", required=True, metavar="URL", help="redis://, etcd://, file://")
     sync.add_argument("--config", required=True, metavar="FILE", help="the file to keep")
-    sync.add_argument("--listen", default="127.0.0.1:8080", help="address:port to listen on")
-    sync.add_argument("--cookie", default=DEFAULT_COOKIE_NAME, help="the session cookie's name")
+    _balancer_options(sync)
     sync.add_argument(
         "--wait", type=float, default=30.0, help="seconds to wait for a first node (default 30)"
     )

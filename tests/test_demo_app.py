@@ -26,3 +26,28 @@ def test_bad_input_is_a_json_error(path: str, status: int, says: str) -> None:
     assert response.status_code == status
     assert response.is_json and says in response.json["error"]
     assert client.get("/api/session").json["data"] == {"kept": "1"}  # nothing lost
+
+
+def test_answers_name_the_session_by_a_hash_and_its_owner_from_the_first() -> None:
+    # The page showed the first 8 characters of the session ID (48 of its bits), never
+    # updated them, and the answer that created a session said its owner was null.
+    from demo_app import create_app, tag
+
+    app = create_app(
+        {"STATESCALE_STORE": "memory", "STATESCALE_COOKIE_SECURE": "0",
+         "STATESCALE_SECRET_KEYS": "k" * 32, "STATESCALE_MODE": "sticky",
+         "STATESCALE_NODE": "a", "STATESCALE_BACKENDS": "a=127.0.0.1:1,b=127.0.0.1:2"}
+    )  # fmt: skip
+    client = app.test_client()
+    first = client.post("/api/incr?key=n").get_json()
+    assert first["owner"] == "a" and first["session"] is None  # its ID comes at the commit
+    second = client.post("/api/incr?key=n").get_json()
+    assert second["owner"] == "a" and second["session"] is not None
+    cookie = client.get_cookie("statescale")
+    assert cookie is not None
+    session_id = cookie.value.partition(".")[0]
+    assert second["session"] == tag(session_id) and second["session"] not in session_id
+    page = client.get("/").get_data(as_text=True)
+    assert f'<code id="sid">{second["session"]}</code>' in page
+    out = client.post("/api/logout").get_json()
+    assert out["owner"] is None and out["session"] is None

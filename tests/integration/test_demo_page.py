@@ -46,6 +46,9 @@ def test_the_buttons_change_the_session_on_every_worker(browser: Browser, mode: 
             clicks += 1
             expect(page.locator("#clicks")).to_have_text(str(clicks))  # right, whoever served
             served |= _pids(page)
+        # The session's name (a hash of its ID) follows the answers: it had no ID when
+        # the page was served, and has one from the second click on.
+        expect(page.locator("#sid")).to_have_text(re.compile(r"^[0-9a-f]{8}$"))
         if mode == "shared":
             assert len(served) >= 2  # several workers served it, and the count went on
             expect(page.locator("#owner")).to_contain_text("any worker")
@@ -73,6 +76,7 @@ def test_log_in_and_log_out(browser: Browser) -> None:
         assert page.locator("#sid").text_content() != before  # under a new ID (no fixation)
         page.click("#logout")
         expect(page.locator("#user")).to_have_text("nobody")
+        expect(page.locator("#sid")).to_have_text("none yet")
         page.goto(url)
         expect(page.locator("#user")).to_have_text("nobody")
         expect(page.locator("#clicks")).to_have_text("0")  # logged out: the session is gone
