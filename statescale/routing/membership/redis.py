@@ -105,7 +105,7 @@ class RedisRegistry:
         parts = urlsplit(url)
         query = parse_qs(parts.query)
         prefix = query.pop("prefix", [DEFAULT_PREFIX])[0]
-        if parts.scheme == "redis+cluster":
+        if parts.scheme.endswith("+cluster"):
             raise ConfigError(f"{url!r}: use one Redis server (or Sentinel) for the registry")
         rest = "&".join(f"{k}={v[0]}" for k, v in query.items())
         self.url = url

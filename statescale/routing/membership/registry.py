@@ -22,7 +22,7 @@ def open_registry(url: str) -> Registry:
       re-read when it changes; registering is left to whoever writes it.
     """
     scheme = urlsplit(url).scheme
-    if scheme in ("redis", "rediss", "redis+sentinel", "redis+cluster", "unix"):
+    if scheme in ("redis", "rediss", "unix") or scheme.startswith(("redis+", "rediss+")):
         from .redis import RedisRegistry
 
         return RedisRegistry(url)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -19,6 +19,10 @@ from ...exceptions import ConfigError
 
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
+#: What a Sentinel or Cluster URL's query may hold: redis-py's TLS options (with the
+#: ``rediss+`` schemes), and the Sentinels' own credentials where they have any.
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+_SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 
 #: Connection classes statescale may copy to open connections of its own.
 _OWN_CONNECTIONS = (
@@ -60,15 +64,34 @@ def client_from_url(url: str, *, timeout: float = DEFAULT_REDIS_TIMEOUT, retries
     * ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS),
       ``unix:///path/to/redis.sock[?db=0]``: one server;
     * ``redis+sentinel://[[user]:password@]host:port[,host:port...]/SERVICE[/db]``:
-      the master Sentinel names for SERVICE, found again after a failover;
+      the master Sentinel names for SERVICE, found again after a failover; the URL's
+      credentials are the master's, ``?sentinel_password=...`` (and
+      ``sentinel_username``) the Sentinels' own where they require one;
     * ``redis+cluster://[[user]:password@]host:port[,host:port...]``: a Redis Cluster.
+
+    ``rediss+sentinel://`` and ``rediss+cluster://`` speak TLS to every server (the
+    Sentinels too), with redis-py's options in the query: ``ssl_ca_certs``,
+    ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``.
     """
     parts = urlsplit(url)
     password = unquote(parts.password) if parts.password else None
     username = unquote(parts.username) if parts.username else None
     if parts.scheme in ("redis", "rediss", "unix"):
         return redis.Redis.from_url(url, **client_options(timeout, retries))
-    if parts.scheme == SENTINEL_SCHEME:
+    scheme, tls = parts.scheme, parts.scheme.startswith("rediss+")
+    if tls:
+        scheme = "redis+" + scheme.partition("+")[2]
+    if scheme not in (SENTINEL_SCHEME, CLUSTER_SCHEME):
+        raise ConfigError(
+            f"{url!r}: unknown scheme {parts.scheme!r}; use redis://, rediss://, unix://, "
+            f"{SENTINEL_SCHEME}://, {CLUSTER_SCHEME}:// (rediss+ for TLS)"
+        )
+    query = _query(url, parts.query, sentinel=scheme == SENTINEL_SCHEME, tls=tls)
+    options = client_options(timeout, retries)
+    secure: dict[str, Any] = {}
+    if tls:
+        secure = {"ssl": True, **{k: query[k] for k in _TLS_OPTIONS if k in query}}
+    if scheme == SENTINEL_SCHEME:
         path = [p for p in parts.path.split("/") if p]
         if not path:
             raise ConfigError(
@@ -76,32 +99,41 @@ def client_from_url(url: str, *, timeout: float = DEFAULT_REDIS_TIMEOUT, retries
             )
         from redis.sentinel import Sentinel
 
+        sentinels = {k.removeprefix("sentinel_"): query[k] for k in _SENTINEL_OPTIONS if k in query}
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             _hosts(parts.netloc, 26379),
-            sentinel_kwargs=client_options(timeout, retries),
-            **client_options(timeout, retries),
+            sentinel_kwargs={**options, **secure, **sentinels},
+            **options,
         )
         db = int(path[1]) if len(path) > 1 else 0
         return sentinel.master_for(  # type: ignore[no-untyped-call]
-            path[0], db=db, username=username, password=password
+            path[0], db=db, username=username, password=password, **secure
         )
-    if parts.scheme == CLUSTER_SCHEME:
-        from redis.cluster import ClusterNode, RedisCluster
+    from redis.cluster import ClusterNode, RedisCluster
 
-        hosts = _hosts(parts.netloc, 6379)
-        nodes = [ClusterNode(host, port) for host, port in hosts]  # type: ignore[no-untyped-call]
-        return LazyCluster(
-            lambda: RedisCluster(
-                startup_nodes=nodes,
-                username=username,
-                password=password,
-                **client_options(timeout, retries),
-            )
+    hosts = _hosts(parts.netloc, 6379)
+    nodes = [ClusterNode(host, port) for host, port in hosts]  # type: ignore[no-untyped-call]
+    return LazyCluster(
+        lambda: RedisCluster(
+            startup_nodes=nodes,
+            username=username,
+            password=password,
+            **options,
+            **secure,
         )
-    raise ConfigError(
-        f"{url!r}: unknown scheme {parts.scheme!r}; use redis://, rediss://, unix://, "
-        f"{SENTINEL_SCHEME}:// or {CLUSTER_SCHEME}://"
     )
+
+
+def _query(url: str, query: str, *, sentinel: bool, tls: bool) -> dict[str, str]:
+    """A Sentinel or Cluster URL's options: only those it can take, each once."""
+    allowed = (*(_TLS_OPTIONS if tls else ()), *(_SENTINEL_OPTIONS if sentinel else ()))
+    found: dict[str, str] = {}
+    for name, values in parse_qs(query, keep_blank_values=True).items():
+        if name not in allowed or len(values) != 1:
+            can = ", ".join(allowed) or "no option"
+            raise ConfigError(f"{url!r}: {name!r} is not an option here (it takes {can})")
+        found[name] = values[0]
+    return found
 
 
 class LazyCluster:
