@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 # command -> Debian package
 packages=(redis-server:redis-server etcd:etcd-server nginx:nginx-light haproxy:haproxy wrk:wrk
-    chromium:chromium)
+    chromium:chromium openssl:openssl)
 need=()
 for pair in "${packages[@]}"; do
     tool=${pair%%:*}
