@@ -529,10 +529,11 @@ def _routing_listener(server: Any, master: _Master, slot: _Slot, worker: Any) ->
 #: Seconds a stopping worker (``STATESCALE_ROUTING=workers``) waits for its channel to
 #: stay empty: when the master stops, the other workers stop passing it connections
 #: within microseconds of their own TERM, but one may be descheduled between its accept
-#: and its pass. At most ``CHANNEL_DRAIN`` seconds in all: when it is replaced (a
-#: reload, recycling), its slot's next worker takes what keeps coming.
+#: and its pass. What is queued there is answered however long that takes, within
+#: ``CHANNEL_SHARE`` of gunicorn's ``graceful_timeout``; the rest is for the sessions'
+#: hand-over (sticky mode) and the exit. (No worker comes after it: the master stops.)
 CHANNEL_QUIET = 0.3
-CHANNEL_DRAIN = 1.0
+CHANNEL_SHARE = 0.5
 
 
 def _answer_passed(server: Any, worker: Any) -> None:
@@ -551,7 +552,7 @@ def _answer_passed(server: Any, worker: Any) -> None:
         # served by two workers at once: in affinity mode, an update lost.
         return
     start = time.monotonic()
-    deadline = start + min(CHANNEL_DRAIN, server.cfg.graceful_timeout)
+    deadline = start + server.cfg.graceful_timeout * CHANNEL_SHARE
     quiet_until = start + CHANNEL_QUIET
     while (left := min(quiet_until, deadline) - time.monotonic()) > 0:
         try:

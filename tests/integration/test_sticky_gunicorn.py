@@ -309,3 +309,42 @@ def test_the_router_gives_requests_in_flight_gunicorns_graceful_timeout() -> Non
         with open(f"/proc/{router}/cmdline", "rb") as cmdline:
             argv = cmdline.read().split(b"\0")
     assert argv[argv.index(b"--grace") + 1] == b"27"
+
+
+def test_a_stopping_owner_answers_all_that_is_queued_for_it() -> None:
+    # STATESCALE_ROUTING=workers: a stopping worker answered its channel for 1 s at
+    # most, and what was still queued there was reset when the master exited (6 of 10
+    # slow requests), though gunicorn's graceful_timeout had 29 s to go.
+    env = {"STATESCALE_MODE": "sticky", "STATESCALE_ROUTING": "workers"}
+    args = ("--graceful-timeout", "10")
+    with Gunicorn(env=env, workers=2, args=args, app="tests.slow_app:app") as server:
+        user = SessionClient(server.port)
+        owner = user.post("/api/set?key=k&value=v").json["pid"]
+        answers: list[bytes] = []
+
+        def slow() -> None:
+            answer = b""
+            try:
+                with socket.create_connection(("127.0.0.1", server.port), timeout=20) as raw:
+                    raw.sendall(f"GET /api/slow HTTP/1.1\r\nHost: x\r\nCookie: statescale="
+                                f"{user.cookie}\r\n\r\n".encode())  # fmt: skip
+                    while chunk := raw.recv(65536):
+                        answer += chunk
+            except OSError as exc:  # reset: what the master's exit did to it
+                answer = repr(exc).encode()
+            answers.append(answer)
+
+        os.kill(owner, signal.SIGSTOP)  # all ten wait in its channel
+        try:
+            threads = [threading.Thread(target=slow) for _ in range(10)]
+            for thread in threads:
+                thread.start()
+            time.sleep(0.5)
+            server.signal(signal.SIGTERM)
+            time.sleep(0.3)
+        finally:
+            os.kill(owner, signal.SIGCONT)
+        for thread in threads:
+            thread.join(30)
+    assert len(answers) == 10
+    assert all(a.startswith(b"HTTP/1.1 200") and b'"k":"v"' in a for a in answers), answers
