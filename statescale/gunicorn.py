@@ -259,6 +259,18 @@ def _refuse_what_cannot_route(server: Any, master: _Master) -> None:
             "drop --threads and --worker-class, or use STATESCALE_ROUTING=router",
         ),
         (
+            by_workers
+            and (
+                getattr(cfg, "permit_obsolete_folding", False)
+                or getattr(cfg, "strip_header_spaces", False)
+            ),
+            "STATESCALE_ROUTING=workers: the workers route by a peek that reads header "
+            "lines as HTTP/1.1 writes them; with --permit-obsolete-folding or "
+            "--strip-header-spaces gunicorn would read a Cookie the peek does not, and "
+            "serve a session on a worker that does not hold it: drop them, or use "
+            "STATESCALE_ROUTING=router",
+        ),
+        (
             by_workers and master.settings.node is not None,
             "STATESCALE_ROUTING=workers is for one master serving the whole ring; a node "
             "of a fleet (STATESCALE_NODE) routes to its workers with its router",

@@ -3,6 +3,7 @@ master, a router on the public address and a memory store in every worker."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -206,6 +207,8 @@ def test_routing_by_the_workers_needs_sync_workers_and_one_master() -> None:
     for env, args in [
         ({}, ("--threads", "2")),
         ({"STATESCALE_NODE": "n1", "STATESCALE_BACKENDS": "n1=127.0.0.1:1"}, ()),
+        ({}, ("--permit-obsolete-folding",)),  # a folded Cookie line the peek cannot read
+        ({}, ("--strip-header-spaces",)),  # nor "Cookie :"
     ]:
         server = Gunicorn(
             env={"STATESCALE_MODE": "sticky", "STATESCALE_ROUTING": "workers", **env},
@@ -348,3 +351,33 @@ def test_a_stopping_owner_answers_all_that_is_queued_for_it() -> None:
             thread.join(30)
     assert len(answers) == 10
     assert all(a.startswith(b"HTTP/1.1 200") and b'"k":"v"' in a for a in answers), answers
+
+
+@pytest.mark.parametrize("routing", ["router", "workers"])
+def test_a_session_in_a_second_cookie_line_is_the_one_routed_and_read(routing: str) -> None:
+    # Two Cookie lines: the routing joined them with "; " and took the first session,
+    # gunicorn joined them with ", " and the middleware (splitting on ";" alone) read
+    # the second one, on the first one's worker, which does not hold it: {} (measured).
+    env = {"STATESCALE_MODE": "sticky", "STATESCALE_ROUTING": routing}
+    with Gunicorn(env=env, workers=2) as server:
+        users: dict[int, SessionClient] = {}
+        while len(users) < 2:  # one session owned by each worker
+            user = SessionClient(server.port)
+            reply = user.post("/api/set?key=who&value=x")
+            users.setdefault(reply.json["pid"], user)
+        (first_pid, first), (second_pid, second) = users.items()
+        first.post(f"/api/set?key=who&value={first_pid}")
+        second.post(f"/api/set?key=who&value={second_pid}")
+        for lines, pid in (
+            ([f"statescale={first.cookie}", f"x=1; statescale={second.cookie}"], first_pid),
+            (["x=1", f"statescale={second.cookie}; statescale={first.cookie}"], second_pid),
+        ):
+            head = "".join(f"Cookie: {line}\r\n" for line in lines)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+                raw.sendall(f"GET /api/session HTTP/1.1\r\nHost: x\r\n{head}"
+                            "Connection: close\r\n\r\n".encode())  # fmt: skip
+                answer = b""
+                while chunk := raw.recv(65536):
+                    answer += chunk
+            body = json.loads(answer.partition(b"\r\n\r\n")[2])
+            assert (body["pid"], body["data"]) == (pid, {"who": str(pid)}), lines

@@ -483,3 +483,94 @@ def test_a_head_past_the_first_peek_is_still_routed_by_its_cookie(
     assert received == head
     served.close()
     client.close()
+
+
+def test_one_accept_passes_for_a_bounded_time(
+    listener: socket.socket, two_workers: tuple[RoutingListener, RoutingListener, list[bool]]
+) -> None:
+    # Heads that each came just before HEAD_WAIT kept one accept() passing for 16 x 2 s
+    # (30.4 s, measured): past gunicorn's --timeout, which killed the worker, and with it
+    # a sticky worker's sessions. Now no connection is begun past BATCH_TIME.
+    a, _, _ = two_workers
+    a.HEAD_WAIT, a.BATCH_TIME = 0.5, 0.3
+    request = _request("b.sig")
+    clients = [_client(listener, request[:20]) for _ in range(a.BATCH)]
+    started = time.monotonic()
+
+    done = threading.Event()
+
+    def finish() -> None:
+        for n, client in enumerate(clients, start=1):
+            if done.wait(max(0.0, started + 0.2 * n - time.monotonic())):
+                return
+            client.sendall(request[20:])
+
+    finisher = threading.Thread(target=finish, daemon=True)
+    finisher.start()
+    _arrived(listener)
+    with pytest.raises(BlockingIOError):
+        a.accept()
+    took = time.monotonic() - started
+    assert took < 0.3 + 0.5 + 0.2, took  # the budget, and the last head begun within it
+    assert 1 <= a.passed < len(clients)
+    done.set()
+    finisher.join(5)
+    for client in clients:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"GET / HTTP/1.1\nHost: x\n\n", id="bare-LF"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nCookie: statescale=b.sig\n\r\n", id="mixed"),
+    ],
+)
+def test_a_head_that_can_never_end_is_not_waited_for(
+    listener: socket.socket,
+    two_workers: tuple[RoutingListener, RoutingListener, list[bool]],
+    data: bytes,
+) -> None:
+    # A bare LF never ends a head that the peek reads, so the worker waited out
+    # HEAD_WAIT (2 s, serving nothing) for every such packet, after its client had gone
+    # too; gunicorn refuses it at once.
+    a, _, _ = two_workers
+    client = _client(listener, data)
+    client.close()
+    _arrived(listener)
+    started = time.monotonic()
+    conn, _ = a.accept()  # here: gunicorn's parser answers it (a 400)
+    assert time.monotonic() - started < 0.5
+    conn.close()
+
+
+def test_a_client_that_has_sent_all_it_will_is_not_waited_for(
+    listener: socket.socket, two_workers: tuple[RoutingListener, RoutingListener, list[bool]]
+) -> None:
+    a, _, _ = two_workers
+    client = _client(listener, _request("b.sig")[:20])
+    client.shutdown(socket.SHUT_WR)  # a head cut short, and no more to come
+    _arrived(listener)
+    started = time.monotonic()
+    conn, _ = a.accept()
+    assert time.monotonic() - started < 0.5
+    for sock in (conn, client):
+        sock.close()
+
+
+def test_a_pass_that_fails_says_why(
+    listener: socket.socket,
+    two_workers: tuple[RoutingListener, RoutingListener, list[bool]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Every failure was logged as "channel stayed full for 1s": the kernel's refusals
+    # too (ETOOMANYREFS past the open-files limit, EPIPE), which never waited.
+    a, b, _ = two_workers
+    b.channel.close()  # nobody reads b's channel
+    client = _client(listener, _request("b.sig"))
+    _arrived(listener)
+    conn, _ = a.accept()
+    assert a.passed == 0
+    assert "served here: passing failed (EPIPE" in caplog.text, caplog.text
+    for sock in (conn, client):
+        sock.close()

@@ -123,6 +123,16 @@ def send_connection(
     """Pass ``conn``, whose client is at ``peer``, through ``channel``, waiting up to
     ``wait`` seconds for room; False when the channel is full or broken (``conn`` is
     then still the caller's). ``whole``: the request has arrived whole."""
+    return passing_failure(channel, conn, peer, whole=whole, wait=wait) is None
+
+
+def passing_failure(
+    channel: socket.socket, conn: socket.socket, peer: Any, *, whole: bool = True, wait: float = 0
+) -> str | None:
+    """:func:`send_connection`, saying why a pass failed: ``None`` once passed, else
+    what went wrong (the channel full for ``wait`` seconds, or the kernel's refusal:
+    ``ETOOMANYREFS`` when the user's descriptors in flight reach its open-files limit,
+    ``EPIPE`` when nobody reads the channel)."""
     try:
         family = conn.family | (0 if whole else _PARTIAL)
         record = _RECORD.pack(family, peer[1], socket.inet_pton(conn.family, peer[0]))
@@ -132,13 +142,15 @@ def send_connection(
             sent = channel.sendmsg([record], ancillary, _SEND_FLAGS)
         except BlockingIOError:
             if wait <= 0 or not select.select([], [channel], [], wait)[1]:
-                return False
+                return f"its channel stayed full for {wait:g} s"
             sent = channel.sendmsg([record], ancillary, _SEND_FLAGS)
-    except (OSError, ValueError, IndexError, TypeError):
-        return False
+    except OSError as exc:
+        return f"passing failed ({errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc.strerror})"
+    except (ValueError, IndexError, TypeError) as exc:
+        return f"passing failed ({type(exc).__name__}: {exc})"
     if sent != _RECORD.size:  # never seen: a Unix stream socket sends 20 bytes whole
         raise RuntimeError(f"a channel took {sent} of {_RECORD.size} bytes; it is out of step")
-    return True
+    return None
 
 
 class PassedSocket(socket.socket):
@@ -371,6 +383,18 @@ def peek_head(data: bytes, limit: int = PEEK_BYTES) -> tuple[bytes, bool] | None
     return cookie, False
 
 
+#: An LF not after a CR, in a head: HTTP/1.1 wants CRLF, and gunicorn refuses the rest.
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """Whether the client has shut its side (sent all it will send) or gone."""
+    poller = select.poll()
+    poller.register(conn, select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+               for _, events in poller.poll(0))  # fmt: skip
+
+
 class Turns:
     """A round-robin count shared by the processes forked after it is made (an anonymous
     shared mapping), so workers that route among themselves take turns as one router
@@ -402,16 +426,25 @@ class RoutingListener(SlotListener):
     must not meet in two workers. So the peek waits up to ``HEAD_WAIT`` seconds for a
     head still arriving, a request whose body is still coming is passed too (its close
     then lingers, as gunicorn's does), and a full channel is waited on for up to
-    ``PASS_WAIT`` seconds. Only a client that has not sent its head by then, or a
-    worker whose channel stays full, is served where it landed (a sticky session then
-    starts afresh there).
+    ``PASS_WAIT`` seconds. Only a client that has not sent its head by then (or never
+    can: a bare LF ends no head the peek reads, and a client that has shut its side
+    sends no more; neither is waited for), or a worker whose channel stays full or
+    refuses (the log says why), is served where it landed (a sticky session then
+    starts afresh there). A request without a session does not wait for room: any
+    worker may start it. One ``accept`` begins no pass after ``BATCH_TIME`` seconds, so
+    that gunicorn's loop, and the worker's heartbeat, come round far inside its
+    ``--timeout``.
 
     ``owner`` names the slot that owns the session of a Cookie header (None: no
     session cookie); ``running`` is false once the worker is stopping, when it accepts
     nothing more; ``turns``, the count all the workers share."""
 
-    #: Connections passed on in one accept() before it returns to gunicorn's loop.
+    #: Connections passed on in one accept() before it returns to gunicorn's loop...
     BATCH = 16
+    #: ...and seconds: past this, no more is begun, so that one call, slow heads and
+    #: full channels included, stays far inside gunicorn's ``--timeout`` (the worker's
+    #: heartbeat is sent from its loop).
+    BATCH_TIME = 0.5
     #: Seconds a worker waits for a head still arriving (the router waits too, up to
     #: its header timeout; a sync worker waits on its client anyway).
     HEAD_WAIT = 2.0
@@ -440,9 +473,12 @@ class RoutingListener(SlotListener):
 
     def _accepted(self) -> tuple[socket.socket, Any]:
         """The next connection on the public listener that this worker serves."""
+        until = time.monotonic() + self.BATCH_TIME
         for _ in range(self.BATCH):
             if not self.running():  # stopping: what it accepted it passed on; no more
                 break
+            if time.monotonic() > until:
+                break  # back to gunicorn's loop for a while: its heartbeat, its channel
             conn, peer = self.slot.accept()  # BlockingIOError: none waiting
             head = self._head(conn)
             if head is None or not self.running():
@@ -452,21 +488,23 @@ class RoutingListener(SlotListener):
                 return conn, peer
             cookie, whole = head
             slot = self.owner(cookie) if cookie else None
+            wait = self.PASS_WAIT  # a session's requests wait for its owner's room...
             if slot is None:  # no session yet: round robin, so new ones spread evenly
                 slot = self._rotation[self.turns.next(len(self._rotation))]
+                wait = 0  # ...a new one's need not: served here if that slot is full
             channel = self.peers.get(slot)
-            if channel is not None and send_connection(
-                channel, conn, peer, whole=whole, wait=self.PASS_WAIT
-            ):
-                conn.close()  # the owner's now
-                self.passed += 1
-                continue
+            failure = None
             if channel is not None:
+                failure = passing_failure(channel, conn, peer, whole=whole, wait=wait)
+                if failure is None:
+                    conn.close()  # the owner's now
+                    self.passed += 1
+                    continue
+            if failure is not None and wait:
                 log.warning(
-                    "statescale: %s's channel stayed full for %gs; served a request of its "
-                    "session here",
+                    "statescale: a request of a session %s owns was served here: %s",
                     slot,
-                    self.PASS_WAIT,
+                    failure,
                 )
             if whole:  # like a passed one, its close need not wait for the client's
                 conn = PassedSocket(conn.family, socket.SOCK_STREAM, 0, fileno=conn.detach())
@@ -493,6 +531,11 @@ class RoutingListener(SlotListener):
             head = peek_head(data, size) if data else None
             if head is not None:
                 return head
+            if data and (_BARE_LF.search(data) or _hung_up(conn)):
+                # A line ended by a bare LF never ends a head that peek_head reads
+                # (gunicorn refuses it: a 400 at once), and a client that has sent all
+                # it will send is not waited for: either way, gunicorn's parser judges.
+                return None
             now = time.monotonic()
             deadline = deadline or now + self.HEAD_WAIT
             if now >= deadline:
