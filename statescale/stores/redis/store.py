@@ -166,8 +166,16 @@ class RedisStore:
     def _master_breaker(self, node: Any) -> Breaker:
         found = self._breakers.get(node.name)
         if found is None:
-            pool = self.client.get_redis_connection(node).connection_pool
-            found = self._breakers.setdefault(node.name, Breaker(pinger(pool)))
+            ping = pinger(self.client.get_redis_connection(node).connection_pool)
+
+            def probe() -> bool:
+                # A replica may have taken the master's slots over: read the map again
+                # (at most once a second), so that the next request for them goes to
+                # the new master, whose breaker is closed, while this one stays open.
+                self._read_map()
+                return ping()
+
+            found = self._breakers.setdefault(node.name, Breaker(probe))
         return found
 
     @classmethod
@@ -279,6 +287,10 @@ class RedisStore:
                 if held is shard:
                     del self.shards[name]
                     held.close()
+        self._read_map()
+
+    def _read_map(self) -> None:
+        """Read a Cluster's slot map again, at most once every ``_MAP_EVERY``."""
         now = time.monotonic()
         with self._map_lock:
             if now < self._next_map:
@@ -438,16 +450,16 @@ class RedisStore:
 
     @contextmanager
     def lock(self, session_id: str) -> Iterator[None]:
-        lock = self.client.lock(
-            self.key(session_id) + ":lock",
-            timeout=self.lock_expiry,
-            blocking_timeout=self.lock_wait,
-            sleep=0.005,
-            # Released where the response starts: another thread than the one that
-            # took it when the view ran elsewhere (Flask's async views, on asgiref's).
-            thread_local=False,
-        )
-        with self._translated("lock", self.key(session_id)):
+        with self._translated("lock", self.key(session_id)):  # (a Cluster connects here)
+            lock = self.client.lock(
+                self.key(session_id) + ":lock",
+                timeout=self.lock_expiry,
+                blocking_timeout=self.lock_wait,
+                sleep=0.005,
+                # Released where the response starts: another thread than the one that
+                # took it when the view ran elsewhere (Flask's async views, on asgiref's).
+                thread_local=False,
+            )
             if not lock.acquire():
                 raise LockTimeout(self.lock_wait)
         tracking = self._tracking(self.key(session_id))

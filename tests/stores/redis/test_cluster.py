@@ -74,6 +74,7 @@ def _cluster(
     finally:
         for proc in procs.values():
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a frozen one would never take its TERM
                 proc.terminate()
             proc.wait(10)
 
@@ -222,12 +223,17 @@ def test_a_cluster_down_at_start_is_a_503_not_a_crash() -> None:
             store.load("s")
         with pytest.raises(StoreUnavailable):
             store.create("s", {"n": b"1"})
+        with pytest.raises(StoreUnavailable), store.lock("s"):  # (was redis-py's: a 500)
+            pass
 
 
-def test_copies_follow_a_failover_to_the_replica(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_copies_follow_a_failover_to_the_replica(tmp_path: Path, how: str) -> None:
     # With copies (the default), statescale's own connections to a master that died
     # failed for good: nothing made the client read the slot map again, so its slots
-    # were a 503 until the process restarted.
+    # were a 503 until the process restarted. Frozen (an independent review): the
+    # master's own breaker, once open, stopped every request before one could meet an
+    # error and read the map again, and probed the old master alone: a 503 for good.
     with _cluster(tmp_path, masters=3, replicas=1) as procs:
         url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in procs)
         store, other = RedisStore.from_url(url), RedisStore.from_url(url, local_cache=0)
@@ -235,7 +241,10 @@ def test_copies_follow_a_failover_to_the_replica(tmp_path: Path) -> None:
         assert store.load("s") is not None  # a copy, on the master's shard
         master = store.client.get_node_from_key(store.key("s")).port
         assert redis.Redis(port=master).wait(1, 10_000) == 1  # the replica has it
-        procs[master].kill()
+        if how == "killed":
+            procs[master].kill()
+        else:
+            procs[master].send_signal(signal.SIGSTOP)
         saved = None  # a 503 until a replica has taken over, then a write there
         deadline = time.monotonic() + 30
         while saved is None and time.monotonic() < deadline:
