@@ -638,8 +638,11 @@ class Tracking(Direct):
         self._pings.append(now)
 
     def _drain_socket(self) -> int:
-        """One ``recv`` of all that has arrived (usually), parsed in C; the bytes read."""
+        """One ``recv`` of all that has arrived (usually), parsed in C; the bytes read.
+        Over TLS, one ``recv`` returns one record at most, and Redis sends each message
+        in a record of its own: read until there is nothing more."""
         seen, reader = 0, self._reader
+        whole = not isinstance(self._raw, ssl.SSLSocket)  # a short read: all there is
         while True:
             try:
                 data = self._raw.recv(262144)
@@ -651,7 +654,7 @@ class Tracking(Direct):
             seen += len(data)
             while (message := reader.gets()) is not False:
                 self._on_message(message)
-            if len(data) < 262144:
+            if whole and len(data) < 262144:
                 break
         return seen
 

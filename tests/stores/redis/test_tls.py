@@ -84,6 +84,31 @@ def test_copies_over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         assert record is not None and record.fields == {"n": b"10"}
 
 
+def test_a_drain_over_tls_reads_every_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One recv() on a TLS socket returns one record, and Redis sends each invalidation
+    # in one of its own: a drain read the first alone, and the copy of the second key
+    # written was served stale (50 of 50 times, measured by an independent review).
+    monkeypatch.setattr(subscription, "IDLE_DRAIN", 3600.0)  # only lookups drain
+    certs = certificates(tmp_path / "tls")
+    port = free_port()
+    with _server(*certs.server_options(port)):
+        url = f"rediss://127.0.0.1:{port}/0?{certs.query()}"
+        holder, writer = RedisStore.from_url(url), RedisStore.from_url(url)
+        for trial in range(10):
+            keys = [f"k{trial}-{n}" for n in range(3)]
+            created = {k: _soon(lambda k=k: holder.create(k, {"n": b"0"})).created for k in keys}
+            for key in keys:
+                holder.load(key)
+                holder.load(key)  # subscribed, then kept
+            for key in keys:  # three round trips: three invalidations, three records
+                writer.save(key, Changes({"n": b"1"}, frozenset()), created=created[key])
+            time.sleep(0.02)
+            record = holder.load(keys[-1])
+            assert record is not None and record.fields == {"n": b"1"}, trial
+
+
 def test_a_sentinel_over_tls_with_a_password_of_its_own(tmp_path: Path) -> None:
     certs = certificates(tmp_path / "tls")
     master, watcher = free_port(), free_port()
