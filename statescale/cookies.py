@@ -1,14 +1,17 @@
 """Reading the session cookie and writing ``Set-Cookie``. Pure.
 
-Reading is deliberately simple: the header is split on ``;`` (RFC 6265 5.4) and on
-``,``, and a pair counts when its name is exactly ours. A client may send several
-``Cookie`` lines, which servers join with ``, `` (gunicorn) or ``; `` (statescale's
-router, HTTP/2): split on both, the pairs are the same either way, so the session the
-app reads is the one its request was routed by. statescale's own values are URL-safe
-text that holds no ``;``, ``,``, ``"`` or ``=``, so nothing else the header carries
-(another application's cookies, an unbalanced quote, bytes that are not UTF-8, a
-duplicate of our name with another value) can hide one. Writing renders the attributes
-once, with werkzeug.
+Reading is deliberately simple: the header is split on ``;`` alone (RFC 6265 5.4), and a
+pair counts when its name is exactly ours. statescale's own values are URL-safe text
+that holds no ``;``, ``,``, ``"`` or ``=``, so nothing else the header carries (another
+application's cookies, an unbalanced quote, bytes that are not UTF-8, a duplicate of our
+name with another value) can hide one. Writing renders the attributes once, with
+werkzeug.
+
+A client may send several ``Cookie`` lines (a browser sends one), which gunicorn joins
+with ``, ``: a value of ours ends at a comma, and statescale's router joins them the same
+way, so the session the app reads is the one its request was routed by. The header is
+not split on commas: a comma in another cookie's value (written raw by a script) must
+not make a pair of ours.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ def cookie_values(cookie_header: str | None, name: str) -> list[str]:
     if not cookie_header or name not in cookie_header:
         return []
     found = []
-    for pair in cookie_header.replace(",", ";").split(";"):
+    for pair in cookie_header.split(";"):
         key, sep, value = pair.partition("=")
         if sep and key.strip() == name:
-            value = value.strip()
+            value = value.partition(",")[0].strip()  # (a joined Cookie line after it)
             if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1]
             found.append(value)
@@ -81,17 +84,17 @@ _SIGNED = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")  # the shape of ID.SI
 
 def cookie_value(header: bytes, name: bytes) -> str | None:
     """The first value of cookie ``name`` in a Cookie header that has the shape of a
-    signed session ID (split on ';' and ',', as the middleware reads it): what every
+    signed session ID (read as the middleware reads it): what every
     router, and the peer-to-peer client, routes by. Junk under the same name before it
     does not move the session to another node. (A router cannot check signatures; a
     planted value of the right shape can still move it, and the session then starts
     afresh there: a nuisance, never a takeover.)"""
     if name not in header:
         return None
-    for pair in header.replace(b",", b";").split(b";"):
+    for pair in header.split(b";"):
         key, sep, value = pair.partition(b"=")
         if sep and key.strip() == name:
-            value = value.strip()
+            value = value.partition(b",")[0].strip()
             if len(value) >= 2 and value[:1] == value[-1:] == b'"':
                 value = value[1:-1]
             if _SIGNED.match(value):

@@ -358,6 +358,7 @@ def test_a_session_in_a_second_cookie_line_is_the_one_routed_and_read(routing: s
     # Two Cookie lines: the routing joined them with "; " and took the first session,
     # gunicorn joined them with ", " and the middleware (splitting on ";" alone) read
     # the second one, on the first one's worker, which does not hold it: {} (measured).
+    # Now both join them as gunicorn does, and read them alike.
     env = {"STATESCALE_MODE": "sticky", "STATESCALE_ROUTING": routing}
     with Gunicorn(env=env, workers=2) as server:
         users: dict[int, SessionClient] = {}
@@ -370,7 +371,8 @@ def test_a_session_in_a_second_cookie_line_is_the_one_routed_and_read(routing: s
         second.post(f"/api/set?key=who&value={second_pid}")
         for lines, pid in (
             ([f"statescale={first.cookie}", f"x=1; statescale={second.cookie}"], first_pid),
-            (["x=1", f"statescale={second.cookie}; statescale={first.cookie}"], second_pid),
+            # "x=1, statescale=B" is one pair, x's: the next pair of ours is the first
+            (["x=1", f"statescale={second.cookie}; statescale={first.cookie}"], first_pid),
         ):
             head = "".join(f"Cookie: {line}\r\n" for line in lines)
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:

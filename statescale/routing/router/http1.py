@@ -76,7 +76,7 @@ class RequestHead:
     has_body: bool  # Content-Length > 0 or chunked
     length: int  # the Content-Length, or -1 when chunked or absent
     expect_continue: bool
-    cookie: bytes  # every Cookie header, joined with "; "
+    cookie: bytes  # every Cookie header, joined with ", " as gunicorn joins them
     http11: bool  # HTTP/1.1 (else 1.0: no chunked response, the body ends by closing)
 
 
@@ -221,7 +221,7 @@ class RequestParser(_Parser):
                 has_body=bool(encodings) or length > 0,
                 length=-1 if encodings else length,
                 expect_continue=expect,
-                cookie=b"; ".join(cookies),
+                cookie=b", ".join(cookies),
                 http11=version == "1.1",
             )
         )

@@ -360,8 +360,9 @@ _BODY_LINE = re.compile(rb"\r\n(content-length|transfer-encoding):[ \t]*([^\r\n]
 
 def peek_head(data: bytes, limit: int = PEEK_BYTES) -> tuple[bytes, bool] | None:
     """What a worker routing by itself reads of the bytes it peeked: the request's
-    Cookie headers (joined with ``; ``; b"" if none), and whether ``data`` is that one
-    request whole (its head, and the body its Content-Length announces, nothing more);
+    Cookie headers (joined with ``, ``, as gunicorn joins them; b"" if none), and
+    whether ``data`` is that one request whole (its head, and the body its
+    Content-Length announces, nothing more);
     None when the head has not arrived whole. A head longer than ``limit`` (the bytes
     peeked at most) is read as far as its last complete line. Only the choice of
     worker, and whether the close may skip lingering, ride on this: gunicorn's parser
@@ -371,8 +372,8 @@ def peek_head(data: bytes, limit: int = PEEK_BYTES) -> tuple[bytes, bool] | None
         if len(data) < limit:
             return None
         last = data.rfind(b"\r\n")
-        return b"; ".join(_COOKIE_LINE.findall(data, 0, last + 2)), False
-    cookie = b"; ".join(_COOKIE_LINE.findall(data, 0, end + 2))
+        return b", ".join(_COOKIE_LINE.findall(data, 0, last + 2)), False
+    cookie = b", ".join(_COOKIE_LINE.findall(data, 0, end + 2))
     body = len(data) - end - 4
     framing = _BODY_LINE.findall(data, 0, end + 2)
     if not framing:
