@@ -44,6 +44,7 @@ import asyncio
 import itertools
 import os
 import random
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -66,6 +67,17 @@ FIRST_MEMBERSHIP = 10.0  # seconds to wait for a registry's first membership
 SCHEMES = ("http", "https")
 #: What fails before a byte of the request is sent: the next owner may take it.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+def _misconfigured(exc: BaseException) -> bool:
+    """Whether a failed connection was TLS refusing the node (a certificate that does
+    not verify): a configuration to fix, not a node to skip, so it is raised."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class _Routes:
@@ -193,14 +205,19 @@ class _Routes:
 
 
 def _to(request: httpx.Request, node: Backend, scheme: str) -> httpx.Request:
-    """``request`` sent to ``node``: a new request, so the client's own keeps its URL."""
+    """``request`` sent to ``node``: a new request, so the client's own keeps its URL.
+    Over https, TLS names the request's host (SNI, and the name its certificate must
+    carry), not the node's address."""
     url = request.url.copy_with(scheme=scheme, host=node.host, port=node.port)
+    extensions = dict(request.extensions)
+    if scheme == "https":
+        extensions.setdefault("sni_hostname", request.url.host)
     return httpx.Request(
         request.method,
         url,
         headers=request.headers,
         stream=request.stream,
-        extensions=request.extensions,
+        extensions=extensions,
     )
 
 
@@ -231,6 +248,7 @@ class _Sticky:
             balancer=balancer,
             retry_after=retry_after,
         )
+        self._own_carrier = transport is None
         self._transport = transport or self._carrier()
 
     def _carrier(self) -> Any:
@@ -254,12 +272,18 @@ class StickyTransport(_Sticky, httpx.BaseTransport):
         return httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.routes.forked and self._own_carrier:
+            # The parent's pool: its keep-alive sockets are the parent's too, and a reply
+            # read here could be the answer to another process's request.
+            self._transport = self._carrier()
         self.routes.ready()
         refused: httpx.TransportError | None = None
         for node in self.routes.targets(request):
             try:
                 return self._transport.handle_request(_to(request, node, self.scheme))
             except _NOT_SENT as exc:
+                if _misconfigured(exc):
+                    raise
                 self.routes.refused(node)
                 refused = exc
         raise refused or httpx.ConnectError("no node to send the request to", request=request)
@@ -279,6 +303,8 @@ class AsyncStickyTransport(_Sticky, httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         routes = self.routes
+        if routes.forked and self._own_carrier:  # (see StickyTransport.handle_request)
+            self._transport = self._carrier()
         if not routes.routing or routes.forked:
             await asyncio.to_thread(routes.ready)  # a registry's first membership
         refused: httpx.TransportError | None = None
@@ -286,6 +312,8 @@ class AsyncStickyTransport(_Sticky, httpx.AsyncBaseTransport):
             try:
                 return await self._transport.handle_async_request(_to(request, node, self.scheme))
             except _NOT_SENT as exc:
+                if _misconfigured(exc):
+                    raise
                 self.routes.refused(node)
                 refused = exc
         raise refused or httpx.ConnectError("no node to send the request to", request=request)

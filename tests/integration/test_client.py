@@ -7,9 +7,14 @@ import asyncio
 import itertools
 import os
 import socket
+import ssl
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,6 +27,7 @@ from statescale.processes import free_port
 from statescale.routing.backends import Backend
 from statescale.routing.membership import open_registry
 from statescale.signing import routing_key
+from tests.stores.redis.tls import certificates
 
 pytestmark = pytest.mark.integration
 
@@ -253,3 +259,90 @@ def test_a_transport_made_before_a_fork_follows_the_registry_in_the_child(
         os.close(reader)
         transport.close()
         writer.close()
+
+
+@contextmanager
+def _https_node(tmp_path: Path, names: tuple[str, ...]) -> Iterator[tuple[int, ssl.SSLContext]]:
+    """A node serving https on 127.0.0.1 with a certificate for ``names``; its port,
+    and a client context that trusts the certificate's CA."""
+    certs = certificates(tmp_path / "tls", names)
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(certs.cert, certs.key)
+    server.socket = served.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], ssl.create_default_context(cafile=str(certs.ca))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_https_nodes_are_checked_against_the_requests_host(tmp_path: Path) -> None:
+    # An independent review: the node's address replaced the host in the URL, so TLS
+    # checked the certificate against the IP ("IP address mismatch"), and that
+    # refusal, a ConnectError, skipped the node as if it were down.
+    with _https_node(tmp_path, ("DNS:app.internal",)) as (port, trusted):
+        transport = StickyTransport(
+            backends=[f"a=127.0.0.1:{port}", f"b=localhost:{port}"],
+            scheme="https",
+            transport=httpx.HTTPTransport(verify=trusted),
+        )
+        with httpx.Client(transport=transport, base_url="https://app.internal") as c:
+            assert c.get("/").text == "ok"
+        with (
+            httpx.Client(transport=transport, base_url="https://elsewhere.internal") as c,
+            pytest.raises(httpx.ConnectError, match=r"(?i)certificate"),
+        ):
+            c.get("/")  # a configuration to fix: raised, not failed over...
+        assert transport.routes._down == {}  # ...and no node taken for down
+        transport.close()
+
+
+def test_a_transport_used_before_a_fork_gets_a_pool_of_its_own_in_the_child() -> None:
+    # An independent review: the child inherited the parent's keep-alive sockets, and
+    # once read another process's reply to its own request.
+    class Echo(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: the pool keeps the connection
+
+        def do_GET(self) -> None:
+            body = f"{self.path} {self.client_address[1]}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    transport = StickyTransport(backends=[f"a=127.0.0.1:{server.server_address[1]}"])
+    client = httpx.Client(transport=transport, base_url="http://app")
+    parents = client.get("/parent").text.split()[1]  # the parent's pooled connection
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            path, port = client.get("/child").text.split()
+            code = 0 if path == "/child" and port != parents else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # its own connection, its own answer
+    assert client.get("/parent-again").text.split() == ["/parent-again", parents]
+    client.close()
+    server.shutdown()
+    server.server_close()

@@ -95,6 +95,7 @@ class Follower:
         return self
 
     def _on_change(self, members: list[Backend]) -> None:
+        self.last_error = None
         if self._failing:
             log.warning("statescale: following %s again", self.registry.url)
             self._failing = False

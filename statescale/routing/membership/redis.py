@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from ...exceptions import ConfigError
 from ..backends import Backend
@@ -100,15 +100,15 @@ class RedisRegistry:
     def __init__(self, url: str) -> None:
         import redis
 
-        from ...stores.redis.client import client_from_url
+        from ...stores.redis.client import client_from_url, redacted
 
         parts = urlsplit(url)
-        query = parse_qs(parts.query)
+        query = parse_qs(parts.query, keep_blank_values=True)
         prefix = query.pop("prefix", [DEFAULT_PREFIX])[0]
+        self.url = redacted(url)  # (what logs and errors show)
         if parts.scheme.endswith("+cluster"):
-            raise ConfigError(f"{url!r}: use one Redis server (or Sentinel) for the registry")
-        rest = "&".join(f"{k}={v[0]}" for k, v in query.items())
-        self.url = url
+            raise ConfigError(f"{self.url!r}: use one Redis server (or Sentinel) for the registry")
+        rest = urlencode(query, doseq=True)  # the rest as it came: encoded again
         self._client: Any = client_from_url(
             urlunsplit(parts._replace(query=rest)), timeout=TIMEOUT, retries=1
         )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -32,6 +33,20 @@ _OWN_CONNECTIONS = (
     SentinelManagedConnection,
     SentinelManagedSSLConnection,
 )
+
+
+_PASSWORDS = re.compile(r"((?:^|&)(?:sentinel_|ssl_)?password=)[^&]*")
+
+
+def redacted(url: str) -> str:
+    """``url`` with its passwords starred (its own, and a ``sentinel_password`` or
+    ``ssl_password`` in its query): fit for a log line or an error message."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hosts = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    return urlunsplit(parts._replace(netloc=netloc, query=_PASSWORDS.sub(r"\1***", parts.query)))
 
 
 def client_options(timeout: float, retries: int) -> dict[str, Any]:
@@ -83,8 +98,8 @@ def client_from_url(url: str, *, timeout: float = DEFAULT_REDIS_TIMEOUT, retries
         scheme = "redis+" + scheme.partition("+")[2]
     if scheme not in (SENTINEL_SCHEME, CLUSTER_SCHEME):
         raise ConfigError(
-            f"{url!r}: unknown scheme {parts.scheme!r}; use redis://, rediss://, unix://, "
-            f"{SENTINEL_SCHEME}://, {CLUSTER_SCHEME}:// (rediss+ for TLS)"
+            f"{redacted(url)!r}: unknown scheme {parts.scheme!r}; use redis://, rediss://, "
+            f"unix://, {SENTINEL_SCHEME}://, {CLUSTER_SCHEME}:// (rediss+ for TLS)"
         )
     query = _query(url, parts.query, sentinel=scheme == SENTINEL_SCHEME, tls=tls)
     options = client_options(timeout, retries)
@@ -95,7 +110,7 @@ def client_from_url(url: str, *, timeout: float = DEFAULT_REDIS_TIMEOUT, retries
         path = [p for p in parts.path.split("/") if p]
         if not path:
             raise ConfigError(
-                f"{url!r}: name the Sentinel service: {SENTINEL_SCHEME}://h:26379/mymaster"
+                f"{redacted(url)!r}: name the Sentinel service: {SENTINEL_SCHEME}://h:26379/mymaster"
             )
         from redis.sentinel import Sentinel
 
@@ -131,7 +146,7 @@ def _query(url: str, query: str, *, sentinel: bool, tls: bool) -> dict[str, str]
     for name, values in parse_qs(query, keep_blank_values=True).items():
         if name not in allowed or len(values) != 1:
             can = ", ".join(allowed) or "no option"
-            raise ConfigError(f"{url!r}: {name!r} is not an option here (it takes {can})")
+            raise ConfigError(f"{redacted(url)!r}: {name!r} is not an option here (it takes {can})")
         found[name] = values[0]
     return found
 

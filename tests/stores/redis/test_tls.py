@@ -188,3 +188,27 @@ def _cluster_info(cli: str, tls: list[str], port: int) -> str:
 def test_sentinel_and_cluster_urls_take_only_what_they_can_use(url: str, says: str) -> None:
     with pytest.raises(ConfigError, match=says):
         client_from_url(url)
+
+
+def test_passwords_never_reach_a_log_line_or_an_error() -> None:
+    from statescale.stores.redis.client import redacted
+
+    url = "rediss+sentinel://u:p%40ss@h1:26379,h2:26379/m/0?sentinel_password=s3&ssl_ca_certs=/ca"
+    assert redacted(url) == (
+        "rediss+sentinel://u:***@h1:26379,h2:26379/m/0?sentinel_password=***&ssl_ca_certs=/ca"
+    )
+    with pytest.raises(ConfigError) as refused:
+        client_from_url(url + "&nonsense=1")
+    assert "s3" not in str(refused.value) and "p%40ss" not in str(refused.value)
+
+
+def test_a_registry_passes_its_query_on_as_it_came(tmp_path: Path) -> None:
+    # An independent review: the registry rebuilt its URL's query from decoded values,
+    # so a password holding '+' or '&' arrived changed, or the URL was refused.
+    from statescale.routing.membership.redis import RedisRegistry
+
+    url = "redis+sentinel://:pw@h:26379/m/0?prefix=p&sentinel_password=a%2Bb%26c"
+    registry = RedisRegistry(url)
+    pool = registry._client.connection_pool
+    assert pool.sentinel_manager.sentinel_kwargs["password"] == "a+b&c"
+    assert "a+b" not in registry.url and "pw" not in registry.url

@@ -30,8 +30,11 @@ class Certificates:
         return f"ssl_ca_certs={self.ca}"
 
 
-def certificates(folder: Path) -> Certificates:
-    """A CA, and a certificate it signed for 127.0.0.1, in ``folder``."""
+def certificates(
+    folder: Path, names: tuple[str, ...] = ("IP:127.0.0.1", "DNS:localhost")
+) -> Certificates:
+    """A CA, and a certificate it signed for ``names`` (subjectAltName entries), in
+    ``folder``."""
     openssl = shutil.which("openssl")
     assert openssl, "openssl is missing (apt-get install openssl)"
     folder.mkdir(parents=True, exist_ok=True)
@@ -44,7 +47,7 @@ def certificates(folder: Path) -> Certificates:
         "-days", "1", "-subj", "/CN=statescale-test-ca")  # fmt: skip
     run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
         "-subj", "/CN=127.0.0.1")  # fmt: skip
-    (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (folder / "ext.cnf").write_text(f"subjectAltName={','.join(names)}\n")
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
         "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "ext.cnf")  # fmt: skip
     return made
