@@ -404,7 +404,7 @@ def measure(
                     key = f"{label}_{size}"
                     if pids:
                         cpu = spent(before, usage(pids))[0]
-                        served = load.rps * (seconds if seconds else duration)
+                        served = load.requests or load.rps * (seconds or duration)
                         setup.results.setdefault(f"{key}_cpu_us", []).append(cpu * 1e6 / served)
                     for metric, value in (
                         ("rps", load.rps),

@@ -73,6 +73,7 @@ def test_python_generator_sends_the_mix_with_the_cookies(
     assert load.rps > 0
     assert 0 < load.p50_ms <= load.p90_ms <= load.p99_ms
     assert 0 < load.client_cores <= 1.5  # its own CPU: one thread's, a share of the run
+    assert load.requests == len(Handler.seen)  # the count, not rate x duration
     methods = {m for m, _, _ in Handler.seen}
     paths = {p for _, p, _ in Handler.seen}
     assert methods == {"GET", "POST"}
@@ -104,4 +105,5 @@ def test_wrk_reads_rate_and_percentiles(server: int) -> None:
     assert load.rps > 0
     assert 0 < load.p50_ms <= load.p90_ms <= load.p99_ms
     assert load.client_cores > 0  # wrk's own CPU, which the servers did not get
+    assert 0 < load.requests <= len(Handler.seen)  # (what was cut off at the end: not)
     assert {m for m, _, _ in Handler.seen} == {"GET", "POST"}

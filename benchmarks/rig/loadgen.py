@@ -31,6 +31,7 @@ READ = ("GET", "/api/session")
 WRITE = ("POST", "/api/incr?key=n")
 
 _RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+_COUNT = re.compile(r"(\d+) requests in ")
 _LATENCY = re.compile(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 _UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
@@ -47,6 +48,7 @@ class Load:
     p90_ms: float
     p99_ms: float
     client_cores: float = 0.0
+    requests: int = 0  # answered in all (what per-request costs divide by)
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,15 @@ def _wrk(plan: _Plan) -> Load:
     latency = {p: float(v) * _UNIT[u] for p, v, u in _LATENCY.findall(out)}
     if rps is None or set(latency) != {"50", "90", "99"}:
         raise RuntimeError(f"could not read wrk's output:\n{out}")
-    return Load(float(rps.group(1)), latency["50"], latency["90"], latency["99"], cores)
+    count = _COUNT.search(out)
+    return Load(
+        float(rps.group(1)),
+        latency["50"],
+        latency["90"],
+        latency["99"],
+        cores,
+        int(count.group(1)) if count else 0,
+    )
 
 
 def _children_cpu() -> float:
@@ -190,7 +200,13 @@ async def _python(plan: _Plan) -> Load:
     if len(latencies) < 2:
         raise RuntimeError(f"too few requests on port {port} to measure")
     cuts = statistics.quantiles(latencies, n=100)
-    return Load(len(latencies) / elapsed, cuts[49] * 1e3, cuts[89] * 1e3, cuts[98] * 1e3)
+    return Load(
+        len(latencies) / elapsed,
+        cuts[49] * 1e3,
+        cuts[89] * 1e3,
+        cuts[98] * 1e3,
+        requests=len(latencies),
+    )
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:

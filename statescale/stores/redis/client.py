@@ -22,7 +22,16 @@ SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
 #: What a Sentinel or Cluster URL's query may hold: redis-py's TLS options (with the
 #: ``rediss+`` schemes), and the Sentinels' own credentials where they have any.
-_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+_TLS_OPTIONS = (
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_password",
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+)
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 
 #: Connection classes statescale may copy to open connections of its own.
@@ -86,7 +95,8 @@ def client_from_url(url: str, *, timeout: float = DEFAULT_REDIS_TIMEOUT, retries
 
     ``rediss+sentinel://`` and ``rediss+cluster://`` speak TLS to every server (the
     Sentinels too), with redis-py's options in the query: ``ssl_ca_certs``,
-    ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``.
+    ``ssl_ca_path``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_password``,
+    ``ssl_cert_reqs``, ``ssl_check_hostname`` (``true`` or ``false``).
     """
     parts = urlsplit(url)
     password = unquote(parts.password) if parts.password else None
@@ -106,6 +116,11 @@ def client_from_url(url: str, *, timeout: float = DEFAULT_REDIS_TIMEOUT, retries
     secure: dict[str, Any] = {}
     if tls:
         secure = {"ssl": True, **{k: query[k] for k in _TLS_OPTIONS if k in query}}
+        if "ssl_check_hostname" in secure:
+            flag = _BOOLEANS.get(str(secure["ssl_check_hostname"]).lower())
+            if flag is None:
+                raise ConfigError(f"{redacted(url)!r}: ssl_check_hostname is true or false")
+            secure["ssl_check_hostname"] = flag
     if scheme == SENTINEL_SCHEME:
         path = [p for p in parts.path.split("/") if p]
         if not path:

@@ -183,6 +183,7 @@ def _cluster_info(cli: str, tls: list[str], port: int) -> str:
         ("rediss+cluster://h:7000?sentinel_password=x", "not an option here"),
         ("rediss+sentinel://h:26379/m?ssl_ca_certs=/a&ssl_ca_certs=/b", "not an option"),
         ("redis+sentinal://h:26379/m", "unknown scheme"),
+        ("rediss+cluster://h:7000?ssl_check_hostname=maybe", "true or false"),
     ],
 )
 def test_sentinel_and_cluster_urls_take_only_what_they_can_use(url: str, says: str) -> None:
