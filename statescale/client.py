@@ -70,11 +70,13 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 def _misconfigured(exc: BaseException) -> bool:
-    """Whether a failed connection was TLS refusing the node (a certificate that does
-    not verify): a configuration to fix, not a node to skip, so it is raised."""
+    """Whether a failed connection was TLS refusing the node's certificate (it does not
+    verify, or names another host): a configuration to fix, not a node to skip, so it
+    is raised. Any other TLS failure (a node that closes at once: it is stopping) is a
+    node to fail over from."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ssl.SSLError):
+        if isinstance(seen, ssl.SSLCertVerificationError):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -186,12 +188,12 @@ class _Routes:
     def _session(self, request: httpx.Request) -> str | None:
         """The session ID to route by, read as the routers read it (the first value
         of the cookie's name that has the shape of a signed ID)."""
-        name = self.cookie.encode()
-        for header in request.headers.get_list("cookie"):
-            value = cookie_value(header.encode("latin-1", "replace"), name)
-            if value is not None:
-                return routing_key(value)
-        return None
+        lines = request.headers.get_list("cookie")
+        if not lines:
+            return None
+        # Several lines: joined as gunicorn joins them, so read as the nodes read them.
+        value = cookie_value(", ".join(lines).encode("latin-1", "replace"), self.cookie.encode())
+        return routing_key(value) if value is not None else None
 
     def refused(self, node: Backend) -> None:
         now = time.monotonic()

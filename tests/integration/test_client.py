@@ -311,6 +311,49 @@ def test_https_nodes_are_checked_against_the_requests_host(tmp_path: Path) -> No
         transport.close()
 
 
+def test_a_node_that_closes_at_once_is_failed_over_not_raised(tmp_path: Path) -> None:
+    # Every TLS error was raised as a certificate to fix: a node that accepts and
+    # closes (it is stopping) failed half the requests instead of being skipped.
+    closing = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def close_each() -> None:
+        closing.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = closing.accept()
+                conn.close()
+            except OSError:
+                continue
+
+    threading.Thread(target=close_each, daemon=True).start()
+    with _https_node(tmp_path, ("DNS:app.internal",)) as (port, trusted):
+        transport = StickyTransport(
+            backends=[f"a=127.0.0.1:{closing.getsockname()[1]}", f"b=127.0.0.1:{port}"],
+            scheme="https",
+            transport=httpx.HTTPTransport(verify=trusted),
+        )
+        with httpx.Client(transport=transport, base_url="https://app.internal") as c:
+            assert [c.get("/").text for _ in range(4)] == ["ok"] * 4
+        assert set(transport.routes._down) == {"a"}
+        transport.close()
+    stop.set()
+    closing.close()
+
+
+def test_several_cookie_lines_are_read_as_the_nodes_read_them() -> None:
+    transport = StickyTransport(backends=["a=127.0.0.1:1", "b=127.0.0.1:2"])
+    signed = "ID1xxxxxxxxxxxxxxxxxxxx.SIGsigsig"
+
+    def session(*lines: str) -> str | None:
+        request = httpx.Request("GET", "http://app/", headers=[("Cookie", v) for v in lines])
+        return transport.routes._session(request)
+
+    assert session(f"statescale={signed}", "b=1") == "ID1xxxxxxxxxxxxxxxxxxxx"
+    assert session("a=1", f"statescale={signed}") is None  # gunicorn: "a=1, statescale=..."
+    transport.close()
+
+
 def test_a_transport_used_before_a_fork_gets_a_pool_of_its_own_in_the_child() -> None:
     # An independent review: the child inherited the parent's keep-alive sockets, and
     # once read another process's reply to its own request.

@@ -104,7 +104,7 @@ class RedisRegistry:
 
         parts = urlsplit(url)
         query = parse_qs(parts.query, keep_blank_values=True)
-        prefix = query.pop("prefix", [DEFAULT_PREFIX])[0]
+        prefix = query.pop("prefix", [""])[0] or DEFAULT_PREFIX
         self.url = redacted(url)  # (what logs and errors show)
         if parts.scheme.endswith("+cluster"):
             raise ConfigError(f"{self.url!r}: use one Redis server (or Sentinel) for the registry")

@@ -34,4 +34,6 @@ def open_registry(url: str) -> Registry:
         from .file import FileRegistry
 
         return FileRegistry(url)
-    raise ConfigError(f"STATESCALE_REGISTRY={url!r}: unknown scheme; use {SCHEMES}")
+    from ...stores.redis.client import redacted  # (it may hold a password)
+
+    raise ConfigError(f"STATESCALE_REGISTRY={redacted(url)!r}: unknown scheme; use {SCHEMES}")

@@ -327,9 +327,13 @@ class Tracking(Direct):
 
     def _take(self) -> Any:
         conn = super()._take()
-        if conn.statescale_generation not in (None, self.generation):
+        generation = conn.statescale_generation
+        if generation not in (None, self.generation) and not (generation == -1 and not self._id):
             # Its tracking points at a subscription that is gone, whose copies went
-            # with it: connect again, tracked by the current one.
+            # with it, or it connected untracked and there is a subscription now:
+            # connect again, tracked by the current one. (Untracked while there is
+            # still none, it serves on: a process that only writes connected anew
+            # for every command, a TLS handshake each over rediss://.)
             conn.disconnect()
             conn.statescale_generation = None
         return conn

@@ -415,3 +415,23 @@ def test_under_traffic_heartbeats_renew_the_lease(
         time.sleep(0.005)
     assert calls(raw_redis, "hgetall") == 0  # every read was the copy...
     assert 6 <= calls(raw_redis, "ping") <= 13  # ...while a PING a beat kept it current
+
+
+def test_a_process_that_only_writes_keeps_its_connection(
+    redis_url: str, raw_redis: redis.Redis
+) -> None:
+    # Untracked (no subscription yet: it never read), each connection was dropped and
+    # made again at the next command: a connect per write, a TLS handshake each over
+    # rediss:// (found by an independent review).
+    reader, writer = RedisStore.from_url(redis_url), RedisStore.from_url(redis_url)
+    created = reader.create("s", {"n": b"0"}).created
+    writer.save("s", Changes({"n": b"0"}, frozenset()), created=created)  # connected
+    before = raw_redis.info("stats")["total_connections_received"]
+    for n in range(20):
+        writer.save("s", Changes({"n": str(n).encode()}, frozenset()), created=created)
+    assert raw_redis.info("stats")["total_connections_received"] - before == 0
+    warm(writer, "s")  # once it reads, it subscribes, and connects tracked
+    later()
+    reader.save("s", Changes({"n": b"x"}, frozenset()), created=created)
+    later()
+    assert fields(writer, "s") == {"n": b"x"}  # and hears of others' changes

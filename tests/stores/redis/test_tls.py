@@ -213,3 +213,9 @@ def test_a_registry_passes_its_query_on_as_it_came(tmp_path: Path) -> None:
     pool = registry._client.connection_pool
     assert pool.sentinel_manager.sentinel_kwargs["password"] == "a+b&c"
     assert "a+b" not in registry.url and "pw" not in registry.url
+
+
+def test_an_empty_registry_prefix_is_the_default() -> None:
+    from statescale.routing.membership.redis import DEFAULT_PREFIX, RedisRegistry
+
+    assert RedisRegistry("redis://127.0.0.1:1/0?prefix=").hash == f"{{{DEFAULT_PREFIX}}}:members"
