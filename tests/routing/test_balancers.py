@@ -125,6 +125,8 @@ def test_the_balancers_route_by_the_cookie_value_statescale_reads(
                 f"{name}=junk; {name}={b}",  # junk first: the signed one
                 f"{name.upper()}={a}; x{name}={a}; {name}={b}",  # other names
                 f'other=1;{name} = "{a}" ;{name}={b}',  # spaces, quotes
+                f"{name}={a},x=1; {name}={b}",  # Cookie lines a server joined: ends at ','
+                f"x={b},{name}={b}; {name}={a}",  # a comma in another's value: no pair
             ):
                 sid = cookie_value(header.encode(), name.encode())
                 assert sid is not None
