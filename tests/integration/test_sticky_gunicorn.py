@@ -115,18 +115,21 @@ def test_the_router_passes_connections_and_proxies_what_a_peek_cannot_route() ->
     assert int(counts[1]) >= 6 and int(counts[2]) == 1
 
 
-def _stop_while_frozen(server: Gunicorn, frozen: int, user: SessionClient) -> list[object]:
-    """SIGSTOP worker ``frozen``, send 10 requests as ``user`` (each on a connection of
-    its own), SIGTERM the master, SIGCONT the worker: what each request got (its
-    status and the pid that answered it)."""
+def _stop_while_frozen(
+    server: Gunicorn, frozen: int, user: SessionClient, path: str = "/api/session"
+) -> list[object]:
+    """SIGSTOP worker ``frozen``, send 10 requests for ``path`` (the session's answer)
+    as ``user`` (each on a connection of its own), SIGTERM the master, SIGCONT the
+    worker: what each request got (its status, the pid that answered it, and the
+    session's data)."""
     outcomes: list[object] = []
 
     def one() -> None:
         try:
             alike = SessionClient(server.port)
             alike.cookies = dict(user.cookies)
-            reply = alike.get("/api/session")
-            outcomes.append((reply.status, reply.json["pid"]))
+            reply = alike.get(path)
+            outcomes.append((reply.status, reply.json["pid"], reply.json["data"]))
         except OSError as exc:
             outcomes.append(exc)
 
@@ -153,7 +156,7 @@ def test_a_graceful_stop_answers_every_connection_already_passed() -> None:
     with Gunicorn(env={"STATESCALE_MODE": "sticky"}, workers=1) as server:
         (worker,) = server.worker_pids()
         outcomes = _stop_while_frozen(server, worker, SessionClient(server.port))
-    assert outcomes == [(200, worker)] * 10, outcomes
+    assert outcomes == [(200, worker, {})] * 10, outcomes
 
 
 def test_a_worker_that_stops_answers_what_the_others_passed_it() -> None:
@@ -165,7 +168,7 @@ def test_a_worker_that_stops_answers_what_the_others_passed_it() -> None:
         owner = user.post("/api/incr?key=c").json["pid"]
         outcomes = _stop_while_frozen(server, owner, user)
         log = server.log()
-    assert outcomes == [(200, owner)] * 10, outcomes  # passed to it, not served elsewhere
+    assert outcomes == [(200, owner, {"c": 1})] * 10, outcomes  # passed to it, not elsewhere
     assert "routing among themselves (no router process)" in log
 
 
@@ -323,34 +326,8 @@ def test_a_stopping_owner_answers_all_that_is_queued_for_it() -> None:
     with Gunicorn(env=env, workers=2, args=args, app="tests.slow_app:app") as server:
         user = SessionClient(server.port)
         owner = user.post("/api/set?key=k&value=v").json["pid"]
-        answers: list[bytes] = []
-
-        def slow() -> None:
-            answer = b""
-            try:
-                with socket.create_connection(("127.0.0.1", server.port), timeout=20) as raw:
-                    raw.sendall(f"GET /api/slow HTTP/1.1\r\nHost: x\r\nCookie: statescale="
-                                f"{user.cookie}\r\n\r\n".encode())  # fmt: skip
-                    while chunk := raw.recv(65536):
-                        answer += chunk
-            except OSError as exc:  # reset: what the master's exit did to it
-                answer = repr(exc).encode()
-            answers.append(answer)
-
-        os.kill(owner, signal.SIGSTOP)  # all ten wait in its channel
-        try:
-            threads = [threading.Thread(target=slow) for _ in range(10)]
-            for thread in threads:
-                thread.start()
-            time.sleep(0.5)
-            server.signal(signal.SIGTERM)
-            time.sleep(0.3)
-        finally:
-            os.kill(owner, signal.SIGCONT)
-        for thread in threads:
-            thread.join(30)
-    assert len(answers) == 10
-    assert all(a.startswith(b"HTTP/1.1 200") and b'"k":"v"' in a for a in answers), answers
+        outcomes = _stop_while_frozen(server, owner, user, "/api/slow")
+    assert outcomes == [(200, owner, {"k": "v"})] * 10, outcomes
 
 
 @pytest.mark.parametrize("routing", ["router", "workers"])
