@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import redis
 
 from statescale.embedded import EmbeddedRedis
 from statescale.processes import free_port, stop_process
@@ -28,6 +31,23 @@ class Sentinel:
 
     def resume(self) -> None:
         self.process.send_signal(signal.SIGCONT)
+
+    def wait_for_replica(self, timeout: float = 30.0) -> None:
+        """Until the sentinel has found a replica of its master, in sync (so that a
+        failover can promote it); it may still be starting meanwhile."""
+        watcher = redis.Redis(port=self.port, decode_responses=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                replicas = watcher.sentinel_slaves(SERVICE)
+            except redis.RedisError:  # not listening yet
+                replicas = []
+            if any(
+                r.get("flags") == "slave" and r.get("master-link-status") == "ok" for r in replicas
+            ):
+                return
+            assert time.monotonic() < deadline, "the sentinel never saw the replica"
+            time.sleep(0.2)
 
 
 @contextmanager
