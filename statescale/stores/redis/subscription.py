@@ -493,19 +493,23 @@ class Tracking(Direct):
                 self._on_message(conn.read_response())
             sock.setblocking(False)
             self._raw, self._reader = sock, _Reader()
-        if self._thread is None or not self._thread.is_alive():
+        if self._thread is None:  # (a drainer that stops clears it, under the lock)
             self._thread = threading.Thread(
                 target=self._idle_drainer, name="statescale-invalidations", daemon=True
             )
             self._thread.start()
 
     def _idle_drainer(self) -> None:
-        """Drain when no request has for ``IDLE_DRAIN`` seconds."""
+        """Drain when no request has for ``IDLE_DRAIN`` seconds; stop, under the lock,
+        when there is no subscription: a subscription made after that starts another."""
         while True:
             with self._lock:
-                sub, pid = self._sub, self._pid
-            if sub is None or pid != os.getpid():
-                return
+                sub = self._sub
+                if self._pid != os.getpid():
+                    return  # a forked copy of the thread's object: not this process's
+                if sub is None:
+                    self._thread = None
+                    return
             wait = self._last_drain + IDLE_DRAIN - time.monotonic()
             if wait > 0:
                 time.sleep(wait)

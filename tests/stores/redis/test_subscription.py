@@ -435,3 +435,39 @@ def test_a_process_that_only_writes_keeps_its_connection(
     reader.save("s", Changes({"n": b"x"}, frozenset()), created=created)
     later()
     assert fields(writer, "s") == {"n": b"x"}  # and hears of others' changes
+
+
+class _SlowRelease:
+    """A lock whose release pauses the idle drainer's thread: it then lingers, alive,
+    after deciding to stop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+        if threading.current_thread().name == "statescale-invalidations":
+            time.sleep(0.3)
+
+
+def test_a_subscription_made_as_the_idle_drainer_stops_gets_a_drainer_of_its_own(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(subscription, "IDLE_DRAIN", 0.05)
+    store = RedisStore.from_url(redis_url)
+    store.create("s", {"x": b"1"})
+    warm(store, "s")
+    tracking = store.tracking
+    assert tracking is not None
+    tracking._lock = _SlowRelease()  # type: ignore[assignment]
+    with tracking._lock:
+        tracking._drop("dropped by the test")
+    time.sleep(0.2)  # the drainer has seen no subscription and lingers in the release
+    warm(store, "s")  # subscribes again
+    time.sleep(0.5)  # the old drainer is gone by now
+    drainer = tracking._thread
+    assert drainer is not None and drainer.is_alive(), "nothing drains an idle process"
+    store.close()
