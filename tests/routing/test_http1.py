@@ -134,3 +134,20 @@ def test_what_a_trusted_proxy_would_set_never_comes_from_the_client() -> None:
         b"X-Forwarded-Protocol: ssl\r\nX-Forwarded-Port: 443\r\nX-Kept: 1\r\n\r\n"
     )
     assert head.lines == [b"Host: h", b"X-Kept: 1"]
+
+
+def test_a_connection_header_naming_a_header_lets_no_proxy_header_through() -> None:
+    # The headers are filtered afresh when Connection names one: the proxy headers a
+    # client may not set stay out then too.
+    head = request_head(
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: X-Hop\r\nX-Hop: 1\r\nSCRIPT_NAME: /admin\r\n"
+        b"X-Forwarded-Host: evil\r\nX-Kept: 2\r\n\r\n"
+    )
+    assert head.lines == [b"Host: h", b"X-Kept: 2"]
+
+
+def test_a_cookie_that_connection_names_is_neither_forwarded_nor_routed_by() -> None:
+    head = request_head(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: cookie\r\nCookie: s=a.b\r\n\r\n")
+    assert head.lines == [b"Host: h"] and head.cookie == b""
+    kept = request_head(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\nCookie: s=a.b\r\n\r\n")
+    assert kept.lines == [b"Host: h", b"Cookie: s=a.b"] and kept.cookie == b"s=a.b"

@@ -211,17 +211,19 @@ class RequestParser(_Parser):
         if method == b"CONNECT":
             self._fail(BadRequest(405, "CONNECT is not supported"))
         length = int(lengths[0]) if lengths else -1
+        named = _named(connection)
         self.events.append(
             RequestHead(
                 method=method,
                 target=self._target,
                 headers=self._headers,
-                lines=_end_to_end(lines, connection, self._headers),
+                lines=_end_to_end(lines, named),
                 keep_alive=parser.should_keep_alive(),
                 has_body=bool(encodings) or length > 0,
                 length=-1 if encodings else length,
                 expect_continue=expect,
-                cookie=b", ".join(cookies),
+                # (a Cookie that Connection names is not forwarded: not routed by either)
+                cookie=b"" if b"cookie" in named else b", ".join(cookies),
                 http11=version == "1.1",
             )
         )
@@ -283,7 +285,7 @@ class ResponseParser(_Parser):
                 status=status,
                 reason=self._reason,
                 headers=headers,
-                lines=_end_to_end(lines, connection, headers),
+                lines=_end_to_end(lines, _named(connection)),
                 keep_alive=self.keep_alive,
                 length=int(lengths[0]) if lengths and not encoded else -1,
                 chunked=chunked,
@@ -369,22 +371,22 @@ def _lines(lines: list[bytes]) -> bytes:
     return b"\r\n".join(lines) + b"\r\n" if lines else b""
 
 
-def _end_to_end(
-    lines: list[bytes], connection: list[bytes], headers: list[tuple[bytes, bytes]]
-) -> list[bytes]:
-    """``lines`` less the headers a Connection header names (hop-by-hop for this
-    message, RFC 9110 7.6.1). Rare: ``keep-alive`` and ``close`` drop nothing more."""
+def _named(connection: list[bytes]) -> frozenset[bytes]:
+    """The header names that ``connection`` (a message's Connection values) makes
+    hop-by-hop for this message (RFC 9110 7.6.1): usually none, answered without
+    splitting; ``keep-alive`` and ``close`` name nothing more."""
     if not connection or (len(connection) == 1 and connection[0].lower() in _CONNECTION_OPTIONS):
-        return lines  # the usual case, answered without splitting
+        return _NONE
     tokens = {t.strip().lower() for value in connection for t in value.split(b",")}
-    tokens -= _CONNECTION_OPTIONS
-    if not tokens:
+    return frozenset(tokens - _CONNECTION_OPTIONS)
+
+
+def _end_to_end(lines: list[bytes], named: frozenset[bytes]) -> list[bytes]:
+    """``lines`` (``name: value``) less the headers ``named`` by Connection."""
+    if not named:
         return lines
-    return [
-        name + b": " + value
-        for name, value in headers
-        if (lowered := name.lower()) not in HOP_BY_HOP and lowered not in tokens
-    ]
+    return [line for line in lines if line.partition(b":")[0].lower() not in named]
 
 
+_NONE: frozenset[bytes] = frozenset()
 _CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b""})
