@@ -9,7 +9,8 @@ werkzeug.
 
 A client may send several ``Cookie`` lines (a browser sends one), which gunicorn joins
 with ``, ``: a value of ours ends at a comma, and statescale's router joins them the same
-way, so the session the app reads is the one its request was routed by. The header is
+way, so the session the app reads is the one its request was routed by. nginx and
+HAProxy join them with ``; `` and forward that one line, which they hashed. The header is
 not split on commas: a comma in another cookie's value (written raw by a script) must
 not make a pair of ours.
 """

@@ -28,6 +28,8 @@ class _Named(BaseHTTPRequestHandler):
         body = self.server.name.encode()  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
+        # the Cookie lines as gunicorn joins them: what the app reads
+        self.send_header("X-Cookie", ", ".join(self.headers.get_all("Cookie") or []))
         self.end_headers()
         self.wfile.write(body)
 
@@ -135,3 +137,39 @@ def test_the_balancers_route_by_the_cookie_value_statescale_reads(
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(10)
+
+
+@pytest.mark.parametrize("balancer", ["nginx", "haproxy"])
+def test_several_cookie_lines_reach_the_owner_of_the_session_the_app_reads(
+    balancer: str, backends: dict[str, Backend], tmp_path: Path
+) -> None:
+    # A client that sends several Cookie lines (none may, RFC 6265 5.4): the balancer
+    # hands the app one line, the one it hashed, whichever line carries the session.
+    from statescale.cookies import cookie_value
+
+    members = list(backends.values())
+    ring = balancers.get(balancer).ring(members)
+    a, b = sample_cookies(2, seed=11)
+    port = free_port()
+    process = start_balancer(balancer, members, port, tmp_path)
+    try:
+        landed(port, a)  # it listens
+        for lines, want in (
+            (["other=1", f"statescale={a}"], a),  # only the second line has it
+            ([f"statescale={a}", f"statescale={b}"], a),
+            (["x=1", "y=2", "z=3", f"statescale={b}"], b),
+        ):
+            for _ in range(3):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.putrequest("GET", "/")
+                for line in lines:
+                    conn.putheader("Cookie", line)
+                conn.endheaders()
+                reply = conn.getresponse()
+                node, seen = reply.read().decode(), reply.getheader("X-Cookie") or ""
+                conn.close()
+                assert cookie_value(seen.encode(), b"statescale") == want, (lines, seen)
+                assert node == ring.owner(want.partition(".")[0]), (lines, seen)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
