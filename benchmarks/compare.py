@@ -390,6 +390,8 @@ def measure(
                     if setup.name == "ceiling"
                     else [(label, writes, None) for label, writes in MIXES]
                 )
+                if n % 2 == 0:  # nor is one mix always run right after the other
+                    mixes.reverse()
                 for label, writes, route in mixes:
                     pids = setup.pids() if setup.pids is not None else set()
                     before = usage(pids)
