@@ -47,7 +47,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .cookies import cookie_value
@@ -67,6 +67,20 @@ FIRST_MEMBERSHIP = 10.0  # seconds to wait for a registry's first membership
 SCHEMES = ("http", "https")
 #: What fails before a byte of the request is sent: the next owner may take it.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+class _Fork:
+    """The lock under which the first thread of a forked child to use a transport
+    makes it the child's own; made anew in each child, where no thread holds it."""
+
+    lock = threading.Lock()
+
+
+def _renew_fork_lock() -> None:
+    _Fork.lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_fork_lock)
 
 
 def _misconfigured(exc: BaseException) -> bool:
@@ -120,12 +134,7 @@ class _Routes:
     def ready(self) -> None:
         """Return once there is a ring to route by: at once with ``backends``; with a
         registry, once its first membership has come (``ConfigError`` if it does not
-        within ``FIRST_MEMBERSHIP`` seconds, saying why). In a child of a fork, the
-        parent's follower is gone: follow afresh."""
-        if self.forked:
-            self._pid, self._lock = os.getpid(), threading.Lock()
-            if self.follower is not None:  # the parent's thread is not in this process
-                self._start_following()
+        within ``FIRST_MEMBERSHIP`` seconds, saying why)."""
         if self.routing:
             return
         follower = self.follower
@@ -140,6 +149,21 @@ class _Routes:
     def forked(self) -> bool:
         """Whether this is a child of the process that made these routes."""
         return self._pid != os.getpid()
+
+    def adopt(self, renew: Callable[[], None]) -> None:
+        """In a child of a fork, once, by whichever thread comes first while the others
+        wait: ``renew`` what else the parent's process held (the transport's pool), and
+        follow the registry afresh (the parent's thread is not in this process)."""
+        if not self.forked:
+            return
+        with _Fork.lock:
+            if not self.forked:
+                return  # another thread did it
+            renew()
+            self._lock = threading.Lock()
+            if self.follower is not None:
+                self._start_following()
+            self._pid = os.getpid()  # last: a thread that sees it finds all the rest done
 
     def _follow(self, members: list[Backend]) -> None:
         if members:
@@ -256,6 +280,12 @@ class _Sticky:
     def _carrier(self) -> Any:
         raise NotImplementedError
 
+    def _renew_carrier(self) -> None:
+        """In a forked child: a pool of its own. The parent's keep-alive sockets are the
+        parent's too, and a reply read here could answer another process's request."""
+        if self._own_carrier:
+            self._transport = self._carrier()
+
 
 class StickyTransport(_Sticky, httpx.BaseTransport):
     """Sends each request to its session's owner (see the module's docstring)."""
@@ -274,10 +304,7 @@ class StickyTransport(_Sticky, httpx.BaseTransport):
         return httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if self.routes.forked and self._own_carrier:
-            # The parent's pool: its keep-alive sockets are the parent's too, and a reply
-            # read here could be the answer to another process's request.
-            self._transport = self._carrier()
+        self.routes.adopt(self._renew_carrier)
         self.routes.ready()
         refused: httpx.TransportError | None = None
         for node in self.routes.targets(request):
@@ -305,9 +332,8 @@ class AsyncStickyTransport(_Sticky, httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         routes = self.routes
-        if routes.forked and self._own_carrier:  # (see StickyTransport.handle_request)
-            self._transport = self._carrier()
-        if not routes.routing or routes.forked:
+        routes.adopt(self._renew_carrier)
+        if not routes.routing:
             await asyncio.to_thread(routes.ready)  # a registry's first membership
         refused: httpx.TransportError | None = None
         for node in self.routes.targets(request):

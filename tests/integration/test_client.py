@@ -4,6 +4,7 @@ and no balancer at all."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import socket
@@ -239,7 +240,8 @@ def test_a_transport_made_before_a_fork_follows_the_registry_in_the_child(
     if pid == 0:  # the child: a member registered after the fork must reach its ring
         code = 1
         try:
-            transport.routes.ready()
+            with contextlib.suppress(httpx.ConnectError):  # (no node listens): it adopts
+                transport.handle_request(httpx.Request("GET", "http://app/"))
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 if transport.routes.current[0].names == ("a", "b"):
@@ -389,3 +391,68 @@ def test_a_transport_used_before_a_fork_gets_a_pool_of_its_own_in_the_child() ->
     client.close()
     server.shutdown()
     server.server_close()
+
+
+class _Ok(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_threads_of_a_forked_child_make_one_pool_and_one_follower_between_them(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two threads of a child each took the transport for their own: each made a pool
+    # and started following the registry, and one of each was left behind running.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    registry = f"{redis_url}?prefix=p2p-fork-threads-{time.monotonic_ns()}"
+    writer = open_registry(registry)
+    writer.register(Backend("a", "127.0.0.1", server.server_address[1]), ttl=30, token="t")
+    transport = StickyTransport(registry=registry)
+    made = {"carriers": 0, "followers": 0}
+    carrier, follow = transport._carrier, transport.routes._start_following
+
+    def slow_carrier() -> httpx.HTTPTransport:
+        made["carriers"] += 1
+        time.sleep(0.2)  # the other thread arrives meanwhile
+        return carrier()
+
+    def counted_follow() -> None:
+        made["followers"] += 1
+        follow()
+
+    monkeypatch.setattr(transport, "_carrier", slow_carrier)
+    monkeypatch.setattr(transport.routes, "_start_following", counted_follow)
+    client = httpx.Client(transport=transport, base_url="http://app")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            start = threading.Barrier(2)
+            answers: list[int] = []
+
+            def get() -> None:
+                start.wait()
+                answers.append(client.get("/").status_code)
+
+            threads = [threading.Thread(target=get) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+            code = 0 if answers == [200, 200] and made == {"carriers": 1, "followers": 1} else 2
+        finally:
+            os._exit(code)
+    try:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        client.close()
+        writer.close()
+        server.shutdown()
+        server.server_close()
