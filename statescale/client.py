@@ -35,7 +35,8 @@ between (the ``client`` extra installs httpx)::
 * A transport made before a fork follows the registry afresh in the child.
 
 :class:`AsyncStickyTransport` is the same for ``httpx.AsyncClient``; it waits for the
-registry's first membership at its first request, in a thread, not in its constructor.
+registry's first membership at its first requests, without blocking the event loop or
+taking a thread, not in its constructor.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
 
 RETRY_AFTER = 1.0  # seconds a node that refused a connection is skipped
 FIRST_MEMBERSHIP = 10.0  # seconds to wait for a registry's first membership
+_POLL = 0.02  # seconds between looks at it, in an event loop
 SCHEMES = ("http", "https")
 #: What fails before a byte of the request is sent: the next owner may take it.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
@@ -135,12 +137,21 @@ class _Routes:
         """Return once there is a ring to route by: at once with ``backends``; with a
         registry, once its first membership has come (``ConfigError`` if it does not
         within ``FIRST_MEMBERSHIP`` seconds, saying why)."""
-        if self.routing:
+        if self.routing or self.follower.wait(bool, FIRST_MEMBERSHIP):
             return
-        follower = self.follower
-        if follower.wait(bool, FIRST_MEMBERSHIP):
-            return
-        why = follower.last_error  # (it goes on following: a later request may route)
+        self._unready()
+
+    async def ready_async(self) -> None:
+        """:meth:`ready` for an event loop: it polls, so however many requests wait,
+        none takes a thread."""
+        deadline = time.monotonic() + FIRST_MEMBERSHIP
+        while not self.routing and time.monotonic() < deadline:
+            await asyncio.sleep(_POLL)
+        if not self.routing:
+            self._unready()
+
+    def _unready(self) -> None:
+        why = self.follower.last_error  # (it goes on following: a later request may route)
         if why is not None:
             raise ConfigError(f"{self.registry}: the registry cannot be read: {why}")
         raise ConfigError(f"{self.registry}: no node registered within {FIRST_MEMBERSHIP:g} s")
@@ -334,7 +345,7 @@ class AsyncStickyTransport(_Sticky, httpx.AsyncBaseTransport):
         routes = self.routes
         routes.adopt(self._renew_carrier)
         if not routes.routing:
-            await asyncio.to_thread(routes.ready)  # a registry's first membership
+            await routes.ready_async()  # a registry's first membership
         refused: httpx.TransportError | None = None
         for node in self.routes.targets(request):
             try:

@@ -200,32 +200,39 @@ def test_the_async_transport_does_not_block_its_event_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Made in a coroutine, with a registry that cannot be read: the constructor
-    returns at once (it blocked the loop for 10 s), and the first request says why."""
+    returns at once (it blocked the loop for 10 s), and the first requests say why,
+    having taken no thread while they waited (each took one of the loop's executor)."""
     monkeypatch.setattr(client, "FIRST_MEMBERSHIP", 1.0)
     ticks: list[float] = []
+    threads: list[int] = []
 
     async def ticker() -> None:
         while True:
             ticks.append(time.monotonic())
+            threads.append(threading.active_count())
             await asyncio.sleep(0.02)
 
-    async def main() -> str:
+    async def main() -> list[str]:
         beat = asyncio.create_task(ticker())
         started = time.monotonic()
         transport = AsyncStickyTransport(registry=f"redis://127.0.0.1:{free_port()}/0")
         assert time.monotonic() - started < 0.5
+        await asyncio.sleep(0.1)  # (the follower's thread has started)
         try:
             async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
-                await c.get("/")
-        except ConfigError as exc:
-            return str(exc)
+                found = await asyncio.gather(
+                    *(c.get("/") for _ in range(40)), return_exceptions=True
+                )
         finally:
             beat.cancel()
-        return "no error"
+        return [str(exc) if isinstance(exc, ConfigError) else repr(exc) for exc in found]
 
-    message = asyncio.run(main())
-    assert "registry cannot be read" in message and "Connection refused" in message
+    messages = asyncio.run(main())
+    assert len(messages) == 40
+    for message in messages:
+        assert "registry cannot be read" in message and "Connection refused" in message
     assert max(b - a for a, b in itertools.pairwise(ticks)) < 0.5  # the loop went on
+    assert max(threads) == threads[0]  # none more while they waited
 
 
 def test_a_transport_made_before_a_fork_follows_the_registry_in_the_child(
