@@ -504,8 +504,12 @@ class Handoff:
                 if kept is not None:
                     self._answering += 1  # until sent: stop() waits for it
                 return kept, None, False
-        self._handed.wait(max(0.0, until - time.time()))  # once handed on, the asker looks
-        return None, None, False
+            # Stopping: what is here goes to the slot's file (or the next owners).
+            here = self.memory.holds(session_id) or bool(self._in_use.get(session_id))
+        if not here:
+            return None, None, False
+        # Once handed on, the asker looks there; until then it is busy, not gone.
+        return None, None, not self._handed.wait(max(0.0, until - time.time()))
 
     # -- asking ----------------------------------------------------------------------------
     def _ask_slot(self, session_id: str) -> tuple[Kept | None, bool]:
@@ -526,6 +530,12 @@ class Handoff:
                     answer = self.sealer.open_answer(_read_all(conn), nonce)
             except (ConnectionRefusedError, FileNotFoundError):
                 _remove_if_dead(path)
+                continue
+            except (TimeoutError, ConnectionResetError, BrokenPipeError) as exc:
+                # It is there and did not answer (frozen, or stopped mid-answer): it may
+                # hold the session, which must not be taken for gone.
+                log.warning("statescale: %s did not answer for a session: %r", path.name, exc)
+                busy = True
                 continue
             except (OSError, ValueError) as exc:
                 log.warning("statescale: asking %s for a session failed: %s", path.name, exc)

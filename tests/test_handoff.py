@@ -681,3 +681,81 @@ def _eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_a_stopping_worker_not_done_yet_is_busy_for_what_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review: a give that reached a worker while its stop waited for a long request
+    # timed out as "not here": the new worker served an empty session in its place.
+    from statescale import handoff
+    from statescale.handoff import HandoffBusy
+
+    monkeypatch.setattr(handoff, "ASK_TIMEOUT", 0.6)  # the stop's wait, and an ask's
+    monkeypatch.setattr(handoff, "_MARGIN", 0.3)  # the asker gives up 0.3 s sooner
+    old = worker(tmp_path, "old")
+    old.create("s", {"cart": b"3"}, replaces="x")
+    old.create("t", {"n": b"1"}, replaces="x")
+    holding = threading.Event()
+
+    def long_request() -> None:  # on another session, past the stop's wait
+        with old.lock("t"):
+            old.load("t")
+            holding.set()
+            time.sleep(1.0)
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    assert holding.wait(5)
+    stopping = threading.Thread(target=old.handoff.stop)
+    stopping.start()
+    time.sleep(0.1)
+    new = worker(tmp_path, "new")
+    with pytest.raises(HandoffBusy), new.lock("s"):
+        new.load("s")
+    started = time.monotonic()
+    assert fields(new, "never-there") is None  # what it does not hold: no wait
+    assert time.monotonic() - started < 0.3
+    stopping.join()
+    thread.join()
+    assert fields(new, "s") == {"cart": b"3"}  # handed on: it comes
+
+
+def test_a_worker_that_does_not_answer_is_busy_not_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review: a frozen holder's silence was taken for "not here", and its session
+    # served empty.
+    import signal
+    import subprocess
+    import sys
+
+    from statescale import handoff
+    from statescale.handoff import HandoffBusy
+
+    monkeypatch.setattr(handoff, "ASK_TIMEOUT", 0.5)
+    holder = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from statescale.handoff import Handoff, HandoffStore\n"
+        "from statescale.stores.memory import MemoryStore\n"
+        f"s = HandoffStore(Handoff(MemoryStore(), [{KEY!r}], directory=Path({str(tmp_path)!r})))\n"
+        "s.create('s', {'cart': b'3 items'}, replaces='x')\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+        process.send_signal(signal.SIGSTOP)
+        asker = worker(tmp_path, "asker")
+        with pytest.raises(HandoffBusy), asker.lock("s"):
+            asker.load("s")
+        process.send_signal(signal.SIGCONT)
+        assert fields(asker, "s") == {"cart": b"3 items"}
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.kill()
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
