@@ -285,6 +285,9 @@ def test_a_bad_entry_is_skipped_and_followers_go_on(registry: Registry, redis_ur
         raw = redis.Redis.from_url(redis_url)
         raw.hset(registry.hash, "junk", "99999999999999 tok")
         raw.hset(registry.hash, "bytes", b"99999999999999 tok \xff\xfe")
+        # Expiries a float cannot hold (Lua's tonumber made them inf: kept as live)
+        raw.hset(registry.hash, "huge", "9" * 400 + " tok c=127.0.0.1:9003")
+        raw.hset(registry.hash, "huger", "9" * 5000 + " tok c=127.0.0.1:9003")
     else:
         registry._client.put(registry.prefix + "junk", b"\xff\xfe not utf-8")  # type: ignore[attr-defined]
     registry.register(A, ttl=5, token="t1")
@@ -351,3 +354,57 @@ def test_two_entries_at_one_address_count_once(caplog: pytest.LogCaptureFixture)
     renamed = Backend("z", A.host, A.port, 3)
     assert sort([renamed, C, A]) == [A, C]
     assert "at one address" in caplog.text
+
+
+def _written_unannounced(redis_url: str, registry: Registry, member: Backend) -> None:
+    """``member`` in the registry's hash with no notice on its channel: what a
+    follower whose subscription was down when it was announced has missed."""
+    import redis
+
+    raw = redis.Redis.from_url(redis_url)
+    seconds, micros = raw.time()
+    expires = seconds * 1000 + micros // 1000 + 30_000
+    raw.hset(registry.hash, member.name, f"{expires} tok {member.spec}")  # type: ignore[attr-defined]
+    raw.close()
+
+
+def test_a_redis_follower_reads_again_when_its_subscription_comes_back(
+    own_redis: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review: redis-py reconnects and subscribes again by itself, so a notice sent
+    # meanwhile was missed; with no member yet, nothing read the registry ever again.
+    import redis
+
+    from statescale.routing.membership import redis as redis_registry
+
+    monkeypatch.setattr(redis_registry, "RESYNC", 60.0, raising=False)
+    redis_url = own_redis.url
+    name = f"resubscribe-{time.monotonic_ns()}"
+    registry = open_registry(f"{redis_url}?prefix={name}")
+    follower, seen = _following(registry)
+    try:
+        assert follower.wait(lambda m: m == [], 5)
+        _written_unannounced(redis_url, registry, A)
+        raw = redis.Redis.from_url(redis_url)
+        assert raw.client_kill_filter(_type="pubsub") == 1  # the follower's
+        raw.close()
+        assert follower.wait(lambda m: m == [A], 5), seen
+    finally:
+        follower.stop()
+
+
+def test_a_redis_follower_reads_again_within_resync_when_nothing_is_announced(
+    own_redis: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from statescale.routing.membership import redis as redis_registry
+
+    monkeypatch.setattr(redis_registry, "RESYNC", 0.5, raising=False)
+    redis_url = own_redis.url
+    registry = open_registry(f"{redis_url}?prefix=resync-{time.monotonic_ns()}")
+    follower, seen = _following(registry)
+    try:
+        assert follower.wait(lambda m: m == [], 5)
+        _written_unannounced(redis_url, registry, A)
+        assert follower.wait(lambda m: m == [A], 3), seen
+    finally:
+        follower.stop()

@@ -13,9 +13,10 @@ each call atomic:
 * reading drops the entries that have expired (publishing if it dropped any) and
   returns the rest with Redis's time.
 
-A follower subscribes to the channel, then reads; it reads again when a notice comes,
-and when the earliest expiry it knows of passes (a member that has stopped renewing
-drops out then, however many followers there are: the first to read publishes).
+A follower subscribes to the channel, then reads; it reads again when a notice comes
+(or its subscription is made again, after a reconnection), when the earliest expiry it
+knows of passes (a member that has stopped renewing drops out then, however many
+followers there are: the first to read publishes), and at least every ``RESYNC`` seconds.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ log = logging.getLogger("statescale.registry")
 DEFAULT_PREFIX = "statescale:registry"
 TIMEOUT = 2.0  # seconds per Redis call
 _MARGIN = 0.05  # seconds after an expiry before reading again
+#: Seconds between reads when nothing is announced: a notice lost all the same (a
+#: connection that broke and came back unnoticed) is read within this.
+RESYNC = 5.0
+_DIGITS = 15  # an expiry in ms with more is no registration's (and Lua's numbers lose it)
 
 _NOW = """
 local t = redis.call('TIME')
@@ -133,10 +138,13 @@ class RedisRegistry:
         for entry in entries:
             try:  # written by something else: skip it, say so (it must not stop a follower)
                 expires, _, spec = entry.decode().split(" ", 2)
-                members.append(Backend.parse(spec))
+                if not (expires.isdigit() and len(expires) <= _DIGITS):
+                    raise ValueError(f"an expiry of {len(expires)} characters")
+                member = Backend.parse(spec)
             except (ConfigError, ValueError) as exc:
-                log.warning("statescale: the registry holds a bad entry %r: %s", entry, exc)
+                log.warning("statescale: the registry holds a bad entry %.200r: %s", entry, exc)
                 continue
+            members.append(member)
             first = min(first, (int(expires) - int(now)) / 1000)
         return sort(members), first
 
@@ -157,12 +165,14 @@ class RedisRegistry:
         self._call(self._deregister, name, token)
 
     def watch(self, changed: Changed, stop: threading.Event) -> None:
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        # Subscription confirmations are notices too: redis-py reconnects and subscribes
+        # again by itself, and what was announced in between is read then.
+        pubsub = self._client.pubsub(ignore_subscribe_messages=False)
         try:
             pubsub.subscribe(self.channel)
             members, first = self._live()  # after subscribing: no change falls between
             changed(members)
-            wake = time.monotonic() + first + _MARGIN
+            wake = time.monotonic() + min(first, RESYNC) + _MARGIN
             while not stop.is_set():
                 wait = min(1.0, max(0.0, wake - time.monotonic()))
                 notice = pubsub.get_message(timeout=wait)
@@ -171,7 +181,7 @@ class RedisRegistry:
                 while pubsub.get_message(timeout=0) is not None:
                     pass  # several notices at once: one read answers them all
                 now, (fresh, first) = time.monotonic(), self._live()
-                wake = now + first + _MARGIN
+                wake = now + min(first, RESYNC) + _MARGIN
                 if fresh != members:
                     members = fresh
                     changed(members)
