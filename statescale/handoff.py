@@ -91,6 +91,9 @@ MAX_BELOW = 3
 MAX_ASKED = 8
 #: A stopping node sends its sessions in batches of about this many bytes.
 _BATCH = 4 * 1024 * 1024
+#: A call's answer when its connection could not be made (nothing was sent): empty, so
+#: it reads as no answer wherever that is all that counts.
+_REFUSED: dict[str, Any] = {}
 
 #: Where a node's middleware answers its ring peers' hand-off calls.
 HANDOFF_PATH = "/.statescale/handoff"
@@ -838,34 +841,67 @@ class RemotePeers:
         landed: Callable[[Mapping[str, tuple[str, int]]], None] | None = None,
     ) -> dict[str, tuple[str, int]]:
         """Each session to its owner on the ring without this node, in batches (each
-        one that arrives told to ``landed`` at once); where each session that arrived
-        went."""
+        one that arrives told to ``landed`` at once); a node that refuses the
+        connection (nothing was sent) is passed over for the next owner, as routers
+        pass it over. Where each session that arrived went."""
         delivered: dict[str, tuple[str, int]] = {}
         ring = self.fleet.ring
-        by_owner: dict[str, list[tuple[str, Any]]] = {}
-        for session_id, data in sessions.items():
-            owner = self._next_owner(ring, session_id)
-            if owner is not None:
-                by_owner.setdefault(owner, []).append((session_id, data))
-        for owner, items in by_owner.items():
-            where = self.fleet.address(owner)
-            if where is None:
-                continue
-            batch: dict[str, Any] = {}
-            size = 0
-            for n, (session_id, data) in enumerate(items, 1):
-                batch[session_id] = data
-                size += len(json.dumps(data)) + 64  # as sent: escapes can be 12 bytes a char
-                if size >= _BATCH or n == len(items):
-                    request, nonce = sealer.request(take=batch, to=owner)
-                    if self._post(where, request, nonce, sealer) is None:
-                        log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
-                    else:
-                        delivered.update(arrived := dict.fromkeys(batch, where))
-                        if landed is not None:
-                            landed(arrived)
-                    batch, size = {}, 0
+        down = [self.node] if self.node in ring.names else []
+        pending = dict(sessions)
+        while pending:
+            by_owner: dict[str, list[tuple[str, Any]]] = {}
+            for session_id, data in pending.items():
+                with contextlib.suppress(LookupError):  # (no node left: not handed)
+                    by_owner.setdefault(ring.owner(session_id, down=down), []).append(
+                        (session_id, data)
+                    )
+            pending = {}
+            for owner, items in by_owner.items():
+                where = self.fleet.address(owner)
+                if where is None:
+                    continue
+                refused = self._push_to(
+                    owner, where, items, sealer, delivered=delivered, landed=landed
+                )
+                if refused:
+                    log.warning(
+                        "statescale: %s refused the connection: %d sessions go to their "
+                        "next owners", owner, len(refused),
+                    )  # fmt: skip
+                    down.append(owner)
+                    pending.update(refused)
         return delivered
+
+    def _push_to(
+        self,
+        owner: str,
+        where: tuple[str, int],
+        items: list[tuple[str, Any]],
+        sealer: Sealer,
+        *,
+        delivered: dict[str, tuple[str, int]],
+        landed: Callable[[Mapping[str, tuple[str, int]]], None] | None,
+    ) -> dict[str, Any]:
+        """``items`` to ``owner`` in batches; what it refused (nothing sent) from the
+        first batch it refused on."""
+        batch: dict[str, Any] = {}
+        size = 0
+        for n, (session_id, data) in enumerate(items, 1):
+            batch[session_id] = data
+            size += len(json.dumps(data)) + 64  # as sent: escapes can be 12 bytes a char
+            if size >= _BATCH or n == len(items):
+                request, nonce = sealer.request(take=batch, to=owner)
+                answer = self._post(where, request, nonce, sealer)
+                if answer is _REFUSED:
+                    return {**batch, **dict(items[n:])}
+                if answer is None:
+                    log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
+                else:
+                    delivered.update(arrived := dict.fromkeys(batch, where))
+                    if landed is not None:
+                        landed(arrived)
+                batch, size = {}, 0
+        return {}
 
     def _post(
         self,
@@ -875,8 +911,16 @@ class RemotePeers:
         sealer: Sealer,
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any] | None:
+        """The answer; ``None`` if there was none; :data:`_REFUSED` (as a mapping with
+        nothing in it) if the connection could not be made: nothing was sent."""
         host, port = address
         conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        try:
+            conn.connect()
+        except OSError as exc:
+            log.info("statescale: hand-off call to %s:%d failed: %s", host, port, exc)
+            conn.close()
+            return _REFUSED
         try:
             conn.request("POST", HANDOFF_PATH, body=request, headers=dict(headers or {}))
             response = conn.getresponse()
