@@ -58,7 +58,7 @@ import socket
 import stat
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,7 +130,8 @@ class Sealer:
         if not keys:
             raise ConfigError("hand-overs need at least one signing key")
         self._keys = [hashlib.sha256(b"statescale handoff\x00" + k).digest() for k in keys]
-        self._seen: dict[str, float] = {}  # nonce -> when it stops mattering
+        self._seen: set[str] = set()  # the nonces of requests opened lately
+        self._expiring: deque[tuple[float, str]] = deque()  # (when it stops mattering, nonce)
         self._lock = threading.Lock()
 
     def seal(self, body: bytes) -> bytes:
@@ -170,9 +171,11 @@ class Sealer:
         with self._lock:
             if nonce in self._seen:
                 return None
-            for old in [n for n, until in self._seen.items() if until < now]:
-                del self._seen[old]
-            self._seen[nonce] = now + 2 * MAX_AGE
+            expiring = self._expiring  # in the order seen: the oldest first
+            while expiring and expiring[0][0] < now:
+                self._seen.discard(expiring.popleft()[1])
+            self._seen.add(nonce)
+            expiring.append((now + 2 * MAX_AGE, nonce))
         return message
 
     def answer(self, nonce: str, **message: Any) -> bytes:
