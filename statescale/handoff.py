@@ -967,17 +967,22 @@ class HandoffStore:
         created: float | None = None,
         replaces: str | None = None,
     ) -> Written:
-        if replaces is not None and replaces != session_id:
+        if replaces is None or replaces == session_id:
+            with self.handoff.writing():
+                return self.memory.create(session_id, fields, created=created, replaces=replaces)
+        with self.handoff.holding(replaces):
             self.handoff.load(replaces)  # dropped everywhere, as by delete()
-        with self.handoff.writing():
-            return self.memory.create(session_id, fields, created=created, replaces=replaces)
+            with self.handoff.writing():
+                return self.memory.create(session_id, fields, created=created, replaces=replaces)
 
     def delete(self, session_id: str) -> None:
         # A session not held here (a logout that loaded nothing, during a hand-over) is
         # taken in first: else its last holder keeps it, and a later miss fetches it back.
-        self.handoff.load(session_id)
-        with self.handoff.writing():
-            self.memory.delete(session_id)
+        # One on its way to a peer lands first (``holding`` waits), and comes back.
+        with self.handoff.holding(session_id):
+            self.handoff.load(session_id)
+            with self.handoff.writing():
+                self.memory.delete(session_id)
 
     #: The middleware holds each session it loads (:meth:`lock`) until the response
     #: starts, whether or not locking was asked for.

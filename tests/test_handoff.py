@@ -831,3 +831,38 @@ def test_a_nonce_costs_the_same_however_many_were_seen(monkeypatch: pytest.Monke
     fresh, _ = sealer.request(give="later")
     assert sealer.open_request(fresh) is not None
     assert len(sealer._seen) == 1  # the old ones went
+
+
+def test_a_logout_while_the_session_is_on_its_way_out_is_not_undone_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A review: a node leaving the ring pushed a session on; a logout that reached it
+    # meanwhile (a router yet to follow) deleted the copy left here, and the pushed
+    # copy lived on at the next owner, logged in.
+    from statescale.processes import free_port
+    from statescale.routing.backends import Backend
+
+    ports = {"a": free_port(), "b": free_port()}
+    a, a_server = _served_node("a", ports)
+    b, b_server = _served_node("b", ports)
+    try:
+        a.create("s", {"user": b"ada"}, replaces="x")
+        answer = b.handoff.answer
+
+        def slow(sealed: bytes) -> Any:  # the next owner takes its time (within limits)
+            answered = answer(sealed)
+            time.sleep(0.6)
+            return answered
+
+        monkeypatch.setattr(b.handoff, "answer", slow)
+        fleet = a.handoff.peers.fleet  # type: ignore[union-attr]
+        fleet.follow([Backend("b", "127.0.0.1", ports["b"])])  # a leaves: it hands on
+        time.sleep(0.2)
+        a.delete("s")  # the logout
+        time.sleep(1.0)
+        assert not a.memory.holds("s") and not b.memory.holds("s")
+        assert fields(b, "s") is None and fields(a, "s") is None
+    finally:
+        for server in (a_server, b_server):
+            server.shutdown()
+            server.server_close()
