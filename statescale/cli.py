@@ -69,7 +69,7 @@ def cmd_lb_sync(args: argparse.Namespace) -> int:
 
     from .routing.balancers import get
     from .routing.membership import Follower, open_registry
-    from .routing.membership.sync import ConfigSync
+    from .routing.membership.sync import RETRY, ConfigSync
 
     balancer = get(args.balancer)
     config = Path(args.config).resolve()
@@ -91,7 +91,8 @@ def cmd_lb_sync(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     follower = Follower(registry, sync.apply).start()
-    stop.wait()
+    while not stop.wait(RETRY):
+        sync.retry()
     follower.stop()
     return 0
 

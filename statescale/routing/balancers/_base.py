@@ -29,7 +29,8 @@ class Balancer:
       ``(config path, listen, cookie) -> argv``;
     * for ``statescale lb-sync``: ``reloadable`` adjusts a configuration for reloads in
       place (``(text, config path) -> text``), ``check`` is the command that checks a
-      written one, and ``reload`` reloads the balancer serving it (False if none runs).
+      written one, and ``reload`` reloads the balancer serving it (False if none runs,
+      ``ConfigError`` if that failed).
     """
 
     name: str

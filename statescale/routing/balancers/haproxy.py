@@ -198,14 +198,17 @@ def _quoted(path: Path) -> str:
 
 def reload(config_file: Path) -> bool:
     """Reload the HAProxy that serves ``config_file`` (USR2 to its master, which reads
-    the file again and hands the listeners over); False if none runs."""
+    the file again and hands the listeners over); False if none runs; ``ConfigError``
+    if it could not be signalled."""
     pid = serving_pid(config_file.resolve().parent / "haproxy.pid", "haproxy", config_file)
     if pid is None:
         return False
     try:
         os.kill(pid, signal.SIGUSR2)
-    except OSError:
-        return False
+    except ProcessLookupError:
+        return False  # gone meanwhile
+    except OSError as exc:
+        raise ConfigError(f"could not signal HAProxy's master (pid {pid}): {exc}") from exc
     return True
 
 

@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from ...exceptions import ConfigError
 from ...signing import SEPARATOR
 from ..backends import Backend
 from ..ring import NodeRing
@@ -139,11 +140,20 @@ def _nginx(config_file: Path) -> list[str]:
 
 def reload(config_file: Path) -> bool:
     """``nginx -s reload`` for the nginx serving ``config_file``: new workers take the
-    new ring, the old ones finish their requests. False if none runs."""
+    new ring, the old ones finish their requests. False if none runs; ``ConfigError``,
+    saying why, if the reload failed."""
     if serving_pid(config_file.parent / "nginx.pid", "nginx", config_file) is None:
         return False
-    done = subprocess.run([*_nginx(config_file), "-s", "reload"], capture_output=True, check=False)
-    return done.returncode == 0
+    try:
+        done = subprocess.run(
+            [*_nginx(config_file), "-s", "reload"], capture_output=True, check=False, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(f"nginx -s reload failed: {exc}") from exc
+    if done.returncode != 0:
+        why = done.stderr.decode(errors="replace").strip() or f"exit status {done.returncode}"
+        raise ConfigError(f"nginx -s reload failed: {why}")
+    return True
 
 
 def check_command(config_file: Path) -> list[str]:

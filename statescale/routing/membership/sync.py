@@ -4,15 +4,17 @@ On every membership change the configuration is written again (to a new file, ch
 with the balancer's own check, then renamed over the old one: a bad one never replaces
 a good one), and the balancer serving it is reloaded: ``nginx -s reload`` (new workers
 take the new ring while the old ones finish their requests) or HAProxy's seamless reload
-(USR2 to its master, which passes its listeners to the new process). The instances
-follow the same registry, so their rings change with the balancer's; sessions that move
-are handed over (:mod:`statescale.handoff`).
+(USR2 to its master, which passes its listeners to the new process). What failed is
+tried again every ``RETRY`` seconds; a balancer that runs is reloaded once at the start.
+The instances follow the same registry, so their rings change with the balancer's;
+sessions that move are handed over (:mod:`statescale.handoff`).
 """
 
 from __future__ import annotations
 
 import logging
 import subprocess
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from ..backends import Backend
 from ..balancers import Balancer
 
 log = logging.getLogger("statescale.registry")
+
+RETRY = 5.0  # seconds between tries of a membership that could not be applied
 
 
 class ConfigSync:
@@ -40,6 +44,13 @@ class ConfigSync:
         self.listen = listen
         self.cookie = cookie
         self.say = say
+        self._lock = threading.Lock()  # the follower's thread applies, the retries too
+        self._wanted: list[Backend] | None = None  # the last membership given
+        self._done = False  # ... and whether it was applied, the balancer reloaded
+        # A balancer that runs is reloaded once at the start: a reload of an earlier
+        # lb-sync may have failed after its file was written.
+        self._reload_owed = True
+        self._last_failure: str | None = None
 
     def text(self, members: Sequence[Backend]) -> str:
         written = self.balancer.config(members, listen=self.listen, cookie=self.cookie)
@@ -79,21 +90,55 @@ class ConfigSync:
 
     def apply(self, members: list[Backend]) -> bool:
         """What the follower calls: write, then reload if the balancer runs. False if
-        the configuration could not be written (said, and the old one stays)."""
+        the configuration could not be written (said, and the old one stays). What
+        failed (the write, or the reload) is tried again by :meth:`retry`."""
+        with self._lock:
+            self._wanted = members
+            return self._apply(members)
+
+    def retry(self) -> None:
+        """Apply the last membership again, if it failed (a check or a reload that
+        failed once: a resolver's blip, a timeout); the registry may not change again
+        for a long time."""
+        with self._lock:
+            if self._wanted is not None and not self._done:
+                self._apply(self._wanted)
+
+    def _apply(self, members: list[Backend]) -> bool:
+        self._done = False
         if not members:
             self.say("the registry lists no node; keeping the configuration as it is")
+            self._done = True
             return True
         specs = ", ".join(b.spec for b in members)
         try:
-            if not self.write(members):
-                return True
+            written = self.write(members)
         except ConfigError as exc:
-            self.say(f"{specs}: {exc}")
-            log.error("statescale: lb-sync could not apply %s: %s", specs, exc)
+            self._failed(f"{specs}: {exc}", "could not apply %s: %s", specs, exc)
             return False
+        if not written and not self._reload_owed:
+            self._done, self._last_failure = True, None
+            return True
         reload = self.balancer.reload
-        if reload is not None and reload(self.config):
+        try:
+            reloaded = reload is not None and reload(self.config)
+        except ConfigError as exc:
+            self._reload_owed = True  # the file is new, the balancer is not: again later
+            said = f"{specs}: wrote {self.config}; {exc}"
+            self._failed(said, "could not reload %s: %s", self.balancer.name, exc)
+            return True
+        self._reload_owed = False
+        self._last_failure = None
+        if reloaded:
             self.say(f"{specs}: wrote {self.config}, reloaded {self.balancer.name}")
         else:
             self.say(f"{specs}: wrote {self.config} ({self.balancer.name} is not running)")
+        self._done = True
         return True
+
+    def _failed(self, said: str, logged: str, *args: object) -> None:
+        """Say what failed, once while it fails the same way (it is tried again)."""
+        if said != self._last_failure:
+            self._last_failure = said
+            self.say(said)
+            log.error("statescale: lb-sync " + logged, *args)
