@@ -52,7 +52,11 @@ def cmd_lb_config(args: argparse.Namespace) -> int:
     from .routing.balancers import get
 
     backends = parse_backends(args.backend)
-    sys.stdout.write(get(args.balancer).config(backends, listen=args.listen, cookie=args.cookie))
+    balancer = get(args.balancer)
+    # Every backend given, or an error saying why not (a registry's followers leave
+    # out what the balancer cannot serve, and go on; a list given here is fixed).
+    balancer.make_ring({balancer.node_key(b): b.weight for b in backends})
+    sys.stdout.write(balancer.config(backends, listen=args.listen, cookie=args.cookie))
     specs = shlex.quote(",".join(b.spec for b in backends))
     print(
         f"# Start each instance with STATESCALE_MODE=sticky STATESCALE_STORE=memory "

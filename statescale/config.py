@@ -162,6 +162,10 @@ class Settings:
             )
         if self.backends:
             check(self.backends)
+            # A list given is served whole, or refused saying why (a registry's followers
+            # leave out what the balancer cannot serve together, and go on).
+            chosen = balancers.get(self.balancer)
+            chosen.make_ring({chosen.node_key(b): b.weight for b in self.backends})
         self._check_registry()
         if (
             self.registry is None

@@ -175,3 +175,10 @@ def test_a_cookie_domain_cannot_carry_attributes_or_headers(domain: str) -> None
     with pytest.raises(ConfigError, match="cookie domain"):
         Settings.from_mapping({"STATESCALE_COOKIE_DOMAIN": domain})
     assert CookieOptions(domain=".example.com").domain == ".example.com"
+
+
+def test_backends_given_that_haproxy_cannot_serve_together_are_refused() -> None:
+    with pytest.raises(ConfigError, match="share an HAProxy server id"):
+        Settings.from_mapping(
+            {"STATESCALE_BALANCER": "haproxy", "STATESCALE_BACKENDS": "node862=h:1,node1593=h:2"}
+        )

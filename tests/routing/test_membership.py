@@ -449,3 +449,25 @@ def test_lb_sync_tries_again_what_failed_until_it_is_applied(tmp_path: Path) -> 
     assert reloads == [config]
     sync.apply([A, B])  # unchanged, reloaded already
     assert reloads == [config]
+
+
+def test_two_names_sharing_an_haproxy_id_leave_one_out_and_the_following_goes_on(
+    tmp_path: Path,
+) -> None:
+    # A review: two registered names that share an HAProxy server id made every ring
+    # and configuration refuse the membership: the followers kept the old one for good.
+    from statescale.routing.balancers import get
+    from statescale.routing.balancers.haproxy import server_id
+    from statescale.routing.membership.sync import ConfigSync
+
+    one, other = Backend("node1593", "127.0.0.1", 9101), Backend("node862", "127.0.0.1", 9102)
+    assert server_id(one.name) == server_id(other.name)
+    members = [C, one, other]  # as a registry lists them: by name
+    fleet = Fleet("haproxy", [A, B])
+    fleet.follow(members)
+    assert fleet.ring.names == ("c", "node1593")  # the later of the two is left out
+    said: list[str] = []
+    config = tmp_path / "haproxy.cfg"
+    sync = ConfigSync(get("haproxy"), config, listen="127.0.0.1:1", cookie="sid", say=said.append)
+    assert sync.apply(members), said  # HAProxy's own check passes it
+    assert "server node1593 " in config.read_text() and "node862" not in config.read_text()

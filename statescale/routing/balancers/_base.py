@@ -30,7 +30,8 @@ class Balancer:
     * for ``statescale lb-sync``: ``reloadable`` adjusts a configuration for reloads in
       place (``(text, config path) -> text``), ``check`` is the command that checks a
       written one, and ``reload`` reloads the balancer serving it (False if none runs,
-      ``ConfigError`` if that failed).
+      ``ConfigError`` if that failed);
+    * ``usable``: of the backends given, those it can serve together.
     """
 
     name: str
@@ -43,6 +44,10 @@ class Balancer:
     reloadable: Callable[[str, Path], str] = lambda text, path: text
     reload: Callable[[Path], bool] | None = None
     check: Callable[[Path], list[str]] | None = None
+    #: The backends this balancer can serve together, of those given in order (each
+    #: left out is logged): what every ring and configuration is built over, so that a
+    #: registry's followers agree whatever the registry holds.
+    usable: Callable[[Sequence[Backend]], list[Backend]] = list
 
     def ring(self, backends: Sequence[Backend]) -> BackendRing:
         """This balancer's ring over ``backends``, answering with backend names."""
@@ -54,7 +59,7 @@ class Balancer:
             raise ConfigError(
                 f"a balancer routes by a cookie named with A-Z a-z 0-9 _ . - only, not {cookie!r}"
             )
-        return self.write_config(check(backends), listen, cookie)
+        return self.write_config(self.usable(check(backends)), listen, cookie)
 
     def command(self, config: Path, *, listen: str, cookie: str) -> list[str]:
         """The command that serves ``config`` (written by :meth:`config` with the same
@@ -67,7 +72,7 @@ class BackendRing:
 
     def __init__(self, balancer: Balancer, backends: Sequence[Backend]) -> None:
         self.balancer = balancer
-        self.backends = check(backends)
+        self.backends = balancer.usable(check(backends))
         self._name_of = {balancer.node_key(b): b.name for b in self.backends}
         self._key_of = {name: key for key, name in self._name_of.items()}
         self.ring = balancer.make_ring({balancer.node_key(b): b.weight for b in self.backends})

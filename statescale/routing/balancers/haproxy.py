@@ -18,6 +18,7 @@ old process to the new one (``expose-fd listeners``), so no connection is refuse
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,8 @@ from ...signing import SEPARATOR
 from ..backends import Backend
 from ..ring import NodeRing
 from ._base import Balancer, serving_pid
+
+log = logging.getLogger("statescale")
 
 _MAX_SOCKET = 97  # bytes HAProxy takes in a Unix socket's path
 
@@ -106,6 +109,21 @@ class HAProxyRing(NodeRing):
         dp = (h - keys[prv]) & _M32
         dn = (keys[nxt] - h) & _M32
         return servers[prv] if dp <= dn else servers[nxt]
+
+
+def usable(backends: Sequence[Backend]) -> list[Backend]:
+    """``backends`` less each whose server id (from its name) an earlier one has:
+    HAProxy refuses two servers with one id. A registry's followers, reading its
+    members in one order, all leave out the same one, and keep following."""
+    kept: dict[int, Backend] = {}
+    for backend in backends:
+        other = kept.setdefault(server_id(backend.name), backend)
+        if other is not backend:
+            log.warning(
+                "statescale: %s and %s share an HAProxy server id; %s is left out of the "
+                "ring: rename it", other.name, backend.name, backend.name,
+            )  # fmt: skip
+    return list(kept.values())
 
 
 def config(backends: Sequence[Backend], listen: str, cookie: str) -> str:
@@ -236,4 +254,5 @@ BALANCER = Balancer(
     reloadable=reloadable,
     reload=reload,
     check=check_command,
+    usable=usable,
 )
