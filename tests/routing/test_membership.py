@@ -471,3 +471,17 @@ def test_two_names_sharing_an_haproxy_id_leave_one_out_and_the_following_goes_on
     sync = ConfigSync(get("haproxy"), config, listen="127.0.0.1:1", cookie="sid", say=said.append)
     assert sync.apply(members), said  # HAProxy's own check passes it
     assert "server node1593 " in config.read_text() and "node862" not in config.read_text()
+
+
+def test_an_etcd_registration_that_lapsed_renews_without_an_error(etcd: EtcdServer) -> None:
+    # A review: a node frozen past its TTL renewed (on a new lease) and then failed
+    # revoking the old one, which had lapsed: a false "could not register".
+    registry = open_registry(f"{etcd.url}/lapsed-{time.monotonic_ns()}")
+    try:
+        registry.register(A, ttl=2, token="t")
+        time.sleep(3.5)  # the lease lapses
+        assert registry.members() == []
+        registry.register(A, ttl=2, token="t")  # raised RegistryUnavailable: Not Found
+        assert registry.members() == [A]
+    finally:
+        registry.close()

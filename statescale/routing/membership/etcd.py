@@ -126,8 +126,9 @@ class EtcdRegistry:
             except self._errors as exc:
                 raise RegistryUnavailable(f"the etcd registry failed: {_why(exc)}") from exc
             self._leases[backend.name] = (lease, value)
-            if held is not None:  # a changed entry: the old lease goes
-                self._revoke(held[0])
+            if held is not None:  # a changed entry: the old lease goes, if it is still there
+                with contextlib.suppress(RegistryUnavailable):  # (lapsed: gone already)
+                    self._revoke(held[0])
 
     def _claim(self, backend: Backend, value: str, lease: Any) -> None:
         """Put ``value`` under ``backend``'s name on ``lease``, unless a live instance at
