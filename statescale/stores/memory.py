@@ -39,7 +39,6 @@ from ..exceptions import ConfigError, LockTimeout
 from ..session import Changes, Record, Written
 from .base import Lifetime
 
-_STRIPES = 64
 PROTECTED_SHARE = 0.8  # of max_sessions, at most, for sessions whose client came back
 #: Sessions given away lately, whose versions a store remembers (a hand-over of an
 #: older copy arriving late is refused), and, as many again, sessions deleted or
@@ -51,23 +50,44 @@ UNCOUNTED = -1  # the version of a copy from a process that does not count write
 
 
 class ProcessLocks:
-    """Per-session locks of this process, striped (two sessions may share a stripe: a
-    short wait, never a deadlock, as one request holds one session). ``wait`` bounds
-    how long a thread waits for another holding the same stripe."""
+    """Per-session locks of this process: one for each session a thread holds or
+    waits for, dropped when none does (so their number is that of the requests in
+    flight). ``wait`` bounds how long a thread waits for another holding the same
+    session. No two sessions share one: a request that holds its session a long time
+    (its handler is slow, or it asks a peer for it) makes no other session wait."""
 
     def __init__(self, wait: float = 5.0) -> None:
         self.wait = wait
-        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._guard = threading.Lock()
+        self._locks: dict[str, _Held] = {}
 
     @contextmanager
     def lock(self, session_id: str) -> Iterator[None]:
-        stripe = self._stripes[hash(session_id) % _STRIPES]  # per process: hash() is fine
-        if not stripe.acquire(timeout=self.wait):
-            raise LockTimeout(self.wait)
+        with self._guard:
+            held = self._locks.get(session_id)
+            if held is None:
+                held = self._locks[session_id] = _Held()
+            held.users += 1
         try:
-            yield
+            if not held.lock.acquire(timeout=self.wait):
+                raise LockTimeout(self.wait)
+            try:
+                yield
+            finally:
+                held.lock.release()
         finally:
-            stripe.release()
+            with self._guard:
+                held.users -= 1
+                if not held.users:
+                    del self._locks[session_id]
+
+
+class _Held:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0  # threads that hold or wait for it
 
 
 class Kept(NamedTuple):

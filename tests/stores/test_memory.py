@@ -171,3 +171,35 @@ def test_a_copy_from_a_release_that_does_not_count_writes_is_kept_as_before(
     assert store.holds("s")
     store.delete("s")
     assert not store.put("s", back) and not store.holds("s")
+
+
+def test_a_session_held_long_makes_no_other_session_wait() -> None:
+    # A review: the locks were 64 stripes; a request holding its session (a slow
+    # handler, or a miss asking hung peers) made 1 in 64 other sessions wait 5 s, then
+    # fail. Now one lock a session, as many as are held.
+    import threading
+
+    from statescale.exceptions import LockTimeout
+    from statescale.stores.memory import ProcessLocks
+
+    locks = ProcessLocks(wait=0.2)
+    holding, release = threading.Event(), threading.Event()
+
+    def slow_request() -> None:
+        with locks.lock("held"):
+            holding.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    assert holding.wait(5)
+    try:
+        for n in range(200):  # others, on every stripe there was: none waits
+            with locks.lock(f"other-{n}"):
+                pass
+        with pytest.raises(LockTimeout), locks.lock("held"):
+            pass  # the same session waits, as it must
+    finally:
+        release.set()
+        thread.join()
+    assert locks._locks == {}  # none left once none is held
