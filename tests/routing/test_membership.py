@@ -485,3 +485,39 @@ def test_an_etcd_registration_that_lapsed_renews_without_an_error(etcd: EtcdServ
         assert registry.members() == [A]
     finally:
         registry.close()
+
+
+def test_a_registry_that_lost_its_members_is_followed_only_if_that_lasts(
+    own_redis: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review: a Redis restarted empty (or etcd frozen past the TTL) and the members
+    # registering again one by one made each step a new ring for every follower:
+    # hand-overs, a router sending everything to the first one back, reloads.
+    import redis
+
+    from statescale.routing.membership import follow
+
+    monkeypatch.setattr(follow, "HOLD", 1.0, raising=False)
+    url = f"{own_redis.url}?prefix=collapse"
+    registry = open_registry(url)
+    members = [A, B, C, Backend("d", "127.0.0.1", 9004)]
+    for member in members:
+        registry.register(member, ttl=60, token="t")
+    follower, seen = _following(registry)
+    raw = redis.Redis.from_url(own_redis.url)
+    try:
+        assert follower.wait(lambda m: m == members, 5)
+        raw.flushall()  # the registry loses its data; the members come back in turn
+        for n, member in enumerate([C, A, B, members[3]]):
+            registry.register(member, ttl=60, token="t")
+            time.sleep(0.15 if n else 0.3)
+        time.sleep(1.2)  # past the hold
+        assert seen == [members]  # no step in between, nor the same again
+        raw.flushall()  # lost again, and this time only c comes back
+        registry.register(C, ttl=60, token="t")
+        time.sleep(0.5)
+        assert follower.members == members  # held...
+        assert follower.wait(lambda m: m == [C], 3)  # ...then followed
+    finally:
+        follower.stop()
+        raw.close()

@@ -4,7 +4,10 @@
   deregisters it when stopped;
 * :class:`Follower`: runs a registry's watch and hands every new membership to a
   callback; when the registry fails it keeps the last membership, says so once, and
-  tries again with a growing pause (0.1 s up to 2 s) until it is back.
+  tries again with a growing pause (0.1 s up to 2 s) until it is back. A membership
+  that lost more than half its members at once is followed only if it still holds
+  ``HOLD`` seconds later (a registry that lost its data, its members coming back one
+  by one, would otherwise be a new ring at each step).
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ log = logging.getLogger("statescale.registry")
 
 DEFAULT_TTL = 6.0  # seconds a registration lasts without a renewal
 _RETRY = (0.1, 2.0)  # the first and the longest pause before trying a registry again
+#: Seconds a membership that lost more than half its members at once waits before it is
+#: followed: its members, renewing every third of their TTL, are back by then if the
+#: registry had lost them.
+HOLD = DEFAULT_TTL / 3 + 1.0
 
 
 class Heartbeat:
@@ -87,6 +94,8 @@ class Follower:
         self.last_error: str | None = None  # why the registry was last unreachable
         self._failing = False
         self._seen = threading.Condition()
+        self._applying = threading.Lock()
+        self._held: list[Backend] | None = None  # a collapse not followed yet
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="statescale-follower", daemon=True)
 
@@ -99,13 +108,44 @@ class Follower:
         if self._failing:
             log.warning("statescale: following %s again", self.registry.url)
             self._failing = False
-        try:
-            self._changed(members)
-        except Exception:  # a consumer's bug must not stop the following
-            log.exception("statescale: applying a membership change failed")
         with self._seen:
-            self.members = members
-            self._seen.notify_all()
+            if self._held is not None:  # a hold is on: the latest membership waits
+                self._held = members
+                return
+            current = self.members
+            if current and _collapse(current, members):
+                # More than half gone at once: a registry that lost its data (restarted
+                # empty, or frozen past the TTL) while its members register again one
+                # by one. Unless held, each of their steps would be a new ring.
+                self._held = members
+                log.warning(
+                    "statescale: %s lists %d of its %d members; following it in %g s",
+                    self.registry.url, len(members), len(current), HOLD,
+                )  # fmt: skip
+                timer = threading.Timer(HOLD, self._release)
+                timer.daemon = True
+                timer.start()
+                return
+        self._apply(members)
+
+    def _release(self) -> None:
+        """The end of a hold: what the registry lists now is followed (nothing, if it
+        is what was followed before: the members came back)."""
+        with self._seen:
+            held, self._held = self._held, None
+            if held is None or held == self.members or self._stop.is_set():
+                return
+        self._apply(held)
+
+    def _apply(self, members: list[Backend]) -> None:
+        with self._applying:  # (the watch's thread, or a hold's timer)
+            try:
+                self._changed(members)
+            except Exception:  # a consumer's bug must not stop the following
+                log.exception("statescale: applying a membership change failed")
+            with self._seen:
+                self.members = members
+                self._seen.notify_all()
 
     def _run(self) -> None:
         pause = _RETRY[0]
@@ -141,3 +181,9 @@ class Follower:
         self._stop.set()
         if wait:
             self._thread.join(3)
+
+
+def _collapse(current: list[Backend], members: list[Backend]) -> bool:
+    """Whether ``members`` has lost more than half of ``current``."""
+    kept = {b.name for b in members}
+    return 2 * sum(b.name not in kept for b in current) > len(current)
