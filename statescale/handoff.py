@@ -248,6 +248,7 @@ class Handoff:
         self._stopped = False
         self._closed = False  # stop() has taken what this process holds: no more writes
         self._handed = threading.Event()  # what is left is where peers will look
+        self._handing = self._again = False  # a hand-over thread runs; asked again since
         self._member = peers is not None and peers.node in peers.fleet.ring.names
         if peers is not None:
             peers.fleet.listeners.append(self.ring_changed)
@@ -300,7 +301,7 @@ class Handoff:
                 # this request here): the session goes on to its owner at once.
                 leaving = self.peers is not None and not self._member and not self._stopped
             if leaving and not left:
-                threading.Thread(target=self.hand_over, daemon=True).start()
+                self._hand_over_soon()
 
     def load(self, session_id: str) -> Record | None:
         """The session from this process's memory, else from a peer or a file. Raises
@@ -612,7 +613,31 @@ class Handoff:
         assert self.peers is not None
         member, self._member = self._member, self.peers.node in names
         if member and not self._member:
-            threading.Thread(target=self.hand_over, name="statescale-leaving", daemon=True).start()
+            self._hand_over_soon()
+
+    def _hand_over_soon(self) -> None:
+        """:meth:`hand_over` on a thread: one at a time, and once more after it if asked
+        meanwhile (while a node is out of the ring, each request's end asks)."""
+        with self._cond:
+            if self._handing:
+                self._again = True
+                return
+            self._handing = True
+        threading.Thread(
+            target=self._hand_over_while_asked, name="statescale-leaving", daemon=True
+        ).start()
+
+    def _hand_over_while_asked(self) -> None:
+        while True:
+            try:
+                self.hand_over()
+            except Exception:  # (a thread's end: logged, and the next ask starts another)
+                log.exception("statescale: handing sessions on failed")
+            with self._cond:
+                if not self._again:
+                    self._handing = False
+                    return
+                self._again = False
 
     def hand_over(self) -> None:
         """Send every session no request holds to its next owner on the ring. While one

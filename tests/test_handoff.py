@@ -866,3 +866,33 @@ def test_a_logout_while_the_session_is_on_its_way_out_is_not_undone_there(
         for server in (a_server, b_server):
             server.shutdown()
             server.server_close()
+
+
+def test_a_node_out_of_the_ring_runs_one_hand_over_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A review: while a node was out of the ring, every request's end started a thread
+    # of its own to hand sessions on: as many threads as requests, all at once.
+    from statescale.routing.backends import Backend
+
+    fleet = _fleet("a", "b")
+    a = _node(fleet, "a")
+    running, most, calls = [0], [0], [0]
+    lock = threading.Lock()
+
+    def hand_over() -> None:
+        with lock:
+            running[0] += 1
+            calls[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+
+    monkeypatch.setattr(a, "hand_over", hand_over)
+    fleet.follow([Backend("b", "127.0.0.1", 9001)])  # a leaves the ring: one hand-over
+    for n in range(20):  # requests that end meanwhile each ask for another
+        with a.holding(f"s{n}"):
+            pass
+    _eventually(lambda: not a._handing)
+    assert most[0] == 1 and calls[0] == 2  # the first, and one more for all that asked
