@@ -94,6 +94,9 @@ _BATCH = 4 * 1024 * 1024
 #: A call's answer when its connection could not be made (nothing was sent): empty, so
 #: it reads as no answer wherever that is all that counts.
 _REFUSED: dict[str, Any] = {}
+#: A call's answer when it may have been sent but no answer came (a timeout, a reset):
+#: the node may have acted on it, or not.
+_UNANSWERED: dict[str, Any] = {}
 
 #: Where a node's middleware answers its ring peers' hand-off calls.
 HANDOFF_PATH = "/.statescale/handoff"
@@ -243,6 +246,9 @@ class Handoff:
         # back here, and is fetched back from there (the old ring does not know it).
         self._gone_to: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._pushing: dict[str, tuple[str, int]] = {}  # on their way to a peer: where
+        # Pushed, not answered: maybe there (in _gone_to), maybe not; this copy serves
+        # only once there says it is not.
+        self._unsure: OrderedDict[str, Kept] = OrderedDict()
         self._fetching: dict[str, int] = {}  # session -> threads here asking peers for it
         self._answering = 0  # sessions taken for a peer whose answer is not sent yet
         self._stopped = False
@@ -348,8 +354,17 @@ class Handoff:
             self._cond.wait_for(lambda: session_id not in self._pushing, ASK_TIMEOUT)
             gone_to = self._gone_to.pop(session_id, None)
         found, asked_busy = self.peers.fetch(session_id, self.sealer, first=gone_to)
+        with self._cond:
+            aside = self._unsure.pop(session_id, None)
         if found is None:  # a stopping peer may have sent it here meanwhile
             record = self._arrived(session_id)
+            if record is None and aside is not None:
+                if asked_busy:  # maybe there still: kept aside, and a 503
+                    with self._cond:
+                        self._unsure[session_id] = aside
+                else:  # not there: what was sent never arrived
+                    self._put(session_id, aside)
+                    record = self.memory.load(session_id)
             return record, (busy or asked_busy) and record is None
         stale = self._put(session_id, found)
         record = self.memory.load(session_id)
@@ -672,9 +687,26 @@ class Handoff:
                 delivered.update(batch)
                 self._cond.notify_all()
 
+        def unsure(batch: Mapping[str, tuple[str, int]]) -> None:
+            """A batch sent, not answered: it may be there, or not. Kept aside, not
+            served from here: a request for one asks there first (two owners would
+            lose writes), and is served this copy if it is not there."""
+            with self._cond:
+                for session_id, where in batch.items():
+                    kept = self.memory.take(session_id, free[session_id].version)
+                    if kept is not None:
+                        self._unsure[session_id] = kept
+                        self._unsure.move_to_end(session_id)
+                        while len(self._unsure) > MAX_GONE:
+                            self._unsure.popitem(last=False)
+                        self._remember(session_id, where)
+                    self._pushing.pop(session_id, None)
+                delivered.update(batch)  # (not on its way any more)
+                self._cond.notify_all()
+
         try:
             encoded = {sid: _encode(free[sid].moved()) for sid in targets}
-            self.peers.push(encoded, self.sealer, landed=landed)
+            self.peers.push(encoded, self.sealer, landed=landed, unsure=unsure)
         finally:
             with self._cond:
                 # Only those still on their way: one that landed may be on its way
@@ -706,7 +738,12 @@ class Handoff:
                 lambda: not (self._pushing or self._answering or self._in_use), ASK_TIMEOUT
             )
             sessions = {sid: _encode(kept.moved()) for sid, kept in self.memory.items()}
+            # Those sent to a node that did not answer go there again: kept there if
+            # they had arrived, taken now if not.
+            unsure = {sid: _encode(kept) for sid, kept in self._unsure.items()}
             self._closed = True  # what is written here now would be lost: refused
+        if self.peers is not None and unsure:
+            self.peers.push(unsure, self.sealer)
         if self.directory is None or (leaving and self.peers is not None):
             if self.peers is not None and sessions:
                 self.peers.push(sessions, self.sealer)
@@ -867,11 +904,13 @@ class RemotePeers:
         sealer: Sealer,
         *,
         landed: Callable[[Mapping[str, tuple[str, int]]], None] | None = None,
+        unsure: Callable[[Mapping[str, tuple[str, int]]], None] | None = None,
     ) -> dict[str, tuple[str, int]]:
         """Each session to its owner on the ring without this node, in batches (each
-        one that arrives told to ``landed`` at once); a node that refuses the
-        connection (nothing was sent) is passed over for the next owner, as routers
-        pass it over. Where each session that arrived went."""
+        one that arrives told to ``landed`` at once, each sent but not answered to
+        ``unsure``); a node that refuses the connection (nothing was sent) is passed
+        over for the next owner, as routers pass it over. Where each session that
+        arrived went."""
         delivered: dict[str, tuple[str, int]] = {}
         ring = self.fleet.ring
         down = [self.node] if self.node in ring.names else []
@@ -889,8 +928,9 @@ class RemotePeers:
                 if where is None:
                     continue
                 refused = self._push_to(
-                    owner, where, items, sealer, delivered=delivered, landed=landed
-                )
+                    owner, where, items, sealer, delivered=delivered, landed=landed,
+                    unsure=unsure,
+                )  # fmt: skip
                 if refused:
                     log.warning(
                         "statescale: %s refused the connection: %d sessions go to their "
@@ -909,6 +949,7 @@ class RemotePeers:
         *,
         delivered: dict[str, tuple[str, int]],
         landed: Callable[[Mapping[str, tuple[str, int]]], None] | None,
+        unsure: Callable[[Mapping[str, tuple[str, int]]], None] | None = None,
     ) -> dict[str, Any]:
         """``items`` to ``owner`` in batches; what it refused (nothing sent) from the
         first batch it refused on."""
@@ -922,7 +963,14 @@ class RemotePeers:
                 answer = self._post(where, request, nonce, sealer)
                 if answer is _REFUSED:
                     return {**batch, **dict(items[n:])}
-                if answer is None:
+                if answer is _UNANSWERED and unsure is not None:
+                    log.warning(
+                        "statescale: %s did not answer a hand-over of %d sessions",
+                        owner,
+                        len(batch),
+                    )
+                    unsure(dict.fromkeys(batch, where))
+                elif answer is None or answer is _UNANSWERED:
                     log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
                 else:
                     delivered.update(arrived := dict.fromkeys(batch, where))
@@ -939,8 +987,10 @@ class RemotePeers:
         sealer: Sealer,
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any] | None:
-        """The answer; ``None`` if there was none; :data:`_REFUSED` (as a mapping with
-        nothing in it) if the connection could not be made: nothing was sent."""
+        """The answer; ``None`` if it refused the call; :data:`_REFUSED` if the
+        connection could not be made (nothing was sent), :data:`_UNANSWERED` if no
+        answer came (the call may have been acted on): both mappings with nothing in
+        them, no answer where that is all that counts."""
         host, port = address
         conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
         try:
@@ -955,7 +1005,7 @@ class RemotePeers:
             body = response.read(MAX_HANDOFF)
         except (OSError, http.client.HTTPException) as exc:
             log.info("statescale: hand-off call to %s:%d failed: %s", host, port, exc)
-            return None
+            return _UNANSWERED
         finally:
             conn.close()
         if response.status != 200:
