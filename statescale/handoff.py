@@ -507,6 +507,12 @@ class Handoff:
         request too long, or on its way to this process (a thread here is asking for
         it): the asker must not take it for gone."""
         with self._cond:
+            if session_id in self._unsure:  # sent there, not answered
+                where = self._gone_to.get(session_id)
+                if asker is None or asker != where:
+                    return None, where, False  # ask there
+                self._answering += 1  # it asks: it does not have it; this copy is all
+                return self._unsure.pop(session_id), None, False
             going = self._pushing.get(session_id)
             if going is not None and going != asker:  # it lands there first
                 self._cond.wait_for(lambda: session_id not in self._pushing, until - time.time())

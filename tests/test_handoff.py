@@ -940,8 +940,8 @@ def test_a_hand_over_sent_but_not_answered_is_served_from_where_it_is(
                 n = str(int(record.fields["n"]) + 1).encode()
                 store.save("s", Changes({"n": n}, frozenset()), created=record.created)
 
-        increment(b if arrives else a)  # (where the session is)
-        increment(a)  # a router that has not followed yet: here
+        increment(b)  # the next owner: it has it, or asks, and gets the copy set aside
+        increment(a)  # a router that has not followed yet: here, from there
         _eventually(lambda: not a.memory.holds("s") and b.memory.holds("s"))  # handed on
         assert fields(b, "s") == {"n": b"3"}  # both writes
     finally:
