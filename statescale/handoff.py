@@ -444,6 +444,9 @@ class Handoff:
                 log.warning("statescale: refused a hand-off request meant for %s", meant_for)
                 return None, None
             if "take" in request:
+                if self._closed:  # past stop()'s last look: they would be lost here
+                    log.warning("statescale: refused a hand-over: this process has stopped")
+                    return None, None
                 self._keep(dict(request["take"]))
                 return self.sealer.answer(nonce), None
             session_id = str(request["give"])
@@ -914,9 +917,9 @@ class RemotePeers:
     ) -> dict[str, tuple[str, int]]:
         """Each session to its owner on the ring without this node, in batches (each
         one that arrives told to ``landed`` at once, each sent but not answered to
-        ``unsure``); a node that refuses the connection (nothing was sent) is passed
-        over for the next owner, as routers pass it over. Where each session that
-        arrived went."""
+        ``unsure``); a node that refuses the connection (nothing was sent) or the
+        sessions (it has stopped, or holds other keys) is passed over for the next
+        owner, as routers pass it over. Where each session that arrived went."""
         delivered: dict[str, tuple[str, int]] = {}
         ring = self.fleet.ring
         down = [self.node] if self.node in ring.names else []
@@ -939,8 +942,8 @@ class RemotePeers:
                 )  # fmt: skip
                 if refused:
                     log.warning(
-                        "statescale: %s refused the connection: %d sessions go to their "
-                        "next owners", owner, len(refused),
+                        "statescale: %s refused a hand-over: %d sessions go to their next "
+                        "owners", owner, len(refused),
                     )  # fmt: skip
                     down.append(owner)
                     pending.update(refused)
@@ -967,7 +970,7 @@ class RemotePeers:
             if size >= _BATCH or n == len(items):
                 request, nonce = sealer.request(take=batch, to=owner)
                 answer = self._post(where, request, nonce, sealer)
-                if answer is _REFUSED:
+                if answer is _REFUSED or answer is None:  # not taken there: the next owner
                     return {**batch, **dict(items[n:])}
                 if answer is _UNANSWERED and unsure is not None:
                     log.warning(
@@ -976,7 +979,7 @@ class RemotePeers:
                         len(batch),
                     )
                     unsure(dict.fromkeys(batch, where))
-                elif answer is None or answer is _UNANSWERED:
+                elif answer is _UNANSWERED:
                     log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
                 else:
                     delivered.update(arrived := dict.fromkeys(batch, where))

@@ -948,3 +948,27 @@ def test_a_hand_over_sent_but_not_answered_is_served_from_where_it_is(
         for server in (a_server, b_server):
             server.shutdown()
             server.server_close()
+
+
+def test_a_hand_over_to_a_process_that_has_stopped_goes_to_the_next_owner() -> None:
+    # A review: a push that reached a process after its stop had taken what it held
+    # was kept in its memory, and lost with it.
+    from statescale.processes import free_port
+
+    ports = {"a": free_port(), "b": free_port(), "c": free_port()}
+    nodes = {name: _served_node(name, ports) for name in ports}
+    a, b, c = (nodes[name][0] for name in ports)
+    try:
+        sessions = [f"s{n}" for n in range(40)]
+        for session_id in sessions:
+            b.create(session_id, {"n": b"1"}, replaces="x")
+        ring = b.handoff.peers.fleet.ring  # type: ignore[union-attr]
+        assert any(ring.owner(s, down=["b"]) == "a" for s in sessions)
+        a.handoff.stop()  # a stops first (it still answers its port)
+        b.handoff.stop()
+        assert not any(a.memory.holds(s) for s in sessions)
+        assert [s for s in sessions if not c.memory.holds(s)] == []
+    finally:
+        for _, server in nodes.values():
+            server.shutdown()
+            server.server_close()
