@@ -422,13 +422,29 @@ class Handoff:
     def _answered(self, taken: tuple[str, Kept], sent: bool) -> None:
         """An answer that took a session has been sent; or not, and the session goes
         back into memory (the asker has nothing). :meth:`stop` waits for these."""
+        late: dict[str, Any] = {}
         with self._cond:
             if not sent:
                 session_id, kept = taken
                 self._gone_to.pop(session_id, None)
-                self._put(session_id, kept)
+                if self._closed:  # stop() has written what it held: it goes on its own
+                    late[session_id] = _encode(kept)
+                else:
+                    self._put(session_id, kept)
             self._answering -= 1
             self._cond.notify_all()
+        if late:
+            self._hand_on(late, f"{self._name}-late-{secrets.token_hex(4)}")
+
+    def _hand_on(self, sessions: Mapping[str, Any], name: str) -> None:
+        """``sessions`` (encoded) where peers will look for them: a file ``name`` of
+        this slot's directory, else the ring's next owners."""
+        if self.directory is not None:
+            temporary = self.directory / f"{name}.tmp"
+            temporary.write_bytes(self.sealer.seal(json.dumps({"sessions": sessions}).encode()))
+            temporary.rename(self.directory / f"{name}.json")
+        elif self.peers is not None:
+            self.peers.push(sessions, self.sealer)
 
     def _answer(self, sealed: bytes) -> tuple[bytes | None, tuple[str, Kept] | None]:
         """:meth:`answer`, and the session it took (counted in ``_answering`` until
@@ -760,10 +776,7 @@ class Handoff:
             log.info("statescale: handed over %d sessions to their next owners", len(sessions))
             return
         if sessions:
-            body = json.dumps({"sessions": sessions}).encode()
-            temporary = self.directory / f"{self._name}.tmp"
-            temporary.write_bytes(self.sealer.seal(body))
-            temporary.rename(self.directory / f"{self._name}.json")
+            self._hand_on(sessions, self._name)
         self._handed.set()
         if self._listener is not None:
             self._listener.close()
