@@ -6,6 +6,7 @@ Needs gunicorn (``pip install 'statescale[demo]'``). Not part of the library's A
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import json
@@ -251,6 +252,18 @@ class Gunicorn:
         self._final_log = self.log()
         self.log_file.close()
         Path(self.log_path).unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """SIGKILL to the master and all its children, as a machine that is gone: for
+        a test's end, once what it asserts is in (a graceful stop drains and hands
+        over, seconds each node)."""
+        if self.process is None:
+            return
+        for pid in [*self.children(), self.process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(10)
+        self.stop()  # (reaped: keeps the log, closes the file)
 
     def __enter__(self) -> Gunicorn:
         return self.start()

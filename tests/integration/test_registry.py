@@ -148,6 +148,8 @@ def test_nodes_scale_out_and_in_through_a_registry(
         ]
         assert firsts and all(i > 0 for i in firsts)
         assert any(set(p) & fourth for p in new.pids)
+        for gone in alive.values():  # (asserted: no drain, no hand-over needed)
+            gone.kill()
         assert all(p[-1] not in left for p in old.pids if p[0] in left)
 
 
