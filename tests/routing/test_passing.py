@@ -70,6 +70,8 @@ def test_the_peek_reads_the_cookies_the_parser_reads(head: bytes) -> None:
         b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n",  # the proxy's to set
         b"GET / HTTP/1.1\r\nHost: x\r\nforwarded: for=6.6.6.6\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+        # Connection names a header: the proxy leaves it out, a worker would read it
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: cookie\r\nCookie: s=a.b\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
     ],
 )

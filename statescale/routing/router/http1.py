@@ -78,6 +78,7 @@ class RequestHead:
     expect_continue: bool
     cookie: bytes  # every Cookie header, joined with ", " as gunicorn joins them
     http11: bool  # HTTP/1.1 (else 1.0: no chunked response, the body ends by closing)
+    hop_named: bool = False  # Connection names headers: the lines lack them
 
 
 @dataclass(slots=True)
@@ -225,6 +226,7 @@ class RequestParser(_Parser):
                 # (a Cookie that Connection names is not forwarded: not routed by either)
                 cookie=b"" if b"cookie" in named else b", ".join(cookies),
                 http11=version == "1.1",
+                hop_named=bool(named),
             )
         )
 

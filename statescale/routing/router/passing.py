@@ -102,8 +102,8 @@ def whole_request(data: bytes) -> bytes | None:
     head = events[0]
     if not isinstance(head, RequestHead) or (head.has_body and head.length < 0):  # chunked
         return None
-    if any(name.lower() in _FORWARDING for name, _ in head.headers):
-        return None
+    if head.hop_named or any(name.lower() in _FORWARDING for name, _ in head.headers):
+        return None  # (passed as it came, a worker would read what the router did not)
     return head.cookie
 
 
