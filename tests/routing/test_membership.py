@@ -466,6 +466,9 @@ def test_two_names_sharing_an_haproxy_id_leave_one_out_and_the_following_goes_on
     fleet = Fleet("haproxy", [A, B])
     fleet.follow(members)
     assert fleet.ring.names == ("c", "node1593")  # the later of the two is left out
+    before = list(fleet.previous)
+    assert not fleet.update(members)  # the same again: no change, nothing forgotten
+    assert fleet.previous == before
     said: list[str] = []
     config = tmp_path / "haproxy.cfg"
     sync = ConfigSync(get("haproxy"), config, listen="127.0.0.1:1", cookie="sid", say=said.append)

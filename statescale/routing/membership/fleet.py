@@ -44,9 +44,11 @@ class Fleet:
     def update(self, members: Sequence[Backend]) -> bool:
         """Route by ``members`` from now on; False (nothing changes) if they are the
         current ones, or none (a fleet of nobody routes nowhere: keep the last one)."""
-        if not members or list(members) == self.ring.backends:
+        if not members:
             return False
         ring = self._balancer.ring(members)
+        if ring.backends == self.ring.backends:  # (as the balancer can serve them)
+            return False
         self._previous.insert(0, (self._clock(), self.ring))
         del self._previous[MAX_PREVIOUS:]
         self.ring = ring  # one assignment: readers see the old ring or the new one
