@@ -37,7 +37,9 @@ DEFAULT_MEMORY_SESSIONS = 10_000  # sessions a memory store keeps per process
 DEFAULT_MAX_SIZE = 64 * 1024  # bytes a session may take, encoded
 DEFAULT_REDIS_TIMEOUT = 0.4  # seconds per Redis attempt (redis-py retries once)
 DEFAULT_LOCAL_CACHE = 10_000  # session copies per process
-DEFAULT_DRAIN = 2.0  # seconds a registered instance serves on after leaving the registry
+#: Seconds a registered instance serves on after leaving the registry: past the hold of
+#: a membership that lost more than half its members (routing.membership.follow.HOLD).
+DEFAULT_DRAIN = 4.0
 
 #: Each mode and the store it uses unless told otherwise. Sticky and affinity route each
 #: session to its owner (a ring); affinity keeps the sessions in Redis behind that.

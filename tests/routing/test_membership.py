@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -524,3 +525,61 @@ def test_a_registry_that_lost_its_members_is_followed_only_if_that_lasts(
     finally:
         follower.stop()
         raw.close()
+
+
+def test_a_hold_that_ends_as_a_newer_membership_comes_never_follows_the_older(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A review: the hold's timer and the watch's thread could apply in either order,
+    # and the follower ended on the older membership, which a watch that reports only
+    # changes never sends again.
+    import threading
+
+    from statescale.routing.membership import follow
+
+    monkeypatch.setattr(follow, "HOLD", 0.3)
+    D, E = Backend("d", "127.0.0.1", 9004), Backend("e", "127.0.0.1", 9005)
+
+    class SlowForTheTimer:  # the timer's thread is preempted before it applies
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+        def __enter__(self) -> None:
+            if isinstance(threading.current_thread(), threading.Timer):
+                time.sleep(0.2)
+            self.lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.release()
+
+    class Changes:
+        url = "test://"
+
+        def watch(self, changed: Any, stop: threading.Event) -> None:
+            changed([A, B, C, D])
+            changed([A])  # a registry that lost its data: a hold
+            time.sleep(0.35)  # the hold ends...
+            changed([A, B, C, D, E])  # ...as the members are back, and e joined
+            stop.wait()
+
+        def close(self) -> None:
+            pass
+
+    seen: list[list[Backend]] = []
+    follower = Follower(Changes(), seen.append)  # type: ignore[arg-type]
+    follower._applying = SlowForTheTimer()  # type: ignore[assignment]
+    follower.start()
+    try:
+        time.sleep(1.0)
+        assert follower.members == [A, B, C, D, E], seen
+    finally:
+        follower.stop()
+
+
+def test_a_leaving_node_drains_past_the_hold_of_its_followers() -> None:
+    # A review: the hold (3 s) outlasted the default drain (2 s): when more than half
+    # the nodes left at once, the routers sent users to nodes that had stopped.
+    from statescale.config import DEFAULT_DRAIN
+    from statescale.routing.membership import follow
+
+    assert DEFAULT_DRAIN >= follow.HOLD + 1

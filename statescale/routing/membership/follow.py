@@ -95,7 +95,8 @@ class Follower:
         self._failing = False
         self._seen = threading.Condition()
         self._applying = threading.Lock()
-        self._held: list[Backend] | None = None  # a collapse not followed yet
+        self._held: tuple[list[Backend], int] | None = None  # a collapse not followed yet
+        self._delivered = self._applied = 0  # memberships the watch gave; the last followed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="statescale-follower", daemon=True)
 
@@ -109,15 +110,17 @@ class Follower:
             log.warning("statescale: following %s again", self.registry.url)
             self._failing = False
         with self._seen:
+            self._delivered += 1
+            delivered = self._delivered
             if self._held is not None:  # a hold is on: the latest membership waits
-                self._held = members
+                self._held = (members, delivered)
                 return
             current = self.members
             if current and _collapse(current, members):
                 # More than half gone at once: a registry that lost its data (restarted
                 # empty, or frozen past the TTL) while its members register again one
                 # by one. Unless held, each of their steps would be a new ring.
-                self._held = members
+                self._held = (members, delivered)
                 log.warning(
                     "statescale: %s lists %d of its %d members; following it in %g s",
                     self.registry.url, len(members), len(current), HOLD,
@@ -126,19 +129,25 @@ class Follower:
                 timer.daemon = True
                 timer.start()
                 return
-        self._apply(members)
+        self._apply(members, delivered)
 
     def _release(self) -> None:
         """The end of a hold: what the registry lists now is followed (nothing, if it
         is what was followed before: the members came back)."""
         with self._seen:
             held, self._held = self._held, None
-            if held is None or held == self.members or self._stop.is_set():
+            if held is None or held[0] == self.members or self._stop.is_set():
                 return
-        self._apply(held)
+        self._apply(*held)
 
-    def _apply(self, members: list[Backend]) -> None:
-        with self._applying:  # (the watch's thread, or a hold's timer)
+    def _apply(self, members: list[Backend], delivered: int) -> None:
+        """Follow ``members``, the ``delivered``-th membership the watch gave, unless
+        a later one has been followed already (the watch's thread and a hold's timer
+        may come in either order)."""
+        with self._applying:
+            if delivered <= self._applied:
+                return
+            self._applied = delivered
             try:
                 self._changed(members)
             except Exception:  # a consumer's bug must not stop the following
