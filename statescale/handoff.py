@@ -248,7 +248,7 @@ class Handoff:
         self._pushing: dict[str, tuple[str, int]] = {}  # on their way to a peer: where
         # Pushed, not answered: maybe there (in _gone_to), maybe not; this copy serves
         # only once there says it is not.
-        self._unsure: OrderedDict[str, Kept] = OrderedDict()
+        self._unsure: OrderedDict[str, tuple[Kept, tuple[str, int]]] = OrderedDict()
         self._fetching: dict[str, int] = {}  # session -> threads here asking peers for it
         self._answering = 0  # sessions taken for a peer whose answer is not sent yet
         self._stopped = False
@@ -353,18 +353,20 @@ class Handoff:
         with self._cond:  # on its way to a peer: once there, ask that peer first
             self._cond.wait_for(lambda: session_id not in self._pushing, ASK_TIMEOUT)
             gone_to = self._gone_to.pop(session_id, None)
-        found, asked_busy = self.peers.fetch(session_id, self.sealer, first=gone_to)
-        with self._cond:
             aside = self._unsure.pop(session_id, None)
+        if aside is not None:
+            gone_to = aside[1]
+        silent: set[tuple[str, int]] = set()
+        found, asked_busy = self.peers.fetch(session_id, self.sealer, first=gone_to, silent=silent)
         if found is None:  # a stopping peer may have sent it here meanwhile
             record = self._arrived(session_id)
             if record is None and aside is not None:
-                if asked_busy:  # maybe there still: kept aside, and a 503
+                if asked_busy or aside[1] in silent:  # maybe there still: aside, a 503
                     with self._cond:
                         self._unsure[session_id] = aside
-                else:  # not there: what was sent never arrived
-                    self._put(session_id, aside)
-                    record = self.memory.load(session_id)
+                    return None, True
+                self._put(session_id, aside[0])  # not there: what was sent never arrived
+                record = self.memory.load(session_id)
             return record, (busy or asked_busy) and record is None
         stale = self._put(session_id, found)
         record = self.memory.load(session_id)
@@ -460,10 +462,17 @@ class Handoff:
                 log.warning("statescale: refused a hand-off request meant for %s", meant_for)
                 return None, None
             if "take" in request:
-                if self._closed:  # past stop()'s last look: they would be lost here
-                    log.warning("statescale: refused a hand-over: this process has stopped")
-                    return None, None
-                self._keep(dict(request["take"]))
+                with self._cond:
+                    if self._closed:  # past stop()'s last look: they would be lost here
+                        log.warning("statescale: refused a hand-over: this process has stopped")
+                        return None, None
+                    self._answering += 1  # stop() waits for it to be kept
+                try:
+                    self._keep(dict(request["take"]))
+                finally:
+                    with self._cond:
+                        self._answering -= 1
+                        self._cond.notify_all()
                 return self.sealer.answer(nonce), None
             session_id = str(request["give"])
             if not self.memory.holds(session_id):
@@ -527,11 +536,11 @@ class Handoff:
         it): the asker must not take it for gone."""
         with self._cond:
             if session_id in self._unsure:  # sent there, not answered
-                where = self._gone_to.get(session_id)
+                where = self._unsure[session_id][1]
                 if asker is None or asker != where:
                     return None, where, False  # ask there
                 self._answering += 1  # it asks: it does not have it; this copy is all
-                return self._unsure.pop(session_id), None, False
+                return self._unsure.pop(session_id)[0], None, False
             going = self._pushing.get(session_id)
             if going is not None and going != asker:  # it lands there first
                 self._cond.wait_for(lambda: session_id not in self._pushing, until - time.time())
@@ -720,7 +729,7 @@ class Handoff:
                 for session_id, where in batch.items():
                     kept = self.memory.take(session_id, free[session_id].version)
                     if kept is not None:
-                        self._unsure[session_id] = kept
+                        self._unsure[session_id] = (kept, where)
                         self._unsure.move_to_end(session_id)
                         while len(self._unsure) > MAX_GONE:
                             self._unsure.popitem(last=False)
@@ -765,10 +774,10 @@ class Handoff:
             sessions = {sid: _encode(kept.moved()) for sid, kept in self.memory.items()}
             # Those sent to a node that did not answer go there again: kept there if
             # they had arrived, taken now if not.
-            unsure = {sid: _encode(kept) for sid, kept in self._unsure.items()}
+            unsure = {sid: (_encode(kept), where) for sid, (kept, where) in self._unsure.items()}
             self._closed = True  # what is written here now would be lost: refused
         if self.peers is not None and unsure:
-            self.peers.push(unsure, self.sealer)
+            self.peers.push_back(unsure, self.sealer)
         if self.directory is None or (leaving and self.peers is not None):
             if self.peers is not None and sessions:
                 self.peers.push(sessions, self.sealer)
@@ -859,10 +868,16 @@ class RemotePeers:
         return list(asked)
 
     def fetch(
-        self, session_id: str, sealer: Sealer, *, first: tuple[str, int] | None = None
+        self,
+        session_id: str,
+        sealer: Sealer,
+        *,
+        first: tuple[str, int] | None = None,
+        silent: set[tuple[str, int]] | None = None,
     ) -> tuple[Kept | None, bool]:
         """Ask ``first`` (where this node gave the session), then the candidates: the
-        session, and whether a node said it was busy there."""
+        session, and whether a node said it was busy there. ``silent`` gets the nodes
+        that took the call and did not answer it."""
         where = self.fleet.address
         mine = where(self.node)
         here = list(mine) if mine is not None else None
@@ -892,6 +907,8 @@ class RemotePeers:
                 message["to"] = names[address]
             request, nonce = sealer.request(**message)
             answer = self._post(address, request, nonce, sealer, routed)
+            if answer is _UNANSWERED and silent is not None:
+                silent.add(address)
             found = _given(answer, session_id)
             if found is not None:
                 return found, False
@@ -961,6 +978,27 @@ class RemotePeers:
                     down.append(owner)
                     pending.update(refused)
         return delivered
+
+    def push_back(
+        self, sessions: Mapping[str, tuple[Any, tuple[str, int]]], sealer: Sealer
+    ) -> None:
+        """Sessions (encoded) each to the address given with it, where it was sent
+        and not answered: kept there if it had arrived, taken now if not. What a node
+        refuses, or one no longer known, goes to its next owner on the ring."""
+        names = {address: name for name in self._known() if (address := self.fleet.address(name))}
+        rest: dict[str, Any] = {}
+        by_where: dict[tuple[str, int], list[tuple[str, Any]]] = {}
+        for session_id, (data, where) in sessions.items():
+            if where in names:
+                by_where.setdefault(where, []).append((session_id, data))
+            else:
+                rest[session_id] = data
+        for where, items in by_where.items():
+            rest.update(
+                self._push_to(names[where], where, items, sealer, delivered={}, landed=None)
+            )
+        if rest:
+            self.push(rest, sealer)
 
     def _push_to(
         self,
