@@ -77,10 +77,15 @@ def cmd_lb_sync(args: argparse.Namespace) -> int:
 
     balancer = get(args.balancer)
     config = Path(args.config).resolve()
-    sync = ConfigSync(balancer, config, listen=args.listen, cookie=args.cookie, say=_say)
+    sync = ConfigSync(
+        balancer, config, listen=args.listen, cookie=args.cookie, say=_say,
+        reload_first=not args.once,
+    )  # fmt: skip
     registry = open_registry(args.registry)
     if not sync.apply(_first_members(registry, args.wait)):
         raise ConfigError(f"no configuration written to {config} (see above)")
+    if args.once and not sync.applied:
+        raise ConfigError(f"{config} is written, but {balancer.name} was not reloaded (see above)")
     command = shlex.join(balancer.command(config, listen=args.listen, cookie=args.cookie))
     print(f"serve it with: {command}", flush=True)
     print(

@@ -13,7 +13,8 @@ between (the ``client`` extra installs httpx)::
         client.post("/api/incr?key=n")  # to the node that minted it
 
 * Membership comes from a registry (``registry=URL``, followed from a thread: changes
-  apply within a second or two) or a fixed list (``backends=["a=10.0.0.1:8000", ...]``).
+  apply within a second or two; one that loses more than half the nodes at once, in
+  3 s) or a fixed list (``backends=["a=10.0.0.1:8000", ...]``).
 * The session is read from the request's ``Cookie`` header (``cookie``, the nodes'
   cookie name); the router's rule: the ID before the signature, hashed on ``balancer``'s
   ring (the nodes' ``STATESCALE_BALANCER``).

@@ -158,6 +158,7 @@ def test_several_cookie_lines_reach_the_owner_of_the_session_the_app_reads(
             (["other=1", f"statescale={a}"], a),  # only the second line has it
             ([f"statescale={a}", f"statescale={b}"], a),
             (["x=1", "y=2", "z=3", f"statescale={b}"], b),
+            ([f"c{n}=1" for n in range(8)] + [f"statescale={a}"], a),  # none dropped
         ):
             for _ in range(3):
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -170,6 +171,15 @@ def test_several_cookie_lines_reach_the_owner_of_the_session_the_app_reads(
                 conn.close()
                 assert cookie_value(seen.encode(), b"statescale") == want, (lines, seen)
                 assert node == ring.owner(want.partition(".")[0]), (lines, seen)
+                assert seen.count("=") == len(lines)  # every cookie reached the app
+        if balancer == "haproxy":  # more lines than it joins: refused, never cut short
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.putrequest("GET", "/")
+            for n in range(17):
+                conn.putheader("Cookie", f"c{n}=1")
+            conn.endheaders()
+            assert conn.getresponse().status == 400
+            conn.close()
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(10)

@@ -583,3 +583,31 @@ def test_a_leaving_node_drains_past_the_hold_of_its_followers() -> None:
     from statescale.routing.membership import follow
 
     assert DEFAULT_DRAIN >= follow.HOLD + 1
+
+
+def test_lb_sync_reloads_at_its_start_only_when_it_keeps_following(tmp_path: Path) -> None:
+    # A review: each `lb-sync --once` (from cron) reloaded the balancer, and said it
+    # wrote a file it left as it was.
+    import dataclasses
+
+    from statescale.routing.balancers import get
+    from statescale.routing.membership.sync import ConfigSync
+
+    reloads: list[Path] = []
+
+    def reload(path: Path) -> bool:
+        reloads.append(path)
+        return True
+
+    nginx = dataclasses.replace(get("nginx"), check=lambda path: ["true"], reload=reload)
+    config = tmp_path / "nginx.conf"
+    said: list[str] = []
+    ConfigSync(nginx, config, listen="127.0.0.1:1", cookie="sid", say=said.append).apply([A])
+    assert len(reloads) == 1 and "wrote" in said[-1]
+    once = ConfigSync(
+        nginx, config, listen="127.0.0.1:1", cookie="sid", say=said.append, reload_first=False
+    )
+    once.apply([A])  # unchanged: nothing to do
+    assert len(reloads) == 1 and once.applied
+    ConfigSync(nginx, config, listen="127.0.0.1:1", cookie="sid", say=said.append).apply([A])
+    assert len(reloads) == 2 and "as it was" in said[-1]  # a follower's start: reloaded

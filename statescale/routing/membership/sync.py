@@ -38,6 +38,7 @@ class ConfigSync:
         listen: str,
         cookie: str,
         say: Callable[[str], None] = print,
+        reload_first: bool = True,
     ) -> None:
         self.balancer = balancer
         self.config = config
@@ -47,9 +48,10 @@ class ConfigSync:
         self._lock = threading.Lock()  # the follower's thread applies, the retries too
         self._wanted: list[Backend] | None = None  # the last membership given
         self._done = False  # ... and whether it was applied, the balancer reloaded
-        # A balancer that runs is reloaded once at the start: a reload of an earlier
-        # lb-sync may have failed after its file was written.
-        self._reload_owed = True
+        # A balancer that runs is reloaded once at the start (unless not ``reload_first``:
+        # a run from cron): a reload of an earlier lb-sync may have failed after its
+        # file was written.
+        self._reload_owed = reload_first
         self._last_failure: str | None = None
 
     def text(self, members: Sequence[Backend]) -> str:
@@ -129,12 +131,18 @@ class ConfigSync:
             return True
         self._reload_owed = False
         self._last_failure = None
+        what = f"wrote {self.config}" if written else f"{self.config} as it was"
         if reloaded:
-            self.say(f"{specs}: wrote {self.config}, reloaded {self.balancer.name}")
+            self.say(f"{specs}: {what}, reloaded {self.balancer.name}")
         else:
-            self.say(f"{specs}: wrote {self.config} ({self.balancer.name} is not running)")
+            self.say(f"{specs}: {what} ({self.balancer.name} is not running)")
         self._done = True
         return True
+
+    @property
+    def applied(self) -> bool:
+        """Whether the last membership given is written and the balancer reloaded."""
+        return self._done
 
     def _failed(self, said: str, logged: str, *args: object) -> None:
         """Say what failed, once while it fails the same way (it is tried again)."""

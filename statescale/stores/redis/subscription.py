@@ -493,7 +493,8 @@ class Tracking(Direct):
                 self._on_message(conn.read_response())
             sock.setblocking(False)
             self._raw, self._reader = sock, _Reader()
-        if self._thread is None:  # (a drainer that stops clears it, under the lock)
+        # (A drainer that stops clears it, under the lock; one an error ended does not.)
+        if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(
                 target=self._idle_drainer, name="statescale-invalidations", daemon=True
             )
