@@ -94,8 +94,8 @@ _BATCH = 4 * 1024 * 1024
 #: A call's answer when its connection could not be made (nothing was sent): empty, so
 #: it reads as no answer wherever that is all that counts.
 _REFUSED: dict[str, Any] = {}
-#: A call's answer when it may have been sent but no answer came (a timeout, a reset):
-#: the node may have acted on it, or not.
+#: A call's answer when it may have been acted on and no answer came (a timeout, a
+#: reset, a server error): not passed to another node, which would make two holders.
 _UNANSWERED: dict[str, Any] = {}
 
 #: Where a node's middleware answers its ring peers' hand-off calls.
@@ -246,9 +246,6 @@ class Handoff:
         # back here, and is fetched back from there (the old ring does not know it).
         self._gone_to: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._pushing: dict[str, tuple[str, int]] = {}  # on their way to a peer: where
-        # Pushed, not answered: maybe there (in _gone_to), maybe not; this copy serves
-        # only once there says it is not.
-        self._unsure: OrderedDict[str, tuple[Kept, tuple[str, int]]] = OrderedDict()
         self._fetching: dict[str, int] = {}  # session -> threads here asking peers for it
         self._answering = 0  # sessions taken for a peer whose answer is not sent yet
         self._stopped = False
@@ -353,20 +350,9 @@ class Handoff:
         with self._cond:  # on its way to a peer: once there, ask that peer first
             self._cond.wait_for(lambda: session_id not in self._pushing, ASK_TIMEOUT)
             gone_to = self._gone_to.pop(session_id, None)
-            aside = self._unsure.pop(session_id, None)
-        if aside is not None:
-            gone_to = aside[1]
-        silent: set[tuple[str, int]] = set()
-        found, asked_busy = self.peers.fetch(session_id, self.sealer, first=gone_to, silent=silent)
+        found, asked_busy = self.peers.fetch(session_id, self.sealer, first=gone_to)
         if found is None:  # a stopping peer may have sent it here meanwhile
             record = self._arrived(session_id)
-            if record is None and aside is not None:
-                if asked_busy or aside[1] in silent:  # maybe there still: aside, a 503
-                    with self._cond:
-                        self._unsure[session_id] = aside
-                    return None, True
-                self._put(session_id, aside[0])  # not there: what was sent never arrived
-                record = self.memory.load(session_id)
             return record, (busy or asked_busy) and record is None
         stale = self._put(session_id, found)
         record = self.memory.load(session_id)
@@ -535,12 +521,6 @@ class Handoff:
         request too long, or on its way to this process (a thread here is asking for
         it): the asker must not take it for gone."""
         with self._cond:
-            if session_id in self._unsure:  # sent there, not answered
-                where = self._unsure[session_id][1]
-                if asker is None or asker != where:
-                    return None, where, False  # ask there
-                self._answering += 1  # it asks: it does not have it; this copy is all
-                return self._unsure.pop(session_id)[0], None, False
             going = self._pushing.get(session_id)
             if going is not None and going != asker:  # it lands there first
                 self._cond.wait_for(lambda: session_id not in self._pushing, until - time.time())
@@ -721,26 +701,9 @@ class Handoff:
                 delivered.update(batch)
                 self._cond.notify_all()
 
-        def unsure(batch: Mapping[str, tuple[str, int]]) -> None:
-            """A batch sent, not answered: it may be there, or not. Kept aside, not
-            served from here: a request for one asks there first (two owners would
-            lose writes), and is served this copy if it is not there."""
-            with self._cond:
-                for session_id, where in batch.items():
-                    kept = self.memory.take(session_id, free[session_id].version)
-                    if kept is not None:
-                        self._unsure[session_id] = (kept, where)
-                        self._unsure.move_to_end(session_id)
-                        while len(self._unsure) > MAX_GONE:
-                            self._unsure.popitem(last=False)
-                        self._remember(session_id, where)
-                    self._pushing.pop(session_id, None)
-                delivered.update(batch)  # (not on its way any more)
-                self._cond.notify_all()
-
         try:
             encoded = {sid: _encode(free[sid].moved()) for sid in targets}
-            self.peers.push(encoded, self.sealer, landed=landed, unsure=unsure)
+            self.peers.push(encoded, self.sealer, landed=landed)
         finally:
             with self._cond:
                 # Only those still on their way: one that landed may be on its way
@@ -772,12 +735,7 @@ class Handoff:
                 lambda: not (self._pushing or self._answering or self._in_use), ASK_TIMEOUT
             )
             sessions = {sid: _encode(kept.moved()) for sid, kept in self.memory.items()}
-            # Those sent to a node that did not answer go there again: kept there if
-            # they had arrived, taken now if not.
-            unsure = {sid: (_encode(kept), where) for sid, (kept, where) in self._unsure.items()}
             self._closed = True  # what is written here now would be lost: refused
-        if self.peers is not None and unsure:
-            self.peers.push_back(unsure, self.sealer)
         if self.directory is None or (leaving and self.peers is not None):
             if self.peers is not None and sessions:
                 self.peers.push(sessions, self.sealer)
@@ -868,16 +826,10 @@ class RemotePeers:
         return list(asked)
 
     def fetch(
-        self,
-        session_id: str,
-        sealer: Sealer,
-        *,
-        first: tuple[str, int] | None = None,
-        silent: set[tuple[str, int]] | None = None,
+        self, session_id: str, sealer: Sealer, *, first: tuple[str, int] | None = None
     ) -> tuple[Kept | None, bool]:
         """Ask ``first`` (where this node gave the session), then the candidates: the
-        session, and whether a node said it was busy there. ``silent`` gets the nodes
-        that took the call and did not answer it."""
+        session, and whether a node said it was busy there."""
         where = self.fleet.address
         mine = where(self.node)
         here = list(mine) if mine is not None else None
@@ -907,8 +859,6 @@ class RemotePeers:
                 message["to"] = names[address]
             request, nonce = sealer.request(**message)
             answer = self._post(address, request, nonce, sealer, routed)
-            if answer is _UNANSWERED and silent is not None:
-                silent.add(address)
             found = _given(answer, session_id)
             if found is not None:
                 return found, False
@@ -943,13 +893,12 @@ class RemotePeers:
         sealer: Sealer,
         *,
         landed: Callable[[Mapping[str, tuple[str, int]]], None] | None = None,
-        unsure: Callable[[Mapping[str, tuple[str, int]]], None] | None = None,
     ) -> dict[str, tuple[str, int]]:
         """Each session to its owner on the ring without this node, in batches (each
-        one that arrives told to ``landed`` at once, each sent but not answered to
-        ``unsure``); a node that refuses the connection (nothing was sent) or the
-        sessions (it has stopped, or holds other keys) is passed over for the next
-        owner, as routers pass it over. Where each session that arrived went."""
+        one that arrives told to ``landed`` at once); a node that refuses the
+        connection (nothing was sent) or the sessions (it has stopped, or holds other
+        keys) is passed over for the next owner, as routers pass it over. Where each
+        session that arrived went."""
         delivered: dict[str, tuple[str, int]] = {}
         ring = self.fleet.ring
         down = [self.node] if self.node in ring.names else []
@@ -967,9 +916,8 @@ class RemotePeers:
                 if where is None:
                     continue
                 refused = self._push_to(
-                    owner, where, items, sealer, delivered=delivered, landed=landed,
-                    unsure=unsure,
-                )  # fmt: skip
+                    owner, where, items, sealer, delivered=delivered, landed=landed
+                )
                 if refused:
                     log.warning(
                         "statescale: %s refused a hand-over: %d sessions go to their next "
@@ -978,27 +926,6 @@ class RemotePeers:
                     down.append(owner)
                     pending.update(refused)
         return delivered
-
-    def push_back(
-        self, sessions: Mapping[str, tuple[Any, tuple[str, int]]], sealer: Sealer
-    ) -> None:
-        """Sessions (encoded) each to the address given with it, where it was sent
-        and not answered: kept there if it had arrived, taken now if not. What a node
-        refuses, or one no longer known, goes to its next owner on the ring."""
-        names = {address: name for name in self._known() if (address := self.fleet.address(name))}
-        rest: dict[str, Any] = {}
-        by_where: dict[tuple[str, int], list[tuple[str, Any]]] = {}
-        for session_id, (data, where) in sessions.items():
-            if where in names:
-                by_where.setdefault(where, []).append((session_id, data))
-            else:
-                rest[session_id] = data
-        for where, items in by_where.items():
-            rest.update(
-                self._push_to(names[where], where, items, sealer, delivered={}, landed=None)
-            )
-        if rest:
-            self.push(rest, sealer)
 
     def _push_to(
         self,
@@ -1009,7 +936,6 @@ class RemotePeers:
         *,
         delivered: dict[str, tuple[str, int]],
         landed: Callable[[Mapping[str, tuple[str, int]]], None] | None,
-        unsure: Callable[[Mapping[str, tuple[str, int]]], None] | None = None,
     ) -> dict[str, Any]:
         """``items`` to ``owner`` in batches; what it refused (nothing sent) from the
         first batch it refused on."""
@@ -1023,14 +949,7 @@ class RemotePeers:
                 answer = self._post(where, request, nonce, sealer)
                 if answer is _REFUSED or answer is None:  # not taken there: the next owner
                     return {**batch, **dict(items[n:])}
-                if answer is _UNANSWERED and unsure is not None:
-                    log.warning(
-                        "statescale: %s did not answer a hand-over of %d sessions",
-                        owner,
-                        len(batch),
-                    )
-                    unsure(dict.fromkeys(batch, where))
-                elif answer is _UNANSWERED:
+                if answer is _UNANSWERED:
                     log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
                 else:
                     delivered.update(arrived := dict.fromkeys(batch, where))
@@ -1047,10 +966,11 @@ class RemotePeers:
         sealer: Sealer,
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any] | None:
-        """The answer; ``None`` if it refused the call; :data:`_REFUSED` if the
-        connection could not be made (nothing was sent), :data:`_UNANSWERED` if no
-        answer came (the call may have been acted on): both mappings with nothing in
-        them, no answer where that is all that counts."""
+        """The answer; ``None`` if the node refused the call (statescale's 404, or an
+        answer not sealed for it); :data:`_REFUSED` if the connection could not be made
+        (nothing was sent); :data:`_UNANSWERED` if no answer came, or an error (the call
+        may have been acted on). Both are mappings with nothing in them: no answer,
+        wherever that is all that counts."""
         host, port = address
         conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
         try:
@@ -1068,8 +988,11 @@ class RemotePeers:
             return _UNANSWERED
         finally:
             conn.close()
-        if response.status != 200:
+        if response.status == 404:
             return None
+        if response.status != 200:
+            log.info("statescale: hand-off call to %s:%d answered %d", host, port, response.status)
+            return _UNANSWERED
         try:
             return sealer.open_answer(body, nonce)
         except ValueError:
