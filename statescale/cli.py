@@ -77,10 +77,7 @@ def cmd_lb_sync(args: argparse.Namespace) -> int:
 
     balancer = get(args.balancer)
     config = Path(args.config).resolve()
-    sync = ConfigSync(
-        balancer, config, listen=args.listen, cookie=args.cookie, say=_say,
-        reload_first=not args.once,
-    )  # fmt: skip
+    sync = ConfigSync(balancer, config, listen=args.listen, cookie=args.cookie, say=_say)
     registry = open_registry(args.registry)
     if not sync.apply(_first_members(registry, args.wait)):
         raise ConfigError(f"no configuration written to {config} (see above)")

@@ -585,29 +585,40 @@ def test_a_leaving_node_drains_past_the_hold_of_its_followers() -> None:
     assert DEFAULT_DRAIN >= follow.HOLD + 1
 
 
-def test_lb_sync_reloads_at_its_start_only_when_it_keeps_following(tmp_path: Path) -> None:
-    # A review: each `lb-sync --once` (from cron) reloaded the balancer, and said it
-    # wrote a file it left as it was.
+def test_lb_sync_reloads_what_the_balancer_was_not_reloaded_with_in_any_run(
+    tmp_path: Path,
+) -> None:
+    # Two reviews: a reload that failed was not tried again by a later start (the file
+    # was as it should be); then each `lb-sync --once` (from cron) reloaded the balancer,
+    # and said it wrote a file it left as it was.
     import dataclasses
 
     from statescale.routing.balancers import get
     from statescale.routing.membership.sync import ConfigSync
 
     reloads: list[Path] = []
+    failing = [False]
 
     def reload(path: Path) -> bool:
+        if failing[0]:
+            raise ConfigError("nginx -s reload failed: a test's failure")
         reloads.append(path)
         return True
 
     nginx = dataclasses.replace(get("nginx"), check=lambda path: ["true"], reload=reload)
     config = tmp_path / "nginx.conf"
     said: list[str] = []
-    ConfigSync(nginx, config, listen="127.0.0.1:1", cookie="sid", say=said.append).apply([A])
-    assert len(reloads) == 1 and "wrote" in said[-1]
-    once = ConfigSync(
-        nginx, config, listen="127.0.0.1:1", cookie="sid", say=said.append, reload_first=False
-    )
-    once.apply([A])  # unchanged: nothing to do
-    assert len(reloads) == 1 and once.applied
-    ConfigSync(nginx, config, listen="127.0.0.1:1", cookie="sid", say=said.append).apply([A])
-    assert len(reloads) == 2 and "as it was" in said[-1]  # a follower's start: reloaded
+
+    def run(members: list[Backend]) -> ConfigSync:  # one lb-sync --once
+        sync = ConfigSync(nginx, config, listen="127.0.0.1:1", cookie="sid", say=said.append)
+        sync.apply(members)
+        return sync
+
+    assert run([A]).applied and len(reloads) == 1 and "wrote" in said[-1]
+    assert run([A]).applied and len(reloads) == 1  # as it was, reloaded with it: nothing
+    failing[0] = True
+    assert not run([A, B]).applied and len(reloads) == 1  # written, not reloaded
+    failing[0] = False
+    assert run([A, B]).applied and len(reloads) == 2  # the next run owes it
+    assert "as it was" in said[-1]
+    assert run([A, B]).applied and len(reloads) == 2

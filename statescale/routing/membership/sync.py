@@ -5,13 +5,15 @@ with the balancer's own check, then renamed over the old one: a bad one never re
 a good one), and the balancer serving it is reloaded: ``nginx -s reload`` (new workers
 take the new ring while the old ones finish their requests) or HAProxy's seamless reload
 (USR2 to its master, which passes its listeners to the new process). What failed is
-tried again every ``RETRY`` seconds; a balancer that runs is reloaded once at the start.
+tried again every ``RETRY`` seconds, and a reload that failed is tried again by the next
+run too (``FILE.reloaded`` says what the balancer was last reloaded with).
 The instances follow the same registry, so their rings change with the balancer's;
 sessions that move are handed over (:mod:`statescale.handoff`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import subprocess
 import threading
@@ -38,7 +40,6 @@ class ConfigSync:
         listen: str,
         cookie: str,
         say: Callable[[str], None] = print,
-        reload_first: bool = True,
     ) -> None:
         self.balancer = balancer
         self.config = config
@@ -48,10 +49,10 @@ class ConfigSync:
         self._lock = threading.Lock()  # the follower's thread applies, the retries too
         self._wanted: list[Backend] | None = None  # the last membership given
         self._done = False  # ... and whether it was applied, the balancer reloaded
-        # A balancer that runs is reloaded once at the start (unless not ``reload_first``:
-        # a run from cron): a reload of an earlier lb-sync may have failed after its
-        # file was written.
-        self._reload_owed = reload_first
+        # What the balancer serving the file was last reloaded with, beside it: a reload
+        # that failed after its file was written is owed, in a later run too.
+        self._stamp = config.with_name(config.name + ".reloaded")
+        self._reload_owed = not self._stamped()
         self._last_failure: str | None = None
 
     def text(self, members: Sequence[Backend]) -> str:
@@ -130,6 +131,7 @@ class ConfigSync:
             self._failed(said, "could not reload %s: %s", self.balancer.name, exc)
             return True
         self._reload_owed = False
+        self._stamp.write_text(_digest(self.config.read_text()))
         self._last_failure = None
         what = f"wrote {self.config}" if written else f"{self.config} as it was"
         if reloaded:
@@ -138,6 +140,13 @@ class ConfigSync:
             self.say(f"{specs}: {what} ({self.balancer.name} is not running)")
         self._done = True
         return True
+
+    def _stamped(self) -> bool:
+        """Whether the balancer serving the file (if one does) was reloaded with it."""
+        try:
+            return self._stamp.read_text() == _digest(self.config.read_text())
+        except OSError:
+            return False
 
     @property
     def applied(self) -> bool:
@@ -150,3 +159,7 @@ class ConfigSync:
             self._last_failure = said
             self.say(said)
             log.error("statescale: lb-sync " + logged, *args)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
