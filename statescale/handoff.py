@@ -97,6 +97,9 @@ _REFUSED: dict[str, Any] = {}
 #: A call's answer when it may have been acted on and no answer came (a timeout, a
 #: reset, a server error): not passed to another node, which would make two holders.
 _UNANSWERED: dict[str, Any] = {}
+#: Statuses that say a call was not taken: statescale's refusal (404), and a node's own
+#: router that sent it nowhere (503: no worker to take it, or too many connections).
+_NOT_TAKEN = frozenset({404, 503})
 
 #: Where a node's middleware answers its ring peers' hand-off calls.
 HANDOFF_PATH = "/.statescale/handoff"
@@ -459,6 +462,10 @@ class Handoff:
                     with self._cond:
                         self._answering -= 1
                         self._cond.notify_all()
+                        closed = self._closed
+                if closed:  # stop() gave up waiting for it: kept here, they would be lost
+                    log.warning("statescale: refused a hand-over: this process stopped meanwhile")
+                    return None, None
                 return self.sealer.answer(nonce), None
             session_id = str(request["give"])
             if not self.memory.holds(session_id):
@@ -988,7 +995,7 @@ class RemotePeers:
             return _UNANSWERED
         finally:
             conn.close()
-        if response.status == 404:
+        if response.status in _NOT_TAKEN:
             return None
         if response.status != 200:
             log.info("statescale: hand-off call to %s:%d answered %d", host, port, response.status)

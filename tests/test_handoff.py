@@ -1007,3 +1007,38 @@ def test_a_hand_over_answered_with_an_error_is_not_sent_to_another_node_too(
     )  # a leaves: it pushes to b and c
     _eventually(lambda: not a.handoff._handing)
     assert not [s for s in sessions if b.memory.holds(s) and c.memory.holds(s)]
+
+
+def test_a_node_whose_router_has_no_worker_for_a_hand_over_is_passed_over(
+    served: Callable[[str, dict[str, int]], HandoffStore],
+) -> None:
+    # A review: a node's own router answering 503 (no worker to take the call, or too
+    # many connections) counted as "maybe taken", and a stop dropped those sessions.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from statescale.processes import free_port
+
+    class NoWorker(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    ports = {"a": free_port(), "b": free_port(), "c": free_port()}
+    router = ThreadingHTTPServer(("127.0.0.1", ports["b"]), NoWorker)
+    threading.Thread(target=router.serve_forever, daemon=True).start()
+    try:
+        a, c = served("a", ports), served("c", ports)
+        sessions = [f"s{n}" for n in range(40)]
+        for session_id in sessions:
+            a.create(session_id, {"n": b"1"}, replaces="x")
+        ring = a.handoff.peers.fleet.ring  # type: ignore[union-attr]
+        assert any(ring.owner(s, down=["a"]) == "b" for s in sessions)
+        a.handoff.stop()
+        assert [s for s in sessions if not c.memory.holds(s)] == []
+    finally:
+        router.shutdown()
+        router.server_close()

@@ -131,7 +131,10 @@ class ConfigSync:
             self._failed(said, "could not reload %s: %s", self.balancer.name, exc)
             return True
         self._reload_owed = False
-        self._stamp.write_text(_digest(self.config.read_text()))
+        try:  # (unwritten, the next run reloads once more: no harm)
+            self._stamp.write_text(_digest(self.config.read_text()))
+        except OSError as exc:
+            log.warning("statescale: lb-sync could not write %s: %s", self._stamp, exc)
         self._last_failure = None
         what = f"wrote {self.config}" if written else f"{self.config} as it was"
         if reloaded:

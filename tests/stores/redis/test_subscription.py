@@ -4,11 +4,7 @@ Two stores with their own clients stand for two worker processes."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
-import select
-import signal
 import threading
 import time
 from typing import Any
@@ -63,9 +59,11 @@ def test_a_write_costs_one_read_in_each_other_holder_and_none_in_the_writer(
         # copy older than that is served, however late the invalidation arrives.
         assert fields(reader, "s", version) == {"n": str(n).encode()}
         assert fields(writer, "s", version) == {"n": str(n).encode()}
-    # Each write cost the other holder one read; the writer's copy took its own write.
-    # (A read that an invalidation overtook is not kept, so now and then one more.)
-    assert 200 <= calls(raw_redis, "hgetall") <= 220
+    # Each write cost the other holder one read; the writer's copy took its own write
+    # (a writer that read its own writes back would make it 400). A read that an
+    # invalidation overtook is not kept, so now and then one more: on a slow machine,
+    # up to a few dozen.
+    assert 200 <= calls(raw_redis, "hgetall") <= 300
     assert calls(raw_redis, "evalsha") == 200
     assert calls(raw_redis, "ping") == 0  # a process that keeps up never has to catch up
 
@@ -282,47 +280,63 @@ def test_a_read_in_flight_beside_this_processs_own_write_is_not_kept(redis_url: 
     assert fields(store, "s") == {"x": b"new"}
 
 
+_C_FORK = """
+import ctypes, os, select, signal, sys, threading
+from statescale.session import Changes
+from statescale.stores.redis import RedisStore
+
+store = RedisStore.from_url(sys.argv[1])
+created = store.create("s", {"x": b"1"}).created
+store.load("s"); store.load("s")  # subscribed, and a copy kept
+tracking = store.tracking
+holding, release = threading.Event(), threading.Event()
+
+def hold_the_lock():
+    with tracking._lock:
+        holding.set()
+        release.wait(10)
+
+holder = threading.Thread(target=hold_the_lock)
+holder.start()
+assert holding.wait(5)
+read, write = os.pipe()
+pid = ctypes.PyDLL(None).fork()  # PyDLL: the GIL stays held across it
+if pid == 0:
+    try:
+        loaded = dict(store.load("s").fields)
+        store.save("s", Changes({"x": b"2"}, frozenset()), created=created)
+        ok = loaded == {"x": b"1"} and dict(store.load("s").fields) == {"x": b"2"}
+        os.write(write, b"ok" if ok else b"no")
+    finally:
+        os._exit(0)
+release.set()
+holder.join()
+os.close(write)
+answered = select.select([read], [], [], 10)[0]
+if not answered:
+    os.kill(pid, signal.SIGKILL)
+os.waitpid(pid, 0)
+print(os.read(read, 2).decode() if answered else "the child hung")
+"""
+
+
 def test_a_fork_without_pythons_fork_hooks_starts_afresh(redis_url: str) -> None:
     # uWSGI makes its workers with C's fork() unless py-call-osafterfork is set: no
     # at-fork hook runs. The child notices on its first call, even when a thread of the
-    # parent held the copies' lock at the fork (a thread the child does not have).
-    store = RedisStore.from_url(redis_url)
-    created = store.create("s", {"x": b"1"}).created
-    warm(store, "s")
-    tracking = store.tracking
-    assert tracking is not None
-    holding, release = threading.Event(), threading.Event()
+    # parent held the copies' lock at the fork (a thread the child does not have). In a
+    # process of its own: a fork copies every lock any thread holds, and this test's
+    # process has other tests' threads (a child that needs their locks would hang).
+    import subprocess
+    import sys
 
-    def hold_the_lock() -> None:
-        with tracking._lock:
-            holding.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold_the_lock)
-    holder.start()
-    assert holding.wait(5)
-    read, write = os.pipe()
-    pid = ctypes.PyDLL(None).fork()  # PyDLL: the GIL stays held across it
-    if pid == 0:
-        try:
-            loaded = fields(store, "s")
-            store.save("s", Changes({"x": b"2"}, frozenset()), created=created)
-            ok = loaded == {"x": b"1"} and fields(store, "s") == {"x": b"2"}
-            os.write(write, b"ok" if ok else b"no")
-        finally:
-            os._exit(0)
-    release.set()
-    holder.join()
-    os.close(write)
-    try:
-        answered = select.select([read], [], [], 10)[0]
-        assert answered, "the child hung"
-        assert os.read(read, 2) == b"ok"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(read)
+    ran = subprocess.run(
+        [sys.executable, "-c", _C_FORK, redis_url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert ran.stdout.strip() == "ok", (ran.stdout, ran.stderr)
 
 
 def test_a_round_trip_reads_each_reply_and_raises_the_first_error_after_them(
