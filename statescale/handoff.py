@@ -91,11 +91,9 @@ MAX_BELOW = 3
 MAX_ASKED = 8
 #: A stopping node sends its sessions in batches of about this many bytes.
 _BATCH = 4 * 1024 * 1024
-#: A call's answer when its connection could not be made (nothing was sent): empty, so
-#: it reads as no answer wherever that is all that counts.
-_REFUSED: dict[str, Any] = {}
 #: A call's answer when it may have been acted on and no answer came (a timeout, a
-#: reset, a server error): not passed to another node, which would make two holders.
+#: reset, a server error): empty, so it reads as no answer wherever that is all that
+#: counts; its sessions are not passed to another node, which would make two holders.
 _UNANSWERED: dict[str, Any] = {}
 #: Statuses that say a call was not taken: statescale's refusal (404), and a node's own
 #: router that sent it nowhere (503: no worker to take it, or too many connections).
@@ -880,10 +878,13 @@ class RemotePeers:
         rings = [self.fleet.ring, *self.fleet.previous]
         return list(dict.fromkeys(b.name for ring in rings for b in ring.backends))
 
-    def _next_owner(self, ring: BackendRing, session_id: str) -> str | None:
+    def _next_owner(
+        self, ring: BackendRing, session_id: str, passed: Sequence[str] = ()
+    ) -> str | None:
         """Who ``session_id`` goes to when this node hands it on: its owner on
-        ``ring`` without this node (which may have left it already)."""
-        down = [self.node] if self.node in ring.names else []
+        ``ring`` without this node (which may have left it already) and the nodes
+        ``passed`` over."""
+        down = [*passed, self.node] if self.node in ring.names else list(passed)
         try:
             return ring.owner(session_id, down=down)
         except LookupError:
@@ -908,15 +909,14 @@ class RemotePeers:
         session that arrived went."""
         delivered: dict[str, tuple[str, int]] = {}
         ring = self.fleet.ring
-        down = [self.node] if self.node in ring.names else []
+        passed: list[str] = []
         pending = dict(sessions)
         while pending:
             by_owner: dict[str, list[tuple[str, Any]]] = {}
             for session_id, data in pending.items():
-                with contextlib.suppress(LookupError):  # (no node left: not handed)
-                    by_owner.setdefault(ring.owner(session_id, down=down), []).append(
-                        (session_id, data)
-                    )
+                owner = self._next_owner(ring, session_id, passed)
+                if owner is not None:  # (else no node left: not handed)
+                    by_owner.setdefault(owner, []).append((session_id, data))
             pending = {}
             for owner, items in by_owner.items():
                 where = self.fleet.address(owner)
@@ -930,7 +930,7 @@ class RemotePeers:
                         "statescale: %s refused a hand-over: %d sessions go to their next "
                         "owners", owner, len(refused),
                     )  # fmt: skip
-                    down.append(owner)
+                    passed.append(owner)
                     pending.update(refused)
         return delivered
 
@@ -944,8 +944,8 @@ class RemotePeers:
         delivered: dict[str, tuple[str, int]],
         landed: Callable[[Mapping[str, tuple[str, int]]], None] | None,
     ) -> dict[str, Any]:
-        """``items`` to ``owner`` in batches; what it refused (nothing sent) from the
-        first batch it refused on."""
+        """``items`` to ``owner`` in batches; what it did not take, from the first
+        batch it did not take on."""
         batch: dict[str, Any] = {}
         size = 0
         for n, (session_id, data) in enumerate(items, 1):
@@ -954,7 +954,7 @@ class RemotePeers:
             if size >= _BATCH or n == len(items):
                 request, nonce = sealer.request(take=batch, to=owner)
                 answer = self._post(where, request, nonce, sealer)
-                if answer is _REFUSED or answer is None:  # not taken there: the next owner
+                if answer is None:  # not taken there: the next owner
                     return {**batch, **dict(items[n:])}
                 if answer is _UNANSWERED:
                     log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
@@ -973,11 +973,10 @@ class RemotePeers:
         sealer: Sealer,
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any] | None:
-        """The answer; ``None`` if the node refused the call (statescale's 404, or an
-        answer not sealed for it); :data:`_REFUSED` if the connection could not be made
-        (nothing was sent); :data:`_UNANSWERED` if no answer came, or an error (the call
-        may have been acted on). Both are mappings with nothing in them: no answer,
-        wherever that is all that counts."""
+        """The answer; ``None`` if the call was not taken (the connection could not be
+        made, statescale's 404, a node's router that sent it nowhere, or an answer not
+        sealed for it); :data:`_UNANSWERED` if no answer came, or an error (the call may
+        have been acted on)."""
         host, port = address
         conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
         try:
@@ -985,7 +984,7 @@ class RemotePeers:
         except OSError as exc:
             log.info("statescale: hand-off call to %s:%d failed: %s", host, port, exc)
             conn.close()
-            return _REFUSED
+            return None
         try:
             conn.request("POST", HANDOFF_PATH, body=request, headers=dict(headers or {}))
             response = conn.getresponse()
