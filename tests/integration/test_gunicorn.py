@@ -18,6 +18,7 @@ import redis
 from benchmarks.rig.harness import Gunicorn, Load, Reply, SessionClient
 from benchmarks.rig.sentinel import SERVICE, sentinel
 from statescale.embedded import EmbeddedRedis
+from statescale.stores.redis.subscription import HEARTBEAT
 
 pytestmark = pytest.mark.integration
 
@@ -114,9 +115,16 @@ def test_redis_commands_per_request(redis_url: str, raw_redis: redis.Redis, cach
             assert client.get("/health").status == 200
         assert _data_commands(raw_redis) == {}
         raw_redis.config_resetstat()
+        began = time.monotonic()
         for _ in range(40):
             assert client.get("/api/session").json["data"] == {"a": "1"}
+        took = time.monotonic() - began
         calls = _data_commands(raw_redis)
+    # The lease's heartbeat: a PING on a worker's subscription each HEARTBEAT while it
+    # serves copies, whatever the number of requests (a slow machine's 40 take longer).
+    pings = calls.pop("cmdstat_ping", 0)
+    assert cache != "0" or pings == 0
+    assert pings <= 4 * (took / HEARTBEAT + 1)
     if cache == "0":  # every read: HGETALL + PEXPIRE, one pipeline (one round trip)
         assert calls == {"cmdstat_hgetall": 40, "cmdstat_pexpire": 40}
     else:  # a worker reads (HGETALL + PTTL, one pipeline) until it holds a copy: its
