@@ -112,7 +112,7 @@ def build_store(settings: Settings) -> Store:
             keys,
             directory=_hosting.handoff,
             peers=peers,
-            slots=_slot_ring() if _hosting.slot else None,
+            slots=_handoff_slots(),
         )
         handoff.take_over()
         return HandoffStore(handoff)
@@ -158,6 +158,18 @@ def _slot_ring() -> tuple[BackendRing, str]:
 
     assert _hosting.slot is not None
     return get("statescale").ring(_hosting.slots), _hosting.slot
+
+
+def _handoff_slots() -> tuple[BackendRing, str] | None:
+    """The ring of this worker's node's slots and this worker's, for its hand-overs:
+    a node of a fleet's own, or under one master the workers' ring (none elsewhere)."""
+    if _hosting.slot:
+        return _slot_ring()
+    if _hosting.handoff is None or _hosting.node is None or not _hosting.backends:
+        return None
+    from .routing.balancers import get
+
+    return get("statescale").ring(_hosting.backends), _hosting.node
 
 
 _fleets: dict[tuple[int, Settings], Fleet] = {}

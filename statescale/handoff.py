@@ -21,7 +21,8 @@ upgrade finds the old one's workers there:
 
 Sticky nodes behind a balancer do the same over HTTP (:class:`RemotePeers`): a node
 that misses a session asks the nodes its ring ranks around it, and a node that stops
-sends what it holds to the sessions' next owners.
+sends what it holds to the sessions' next owners. A node asked that cannot answer just
+then (no answer in time, its router without a worker for the call) counts as busy.
 
 In flight: between the old worker's last request and the new one's first, a session is
 in the old worker's memory, then in its file: never nowhere. A request for it on the
@@ -91,13 +92,15 @@ MAX_BELOW = 3
 MAX_ASKED = 8
 #: A stopping node sends its sessions in batches of about this many bytes.
 _BATCH = 4 * 1024 * 1024
-#: A call's answer when it may have been acted on and no answer came (a timeout, a
-#: reset, a server error): empty, so it reads as no answer wherever that is all that
-#: counts; its sessions are not passed to another node, which would make two holders.
-_UNANSWERED: dict[str, Any] = {}
 #: Statuses that say a call was not taken: statescale's refusal (404), and a node's own
 #: router that sent it nowhere (503: no worker to take it, or too many connections).
+#: A hand-over refused so is sent to the next owner; a session asked for so is busy
+#: there, not gone (its holder may be restarting).
 _NOT_TAKEN = frozenset({404, 503})
+#: A router's answer to a body over its limit: a hand-over sent again in halves.
+_TOO_LARGE = 413
+#: The status of a call that reached no server, and of one that got no answer.
+_NO_CONNECTION, _NO_ANSWER = -1, 0
 
 #: Where a node's middleware answers its ring peers' hand-off calls.
 HANDOFF_PATH = "/.statescale/handoff"
@@ -339,9 +342,10 @@ class Handoff:
                     record = self.memory.load(session_id)
                     if record is not None:
                         return record, False
-                    found = self._claim_files(session_id)
+                    found, contended = self._claim_files(session_id)
                     if found is not None:
                         busy = self._put(session_id, found) or busy
+                    busy = busy or contended
             record = self.memory.load(session_id)
             if record is not None or self.peers is None:
                 return record, busy and record is None
@@ -372,7 +376,7 @@ class Handoff:
         """``session_id``, if a peer's hand-over brought it while this process asked."""
         if self.directory is not None:
             with self._claiming:
-                found = self._claim_files(session_id)
+                found, _ = self._claim_files(session_id)
             if found is not None:
                 self._put(session_id, found)
         return self.memory.load(session_id)
@@ -495,11 +499,19 @@ class Handoff:
     def _keep(self, sessions: Mapping[str, Any]) -> None:
         """Sessions a peer hands over: kept here, or, on a node with several workers,
         relayed to the directory of the slot that owns each (its worker claims them)."""
+        for session_id, data in self._relay(sessions).items():
+            self.memory.put(str(session_id), _decode(data))  # (not over a newer copy)
+
+    def _relay(self, sessions: Mapping[str, Any], keep: str | None = None) -> dict[str, Any]:
+        """Write each of ``sessions`` (encoded) that another slot of this node owns to
+        a file in that slot's directory; the rest (and ``keep``, which a request here
+        asks for), to keep here. A slot that cannot be written to: kept here too, where
+        a request for it that still comes here finds it."""
         here: dict[str, Any] = {}
         relay: dict[str, dict[str, Any]] = {}
         ring, mine = self.slots or (None, None)
         for session_id, data in sessions.items():
-            owner = None if ring is None else ring.owner(str(session_id))
+            owner = None if ring is None or session_id == keep else ring.owner(str(session_id))
             (here if owner in (None, mine) else relay.setdefault(owner, {}))[session_id] = data
         for slot, batch in relay.items():
             assert self.directory is not None
@@ -509,13 +521,12 @@ class Handoff:
                 temporary = there / f"{name}.tmp"
                 temporary.write_bytes(self.sealer.seal(json.dumps({"sessions": batch}).encode()))
                 temporary.rename(there / f"{name}.json")
-            except (OSError, ConfigError) as exc:  # kept here instead: asked for, it is found
+            except (OSError, ConfigError) as exc:
                 log.warning(
                     "statescale: could not relay %d sessions to %s: %s", len(batch), slot, exc
                 )
                 here.update(batch)
-        for session_id, data in here.items():
-            self.memory.put(str(session_id), _decode(data))  # (not over a newer copy)
+        return here
 
     def _take(
         self, session_id: str, asker: tuple[str, int] | None, until: float
@@ -558,7 +569,10 @@ class Handoff:
         said it was busy (see :meth:`_take`)."""
         assert self.directory is not None
         busy = False
-        for path in self.directory.glob("*.sock"):
+        # This slot's other worker first; then the other slots' (two masters of
+        # different worker counts during an upgrade route one session to two slots).
+        others = [p for there in sorted(self._slot_directories()) for p in there.glob("*.sock")]
+        for path in [*self.directory.glob("*.sock"), *others]:
             if path == self._path:
                 continue
             request, nonce = self.sealer.request(give=session_id)
@@ -587,18 +601,22 @@ class Handoff:
             busy = busy or _busy(answer)
         return None, busy
 
-    def _claim_files(self, wanted: str | None) -> Kept | None:
-        """Take in every session of the files that stopped processes left; the one
-        ``wanted``, if it was there."""
+    def _claim_files(self, wanted: str | None, *, relay: bool = True) -> tuple[Kept | None, bool]:
+        """Take in every session of the files that stopped processes left, in this
+        slot's directory and in those of slots this node no longer has (a restart
+        with fewer workers); with ``relay``, each session another slot owns (a
+        restart with more) goes on to that slot's directory. The one ``wanted``, if
+        it was there; and whether another process was taking in a file meanwhile
+        (it may be the one that holds ``wanted``: busy, not gone)."""
         found = None
-        if self.directory is None:
-            return None
-        for path in self.directory.glob("*.json"):
+        files, contended = self._files()
+        for path in files:
             claimed = path.with_suffix(f".claimed-{self._name}")
             try:
                 path.rename(claimed)  # one process takes a file
                 sealed = claimed.read_bytes()
             except OSError:
+                contended = True  # (another process renamed it first)
                 continue
             body = self.sealer.open(sealed)
             if body is None:  # not ours to take: leave it for whoever holds its key
@@ -606,37 +624,70 @@ class Handoff:
                 with contextlib.suppress(OSError):
                     claimed.rename(path)
                 continue
-            with contextlib.suppress(OSError):
-                claimed.unlink()
             sessions = json.loads(body)["sessions"]
-            for session_id, data in sessions.items():
+            here = self._relay(sessions, keep=wanted) if relay else sessions
+            for session_id, data in here.items():
                 kept = _decode(data)
                 if session_id == wanted:  # (in two files: the newer)
                     if found is None or kept.version > found.version:
                         found = kept
                 else:
                     self.memory.put(session_id, kept)  # (not expired, nor over a newer copy)
+            with contextlib.suppress(OSError):  # once relayed: never nowhere
+                claimed.unlink()
             log.info("statescale: took in %d sessions handed over in %s", len(sessions), path.name)
-        return found
+        return found, contended
 
-    def _take_in_files(self) -> None:
+    def _files(self) -> tuple[list[Path], bool]:
+        """The hand-off files to take in: this slot's, then those of slots this node
+        no longer has; and whether another process is taking in one of these
+        directories' files (looked at first: once it has finished, what it relayed
+        here is listed)."""
+        if self.directory is None:
+            return [], False
+        directories = [self.directory]
+        if self.slots is not None:
+            names = self.slots[0].names
+            directories += [d for d in sorted(self._slot_directories()) if d.name not in names]
+        contended = any(
+            not _dead(owner) and owner != self._name
+            for there in directories
+            for path in there.glob("*.claimed-*")
+            if (owner := path.suffix.partition("-")[2])
+        )
+        return [path for there in directories for path in there.glob("*.json")], contended
+
+    def _slot_directories(self) -> list[Path]:
+        """The directories of this node's slots but this one's, whatever the worker
+        count that made them (``worker<k>``)."""
+        assert self.directory is not None
+        return [
+            there
+            for there in self.directory.parent.glob("worker*")
+            if there != self.directory and there.name[6:].isdigit() and there.is_dir()
+        ]
+
+    def _take_in_files(self, *, relay: bool = True) -> None:
         """Every session waiting in this slot's files, into memory (none without a
         directory)."""
         with self._claiming:
-            self._claim_files(None)
+            self._claim_files(None, relay=relay)
 
     def take_over(self) -> None:
         """At start: the sessions in any files waiting here, and the leftovers of
-        processes that crashed half-way (a file half written, or half taken in)."""
+        processes that crashed half-way: a file half written is removed, one half
+        taken in is taken in again (a copy already relayed from it is no newer)."""
+        if self.directory is not None:
+            for path in self.directory.iterdir():
+                claimed = ".claimed-" in path.name
+                owner = path.suffix.partition("-")[2] if claimed else path.stem
+                if (claimed or path.suffix == ".tmp") and _dead(owner):
+                    with contextlib.suppress(OSError):
+                        if claimed:
+                            path.rename(path.with_suffix(".json"))
+                        else:
+                            path.unlink()
         self._take_in_files()
-        if self.directory is None:
-            return
-        for path in self.directory.iterdir():
-            claimed = ".claimed-" in path.name
-            owner = path.suffix.partition("-")[2] if claimed else path.stem
-            if (claimed or path.suffix == ".tmp") and _dead(owner):
-                with contextlib.suppress(OSError):
-                    path.unlink()
 
     # -- leaving the fleet ---------------------------------------------------------------
     def ring_changed(self, names: Sequence[str]) -> None:
@@ -680,7 +731,7 @@ class Handoff:
         later finds it held, and is dropped)."""
         if self.peers is None:
             return
-        self._take_in_files()
+        self._take_in_files(relay=False)  # (every slot of this node hands its own on)
         with self._cond:
             if self._stopped:
                 return
@@ -727,7 +778,7 @@ class Handoff:
             leaving_mark(self.directory.parent, os.getppid()).exists()
         )
         if leaving and self.peers is not None:  # what waits in files goes too
-            self._take_in_files()
+            self._take_in_files(relay=False)
         with self._cond:
             if self._stopped:
                 return
@@ -863,11 +914,14 @@ class RemotePeers:
             if address in names:
                 message["to"] = names[address]
             request, nonce = sealer.request(**message)
-            answer = self._post(address, request, nonce, sealer, routed)
+            status, answer = self._post(address, request, nonce, sealer, routed)
             found = _given(answer, session_id)
             if found is not None:
                 return found, False
-            busy = busy or _busy(answer)
+            # An answer (busy, or not there), no server, or statescale's refusal: that
+            # node's word. Anything else (a router with no worker for the call, no
+            # answer in time, an error) may hide a holder: busy, never a fresh session.
+            busy = busy or _busy(answer) or status not in (200, _NO_CONNECTION, 404)
             at = answer.get("at") if answer else None
             if isinstance(at, list) and len(at) == 2:  # just handed on: ask there
                 addresses.insert(0, (str(at[0]), int(at[1])))
@@ -952,17 +1006,42 @@ class RemotePeers:
             batch[session_id] = data
             size += len(json.dumps(data)) + 64  # as sent: escapes can be 12 bytes a char
             if size >= _BATCH or n == len(items):
-                request, nonce = sealer.request(take=batch, to=owner)
-                answer = self._post(where, request, nonce, sealer)
-                if answer is None:  # not taken there: the next owner
-                    return {**batch, **dict(items[n:])}
-                if answer is _UNANSWERED:
-                    log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
-                else:
-                    delivered.update(arrived := dict.fromkeys(batch, where))
-                    if landed is not None:
-                        landed(arrived)
+                refused = self._send(owner, where, batch, sealer, delivered)
+                arrived = {s: where for s in batch if s in delivered}
+                if landed is not None and arrived:
+                    landed(arrived)
+                if refused:  # not taken there: the next owner
+                    return {**refused, **dict(items[n:])}
                 batch, size = {}, 0
+        return {}
+
+    def _send(
+        self,
+        owner: str,
+        where: tuple[str, int],
+        batch: dict[str, Any],
+        sealer: Sealer,
+        delivered: dict[str, tuple[str, int]],
+    ) -> dict[str, Any]:
+        """One batch to ``owner``, in halves if its router finds it too large: what it
+        refused (to go to the next owner). What it took goes into ``delivered``."""
+        request, nonce = sealer.request(take=batch, to=owner)
+        status, answer = self._post(where, request, nonce, sealer)
+        if status == _TOO_LARGE and len(batch) > 1:  # refused unread: sent again, halved
+            items = list(batch.items())
+            half = len(items) // 2
+            return {
+                **self._send(owner, where, dict(items[:half]), sealer, delivered),
+                **self._send(owner, where, dict(items[half:]), sealer, delivered),
+            }
+        if status in (_NO_CONNECTION, *_NOT_TAKEN, _TOO_LARGE) or (
+            status == 200 and answer is None
+        ):
+            return batch
+        if status == 200:
+            delivered.update(dict.fromkeys(batch, where))
+        else:  # it may have kept them: not sent to another node too (two holders)
+            log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
         return {}
 
     def _post(
@@ -972,11 +1051,10 @@ class RemotePeers:
         nonce: str,
         sealer: Sealer,
         headers: Mapping[str, str] | None = None,
-    ) -> dict[str, Any] | None:
-        """The answer; ``None`` if the call was not taken (the connection could not be
-        made, statescale's 404, a node's router that sent it nowhere, or an answer not
-        sealed for it); :data:`_UNANSWERED` if no answer came, or an error (the call may
-        have been acted on)."""
+    ) -> tuple[int, dict[str, Any] | None]:
+        """The call's HTTP status (:data:`_NO_CONNECTION` if the connection could not be
+        made, :data:`_NO_ANSWER` if none came: the call may have been acted on) and
+        its answer, if a 200 sealed for this call."""
         host, port = address
         conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
         try:
@@ -984,25 +1062,23 @@ class RemotePeers:
         except OSError as exc:
             log.info("statescale: hand-off call to %s:%d failed: %s", host, port, exc)
             conn.close()
-            return None
+            return _NO_CONNECTION, None
         try:
             conn.request("POST", HANDOFF_PATH, body=request, headers=dict(headers or {}))
             response = conn.getresponse()
             body = response.read(MAX_HANDOFF)
         except (OSError, http.client.HTTPException) as exc:
             log.info("statescale: hand-off call to %s:%d failed: %s", host, port, exc)
-            return _UNANSWERED
+            return _NO_ANSWER, None
         finally:
             conn.close()
-        if response.status in _NOT_TAKEN:
-            return None
         if response.status != 200:
             log.info("statescale: hand-off call to %s:%d answered %d", host, port, response.status)
-            return _UNANSWERED
+            return response.status, None
         try:
-            return sealer.open_answer(body, nonce)
+            return 200, sealer.open_answer(body, nonce)
         except ValueError:
-            return None
+            return 200, None
 
 
 class HandoffStore:
