@@ -622,7 +622,10 @@ def when_ready(server: Any) -> None:
         _start_router(server, _master)  # with its status
     if _master is not None and _master.settings.registry is not None:
         # Now that it listens (and its router runs): routers may send it requests.
-        _register(server, _master)
+        try:
+            _register(server, _master)
+        except ConfigError as exc:  # (a name taken): said in one line, and a clean stop
+            server.halt(reason=f"statescale: {exc}", exit_status=1)
     if _master is not None and _master.slots:
         return
     settings = _master.settings if _master is not None else Settings.from_env()

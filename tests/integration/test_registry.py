@@ -200,3 +200,14 @@ def test_a_fast_stop_cuts_a_leaving_nodes_drain_short(redis_url: str) -> None:
         node.process.send_signal(signal.SIGQUIT)
         node.process.wait(8)  # long before the 30 s drain
         assert "a fast stop cut the drain short" in node.log()
+
+
+def test_a_node_whose_name_another_holds_does_not_start(redis_url: str) -> None:
+    # It warned every half second, forever, and served outside the fleet's ring.
+    registry = f"{redis_url}?prefix=twins-{time.monotonic_ns()}"
+    with ExitStack() as stack:
+        first = registered_node(stack, registry, "a")
+        with pytest.raises(RuntimeError, match="its own STATESCALE_NODE") as refused:
+            registered_node(stack, registry, "a")
+        assert "registered as 'a' at another address" in str(refused.value)
+        assert SessionClient(first.port).get("/health").status == 200

@@ -151,6 +151,32 @@ def test_a_successor_keeps_the_name_its_predecessor_leaves(registry: Registry) -
     assert registry.members() == []
 
 
+def test_a_name_taken_at_another_address_is_refused_at_start(registry: Registry) -> None:
+    """A review: an instance whose name another live instance held warned every half
+    second, forever, and served outside the fleet. It waits one TTL (a predecessor
+    that crashed holds the name that long), then refuses to start."""
+    holder = Heartbeat(registry, A, ttl=1)
+    holder.start()
+    try:
+        twin = Heartbeat(registry, Backend("a", "127.0.0.1", 9009), ttl=1)
+        with pytest.raises(ConfigError, match="its own STATESCALE_NODE"):
+            twin.start()
+        assert registry.members() == [A]
+    finally:
+        holder.stop()
+
+
+def test_a_name_a_crashed_instance_held_is_taken_once_it_lapses(registry: Registry) -> None:
+    registry.register(A, ttl=1, token="crashed")  # never renewed, never deregistered
+    moved = Backend("a", "127.0.0.1", 9009)  # restarted at another address
+    beat = Heartbeat(registry, moved, ttl=1)
+    beat.start()
+    try:
+        assert registry.members() == [moved]
+    finally:
+        beat.stop()
+
+
 def test_a_follower_rides_out_a_redis_restart() -> None:
     with EmbeddedRedis() as server:
         registry = open_registry(server.url)

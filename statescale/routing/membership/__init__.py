@@ -11,6 +11,7 @@ and every router and node follows.
 
 from __future__ import annotations
 
+from .base import NameTaken as NameTaken
 from .base import Registry as Registry
 from .base import RegistryUnavailable as RegistryUnavailable
 from .fleet import Fleet as Fleet

@@ -37,6 +37,16 @@ class RegistryUnavailable(StateScaleError):
     """The registry could not be reached or refused a call; the caller retries."""
 
 
+class NameTaken(RegistryUnavailable):
+    """Another live instance is registered under this name at another address."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"another instance is registered as {name!r} at another address; "
+            "give each instance its own STATESCALE_NODE"
+        )
+
+
 class Registry(Protocol):
     """A membership registry (Redis, etcd or a static file)."""
 

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ...exceptions import ConfigError
 from ..backends import Backend
-from .base import Changed, RegistryUnavailable, sort
+from .base import Changed, NameTaken, RegistryUnavailable, sort
 
 log = logging.getLogger("statescale.registry")
 
@@ -144,10 +144,7 @@ class EtcdRegistry:
             if stored:
                 other = stored[0].decode(errors="replace").partition(" ")[2]
                 if other != backend.spec and _is_spec(other):
-                    raise RegistryUnavailable(
-                        f"another instance is registered as {backend.name!r} at another "
-                        "address; give each instance its own STATESCALE_NODE"
-                    )
+                    raise NameTaken(backend.name)
                 compare = {"target": "VALUE", "value": base64.b64encode(stored[0]).decode()}
             else:
                 compare = {"target": "CREATE", "create_revision": 0}

@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable
 
+from ...exceptions import ConfigError
 from ..backends import Backend
-from .base import Changed, Registry, RegistryUnavailable
+from .base import Changed, NameTaken, Registry, RegistryUnavailable
 
 log = logging.getLogger("statescale.registry")
 
@@ -40,25 +42,47 @@ class Heartbeat:
         self.token = secrets.token_hex(8)  # this registration's, against a successor's
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failure: str | None = None  # why the last registration failed, once said
 
     def start(self) -> None:
         """Register now (a registry that is down is tried again from the thread), then
-        renew until :meth:`stop`."""
-        registered = self._renew()
+        renew until :meth:`stop`. A name that another instance holds at another address
+        is tried for one TTL (a predecessor that crashed holds it that long at most),
+        then refused: :class:`ConfigError`, and the instance does not start."""
+        patience = self.ttl + _RETRY[1]
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                registered = self._renew(refuse_taken=True)
+                break
+            except NameTaken as exc:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(f"{exc} (still, {patience:g} s later)") from exc
+                if self._failure != str(exc):
+                    log.warning("statescale: %s; waiting up to %g s", exc, patience)
+                self._failure = str(exc)
+                time.sleep(_RETRY[0] * 5)
         self._thread = threading.Thread(
             target=self._run, args=(registered,), name="statescale-heartbeat", daemon=True
         )
         self._thread.start()
 
-    def _renew(self) -> bool:
+    def _renew(self, *, refuse_taken: bool = False) -> bool:
         try:
             self.registry.register(self.backend, ttl=self.ttl, token=self.token)
         except RegistryUnavailable as exc:
-            log.warning("statescale: could not register %s: %s", self.backend.spec, exc)
+            if refuse_taken and isinstance(exc, NameTaken):
+                raise
+            if self._failure != str(exc):  # each failure once, not every half second
+                log.warning("statescale: could not register %s: %s", self.backend.spec, exc)
+            self._failure = str(exc)
             return False
         except Exception:  # a bug must not end the renewals: the node would drop out
             log.exception("statescale: registering %s failed; trying again", self.backend.spec)
             return False
+        if self._failure is not None:
+            log.warning("statescale: registered %s again", self.backend.spec)
+            self._failure = None
         return True
 
     def _run(self, registered: bool) -> None:

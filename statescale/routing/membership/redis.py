@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from ...exceptions import ConfigError
 from ..backends import Backend
-from .base import Changed, RegistryUnavailable, sort
+from .base import Changed, NameTaken, RegistryUnavailable, sort
 
 log = logging.getLogger("statescale.registry")
 
@@ -156,10 +156,7 @@ class RedisRegistry:
         # one elsewhere is another instance's: two cannot share a name.
         taken = self._call(self._register, backend.name, token, backend.spec, int(ttl * 1000))
         if taken == -1:
-            raise RegistryUnavailable(
-                f"another instance is registered as {backend.name!r} at another address; "
-                "give each instance its own STATESCALE_NODE"
-            )
+            raise NameTaken(backend.name)
 
     def deregister(self, name: str, *, token: str) -> None:
         self._call(self._deregister, name, token)
