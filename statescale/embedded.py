@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -53,15 +54,29 @@ class EmbeddedRedis:
     ``stop()``, ``pause()`` (SIGSTOP), ``resume()`` and ``start()`` again on the same
     port serve the fault tests."""
 
-    def __init__(self, *, port: int | None = None, executable: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        executable: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.executable = executable or find_redis_server()
         self.port = port or free_port()
+        #: ``requirepass``: the server is on loopback, where any local user can reach it.
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
         self.owner_pid = os.getpid()  # only the process that starts it stops it
         self._dir = tempfile.mkdtemp(prefix="statescale-redis-")
 
     @property
     def url(self) -> str:
+        secret = "" if self.password is None else f":{self.password}@"
+        return f"redis://{secret}127.0.0.1:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        """:attr:`url` without the password, for logs."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
@@ -88,7 +103,17 @@ class EmbeddedRedis:
             "--loglevel",
             "warning",
         ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if self.password is not None:  # a configuration on stdin: not shown by ps
+            args.insert(args.index(self.executable) + 1, "-")
+        self.process = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE if self.password is not None else subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        if self.process.stdin is not None:
+            with self.process.stdin as configuration:
+                configuration.write(f"requirepass {self.password}\n".encode())
         deadline = time.monotonic() + timeout
         while not self.ping():
             if self.process.poll() is not None:
@@ -120,7 +145,7 @@ class EmbeddedRedis:
         """The pid of the redis-server answering on the port (``INFO server``)."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-                sock.sendall(b"INFO server\r\n")
+                sock.sendall(self._auth() + b"INFO server\r\n")
                 data = b""
                 while b"process_id:" not in data or not data.endswith(b"\r\n"):
                     chunk = sock.recv(65536)
@@ -137,10 +162,21 @@ class EmbeddedRedis:
     def ping(self, timeout: float = 0.5) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                sock.sendall(self._auth() + b"PING\r\n")
+                expected = b"+OK\r\n+PONG" if self.password is not None else b"+PONG"
+                data = b""
+                while len(data) < len(expected) and (chunk := sock.recv(16)):
+                    data += chunk
+                return data.startswith(expected)
         except OSError:
             return False
+
+    def _auth(self) -> bytes:
+        """``AUTH`` as a command to send first, if the server has a password."""
+        if self.password is None:
+            return b""
+        word = self.password.encode()
+        return b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(word), word)
 
     def stop(self) -> None:
         if self.owner_pid != os.getpid():  # a forked child's copy: not ours to stop
@@ -186,13 +222,14 @@ def shared() -> EmbeddedRedis:
     process tree; a process forked afterwards gets the same server."""
     global _shared
     if _shared is None:
-        server = EmbeddedRedis().start()
+        # A password of its own: other local users can reach a loopback port too.
+        server = EmbeddedRedis(password=secrets.token_urlsafe(24)).start()
         assert server.process is not None
         log.warning(
-            "statescale: started an embedded redis-server at %s (pid %d) as asked "
-            "(STATESCALE_EMBEDDED_REDIS); it keeps nothing on disk and stops when this "
-            "process exits. Set STATESCALE_REDIS_URL to use your own.",
-            server.url,
+            "statescale: started an embedded redis-server at %s (pid %d, a password of "
+            "its own) as asked (STATESCALE_EMBEDDED_REDIS); it keeps nothing on disk and "
+            "stops when this process exits. Set STATESCALE_REDIS_URL to use your own.",
+            server.address,
             server.process.pid,
         )
         _shared = server
