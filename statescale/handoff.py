@@ -48,6 +48,7 @@ plain HTTP, as the Redis traffic is: keep both on a private network.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import http.client
@@ -90,6 +91,9 @@ MAX_GONE = 10_000
 MAX_BELOW = 3
 #: Nodes a node asks, at most, for one session it misses.
 MAX_ASKED = 8
+#: Seconds a node that cannot answer a hand-off call (its router without a worker for
+#: it, no answer in time) counts as busy, not as one without the session.
+UNSURE_FOR = 10.0
 #: A stopping node sends its sessions in batches of about this many bytes.
 _BATCH = 4 * 1024 * 1024
 #: Statuses that say a call was not taken: statescale's refusal (404), and a node's own
@@ -245,6 +249,7 @@ class Handoff:
         self._in_use: dict[str, int] = {}  # session -> requests of this process holding it
         self._cond = threading.Condition()
         self._claiming = threading.Lock()  # one thread takes in files at a time
+        self._unopenable: set[tuple[Path, int, int]] = set()  # files of other keys, as seen
         # Sessions given to a node, and its address: while routers disagree (a
         # balancer's old workers still use the old ring), a request for one may come
         # back here, and is fetched back from there (the old ring does not know it).
@@ -260,6 +265,11 @@ class Handoff:
         if peers is not None:
             peers.fleet.listeners.append(self.ring_changed)
         self.directory = None if directory is None else private_directory(directory)
+        # One process of the node takes in files at a time (every slot's directory is
+        # read): the lock is the node's with slots, else this directory's.
+        if self.directory is not None:
+            root = self.directory.parent if slots is not None else self.directory
+            self._lock_path = root / ".taking-in"
         self._listener: socket.socket | None = None
         if self.directory is not None:
             self._path = self.directory / f"{self._name}.sock"
@@ -569,9 +579,16 @@ class Handoff:
         said it was busy (see :meth:`_take`)."""
         assert self.directory is not None
         busy = False
-        # This slot's other worker first; then the other slots' (two masters of
-        # different worker counts during an upgrade route one session to two slots).
-        others = [p for there in sorted(self._slot_directories()) for p in there.glob("*.sock")]
+        # This slot's other worker first; then the other slots' workers of another
+        # master (two masters of different worker counts, during an upgrade, route one
+        # session to two slots). This master's own route by one ring: not asked.
+        master = _parent_of(self._name)
+        others = [
+            path
+            for there in self._slot_directories()
+            for path in there.glob("*.sock")
+            if _parent_of(path.stem) != master
+        ]
         for path in [*self.directory.glob("*.sock"), *others]:
             if path == self._path:
                 continue
@@ -602,70 +619,78 @@ class Handoff:
         return None, busy
 
     def _claim_files(self, wanted: str | None, *, relay: bool = True) -> tuple[Kept | None, bool]:
-        """Take in every session of the files that stopped processes left, in this
-        slot's directory and in those of slots this node no longer has (a restart
-        with fewer workers); with ``relay``, each session another slot owns (a
-        restart with more) goes on to that slot's directory. The one ``wanted``, if
-        it was there; and whether another process was taking in a file meanwhile
-        (it may be the one that holds ``wanted``: busy, not gone)."""
-        found = None
-        files, contended = self._files()
-        for path in files:
-            claimed = path.with_suffix(f".claimed-{self._name}")
-            try:
-                path.rename(claimed)  # one process takes a file
-                sealed = claimed.read_bytes()
-            except OSError:
-                contended = True  # (another process renamed it first)
-                continue
-            body = self.sealer.open(sealed)
-            if body is None:  # not ours to take: leave it for whoever holds its key
-                log.warning("statescale: ignored hand-off file %s: bad signature", path.name)
-                with contextlib.suppress(OSError):
-                    claimed.rename(path)
-                continue
-            sessions = json.loads(body)["sessions"]
-            here = self._relay(sessions, keep=wanted) if relay else sessions
-            for session_id, data in here.items():
-                kept = _decode(data)
-                if session_id == wanted:  # (in two files: the newer)
-                    if found is None or kept.version > found.version:
-                        found = kept
-                else:
-                    self.memory.put(session_id, kept)  # (not expired, nor over a newer copy)
-            with contextlib.suppress(OSError):  # once relayed: never nowhere
-                claimed.unlink()
-            log.info("statescale: took in %d sessions handed over in %s", len(sessions), path.name)
-        return found, contended
-
-    def _files(self) -> tuple[list[Path], bool]:
-        """The hand-off files to take in: this slot's, then those of slots this node
-        no longer has; and whether another process is taking in one of these
-        directories' files (looked at first: once it has finished, what it relayed
-        here is listed)."""
+        """Take in every session of the files that stopped processes left, in any slot
+        directory of this node (a worker count that changed moves sessions between
+        slots); with ``relay``, each session another slot owns goes on to that slot's
+        directory. One process of the node at a time: a session is never between two
+        files while another looks for it. The one ``wanted``, if it was there; and
+        whether it may be where this process could not look (the node's lock not had in
+        time, a file it could not read): busy, not known gone."""
         if self.directory is None:
-            return [], False
-        directories = [self.directory]
-        if self.slots is not None:
-            names = self.slots[0].names
-            directories += [d for d in sorted(self._slot_directories()) if d.name not in names]
-        contended = any(
-            not _dead(owner) and owner != self._name
-            for there in directories
-            for path in there.glob("*.claimed-*")
-            if (owner := path.suffix.partition("-")[2])
-        )
-        return [path for there in directories for path in there.glob("*.json")], contended
+            return None, False
+        found, unread = None, False
+        with _locked(self._lock_path, ASK_TIMEOUT) as locked:
+            if not locked:
+                log.warning("statescale: another worker held the hand-off files too long")
+                return None, True
+            for path in self._files():
+                try:
+                    seen = path.stat()
+                    if (path, seen.st_size, seen.st_mtime_ns) in self._unopenable:
+                        continue
+                    sealed = path.read_bytes()
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:  # (out of descriptors...): it may hold the session
+                    log.warning("statescale: could not read hand-off file %s: %s", path, exc)
+                    unread = True
+                    continue
+                body = self.sealer.open(sealed)
+                if body is None:  # not ours to take: left for whoever holds its key
+                    log.warning("statescale: ignored hand-off file %s: bad signature", path.name)
+                    self._unopenable.add((path, seen.st_size, seen.st_mtime_ns))
+                    continue
+                claimed = path.with_suffix(f".claimed-{self._name}")
+                try:  # (a crash from here on leaves it claimed: taken in again at start)
+                    path.rename(claimed)
+                except OSError:
+                    continue
+                sessions = json.loads(body)["sessions"]
+                here = self._relay(sessions, keep=wanted) if relay else sessions
+                for session_id, data in here.items():
+                    kept = _decode(data)
+                    if session_id == wanted:  # (in two files: the newer)
+                        if found is None or kept.version > found.version:
+                            found = kept
+                    else:
+                        self.memory.put(session_id, kept)  # (not expired, nor over a newer)
+                with contextlib.suppress(OSError):  # once relayed: never nowhere
+                    claimed.unlink()
+                log.info(
+                    "statescale: took in %d sessions handed over in %s", len(sessions), path.name
+                )
+        return found, unread and found is None
+
+    def _files(self) -> list[Path]:
+        """The hand-off files to take in: this slot's first, then the other slots'."""
+        assert self.directory is not None
+        return [p for there in self._directories() for p in there.glob("*.json")]
+
+    def _directories(self) -> list[Path]:
+        """This slot's directory, then the other slots' of this node."""
+        assert self.directory is not None
+        return [self.directory, *self._slot_directories()]
 
     def _slot_directories(self) -> list[Path]:
         """The directories of this node's slots but this one's, whatever the worker
-        count that made them (``worker<k>``)."""
-        assert self.directory is not None
-        return [
+        count that made them (``worker<k>``); none for a process with no slots."""
+        if self.directory is None or self.slots is None:
+            return []
+        return sorted(
             there
             for there in self.directory.parent.glob("worker*")
             if there != self.directory and there.name[6:].isdigit() and there.is_dir()
-        ]
+        )
 
     def _take_in_files(self, *, relay: bool = True) -> None:
         """Every session waiting in this slot's files, into memory (none without a
@@ -676,9 +701,10 @@ class Handoff:
     def take_over(self) -> None:
         """At start: the sessions in any files waiting here, and the leftovers of
         processes that crashed half-way: a file half written is removed, one half
-        taken in is taken in again (a copy already relayed from it is no newer)."""
+        taken in is taken in again (a copy already relayed from it is no newer). In
+        every slot's directory: a worker count that changed leaves some slots unowned."""
         if self.directory is not None:
-            for path in self.directory.iterdir():
+            for path in [p for there in self._directories() for p in there.iterdir()]:
                 claimed = ".claimed-" in path.name
                 owner = path.suffix.partition("-")[2] if claimed else path.stem
                 if (claimed or path.suffix == ".tmp") and _dead(owner):
@@ -858,6 +884,8 @@ class RemotePeers:
         self.node = node
         self.cookie = cookie
         self.timeout = timeout
+        # A node's first answer of a streak that left it unsure, and whether that was said.
+        self._unsure_since: dict[tuple[str, int], tuple[float, bool]] = {}
 
     def candidates(self, session_id: str) -> list[str]:
         """Who may hold ``session_id``, in the order to ask: the nodes the ring ranks
@@ -918,14 +946,33 @@ class RemotePeers:
             found = _given(answer, session_id)
             if found is not None:
                 return found, False
-            # An answer (busy, or not there), no server, or statescale's refusal: that
-            # node's word. Anything else (a router with no worker for the call, no
-            # answer in time, an error) may hide a holder: busy, never a fresh session.
-            busy = busy or _busy(answer) or status not in (200, _NO_CONNECTION, 404)
+            busy = busy or _busy(answer) or self._unsure(address, status)
             at = answer.get("at") if answer else None
             if isinstance(at, list) and len(at) == 2:  # just handed on: ask there
                 addresses.insert(0, (str(at[0]), int(at[1])))
         return None, busy
+
+    def _unsure(self, address: tuple[str, int], status: int) -> bool:
+        """Whether a node's answer leaves it unknown if it holds the session: not an
+        answer (busy, or not there), no server, nor statescale's refusal, but a router
+        with no worker for the call (its workers restarting), no answer in time, or an
+        error; and only for ``UNSURE_FOR`` seconds of such answers in a row, after
+        which a node that cannot answer is taken for one that does not hold it (else
+        one sick node would answer 503 for every session any node misses)."""
+        now = time.monotonic()
+        if status in (200, _NO_CONNECTION, 404):
+            self._unsure_since.pop(address, None)
+            return False
+        since, said = self._unsure_since.setdefault(address, (now, False))
+        if now - since < UNSURE_FOR:
+            return True
+        if not said:  # once a streak
+            log.warning(
+                "statescale: %s:%d has not answered hand-off calls for %.0f s: sessions it "
+                "may hold are taken for gone", *address, now - since,
+            )  # fmt: skip
+            self._unsure_since[address] = (since, True)
+        return False
 
     def _known(self) -> list[str]:
         """Every node of the ring and of the rings it replaced lately."""
@@ -1142,6 +1189,40 @@ def _read_all(conn: socket.socket) -> bytes:
         if size > MAX_HANDOFF:
             raise ValueError("hand-off message too large")
     return b"".join(chunks)
+
+
+@contextmanager
+def _locked(path: Path, timeout: float) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` (created), waited for ``timeout`` seconds at
+    most: whether it was had. The kernel drops it with a process that dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.005)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _parent_of(name: str) -> int | None:
+    """The parent pid of the process a socket or file is named after (``<pid>`` or
+    ``<pid>-<name>``), if it can be read."""
+    try:
+        with open(f"/proc/{int(name.partition('-')[0])}/stat", "rb") as stat:
+            return int(stat.read().rpartition(b")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _remove_if_dead(path: Path) -> None:
