@@ -18,6 +18,10 @@ upgrade finds the old one's workers there:
 * A worker that stops writes what it still holds to ``<pid>.json`` (atomically), then
   closes its socket. A worker that misses a session after that claims the file
   (renames it) and takes in every session in it.
+* A master started with another worker count (a restart, or an upgrade) gives sessions
+  other slots: a miss reads every slot's files, one process of the node at a time (a
+  ``flock``), keeps what its slot owns and relays the rest to their slots' directories;
+  during the upgrade, a worker asks the other master's workers too.
 
 Sticky nodes behind a balancer do the same over HTTP (:class:`RemotePeers`): a node
 that misses a session asks the nodes its ring ranks around it, and a node that stops
