@@ -419,12 +419,26 @@ class Handoff:
                         self._answered(taken, sent)
 
     def answer(self, sealed: bytes) -> bytes | None:
-        """A peer's sealed request, answered sealed (``None``: refused). ``give``: the
-        session, taken from here; ``take``: sessions for this process to keep."""
-        reply, taken = self._answer(sealed)
-        if taken is not None:  # sent by the HTTP server: the asker's deadline has a margin
-            self._answered(taken, sent=True)
+        """A peer's sealed request, answered sealed (``None``: refused), and taken for
+        sent. ``give``: the session, taken from here; ``take``: sessions to keep."""
+        reply, sent = self.answer_over(sealed)
+        sent(True)
         return reply
+
+    def answer_over(self, sealed: bytes) -> tuple[bytes | None, Callable[[bool], None]]:
+        """:meth:`answer` for a server that sends the reply later: call the function
+        with whether the reply was written, and a session it took goes back into
+        memory if not (the asker has nothing)."""
+        reply, taken = self._answer(sealed)
+        if taken is None:
+            return reply, lambda sent: None
+        called = threading.Lock()
+
+        def sent(written: bool) -> None:
+            if called.acquire(blocking=False):  # once
+                self._answered(taken, written)
+
+        return reply, sent
 
     def _answered(self, taken: tuple[str, Kept], sent: bool) -> None:
         """An answer that took a session has been sent; or not, and the session goes

@@ -195,12 +195,15 @@ class StateScaleMiddleware:
             length = -1
         reply, handoff = None, self._handoff
         if environ.get("REQUEST_METHOD") == "POST" and 0 < length <= MAX_HANDOFF and handoff:
-            reply = handoff.answer(environ["wsgi.input"].read(length))
+            reply, sent = handoff.answer_over(environ["wsgi.input"].read(length))
         if reply is None:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found\n"]
-        start_response("200 OK", [("Content-Type", "application/octet-stream")])
-        return [reply]
+        start_response(
+            "200 OK",
+            [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(reply)))],
+        )
+        return _Written(reply, sent)
 
     def _open(self, environ: WSGIEnvironment, request: _Request) -> Session:
         """The request's session, loaded (on first use) through ``request``'s lock."""
@@ -437,6 +440,22 @@ class _Outside(_Request):
 
     def hold(self, lock: AbstractContextManager[None]) -> None:
         pass
+
+
+class _Written:
+    """A hand-off reply as a WSGI body that tells ``sent`` whether the server wrote it:
+    a server asks for the next piece only once it has written the one before, and
+    closes the body in any case."""
+
+    def __init__(self, reply: bytes, sent: Callable[[bool], None]) -> None:
+        self._reply, self._sent, self._written = reply, sent, False
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._reply
+        self._written = True
+
+    def close(self) -> None:
+        self._sent(self._written)
 
 
 def _no_start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:

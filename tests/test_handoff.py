@@ -169,6 +169,39 @@ def test_the_middleware_answers_sealed_fresh_calls_only(tmp_path: Path) -> None:
     assert store.memory.holds("s")
 
 
+def test_a_session_given_stays_if_the_server_could_not_write_the_reply(tmp_path: Path) -> None:
+    # A review: the holder counted a session sent once the reply was made, before the
+    # server wrote it: a write that failed (the asker gone) lost the session.
+    import io
+
+    from statescale.handoff import HANDOFF_PATH, Sealer
+    from statescale.middleware import StateScaleMiddleware
+
+    store = worker(tmp_path, "node")
+    served = StateScaleMiddleware(lambda e, s: [], store, secret_keys=["k" * 32])
+    sealer = Sealer([KEY])
+
+    def call() -> Any:
+        request, _ = sealer.request(give="s")
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": HANDOFF_PATH,
+            "CONTENT_LENGTH": str(len(request)),
+            "wsgi.input": io.BytesIO(request),
+        }
+        return served(environ, lambda status, headers, exc_info=None: None)
+
+    store.create("s", {"n": b"1"}, replaces="x")
+    body = call()
+    assert not store.memory.holds("s")  # on its way
+    body.close()  # the server failed before it wrote it (it asked for nothing more)
+    assert fields(store, "s") == {"n": b"1"}
+    body = call()
+    assert b"".join(body)  # written: the server asked for what follows
+    body.close()
+    assert not store.memory.holds("s")
+
+
 def test_workers_with_rotated_keys_still_hand_over(tmp_path: Path) -> None:
     old = HandoffStore(Handoff(MemoryStore(), [b"a" * 32], directory=tmp_path, name="old"))
     new = HandoffStore(
