@@ -254,6 +254,10 @@ class Handoff:
         self._cond = threading.Condition()
         self._claiming = threading.Lock()  # one thread takes in files at a time
         self._unopenable: set[tuple[Path, int, int]] = set()  # files of other keys, as seen
+        # Files in another slot's directory holding only its sessions, as seen: theirs.
+        self._theirs: dict[tuple[Path, int, int], frozenset[str]] = {}
+        self._unread_since: dict[Path, float] = {}  # files whose reads fail: since when
+        self._taking = 0  # turns taking in files under way (stop() waits for them)
         # Sessions given to a node, and its address: while routers disagree (a
         # balancer's old workers still use the old ring), a request for one may come
         # back here, and is fetched back from there (the old ring does not know it).
@@ -352,14 +356,14 @@ class Handoff:
             if found is not None:
                 busy = self._put(session_id, found)
             else:
-                with self._claiming:  # another thread may be taking in its file
-                    record = self.memory.load(session_id)
+                with self._taking_in() as turn:
+                    record = self.memory.load(session_id)  # (another thread took it in)
                     if record is not None:
                         return record, False
-                    found, contended = self._claim_files(session_id)
+                    found, unread = self._claim_files(session_id) if turn else (None, True)
                     if found is not None:
                         busy = self._put(session_id, found) or busy
-                    busy = busy or contended
+                    busy = busy or unread
             record = self.memory.load(session_id)
             if record is not None or self.peers is None:
                 return record, busy and record is None
@@ -389,8 +393,8 @@ class Handoff:
     def _arrived(self, session_id: str) -> Record | None:
         """``session_id``, if a peer's hand-over brought it while this process asked."""
         if self.directory is not None:
-            with self._claiming:
-                found, _ = self._claim_files(session_id)
+            with self._taking_in() as turn:
+                found, _ = self._claim_files(session_id) if turn else (None, True)
             if found is not None:
                 self._put(session_id, found)
         return self.memory.load(session_id)
@@ -408,7 +412,7 @@ class Handoff:
                 sent = False
                 try:
                     conn.settimeout(ASK_TIMEOUT)
-                    reply, taken = self._answer(_read_all(conn))
+                    reply, taken = self._answer(_read_all(conn), local=True)
                     if reply is not None:
                         conn.sendall(reply)
                         sent = True
@@ -467,9 +471,12 @@ class Handoff:
         elif self.peers is not None:
             self.peers.push(sessions, self.sealer)
 
-    def _answer(self, sealed: bytes) -> tuple[bytes | None, tuple[str, Kept] | None]:
+    def _answer(
+        self, sealed: bytes, *, local: bool = False
+    ) -> tuple[bytes | None, tuple[str, Kept] | None]:
         """:meth:`answer`, and the session it took (counted in ``_answering`` until
-        :meth:`_answered`)."""
+        :meth:`_answered`). ``local``: asked by a worker of this node, which reads the
+        node's files itself."""
         try:
             request = self.sealer.open_request(sealed)
             if request is None:
@@ -498,7 +505,7 @@ class Handoff:
                     return None, None
                 return self.sealer.answer(nonce), None
             session_id = str(request["give"])
-            if not self.memory.holds(session_id):
+            if not local and not self.memory.holds(session_id):
                 self._take_in_files()  # it may wait in one (this slot's worker reloaded)
             asker = request.get("from")
             to = None if asker is None else (str(asker[0]), int(asker[1]))
@@ -605,7 +612,7 @@ class Handoff:
             path
             for there in self._slot_directories()
             for path in there.glob("*.sock")
-            if _parent_of(path.stem) != master
+            if master is None or _parent_of(path.stem) != master  # (unknown: asked)
         ]
         for path in [*self.directory.glob("*.sock"), *others]:
             if path == self._path:
@@ -636,58 +643,119 @@ class Handoff:
             busy = busy or _busy(answer)
         return None, busy
 
-    def _claim_files(self, wanted: str | None, *, relay: bool = True) -> tuple[Kept | None, bool]:
-        """Take in every session of the files that stopped processes left, in any slot
-        directory of this node (a worker count that changed moves sessions between
-        slots); with ``relay``, each session another slot owns goes on to that slot's
-        directory. One process of the node at a time: a session is never between two
-        files while another looks for it. The one ``wanted``, if it was there; and
-        whether it may be where this process could not look (the node's lock not had in
-        time, a file it could not read): busy, not known gone."""
-        if self.directory is None:
-            return None, False
-        found, unread = None, False
-        with _locked(self._lock_path, ASK_TIMEOUT) as locked:
-            if not locked:
-                log.warning("statescale: another worker held the hand-off files too long")
-                return None, True
-            for path in self._files():
+    @contextmanager
+    def _taking_in(self) -> Iterator[bool]:
+        """This process's turn to take in the node's files: one thread of it and one
+        process of the node (a ``flock``), each waited for within ``ASK_TIMEOUT``, and
+        only until :meth:`stop` writes what this process holds (which waits for a turn
+        under way). Whether it was had: else the files are left as they are."""
+        deadline = time.monotonic() + ASK_TIMEOUT
+        if not self._claiming.acquire(timeout=ASK_TIMEOUT):
+            yield False
+            return
+        try:
+            with _locked(self._lock_path, max(0.0, deadline - time.monotonic())) as locked:
+                with self._cond:
+                    turn = locked and not self._closed
+                    self._taking += turn
                 try:
-                    seen = path.stat()
-                    if (path, seen.st_size, seen.st_mtime_ns) in self._unopenable:
-                        continue
-                    sealed = path.read_bytes()
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:  # (out of descriptors...): it may hold the session
-                    log.warning("statescale: could not read hand-off file %s: %s", path, exc)
-                    unread = True
-                    continue
-                body = self.sealer.open(sealed)
-                if body is None:  # not ours to take: left for whoever holds its key
-                    log.warning("statescale: ignored hand-off file %s: bad signature", path.name)
-                    self._unopenable.add((path, seen.st_size, seen.st_mtime_ns))
-                    continue
-                claimed = path.with_suffix(f".claimed-{self._name}")
-                try:  # (a crash from here on leaves it claimed: taken in again at start)
-                    path.rename(claimed)
-                except OSError:
-                    continue
-                sessions = json.loads(body)["sessions"]
-                here = self._relay(sessions, keep=wanted) if relay else sessions
-                for session_id, data in here.items():
-                    kept = _decode(data)
-                    if session_id == wanted:  # (in two files: the newer)
-                        if found is None or kept.version > found.version:
-                            found = kept
-                    else:
-                        self.memory.put(session_id, kept)  # (not expired, nor over a newer)
-                with contextlib.suppress(OSError):  # once relayed: never nowhere
-                    claimed.unlink()
-                log.info(
-                    "statescale: took in %d sessions handed over in %s", len(sessions), path.name
-                )
+                    yield turn
+                finally:
+                    with self._cond:
+                        self._taking -= turn
+                        self._cond.notify_all()
+        finally:
+            self._claiming.release()
+
+    def _claim_files(self, wanted: str | None, *, relay: bool = True) -> tuple[Kept | None, bool]:
+        """Take in the sessions of the files that stopped processes left, in any slot
+        directory of this node (a worker count that changed moves sessions between
+        slots), in :meth:`_taking_in`'s turn; with ``relay``, each session another slot
+        owns goes on to that slot's directory. The one ``wanted``, if it was there; and
+        whether it may be where this process could not look (a file it could not
+        read): busy, not gone."""
+        found, unread = None, False
+        took: dict[str, Any] = {}  # what went into this process's memory, encoded
+        for path in self._files():
+            sessions, kept, failed = self._open_file(path, wanted)
+            unread = unread or failed
+            if not sessions:
+                continue
+            claimed = path.with_suffix(f".claimed-{self._name}")
+            try:  # (a crash from here on leaves it claimed: taken in again at start)
+                path.rename(claimed)
+            except OSError:
+                continue
+            here = self._relay(sessions, keep=wanted) if relay else sessions
+            for session_id in here:
+                if session_id == wanted:  # (in two files: the newer)
+                    if found is None or kept[session_id].version > found.version:
+                        found = kept[session_id]
+                elif self.memory.put(session_id, kept[session_id]):  # (not over a newer)
+                    took[session_id] = here[session_id]
+            with contextlib.suppress(OSError):  # once relayed: never nowhere
+                claimed.unlink()
+            log.info("statescale: took in %d sessions handed over in %s", len(sessions), path.name)
+        with self._cond:
+            closed = self._closed
+        if closed and (took or found is not None):  # stop() gave up waiting for this turn
+            if found is not None:
+                took[str(wanted)] = _encode(found)
+            self._hand_on(took, f"{self._name}-late-{secrets.token_hex(4)}")
+            return None, True
         return found, unread and found is None
+
+    def _open_file(
+        self, path: Path, wanted: str | None
+    ) -> tuple[dict[str, Any], dict[str, Kept], bool]:
+        """A hand-off file's sessions (encoded, and decoded) for :meth:`_claim_files`
+        to take in: none for one of other keys, or one in another slot's directory
+        that holds that slot's sessions only and not ``wanted`` (its worker takes it
+        in). Last, whether it could not be read (and counts as busy)."""
+        ring = None if self.slots is None else self.slots[0]
+        slot = path.parent.name
+        theirs = ring is not None and path.parent != self.directory and slot in ring.names
+        try:
+            seen = path.stat()
+            mark = (path, seen.st_size, seen.st_mtime_ns)
+            if mark in self._unopenable:
+                return {}, {}, False
+            if theirs and (held := self._theirs.get(mark)) is not None and wanted not in held:
+                return {}, {}, False
+            sealed = path.read_bytes()
+        except FileNotFoundError:
+            return {}, {}, False
+        except OSError as exc:  # (out of descriptors...): it may hold the session
+            return {}, {}, self._unreadable(path, exc)
+        self._unread_since.pop(path, None)
+        try:
+            body = self.sealer.open(sealed)
+            if body is None:
+                raise ValueError("bad signature")
+            sessions = dict(json.loads(body)["sessions"])
+            kept = {session_id: _decode(data) for session_id, data in sessions.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("statescale: ignored hand-off file %s: %s", path.name, exc)
+            self._unopenable.add(mark)  # (left for whoever holds its key)
+            return {}, {}, False
+        if (
+            theirs
+            and wanted not in sessions
+            and ring is not None
+            and all(ring.owner(session_id) == slot for session_id in sessions)
+        ):
+            if len(self._theirs) >= 256:
+                self._theirs.clear()
+            self._theirs[mark] = frozenset(sessions)
+            return {}, {}, False
+        return sessions, kept, False
+
+    def _unreadable(self, path: Path, exc: OSError) -> bool:
+        """A file that could not be read may hold a session asked for: busy, for
+        ``UNSURE_FOR`` seconds of failed reads; past that, taken for one without it."""
+        log.warning("statescale: could not read hand-off file %s: %s", path, exc)
+        since = self._unread_since.setdefault(path, time.monotonic())
+        return time.monotonic() - since < UNSURE_FOR
 
     def _files(self) -> list[Path]:
         """The hand-off files to take in: this slot's first, then the other slots'."""
@@ -711,10 +779,13 @@ class Handoff:
         )
 
     def _take_in_files(self, *, relay: bool = True) -> None:
-        """Every session waiting in this slot's files, into memory (none without a
-        directory)."""
-        with self._claiming:
-            self._claim_files(None, relay=relay)
+        """Every session waiting in the node's files for this process, into memory
+        (none without a directory, or if its turn could not be had)."""
+        if self.directory is None:
+            return
+        with self._taking_in() as turn:
+            if turn:
+                self._claim_files(None, relay=relay)
 
     def take_over(self) -> None:
         """At start: the sessions in any files waiting here, and the leftovers of
@@ -832,7 +903,8 @@ class Handoff:
             # a session be sent (or put it back), and requests holding one save it: a
             # thread pool's requests may outlive gunicorn's graceful timeout.
             self._cond.wait_for(
-                lambda: not (self._pushing or self._answering or self._in_use), ASK_TIMEOUT
+                lambda: not (self._pushing or self._answering or self._in_use or self._taking),
+                ASK_TIMEOUT,
             )
             sessions = {sid: _encode(kept.moved()) for sid, kept in self.memory.items()}
             self._closed = True  # what is written here now would be lost: refused
@@ -902,8 +974,9 @@ class RemotePeers:
         self.node = node
         self.cookie = cookie
         self.timeout = timeout
-        # A node's first answer of a streak that left it unsure, and whether that was said.
-        self._unsure_since: dict[tuple[str, int], tuple[float, bool]] = {}
+        # A node's answers that left it unsure: the first and last of the streak, and
+        # whether its end was said.
+        self._unsure_since: dict[tuple[str, int], tuple[float, float, bool]] = {}
 
     def candidates(self, session_id: str) -> list[str]:
         """Who may hold ``session_id``, in the order to ask: the nodes the ring ranks
@@ -981,7 +1054,10 @@ class RemotePeers:
         if status in (200, _NO_CONNECTION, 404):
             self._unsure_since.pop(address, None)
             return False
-        since, said = self._unsure_since.setdefault(address, (now, False))
+        since, last, said = self._unsure_since.get(address, (now, now, False))
+        if now - last >= UNSURE_FOR:  # the last such answer is old: a new streak
+            since, said = now, False
+        self._unsure_since[address] = (since, now, said)
         if now - since < UNSURE_FOR:
             return True
         if not said:  # once a streak
@@ -989,7 +1065,7 @@ class RemotePeers:
                 "statescale: %s:%d has not answered hand-off calls for %.0f s: sessions it "
                 "may hold are taken for gone", *address, now - since,
             )  # fmt: skip
-            self._unsure_since[address] = (since, True)
+            self._unsure_since[address] = (since, now, True)
         return False
 
     def _known(self) -> list[str]:
@@ -1213,7 +1289,12 @@ def _read_all(conn: socket.socket) -> bytes:
 def _locked(path: Path, timeout: float) -> Iterator[bool]:
     """An exclusive ``flock`` on ``path`` (created), waited for ``timeout`` seconds at
     most: whether it was had. The kernel drops it with a process that dies."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:  # (out of descriptors): not had
+        log.warning("statescale: could not open %s: %s", path, exc)
+        yield False
+        return
     try:
         deadline = time.monotonic() + timeout
         while True:

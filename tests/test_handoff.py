@@ -485,8 +485,8 @@ def _taken_not_answered(directory: Path, holder: HandoffStore) -> threading.Even
     asker_gone = threading.Event()
     answer = holder.handoff._answer
 
-    def slow_answer(sealed: bytes) -> Any:
-        reply = answer(sealed)
+    def slow_answer(sealed: bytes, **how: Any) -> Any:
+        reply = answer(sealed, **how)
         asker_gone.wait(5)  # the session taken, its answer not sent yet
         return reply
 
@@ -1377,7 +1377,116 @@ def test_a_node_that_cannot_answer_for_long_is_taken_for_one_without_the_session
         a = served("a", ports)
         with pytest.raises(HandoffBusy):
             fields(a, "s")
-        time.sleep(0.6)
-        assert fields(a, "t") is None  # a fresh session now
+        began = time.monotonic()
+        while True:  # users coming back, each answered 503, until the streak is long
+            try:
+                assert fields(a, "t") is None  # a fresh session now
+                break
+            except HandoffBusy:
+                assert time.monotonic() - began < 2.0
+                time.sleep(0.1)
+        assert time.monotonic() - began >= 0.3
+        # A review: the streak never ended with time, so a node that had failed an hour
+        # before counted as without the session at the first failure of its next reload.
+        time.sleep(0.6)  # no call meanwhile: the next failure starts a new streak
+        with pytest.raises(HandoffBusy):
+            fields(a, "u")
     finally:
         router.close()
+
+
+def test_a_stopping_worker_leaves_files_it_had_no_turn_to_take_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review: a give answered while the old worker waited for the node's lock took
+    # in a file after the worker's stop() had written what it held: into dead memory.
+    import fcntl
+    import os
+
+    from statescale import handoff
+
+    monkeypatch.setattr(handoff, "_parent_of", lambda name: 1 if "old" in name else 2)
+    old = _slot_worker(tmp_path, 0, 2, "old")
+    new = _slot_worker(tmp_path, 2, 3, "new")
+    session_id = _owned(new, "worker2", also=old)
+    left = _slot_worker(tmp_path, 0, 2, "oldprev")  # old's predecessor, stopped
+    left.create(session_id, {"n": b"1"}, replaces=session_id)
+    left.handoff.stop()
+    fd = os.open(tmp_path / ".taking-in", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another worker takes in files for 1 s
+    threading.Timer(1.0, lambda: (fcntl.flock(fd, fcntl.LOCK_UN), os.close(fd))).start()
+    got: list[Any] = []
+    asking = threading.Thread(target=lambda: got.append(fields(new, session_id)))
+    asking.start()
+    time.sleep(0.3)
+    old.handoff.stop()  # the old master's TERM, meanwhile
+    asking.join(10)
+    assert got == [{"n": b"1"}] and not old.memory.holds(session_id)
+
+
+def test_threads_waiting_for_a_turn_to_take_in_files_wait_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review: each thread queued on the process's lock, then waited for the node's:
+    # the n-th waited n times ASK_TIMEOUT.
+    from statescale import handoff
+    from statescale.handoff import HandoffBusy
+
+    monkeypatch.setattr(handoff, "ASK_TIMEOUT", 0.3)
+    here = _slot_worker(tmp_path, 0, 2, "here")
+    took: list[float] = []
+
+    def miss(n: int) -> None:
+        began = time.monotonic()
+        with pytest.raises(HandoffBusy):
+            fields(here, f"s{n}")
+        took.append(time.monotonic() - began)
+
+    with handoff._locked(tmp_path / ".taking-in", 1.0):  # another process's turn
+        threads = [threading.Thread(target=miss, args=(n,)) for n in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(5)
+    assert len(took) == 5 and max(took) < 0.6
+
+
+def test_a_file_of_another_slots_own_sessions_is_read_once_and_left_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review: a file waiting for its slot's worker was read, sealed again and
+    # rewritten into the same directory at every miss of every other slot.
+    here = _slot_worker(tmp_path, 0, 2, "here")
+    before = _slot_worker(tmp_path, 1, 2, "before")
+    theirs = [s for s in map(str, range(200)) if here.handoff.slots[0].owner(s) == "worker1"]  # type: ignore[index]
+    for session_id in theirs:
+        before.create(session_id, {"n": b"1"}, replaces=session_id)
+    before.handoff.stop()
+    (file,) = (tmp_path / "worker1").glob("*.json")
+    reads: list[Path] = []
+    read = Path.read_bytes
+
+    def counted(self: Path) -> bytes:
+        reads.append(self)
+        return read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counted)
+    for n in range(5):
+        assert fields(here, f"unknown{n}") is None
+    assert reads == [file] and file.exists()
+    assert fields(here, theirs[0]) == {"n": b"1"}  # asked here (another router): taken
+    after = _slot_worker(tmp_path, 1, 2, "after")
+    assert fields(after, theirs[1]) == {"n": b"1"}  # the rest, relayed to its slot
+
+
+def test_without_proc_every_slots_workers_are_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from statescale import handoff
+
+    monkeypatch.setattr(handoff, "_parent_of", lambda name: None)
+    old = _slot_worker(tmp_path, 0, 2, "old")
+    new = _slot_worker(tmp_path, 2, 3, "new")
+    session_id = _owned(new, "worker2", also=old)
+    old.create(session_id, {"n": b"1"}, replaces=session_id)
+    assert fields(new, session_id) == {"n": b"1"}
