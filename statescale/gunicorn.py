@@ -187,6 +187,8 @@ def on_starting(server: Any) -> None:
     global _master
     settings = Settings.from_env()
     _master = _Master(settings)
+    if settings.registry is not None and settings.node is not None:
+        _name_free(server, settings)
     if settings.routed and (settings.node is None or server.cfg.workers > 1):
         _prepare_sticky(server, _master)
     if settings.routing == "workers" and not _master.workers_route:
@@ -206,7 +208,7 @@ def on_starting(server: Any) -> None:
         server.log.info(
             "statescale: embedded redis-server at %s shared by all workers; it stops with "
             "gunicorn. Set STATESCALE_REDIS_URL to use your own.",
-            _master.server.url,
+            _master.server.address,  # (its url holds its password)
         )
 
 
@@ -392,13 +394,7 @@ def _register(server: Any, master: _Master) -> None:
     from .routing.membership import Heartbeat, open_registry
 
     settings = master.settings
-    advertise = settings.advertise or server.cfg.bind[0]
-    backend = Backend.parse(f"{settings.node}={advertise}*{settings.weight}")
-    if backend.host in ("0.0.0.0", "::", "[::]", ""):
-        raise ConfigError(
-            f"gunicorn binds {advertise}, which nobody can connect to: set "
-            "STATESCALE_ADVERTISE=HOST:PORT, the address other instances reach this one at"
-        )
+    backend = _member(server, settings)
     master.member = backend
     master.heartbeat = Heartbeat(open_registry(settings.registry or ""), backend)
     master.heartbeat.start()
@@ -406,6 +402,35 @@ def _register(server: Any, master: _Master) -> None:
     for name in ("handle_term", "handle_int", "handle_quit"):
         graceful = name == "handle_term"
         setattr(server, name, _leaving_first(server, master, getattr(server, name), graceful))
+
+
+def _member(server: Any, settings: Settings) -> Backend:
+    """This instance as the registry holds it: ``STATESCALE_NODE`` at
+    ``STATESCALE_ADVERTISE`` (default the bind address), ``STATESCALE_WEIGHT``."""
+    advertise = settings.advertise or server.cfg.bind[0]
+    backend = Backend.parse(f"{settings.node}={advertise}*{settings.weight}")
+    if backend.host in ("0.0.0.0", "::", "[::]", ""):
+        raise ConfigError(
+            f"gunicorn binds {advertise}, which nobody can connect to: set "
+            "STATESCALE_ADVERTISE=HOST:PORT, the address other instances reach this one at"
+        )
+    return backend
+
+
+def _name_free(server: Any, settings: Settings) -> None:
+    """At start, before anything listens: a name another live instance holds at
+    another address is waited for one TTL, then refused, with a clean halt. (The
+    registration in ``when_ready`` refuses it too, should another take it meanwhile.)"""
+    from .routing.membership import open_registry, wait_for_name
+
+    try:
+        registry = open_registry(settings.registry or "")
+        try:
+            wait_for_name(registry, _member(server, settings))
+        finally:
+            registry.close()
+    except ConfigError as exc:
+        server.halt(reason=f"statescale: {exc}", exit_status=1)
 
 
 def _leaving_first(server: Any, master: _Master, stop: Any, graceful: bool) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import threading
 import time
@@ -33,6 +34,8 @@ def test_shared_mode_on_the_embedded_redis_counts_across_workers() -> None:
     assert [r["value"] for r in replies] == list(range(1, 201))
     assert len({r["pid"] for r in replies}) >= 3
     assert "embedded redis-server" in log and "shared by all workers" in log
+    # A password of its own (other local users reach loopback too), never in the log.
+    assert "a password of its own" in log and re.search(r"redis://[^ ]*@", log) is None
 
 
 def test_memory_mode_shows_the_problem_and_warns() -> None:

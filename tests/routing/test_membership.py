@@ -166,6 +166,35 @@ def test_a_name_taken_at_another_address_is_refused_at_start(registry: Registry)
         holder.stop()
 
 
+def test_a_successor_at_the_same_address_may_change_the_weight(registry: Registry) -> None:
+    # A review: a USR2 upgrade that changed STATESCALE_WEIGHT was refused as "another
+    # address" (the whole spec was compared), and its new master halted.
+    registry.register(A, ttl=5, token="old-master")
+    heavier = Backend("a", A.host, A.port, 3)
+    registry.register(heavier, ttl=5, token="new-master")
+    assert registry.members() == [heavier]
+
+
+def test_registry_errors_while_a_name_is_taken_do_not_let_an_instance_start() -> None:
+    # A review: one registry error during the wait ended it, and the instance served
+    # outside the ring with a single line said.
+    from statescale.routing.membership import NameTaken
+
+    answers: list[Exception] = [NameTaken("a"), RegistryUnavailable("a timeout")]
+
+    class Flaky:
+        url = "test://"
+
+        def register(self, backend: Backend, *, ttl: float, token: str) -> None:
+            raise answers.pop(0) if answers else NameTaken("a")
+
+        def close(self) -> None:
+            pass
+
+    with pytest.raises(ConfigError, match="its own STATESCALE_NODE"):
+        Heartbeat(Flaky(), A, ttl=0.5).start()  # type: ignore[arg-type]
+
+
 def test_a_name_a_crashed_instance_held_is_taken_once_it_lapses(registry: Registry) -> None:
     registry.register(A, ttl=1, token="crashed")  # never renewed, never deregistered
     moved = Backend("a", "127.0.0.1", 9009)  # restarted at another address

@@ -18,4 +18,5 @@ from .fleet import Fleet as Fleet
 from .follow import DEFAULT_TTL as DEFAULT_TTL
 from .follow import Follower as Follower
 from .follow import Heartbeat as Heartbeat
+from .follow import wait_for_name as wait_for_name
 from .registry import open_registry as open_registry

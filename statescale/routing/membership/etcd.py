@@ -37,13 +37,14 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-def _is_spec(text: str) -> bool:
-    """Whether ``text`` is a member's spec (not junk, which a registration replaces)."""
+def _elsewhere(text: str, backend: Backend) -> bool:
+    """Whether ``text`` is a member's spec (not junk, which a registration replaces)
+    at another address than ``backend``'s (its weight may differ: a ``USR2`` upgrade
+    that changed it)."""
     try:
-        Backend.parse(text)
+        return Backend.parse(text).address != backend.address
     except ConfigError:
         return False
-    return True
 
 
 class EtcdRegistry:
@@ -121,7 +122,8 @@ class EtcdRegistry:
                 try:
                     self._claim(backend, value, lease)
                 except RegistryUnavailable:
-                    self._revoke(lease)
+                    with contextlib.suppress(RegistryUnavailable):  # (it lapses anyway)
+                        self._revoke(lease)
                     raise
             except self._errors as exc:
                 raise RegistryUnavailable(f"the etcd registry failed: {_why(exc)}") from exc
@@ -143,7 +145,7 @@ class EtcdRegistry:
             compare: dict[str, object]
             if stored:
                 other = stored[0].decode(errors="replace").partition(" ")[2]
-                if other != backend.spec and _is_spec(other):
+                if _elsewhere(other, backend):
                     raise NameTaken(backend.name)
                 compare = {"target": "VALUE", "value": base64.b64encode(stored[0]).decode()}
             else:

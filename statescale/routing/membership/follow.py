@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import threading
@@ -26,6 +27,7 @@ log = logging.getLogger("statescale.registry")
 
 DEFAULT_TTL = 6.0  # seconds a registration lasts without a renewal
 _RETRY = (0.1, 2.0)  # the first and the longest pause before trying a registry again
+_SAY_AGAIN = 60.0  # seconds before the same registration failure is logged again
 #: Seconds a membership that lost more than half its members at once waits before it is
 #: followed: its members, renewing every third of their TTL, are back by then if the
 #: registry had lost them.
@@ -42,26 +44,28 @@ class Heartbeat:
         self.token = secrets.token_hex(8)  # this registration's, against a successor's
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._failure: str | None = None  # why the last registration failed, once said
+        self._failure: str | None = None  # why the last registration failed, as said
+        self._said = 0.0  # when that was said
 
     def start(self) -> None:
         """Register now (a registry that is down is tried again from the thread), then
         renew until :meth:`stop`. A name that another instance holds at another address
         is tried for one TTL (a predecessor that crashed holds it that long at most),
-        then refused: :class:`ConfigError`, and the instance does not start."""
+        registry errors meanwhile included, then refused: :class:`ConfigError`, and
+        the instance does not start."""
         patience = self.ttl + _RETRY[1]
-        deadline = time.monotonic() + patience
+        deadline, taken = time.monotonic() + patience, None
         while True:
             try:
                 registered = self._renew(refuse_taken=True)
-                break
             except NameTaken as exc:
-                if time.monotonic() >= deadline:
-                    raise ConfigError(f"{exc} (still, {patience:g} s later)") from exc
-                if self._failure != str(exc):
-                    log.warning("statescale: %s; waiting up to %g s", exc, patience)
-                self._failure = str(exc)
-                time.sleep(_RETRY[0] * 5)
+                taken = exc
+                registered = False
+            if registered or taken is None:  # (a registry down from the start: retried)
+                break
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"{taken} (still, {patience:g} s later)") from taken
+            time.sleep(_RETRY[0] * 5)
         self._thread = threading.Thread(
             target=self._run, args=(registered,), name="statescale-heartbeat", daemon=True
         )
@@ -71,19 +75,29 @@ class Heartbeat:
         try:
             self.registry.register(self.backend, ttl=self.ttl, token=self.token)
         except RegistryUnavailable as exc:
+            self._say(exc)
             if refuse_taken and isinstance(exc, NameTaken):
                 raise
-            if self._failure != str(exc):  # each failure once, not every half second
-                log.warning("statescale: could not register %s: %s", self.backend.spec, exc)
-            self._failure = str(exc)
             return False
         except Exception:  # a bug must not end the renewals: the node would drop out
             log.exception("statescale: registering %s failed; trying again", self.backend.spec)
             return False
         if self._failure is not None:
-            log.warning("statescale: registered %s again", self.backend.spec)
+            log.warning("statescale: registered %s", self.backend.spec)
             self._failure = None
         return True
+
+    def _say(self, exc: RegistryUnavailable) -> None:
+        """Log a failed registration: each new failure, and the same one once a minute
+        (an instance out of the ring must not go unnoticed, nor fill the log)."""
+        now = time.monotonic()
+        if self._failure == str(exc) and now - self._said < _SAY_AGAIN:
+            return
+        self._failure, self._said = str(exc), now
+        if isinstance(exc, NameTaken):
+            log.error("statescale: %s; this instance is not in the fleet's ring", exc)
+        else:
+            log.warning("statescale: could not register %s: %s", self.backend.spec, exc)
 
     def _run(self, registered: bool) -> None:
         while not self._stop.wait(self.ttl / 3 if registered else _RETRY[0] * 5):
@@ -106,6 +120,28 @@ class Heartbeat:
             )
         finally:
             self.registry.close()
+
+
+def wait_for_name(registry: Registry, backend: Backend, *, ttl: float = DEFAULT_TTL) -> None:
+    """Before an instance serves: while another live instance holds ``backend``'s name
+    at another address, wait, one TTL at most (a predecessor that crashed holds it that
+    long), then :class:`ConfigError`. A registry that cannot be read is left to the
+    registration to find out."""
+    patience = ttl + _RETRY[1]
+    deadline = time.monotonic() + patience
+    taken = NameTaken(backend.name)
+    for attempt in itertools.count():
+        try:
+            held = [m for m in registry.members() if m.name == backend.name]
+        except RegistryUnavailable:
+            return
+        if not held or held[0].address == backend.address:
+            return
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"{taken} (still, {patience:g} s later)")
+        if not attempt:
+            log.warning("statescale: %s; waiting up to %g s", taken, patience)
+        time.sleep(_RETRY[0] * 5)
 
 
 class Follower:

@@ -49,6 +49,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 _REGISTER = (
     _NOW
     + """
+local function address(spec) return (string.gsub(spec, '%*%d+$', '')) end
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 local fresh = 1
 if old then
@@ -56,8 +57,8 @@ if old then
   if expires and tonumber(expires) > now then  -- (junk there is no registration)
     if spec == ARGV[3] then
       fresh = 0
-    elseif token ~= ARGV[2] then
-      return -1
+    elseif token ~= ARGV[2] and address(spec) ~= address(ARGV[3]) then
+      return -1  -- another instance's, at another address (a weight alone may change)
     end
   end
 end
