@@ -98,6 +98,9 @@ MAX_ASKED = 8
 #: Seconds a node that cannot answer a hand-off call (its router without a worker for
 #: it, no answer in time) counts as busy, not as one without the session.
 UNSURE_FOR = 10.0
+#: A node's unanswered calls further apart than this many times ``UNSURE_FOR`` start a
+#: new streak (a reload an hour after the last): calls that are only sparse do not.
+_STREAK_GAP = 6
 #: A stopping node sends its sessions in batches of about this many bytes.
 _BATCH = 4 * 1024 * 1024
 #: Statuses that say a call was not taken: statescale's refusal (404), and a node's own
@@ -463,8 +466,9 @@ class Handoff:
 
     def _hand_on(self, sessions: Mapping[str, Any], name: str) -> None:
         """``sessions`` (encoded) where peers will look for them: a file ``name`` of
-        this slot's directory, else the ring's next owners."""
-        if self.directory is not None:
+        this slot's directory, else (or if this node is leaving the fleet) the ring's
+        next owners."""
+        if self.directory is not None and not (self.peers is not None and self._leaving()):
             temporary = self.directory / f"{name}.tmp"
             temporary.write_bytes(self.sealer.seal(json.dumps({"sessions": sessions}).encode()))
             temporary.rename(self.directory / f"{name}.json")
@@ -677,7 +681,7 @@ class Handoff:
         found, unread = None, False
         took: dict[str, Any] = {}  # what went into this process's memory, encoded
         for path in self._files():
-            sessions, kept, failed = self._open_file(path, wanted)
+            sessions, kept, failed = self._open_file(path, wanted, relay=relay)
             unread = unread or failed
             if not sessions:
                 continue
@@ -706,15 +710,16 @@ class Handoff:
         return found, unread and found is None
 
     def _open_file(
-        self, path: Path, wanted: str | None
+        self, path: Path, wanted: str | None, *, relay: bool
     ) -> tuple[dict[str, Any], dict[str, Kept], bool]:
         """A hand-off file's sessions (encoded, and decoded) for :meth:`_claim_files`
-        to take in: none for one of other keys, or one in another slot's directory
-        that holds that slot's sessions only and not ``wanted`` (its worker takes it
-        in). Last, whether it could not be read (and counts as busy)."""
+        to take in: none for one of other keys, or, with ``relay``, one in another
+        slot's directory that holds that slot's sessions only and not ``wanted`` (its
+        worker takes it in; without ``relay``, the node is leaving and takes all).
+        Last, whether it could not be read (and counts as busy)."""
         ring = None if self.slots is None else self.slots[0]
         slot = path.parent.name
-        theirs = ring is not None and path.parent != self.directory and slot in ring.names
+        theirs = relay and ring is not None and path.parent != self.directory and slot in ring.names
         try:
             seen = path.stat()
             mark = (path, seen.st_size, seen.st_mtime_ns)
@@ -885,13 +890,18 @@ class Handoff:
         log.info("statescale: left the fleet; handed %d sessions on", len(delivered))
 
     # -- stopping --------------------------------------------------------------------------
+    def _leaving(self) -> bool:
+        """Whether this node's master leaves the fleet for good (its workers hand their
+        sessions to the fleet, not to their slots' successors)."""
+        return self.directory is not None and (
+            leaving_mark(self.directory.parent, os.getppid()).exists()
+        )
+
     def stop(self) -> None:
         """Hand over what this process holds: to its slot's file first, then close its
         socket (a peer that finds the socket gone finds the file); or to the ring's
         next owners."""
-        leaving = self.directory is not None and (
-            leaving_mark(self.directory.parent, os.getppid()).exists()
-        )
+        leaving = self._leaving()
         if leaving and self.peers is not None:  # what waits in files goes too
             self._take_in_files(relay=False)
         with self._cond:
@@ -1055,7 +1065,7 @@ class RemotePeers:
             self._unsure_since.pop(address, None)
             return False
         since, last, said = self._unsure_since.get(address, (now, now, False))
-        if now - last >= UNSURE_FOR:  # the last such answer is old: a new streak
+        if now - last >= _STREAK_GAP * UNSURE_FOR:  # the last such answer is old: anew
             since, said = now, False
         self._unsure_since[address] = (since, now, said)
         if now - since < UNSURE_FOR:

@@ -123,10 +123,10 @@ def test_a_heartbeat_outlives_an_unexpected_error(
     logged and tried again: the thread must not die and let the member drop out."""
     register, failures = registry.register, [RuntimeError("a surprise")]
 
-    def flaky(backend: Backend, *, ttl: float, token: str) -> None:
+    def flaky(backend: Backend, **how: Any) -> None:
         if failures and registry.members():  # once, after the first registration
             raise failures.pop()
-        register(backend, ttl=ttl, token=token)
+        register(backend, **how)
 
     registry.register = flaky  # type: ignore[method-assign]
     beat = Heartbeat(registry, C, ttl=2)
@@ -169,10 +169,30 @@ def test_a_name_taken_at_another_address_is_refused_at_start(registry: Registry)
 def test_a_successor_at_the_same_address_may_change_the_weight(registry: Registry) -> None:
     # A review: a USR2 upgrade that changed STATESCALE_WEIGHT was refused as "another
     # address" (the whole spec was compared), and its new master halted.
+    from statescale.routing.membership import Replaced
+
     registry.register(A, ttl=5, token="old-master")
     heavier = Backend("a", A.host, A.port, 3)
     registry.register(heavier, ttl=5, token="new-master")
     assert registry.members() == [heavier]
+    # A second review: the old master's renewals took it back, the new one's again:
+    # the ring flapped for the whole upgrade. A renewal takes nothing over.
+    with pytest.raises(Replaced):
+        registry.register(A, ttl=5, token="old-master", renewal=True)
+    registry.register(heavier, ttl=5, token="new-master", renewal=True)
+    assert registry.members() == [heavier]
+
+
+def test_a_static_registry_does_not_hold_a_name_against_an_instance(tmp_path: Path) -> None:
+    # A review: a file listing web1 by its hostname halted a master that bound an IP.
+    from statescale.routing.membership import wait_for_name
+
+    path = tmp_path / "backends"
+    path.write_text("a=app1.internal:8000\n")
+    registry = open_registry(f"file://{path}")
+    began = time.monotonic()
+    wait_for_name(registry, Backend("a", "10.0.0.5", 8000), ttl=5)
+    assert time.monotonic() - began < 1.0
 
 
 def test_registry_errors_while_a_name_is_taken_do_not_let_an_instance_start() -> None:
@@ -185,7 +205,7 @@ def test_registry_errors_while_a_name_is_taken_do_not_let_an_instance_start() ->
     class Flaky:
         url = "test://"
 
-        def register(self, backend: Backend, *, ttl: float, token: str) -> None:
+        def register(self, backend: Backend, *, ttl: float, token: str, renewal: bool) -> None:
             raise answers.pop(0) if answers else NameTaken("a")
 
         def close(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from .base import NameTaken as NameTaken
 from .base import Registry as Registry
 from .base import RegistryUnavailable as RegistryUnavailable
+from .base import Replaced as Replaced
 from .fleet import Fleet as Fleet
 from .follow import DEFAULT_TTL as DEFAULT_TTL
 from .follow import Follower as Follower

@@ -37,6 +37,17 @@ class RegistryUnavailable(StateScaleError):
     """The registry could not be reached or refused a call; the caller retries."""
 
 
+class Replaced(RegistryUnavailable):
+    """This instance's entry was taken over, with another weight, at its own address:
+    a ``USR2`` upgrade's new master, whose registration stands."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"{name!r} was registered again at this address with another weight (a USR2 "
+            "upgrade's new master): not taken back"
+        )
+
+
 class NameTaken(RegistryUnavailable):
     """Another live instance is registered under this name at another address."""
 
@@ -55,8 +66,11 @@ class Registry(Protocol):
     def members(self) -> list[Backend]:
         """The live members, sorted by name."""
 
-    def register(self, backend: Backend, *, ttl: float, token: str) -> None:
-        """Add ``backend`` for ``ttl`` seconds, or renew it (the same call)."""
+    def register(self, backend: Backend, *, ttl: float, token: str, renewal: bool = False) -> None:
+        """Add ``backend`` for ``ttl`` seconds, or renew it (``renewal``). A first
+        registration takes over a live entry of the same name at the same address (a
+        ``USR2`` upgrade's new master); a renewal whose entry was so taken over with
+        another weight raises :class:`Replaced` rather than take it back."""
 
     def deregister(self, name: str, *, token: str) -> None:
         """Remove ``name``, if the entry is still the one ``token`` registered."""

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ...exceptions import ConfigError
 from ..backends import Backend
-from .base import Changed, NameTaken, RegistryUnavailable, sort
+from .base import Changed, NameTaken, RegistryUnavailable, Replaced, sort
 
 log = logging.getLogger("statescale.registry")
 
@@ -37,14 +37,12 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-def _elsewhere(text: str, backend: Backend) -> bool:
-    """Whether ``text`` is a member's spec (not junk, which a registration replaces)
-    at another address than ``backend``'s (its weight may differ: a ``USR2`` upgrade
-    that changed it)."""
+def _member(text: str) -> Backend | None:
+    """The member ``text`` specifies; ``None`` for junk (which a registration replaces)."""
     try:
-        return Backend.parse(text).address != backend.address
+        return Backend.parse(text)
     except ConfigError:
-        return False
+        return None
 
 
 class EtcdRegistry:
@@ -107,7 +105,7 @@ class EtcdRegistry:
                 log.warning("statescale: the registry holds a bad entry %r: %s", value, exc)
         return sort(members)
 
-    def register(self, backend: Backend, *, ttl: float, token: str) -> None:
+    def register(self, backend: Backend, *, ttl: float, token: str, renewal: bool = False) -> None:
         value = f"{token} {backend.spec}"
         with self._lock:
             try:
@@ -116,11 +114,11 @@ class EtcdRegistry:
                     # Renewed, if the entry is still ours: another registration of the
                     # name (a USR2 upgrade's new master) may have taken the key onto its
                     # lease, which has lapsed since (an upgrade rolled back).
-                    self._claim(backend, value, held[0])
+                    self._claim(backend, value, held[0], renewal=renewal)
                     return
                 lease = self._client.lease(ttl=max(2, math.ceil(ttl)))
                 try:
-                    self._claim(backend, value, lease)
+                    self._claim(backend, value, lease, renewal=renewal)
                 except RegistryUnavailable:
                     with contextlib.suppress(RegistryUnavailable):  # (it lapses anyway)
                         self._revoke(lease)
@@ -132,7 +130,7 @@ class EtcdRegistry:
                 with contextlib.suppress(RegistryUnavailable):  # (lapsed: gone already)
                     self._revoke(held[0])
 
-    def _claim(self, backend: Backend, value: str, lease: Any) -> None:
+    def _claim(self, backend: Backend, value: str, lease: Any, *, renewal: bool) -> None:
         """Put ``value`` under ``backend``'s name on ``lease``, unless a live instance at
         another address holds the name (as the Redis registry refuses it): one
         transaction on what was read, so two instances racing for a name cannot both
@@ -145,8 +143,11 @@ class EtcdRegistry:
             compare: dict[str, object]
             if stored:
                 other = stored[0].decode(errors="replace").partition(" ")[2]
-                if _elsewhere(other, backend):
+                member = _member(other)
+                if member is not None and member.address != backend.address:
                     raise NameTaken(backend.name)
+                if renewal and member is not None and member != backend:
+                    raise Replaced(backend.name)  # a successor's, another weight: it stands
                 compare = {"target": "VALUE", "value": base64.b64encode(stored[0]).decode()}
             else:
                 compare = {"target": "CREATE", "create_revision": 0}

@@ -37,7 +37,10 @@ class FileRegistry:
         except ConfigError as exc:
             raise RegistryUnavailable(f"{self.path}: {exc}") from exc
 
-    def register(self, backend: Backend, *, ttl: float, token: str) -> None:
+    #: A static list: nothing registers in it, and nobody else can hold a name.
+    registers = False
+
+    def register(self, backend: Backend, *, ttl: float, token: str, renewal: bool = False) -> None:
         listed = {b.name: b for b in self.members()}.get(backend.name)
         if listed != backend:
             log.warning(

@@ -46,6 +46,7 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._failure: str | None = None  # why the last registration failed, as said
         self._said = 0.0  # when that was said
+        self._held = False  # registered once: later calls are renewals
 
     def start(self) -> None:
         """Register now (a registry that is down is tried again from the thread), then
@@ -73,7 +74,7 @@ class Heartbeat:
 
     def _renew(self, *, refuse_taken: bool = False) -> bool:
         try:
-            self.registry.register(self.backend, ttl=self.ttl, token=self.token)
+            self.registry.register(self.backend, ttl=self.ttl, token=self.token, renewal=self._held)
         except RegistryUnavailable as exc:
             self._say(exc)
             if refuse_taken and isinstance(exc, NameTaken):
@@ -85,6 +86,7 @@ class Heartbeat:
         if self._failure is not None:
             log.warning("statescale: registered %s", self.backend.spec)
             self._failure = None
+        self._held = True  # from now on, renewals (which take nothing over)
         return True
 
     def _say(self, exc: RegistryUnavailable) -> None:
@@ -126,7 +128,10 @@ def wait_for_name(registry: Registry, backend: Backend, *, ttl: float = DEFAULT_
     """Before an instance serves: while another live instance holds ``backend``'s name
     at another address, wait, one TTL at most (a predecessor that crashed holds it that
     long), then :class:`ConfigError`. A registry that cannot be read is left to the
-    registration to find out."""
+    registration to find out, and a static one (a file) holds no other instance's
+    registration."""
+    if not getattr(registry, "registers", True):
+        return
     patience = ttl + _RETRY[1]
     deadline = time.monotonic() + patience
     taken = NameTaken(backend.name)

@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from ...exceptions import ConfigError
 from ..backends import Backend
-from .base import Changed, NameTaken, RegistryUnavailable, sort
+from .base import Changed, NameTaken, RegistryUnavailable, Replaced, sort
 
 log = logging.getLogger("statescale.registry")
 
@@ -57,8 +57,9 @@ if old then
   if expires and tonumber(expires) > now then  -- (junk there is no registration)
     if spec == ARGV[3] then
       fresh = 0
-    elseif token ~= ARGV[2] and address(spec) ~= address(ARGV[3]) then
-      return -1  -- another instance's, at another address (a weight alone may change)
+    elseif token ~= ARGV[2] then
+      if address(spec) ~= address(ARGV[3]) then return -1 end  -- another instance's
+      if ARGV[5] == '1' then return -2 end  -- a successor's, weight changed: it stands
     end
   end
 end
@@ -152,12 +153,16 @@ class RedisRegistry:
     def members(self) -> list[Backend]:
         return self._live()[0]
 
-    def register(self, backend: Backend, *, ttl: float, token: str) -> None:
+    def register(self, backend: Backend, *, ttl: float, token: str, renewal: bool = False) -> None:
         # A live entry of the same name and address is taken over (a USR2 successor);
         # one elsewhere is another instance's: two cannot share a name.
-        taken = self._call(self._register, backend.name, token, backend.spec, int(ttl * 1000))
+        taken = self._call(
+            self._register, backend.name, token, backend.spec, int(ttl * 1000), int(renewal)
+        )
         if taken == -1:
             raise NameTaken(backend.name)
+        if taken == -2:
+            raise Replaced(backend.name)
 
     def deregister(self, name: str, *, token: str) -> None:
         self._call(self._deregister, name, token)
