@@ -95,12 +95,9 @@ MAX_GONE = 10_000
 MAX_BELOW = 3
 #: Nodes a node asks, at most, for one session it misses.
 MAX_ASKED = 8
-#: Seconds a node that cannot answer a hand-off call (its router without a worker for
-#: it, no answer in time) counts as busy, not as one without the session.
+#: Seconds a hand-off file that cannot be read (out of descriptors...) counts as
+#: holding the session asked for (busy); past that, as one without it.
 UNSURE_FOR = 10.0
-#: A node's unanswered calls further apart than this many times ``UNSURE_FOR`` start a
-#: new streak (a reload an hour after the last): calls that are only sparse do not.
-_STREAK_GAP = 6
 #: A stopping node sends its sessions in batches of about this many bytes.
 _BATCH = 4 * 1024 * 1024
 #: Statuses that say a call was not taken: statescale's refusal (404), and a node's own
@@ -466,14 +463,16 @@ class Handoff:
 
     def _hand_on(self, sessions: Mapping[str, Any], name: str) -> None:
         """``sessions`` (encoded) where peers will look for them: a file ``name`` of
-        this slot's directory, else (or if this node is leaving the fleet) the ring's
-        next owners."""
-        if self.directory is not None and not (self.peers is not None and self._leaving()):
+        this slot's directory; or, without one or on a node leaving the fleet, the
+        ring's next owners, and what none of them took to that file all the same (a
+        later start at this address finds it)."""
+        if self.peers is not None and (self.directory is None or self._leaving()):
+            delivered = self.peers.push(sessions, self.sealer)
+            sessions = {s: data for s, data in sessions.items() if s not in delivered}
+        if sessions and self.directory is not None:
             temporary = self.directory / f"{name}.tmp"
             temporary.write_bytes(self.sealer.seal(json.dumps({"sessions": sessions}).encode()))
             temporary.rename(self.directory / f"{name}.json")
-        elif self.peers is not None:
-            self.peers.push(sessions, self.sealer)
 
     def _answer(
         self, sealed: bytes, *, local: bool = False
@@ -920,7 +919,7 @@ class Handoff:
             self._closed = True  # what is written here now would be lost: refused
         if self.directory is None or (leaving and self.peers is not None):
             if self.peers is not None and sessions:
-                self.peers.push(sessions, self.sealer)
+                self._hand_on(sessions, self._name)  # (what none took: to this slot's file)
             self._handed.set()
             log.info("statescale: handed over %d sessions to their next owners", len(sessions))
             return
@@ -984,9 +983,6 @@ class RemotePeers:
         self.node = node
         self.cookie = cookie
         self.timeout = timeout
-        # A node's answers that left it unsure: the first and last of the streak, and
-        # whether its end was said.
-        self._unsure_since: dict[tuple[str, int], tuple[float, float, bool]] = {}
 
     def candidates(self, session_id: str) -> list[str]:
         """Who may hold ``session_id``, in the order to ask: the nodes the ring ranks
@@ -1030,6 +1026,17 @@ class RemotePeers:
         routed = {"Cookie": f"{self.cookie}={session_id}.handoff"}
         asked: set[tuple[str, int]] = set()
         busy = False
+        # Where it may well be: where this node gave it, and its owners on the ring and
+        # on the rings the fleet replaced lately. One of them that cannot answer now
+        # (its router without a worker for the call, its workers restarting; no answer
+        # in time) makes it busy, never a fresh session. The others are asked only in
+        # case (a join, a scale-in): one of them sick must not make every miss a 503.
+        likely = {first} if first is not None else set()
+        with contextlib.suppress(LookupError):
+            for ring in (self.fleet.ring, *self.fleet.previous):
+                owner = where(ring.owner(session_id))
+                if owner is not None and owner != mine:
+                    likely.add(owner)
         while addresses:
             address = addresses.pop(0)
             if address in asked or len(asked) >= MAX_ASKED:
@@ -1047,36 +1054,13 @@ class RemotePeers:
             found = _given(answer, session_id)
             if found is not None:
                 return found, False
-            busy = busy or _busy(answer) or self._unsure(address, status)
+            unsure = status not in (200, _NO_CONNECTION, 404)  # (no answer, or no word)
+            busy = busy or _busy(answer) or (unsure and address in likely)
             at = answer.get("at") if answer else None
             if isinstance(at, list) and len(at) == 2:  # just handed on: ask there
+                likely.add((str(at[0]), int(at[1])))
                 addresses.insert(0, (str(at[0]), int(at[1])))
         return None, busy
-
-    def _unsure(self, address: tuple[str, int], status: int) -> bool:
-        """Whether a node's answer leaves it unknown if it holds the session: not an
-        answer (busy, or not there), no server, nor statescale's refusal, but a router
-        with no worker for the call (its workers restarting), no answer in time, or an
-        error; and only for ``UNSURE_FOR`` seconds of such answers in a row, after
-        which a node that cannot answer is taken for one that does not hold it (else
-        one sick node would answer 503 for every session any node misses)."""
-        now = time.monotonic()
-        if status in (200, _NO_CONNECTION, 404):
-            self._unsure_since.pop(address, None)
-            return False
-        since, last, said = self._unsure_since.get(address, (now, now, False))
-        if now - last >= _STREAK_GAP * UNSURE_FOR:  # the last such answer is old: anew
-            since, said = now, False
-        self._unsure_since[address] = (since, now, said)
-        if now - since < UNSURE_FOR:
-            return True
-        if not said:  # once a streak
-            log.warning(
-                "statescale: %s:%d has not answered hand-off calls for %.0f s: sessions it "
-                "may hold are taken for gone", *address, now - since,
-            )  # fmt: skip
-            self._unsure_since[address] = (since, now, True)
-        return False
 
     def _known(self) -> list[str]:
         """Every node of the ring and of the rings it replaced lately."""

@@ -1118,9 +1118,12 @@ def test_a_session_asked_of_a_node_that_cannot_answer_now_is_busy_not_gone(
     router = _StubRouter(ports["b"], respond)
     try:
         a = served("a", ports)
-        a.handoff.peers.timeout = 0.3  # type: ignore[union-attr]
-        with pytest.raises(HandoffBusy):
-            fields(a, "s")
+        assert a.handoff.peers is not None
+        a.handoff.peers.timeout = 0.3
+        ring = a.handoff.peers.fleet.ring
+        at_b = next(s for s in map(str, range(100)) if ring.owner(s) == "b")
+        with pytest.raises(HandoffBusy):  # (b owns it: a router yet to follow sent it here)
+            fields(a, at_b)
     finally:
         router.close()
 
@@ -1361,36 +1364,29 @@ def test_a_file_half_taken_in_in_a_slot_gone_is_taken_in_at_start(tmp_path: Path
     assert fields(new[int(ring.owner(session_id)[6:])], session_id) == {"n": b"1"}
 
 
-def test_a_node_that_cannot_answer_for_long_is_taken_for_one_without_the_session(
-    monkeypatch: pytest.MonkeyPatch, served: Callable[[str, dict[str, int]], HandoffStore]
+def test_a_sick_node_that_is_not_the_sessions_owner_is_not_waited_for(
+    served: Callable[[str, dict[str, int]], HandoffStore],
 ) -> None:
     # A review: one sick node (its workers crash-looping) made every session any node
-    # missed a 503, for as long as it stayed sick. Busy only for UNSURE_FOR seconds.
-    from statescale import handoff
+    # missed a 503, for as long as it stayed sick; a later review found the time bound
+    # meant for it lost sessions of a node that reloaded twice a minute apart. Only a
+    # node that may well hold the session (its owner now, or on a ring replaced lately,
+    # or where this node gave it) counts as busy when it cannot answer.
     from statescale.handoff import HandoffBusy
     from statescale.processes import free_port
 
-    monkeypatch.setattr(handoff, "UNSURE_FOR", 0.3)
     ports = {"a": free_port(), "b": free_port()}
     router = _StubRouter(ports["b"], lambda body: (503, b""))
     try:
         a = served("a", ports)
-        with pytest.raises(HandoffBusy):
-            fields(a, "s")
-        began = time.monotonic()
-        while True:  # users coming back, each answered 503, until the streak is long
-            try:
-                assert fields(a, "t") is None  # a fresh session now
-                break
-            except HandoffBusy:
-                assert time.monotonic() - began < 2.0
-                time.sleep(0.4)  # (asked less often than UNSURE_FOR: the streak holds)
-        assert time.monotonic() - began >= 0.3
-        # A review: the streak never ended with time, so a node that had failed an hour
-        # before counted as without the session at the first failure of its next reload.
-        time.sleep(6 * 0.3 + 0.2)  # no call meanwhile: the next failure starts a new streak
-        with pytest.raises(HandoffBusy):
-            fields(a, "u")
+        assert a.handoff.peers is not None
+        ring = a.handoff.peers.fleet.ring
+        mine = [s for s in map(str, range(100)) if ring.owner(s) == "a"]
+        assert fields(a, mine[0]) is None  # a fresh session: b is only asked in case
+        theirs = next(s for s in map(str, range(100)) if ring.owner(s) == "b")
+        for _ in range(3):  # however long b stays sick, and however sparse the asks
+            with pytest.raises(HandoffBusy):
+                fields(a, theirs)
     finally:
         router.close()
 
@@ -1492,8 +1488,9 @@ def test_without_proc_every_slots_workers_are_asked(
     assert fields(new, session_id) == {"n": b"1"}
 
 
+@pytest.mark.parametrize("fleet", ["takes", "down"])
 def test_a_leaving_nodes_last_worker_pushes_what_waits_in_other_slots_files(
-    tmp_path: Path,
+    tmp_path: Path, fleet: str
 ) -> None:
     # A review: a worker of a leaving node skipped a file in another slot's directory
     # holding that slot's sessions; that slot's worker had stopped already: stranded.
@@ -1506,9 +1503,15 @@ def test_a_leaving_nodes_last_worker_pushes_what_waits_in_other_slots_files(
     ring = get("statescale").ring(tuple(Backend(f"worker{k}", f"unix:/s{k}", 0) for k in range(2)))
     pushed: dict[str, Any] = {}
 
+    def push(sessions: dict[str, Any], sealer: Any, **how: Any) -> dict[str, Any]:
+        if fleet == "down":  # nobody takes them
+            return {}
+        pushed.update(sessions)
+        return dict.fromkeys(sessions, ("127.0.0.1", 9001))
+
     def worker_of(slot: int) -> Handoff:
         peers = RemotePeers(_fleet("n0", "n1"), "n0")
-        peers.push = lambda sessions, sealer, **kw: pushed.update(sessions) or {}  # type: ignore[method-assign]
+        peers.push = push  # type: ignore[method-assign]
         here = f"worker{slot}"
         return Handoff(
             MemoryStore(), [KEY], directory=tmp_path / here, slots=(ring, here), peers=peers
@@ -1520,4 +1523,10 @@ def test_a_leaving_nodes_last_worker_pushes_what_waits_in_other_slots_files(
     second.stop()  # slot 1's worker stops first
     first._relay({theirs: _encode(_fresh())})  # then a file holding one of slot 1's
     first.stop()
-    assert theirs in pushed and not list(tmp_path.glob("*/*.json"))
+    if fleet == "takes":
+        assert theirs in pushed and not list(tmp_path.glob("*/*.json"))
+    else:  # a later review: they were taken from their file, then lost with the push
+        (tmp_path / f"leaving-{os.getppid()}").unlink()  # started again, at this address
+        again = _slot_worker(tmp_path, 1, 2, "again")
+        again.handoff.take_over()
+        assert fields(again, theirs) == {"n": b"1"}

@@ -183,6 +183,26 @@ def test_a_successor_at_the_same_address_may_change_the_weight(registry: Registr
     assert registry.members() == [heavier]
 
 
+def test_a_master_whose_name_a_successor_took_over_tries_again_once_a_ttl() -> None:
+    # A review: retrying every half second, the old master re-created the entry first
+    # after the registry lost its data, and its successor was the one refused.
+    from statescale.routing.membership import Replaced
+
+    class TakenOver:
+        url = "test://"
+
+        def register(self, backend: Backend, **how: Any) -> None:
+            if how.get("renewal"):
+                raise Replaced(backend.name)
+
+        def close(self) -> None:
+            pass
+
+    beat = Heartbeat(TakenOver(), A, ttl=6)  # type: ignore[arg-type]
+    assert beat._renew() and beat._pause(True) == 2.0  # registered: renewals
+    assert not beat._renew() and beat._pause(False) == 6.0  # taken over: once a TTL
+
+
 def test_a_static_registry_does_not_hold_a_name_against_an_instance(tmp_path: Path) -> None:
     # A review: a file listing web1 by its hostname halted a master that bound an IP.
     from statescale.routing.membership import wait_for_name

@@ -28,6 +28,7 @@ class FileRegistry:
         self.path = Path(parts.path)
         if parts.netloc not in ("", "localhost") or not self.path.is_absolute():
             raise ConfigError(f"{url!r}: give an absolute path, file:///path/to/backends")
+        self._warned: tuple[Backend | None, Backend] | None = None  # the mismatch said
 
     def members(self) -> list[Backend]:
         try:
@@ -42,7 +43,8 @@ class FileRegistry:
 
     def register(self, backend: Backend, *, ttl: float, token: str, renewal: bool = False) -> None:
         listed = {b.name: b for b in self.members()}.get(backend.name)
-        if listed != backend:
+        if listed != backend and (listed, backend) != self._warned:  # (said once)
+            self._warned = (listed, backend)
             log.warning(
                 "statescale: %s is a static registry and lists %s, not %s; edit the file",
                 self.path,

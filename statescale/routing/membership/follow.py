@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from ...exceptions import ConfigError
 from ..backends import Backend
-from .base import Changed, NameTaken, Registry, RegistryUnavailable
+from .base import Changed, NameTaken, Registry, RegistryUnavailable, Replaced
 
 log = logging.getLogger("statescale.registry")
 
@@ -47,6 +47,7 @@ class Heartbeat:
         self._failure: str | None = None  # why the last registration failed, as said
         self._said = 0.0  # when that was said
         self._held = False  # registered once: later calls are renewals
+        self._replaced = False  # the last try found the name taken over by a successor
 
     def start(self) -> None:
         """Register now (a registry that is down is tried again from the thread), then
@@ -77,6 +78,7 @@ class Heartbeat:
             self.registry.register(self.backend, ttl=self.ttl, token=self.token, renewal=self._held)
         except RegistryUnavailable as exc:
             self._say(exc)
+            self._replaced = isinstance(exc, Replaced)
             if refuse_taken and isinstance(exc, NameTaken):
                 raise
             return False
@@ -87,6 +89,7 @@ class Heartbeat:
             log.warning("statescale: registered %s", self.backend.spec)
             self._failure = None
         self._held = True  # from now on, renewals (which take nothing over)
+        self._replaced = False
         return True
 
     def _say(self, exc: RegistryUnavailable) -> None:
@@ -102,8 +105,17 @@ class Heartbeat:
             log.warning("statescale: could not register %s: %s", self.backend.spec, exc)
 
     def _run(self, registered: bool) -> None:
-        while not self._stop.wait(self.ttl / 3 if registered else _RETRY[0] * 5):
+        while not self._stop.wait(self._pause(registered)):
             registered = self._renew()
+
+    def _pause(self, registered: bool) -> float:
+        """Seconds to the next try: a renewal each third of the TTL, a failure again
+        soon; but a name a successor took over (``Replaced``) only once a TTL, so that
+        the successor renews first if the registry lost it (and a rollback, whose
+        successor's entry lapses, still gets it back)."""
+        if registered:
+            return self.ttl / 3
+        return self.ttl if self._replaced else _RETRY[0] * 5
 
     def stop(self, *, deregister: bool = True) -> None:
         """Stop renewing; with ``deregister``, leave the registry at once."""
