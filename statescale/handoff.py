@@ -25,8 +25,9 @@ upgrade finds the old one's workers there:
 
 Sticky nodes behind a balancer do the same over HTTP (:class:`RemotePeers`): a node
 that misses a session asks the nodes its ring ranks around it, and a node that stops
-sends what it holds to the sessions' next owners. A node asked that cannot answer just
-then (no answer in time, its router without a worker for the call) counts as busy.
+sends what it holds to the sessions' next owners. A node that may well hold the session
+(its owner now or lately, or where this node gave it) and cannot answer just then (no
+answer in time, its router without a worker for the call) counts as busy.
 
 In flight: between the old worker's last request and the new one's first, a session is
 in the old worker's memory, then in its file: never nowhere. A request for it on the
