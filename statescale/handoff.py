@@ -373,8 +373,12 @@ class Handoff:
             return None, False
         with self._cond:  # on its way to a peer: once there, ask that peer first
             self._cond.wait_for(lambda: session_id not in self._pushing, ASK_TIMEOUT)
-            gone_to = self._gone_to.pop(session_id, None)
+            gone_to = self._gone_to.get(session_id)
         found, asked_busy = self.peers.fetch(session_id, self.sealer, first=gone_to)
+        if found is not None or not asked_busy:  # (busy: asked there first again, on retry)
+            with self._cond:
+                if self._gone_to.get(session_id) == gone_to:
+                    self._gone_to.pop(session_id, None)
         if found is None:  # a stopping peer may have sent it here meanwhile
             record = self._arrived(session_id)
             return record, (busy or asked_busy) and record is None
@@ -468,8 +472,11 @@ class Handoff:
         ring's next owners, and what none of them took to that file all the same (a
         later start at this address finds it)."""
         if self.peers is not None and (self.directory is None or self._leaving()):
-            delivered = self.peers.push(sessions, self.sealer)
-            sessions = {s: data for s, data in sessions.items() if s not in delivered}
+            maybe: set[str] = set()  # (a node may have kept them: not kept here too)
+            delivered = self.peers.push(sessions, self.sealer, maybe=maybe)
+            sessions = {s: d for s, d in sessions.items() if s not in delivered.keys() | maybe}
+            if sessions and self.directory is None:
+                log.warning("statescale: %d sessions no node took are lost", len(sessions))
         if sessions and self.directory is not None:
             temporary = self.directory / f"{name}.tmp"
             temporary.write_bytes(self.sealer.seal(json.dumps({"sessions": sessions}).encode()))
@@ -1091,13 +1098,16 @@ class RemotePeers:
         sealer: Sealer,
         *,
         landed: Callable[[Mapping[str, tuple[str, int]]], None] | None = None,
+        maybe: set[str] | None = None,
     ) -> dict[str, tuple[str, int]]:
         """Each session to its owner on the ring without this node, in batches (each
         one that arrives told to ``landed`` at once); a node that refuses the
         connection (nothing was sent) or the sessions (it has stopped, or holds other
         keys) is passed over for the next owner, as routers pass it over. Where each
-        session that arrived went."""
+        session that arrived went; into ``maybe``, those of batches that got no answer
+        or an error (a node may have kept them: sent nowhere else)."""
         delivered: dict[str, tuple[str, int]] = {}
+        maybe = set() if maybe is None else maybe
         ring = self.fleet.ring
         passed: list[str] = []
         pending = dict(sessions)
@@ -1113,7 +1123,7 @@ class RemotePeers:
                 if where is None:
                     continue
                 refused = self._push_to(
-                    owner, where, items, sealer, delivered=delivered, landed=landed
+                    owner, where, items, sealer, delivered=delivered, landed=landed, maybe=maybe
                 )
                 if refused:
                     log.warning(
@@ -1133,6 +1143,7 @@ class RemotePeers:
         *,
         delivered: dict[str, tuple[str, int]],
         landed: Callable[[Mapping[str, tuple[str, int]]], None] | None,
+        maybe: set[str],
     ) -> dict[str, Any]:
         """``items`` to ``owner`` in batches; what it did not take, from the first
         batch it did not take on."""
@@ -1142,7 +1153,7 @@ class RemotePeers:
             batch[session_id] = data
             size += len(json.dumps(data)) + 64  # as sent: escapes can be 12 bytes a char
             if size >= _BATCH or n == len(items):
-                refused = self._send(owner, where, batch, sealer, delivered)
+                refused = self._send(owner, where, batch, sealer, (delivered, maybe))
                 arrived = {s: where for s in batch if s in delivered}
                 if landed is not None and arrived:
                     landed(arrived)
@@ -1157,18 +1168,20 @@ class RemotePeers:
         where: tuple[str, int],
         batch: dict[str, Any],
         sealer: Sealer,
-        delivered: dict[str, tuple[str, int]],
+        into: tuple[dict[str, tuple[str, int]], set[str]],
     ) -> dict[str, Any]:
         """One batch to ``owner``, in halves if its router finds it too large: what it
-        refused (to go to the next owner). What it took goes into ``delivered``."""
+        refused (to go to the next owner). What it took goes into ``into``'s first
+        (delivered), what it may have kept into its second."""
+        delivered, maybe = into
         request, nonce = sealer.request(take=batch, to=owner)
         status, answer = self._post(where, request, nonce, sealer)
         if status == _TOO_LARGE and len(batch) > 1:  # refused unread: sent again, halved
             items = list(batch.items())
             half = len(items) // 2
             return {
-                **self._send(owner, where, dict(items[:half]), sealer, delivered),
-                **self._send(owner, where, dict(items[half:]), sealer, delivered),
+                **self._send(owner, where, dict(items[:half]), sealer, into),
+                **self._send(owner, where, dict(items[half:]), sealer, into),
             }
         if status in (_NO_CONNECTION, *_NOT_TAKEN, _TOO_LARGE) or (
             status == 200 and answer is None
@@ -1178,6 +1191,7 @@ class RemotePeers:
             delivered.update(dict.fromkeys(batch, where))
         else:  # it may have kept them: not sent to another node too (two holders)
             log.warning("statescale: %d sessions not handed to %s", len(batch), owner)
+            maybe.update(batch)
         return {}
 
     def _post(

@@ -913,14 +913,14 @@ def test_a_logout_while_the_session_is_on_its_way_out_is_not_undone_there(
     a = served("a", ports)
     b = served("b", ports)
     a.create("s", {"user": b"ada"}, replaces="x")
-    answer = b.handoff.answer
+    answer = b.handoff.answer_over  # (what the middleware calls)
 
     def slow(sealed: bytes) -> Any:  # the next owner takes its time (within limits)
         answered = answer(sealed)
         time.sleep(0.6)
         return answered
 
-    monkeypatch.setattr(b.handoff, "answer", slow)
+    monkeypatch.setattr(b.handoff, "answer_over", slow)
     fleet = a.handoff.peers.fleet  # type: ignore[union-attr]
     fleet.follow([Backend("b", "127.0.0.1", ports["b"])])  # a leaves: it hands on
     time.sleep(0.2)
@@ -1036,13 +1036,13 @@ def test_a_hand_over_answered_with_an_error_is_not_sent_to_another_node_too(
     sessions = [f"s{n}" for n in range(40)]
     for session_id in sessions:
         a.create(session_id, {"n": b"1"}, replaces="x")
-    answer = b.handoff.answer
+    answer = b.handoff.answer_over  # (what the middleware calls)
 
     def kept_then_failed(sealed: bytes) -> Any:
-        answer(sealed)
+        answer(sealed)[1](True)
         raise RuntimeError("the worker died after keeping them")  # the app's 500
 
-    monkeypatch.setattr(b.handoff, "answer", kept_then_failed)
+    monkeypatch.setattr(b.handoff, "answer_over", kept_then_failed)
     a.handoff.peers.fleet.follow(  # type: ignore[union-attr]
         [Backend(n, "127.0.0.1", ports[n]) for n in "bc"]
     )  # a leaves: it pushes to b and c
@@ -1530,3 +1530,59 @@ def test_a_leaving_nodes_last_worker_pushes_what_waits_in_other_slots_files(
         again = _slot_worker(tmp_path, 1, 2, "again")
         again.handoff.take_over()
         assert fields(again, theirs) == {"n": b"1"}
+
+
+def test_a_retry_after_busy_asks_where_the_session_was_given_again(
+    served: Callable[[str, dict[str, int]], HandoffStore],
+) -> None:
+    # A review: where a node gave a session was forgotten at the first ask; the user's
+    # retry after the 503 took the node that held it for one that did not: fresh.
+    from statescale.handoff import HandoffBusy
+    from statescale.processes import free_port
+
+    ports = {"a": free_port(), "b": free_port()}
+    a = served("a", ports)
+    b, b_server = _served_node("b", ports)
+    assert a.handoff.peers is not None
+    session_id = next(s for s in map(str, range(100)) if a.handoff.peers.fleet.ring.owner(s) == "a")
+    a.create(session_id, {"n": b"1"})
+    assert fields(b, session_id) == {"n": b"1"}  # failed over to b, which fetched it
+    b_server.shutdown()
+    b_server.server_close()
+    router = _StubRouter(ports["b"], lambda body: (503, b""))  # b's workers reloading
+    try:
+        for _ in range(2):  # the user, then the user's retry
+            with pytest.raises(HandoffBusy):
+                fields(a, session_id)
+    finally:
+        router.close()
+
+
+def test_a_leaving_stop_keeps_in_its_file_only_what_no_node_may_have_kept(
+    tmp_path: Path,
+    served: Callable[[str, dict[str, int]], HandoffStore],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A review: a batch a node kept before failing (a 500) was written to the file too;
+    # a restart at the same address served that stale copy: two holders.
+    import os
+
+    from statescale.handoff import RemotePeers
+    from statescale.processes import free_port
+
+    ports = {"a": free_port(), "b": free_port()}  # nothing at a's port: a is stopping
+    b = served("b", ports)
+    answer = b.handoff.answer_over  # (what the middleware calls)
+
+    def kept_then_failed(sealed: bytes) -> Any:
+        answer(sealed)[1](True)
+        raise RuntimeError("the worker died after keeping them")  # the app's 500
+
+    monkeypatch.setattr(b.handoff, "answer_over", kept_then_failed)
+    fleet = _fleet("a", "b")
+    fleet.update(b.handoff.peers.fleet.ring.backends)  # type: ignore[union-attr]
+    a = Handoff(MemoryStore(), [KEY], directory=tmp_path / "worker0", peers=RemotePeers(fleet, "a"))
+    a.memory.put("s", _fresh())
+    (tmp_path / f"leaving-{os.getppid()}").touch()
+    a.stop()
+    assert b.memory.holds("s") and not list((tmp_path / "worker0").glob("*.json"))
