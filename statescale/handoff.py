@@ -478,9 +478,14 @@ class Handoff:
             if sessions and self.directory is None:
                 log.warning("statescale: %d sessions no node took are lost", len(sessions))
         if sessions and self.directory is not None:
-            temporary = self.directory / f"{name}.tmp"
-            temporary.write_bytes(self.sealer.seal(json.dumps({"sessions": sessions}).encode()))
-            temporary.rename(self.directory / f"{name}.json")
+            self._write_file(self.directory, name, sessions)
+
+    def _write_file(self, there: Path, name: str, sessions: Mapping[str, Any]) -> None:
+        """``sessions`` (encoded) as the sealed file ``name`` in directory ``there``:
+        written aside, then renamed, so a reader finds the whole file or none."""
+        temporary = there / f"{name}.tmp"
+        temporary.write_bytes(self.sealer.seal(json.dumps({"sessions": sessions}).encode()))
+        temporary.rename(there / f"{name}.json")
 
     def _answer(
         self, sealed: bytes, *, local: bool = False
@@ -563,10 +568,7 @@ class Handoff:
             assert self.directory is not None
             name = f"{self._name}-relay-{secrets.token_hex(4)}"
             try:
-                there = private_directory(self.directory.parent / slot)
-                temporary = there / f"{name}.tmp"
-                temporary.write_bytes(self.sealer.seal(json.dumps({"sessions": batch}).encode()))
-                temporary.rename(there / f"{name}.json")
+                self._write_file(private_directory(self.directory.parent / slot), name, batch)
             except (OSError, ConfigError) as exc:
                 log.warning(
                     "statescale: could not relay %d sessions to %s: %s", len(batch), slot, exc
