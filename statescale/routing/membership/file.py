@@ -17,8 +17,9 @@ log = logging.getLogger("statescale.registry")
 
 class FileRegistry:
     """A backends file that an operator (or a configuration tool) keeps. A file has no
-    watch of its own without inotify: :meth:`watch` looks at its size and time twice a
-    second, which costs a ``stat``."""
+    watch of its own without inotify: :meth:`watch` reads it twice a second and compares
+    what it holds (an edit that keeps the file's size and time, within the clock's
+    granularity, is still seen; the file is a few lines)."""
 
     INTERVAL = 0.5
 
@@ -31,10 +32,17 @@ class FileRegistry:
         self._warned: tuple[Backend | None, Backend] | None = None  # the mismatch said
 
     def members(self) -> list[Backend]:
+        return self._parse(self._read())
+
+    def _read(self) -> str:
         try:
-            return sort(parse_backends_text(self.path.read_text()))
-        except OSError as exc:
+            return self.path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
             raise RegistryUnavailable(f"cannot read {self.path}: {exc}") from exc
+
+    def _parse(self, text: str) -> list[Backend]:
+        try:
+            return sort(parse_backends_text(text))
         except ConfigError as exc:
             raise RegistryUnavailable(f"{self.path}: {exc}") from exc
 
@@ -56,15 +64,13 @@ class FileRegistry:
         """Nothing: the file is the operator's."""
 
     def watch(self, changed: Changed, stop: threading.Event) -> None:
-        seen: tuple[float, int] | None = None
+        seen: str | None = None
         while not stop.is_set():
-            try:
-                info = self.path.stat()
-            except OSError as exc:
-                raise RegistryUnavailable(f"cannot read {self.path}: {exc}") from exc
-            if (info.st_mtime, info.st_size) != seen:
-                seen = (info.st_mtime, info.st_size)
-                changed(self.members())
+            text = self._read()
+            if text != seen:
+                members = self._parse(text)
+                seen = text  # (a file that does not parse is read again next time)
+                changed(members)
             stop.wait(self.INTERVAL)
 
     def close(self) -> None:
