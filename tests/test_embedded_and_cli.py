@@ -123,7 +123,7 @@ def test_the_demo_compares_the_modes(tmp_path: Path, capsys: pytest.CaptureFixtu
     advice under the table, and the picture."""
     from benchmarks import demo
 
-    quick = ["--requests", "20", "--seconds", "0.5", "--rounds", "2", "--users", "6"]
+    quick = ["--requests", "20", "--seconds", "0.5", "--rounds", "1", "--users", "6"]
     quick += ["--out", str(tmp_path)]
     assert demo.main(quick) == 0
     out = capsys.readouterr().out
