@@ -69,6 +69,7 @@ from .rig.harness import (
     start_balancer,
     start_router,
     sticky_nodes,
+    stop_together,
     usage,
     wait_serving,
 )
@@ -363,14 +364,16 @@ def measure(
     turns: int,
     tool: str,
     log: Callable[[str], None],
+    warm: bool = True,
 ) -> None:
     cookies = {(s.name, size): _sessions(s.port, 32, size) for s in setups for size in sizes}
     seconds = max(1, round(duration)) if generator(tool) == "wrk" else 0  # wrk's whole seconds
     for (name, size), held in cookies.items():
         if not held and name != "ceiling":
             log(f"{name} cannot hold {size} B sessions: not measured at that size")
-    log("warming up: one uncounted run each (a fresh server's first second runs slower)")
-    for setup in setups:
+    if warm:
+        log("warming up: one uncounted run each (a fresh server's first second runs slower)")
+    for setup in setups if warm else []:
         route = ("GET", "/health") if setup.name == "ceiling" else None
         held = cookies[(setup.name, sizes[0])]
         if held or route:
@@ -846,7 +849,11 @@ def run(
             turns=turns,
             tool=tool,
             log=log,
+            warm=not quick,  # (--quick checks the rig, not the figures)
         )
+        log("done; stopping everything")
+        stop_together()
+    log("stopped")
     table, data = report(setups, sizes)
     data["_run"] = {
         "load_generator": tool,
@@ -885,7 +892,9 @@ def main(argv: list[str] | None = None) -> int:
         "added, and write bench.md, bench.json, throughput.png, latency.png and faults.png. "
         "About 5 minutes; --quick under a minute.",
     )
-    parser.add_argument("--quick", action="store_true", help="one short round, small sessions")
+    parser.add_argument(
+        "--quick", action="store_true", help="one short round, no warm-up, small sessions"
+    )
     parser.add_argument("--duration", type=float, help="seconds per load run (default 2, quick 1)")
     parser.add_argument(
         "--loadgen",

@@ -39,7 +39,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .rig.harness import Gunicorn, Load, SessionClient
+from .rig.harness import Gunicorn, Load, SessionClient, stop_together
 from .rig.loadgen import GENERATORS, generator, run_load
 
 CEILING_APP = "benchmarks.rig.peer_apps:plain_app"
@@ -332,6 +332,7 @@ def run(args: argparse.Namespace) -> int:
                 f"kill -9: {kf} of {kn} failed, {kl} lost (of {args.users} users)"
             )
         say("done; stopping everything")
+        stop_together()
     text = table(rows, ceiling)
     line = advice({m.name: m for m in rows}, ceiling)
     print(f"\n{text}\n\n{line}\n")

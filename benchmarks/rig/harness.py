@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -107,6 +108,21 @@ class SessionClient:
         return self.request("GET", path)
 
 
+#: The masters started and not yet stopped (for :func:`stop_together`).
+_running: weakref.WeakSet[Gunicorn] = weakref.WeakSet()
+
+
+def stop_together() -> None:
+    """SIGTERM every gunicorn master this process started and has not stopped, all at
+    once: a graceful stop takes half a second to two (workers finish, sticky nodes
+    drain and hand over), so a run that ends with thirty of them waits for the slowest
+    rather than for the sum. Their ``stop()`` then only waits."""
+    for server in list(_running):
+        if server.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                server.process.terminate()
+
+
 class Gunicorn:
     """``gunicorn -w N APP`` on a free loopback port, with statescale's hooks."""
 
@@ -156,6 +172,7 @@ class Gunicorn:
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT
         )
+        _running.add(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -249,6 +266,7 @@ class Gunicorn:
             _stop_pid(self.upgraded)
         stop_process(self.process, 15)
         self.process = None
+        _running.discard(self)
         self._final_log = self.log()
         self.log_file.close()
         Path(self.log_path).unlink(missing_ok=True)
