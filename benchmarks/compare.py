@@ -859,6 +859,7 @@ def run(
         "load_generator": tool,
         "duration_s": duration,
         "rounds": rounds,
+        "warm_up": not quick,
         "date": time.strftime("%Y-%m-%d"),
         "cpus": os.cpu_count(),
     }

@@ -116,11 +116,14 @@ def stop_together() -> None:
     """SIGTERM every gunicorn master this process started and has not stopped, all at
     once: a graceful stop takes half a second to two (workers finish, sticky nodes
     drain and hand over), so a run that ends with thirty of them waits for the slowest
-    rather than for the sum. Their ``stop()`` then only waits."""
+    rather than for the sum. Their ``stop()`` then only waits. (Graceful, as a stop
+    one at a time is: sticky nodes still hand over, to peers that stop too.)"""
     for server in list(_running):
         if server.process is not None:
+            server.process.terminate()  # (a master that has exited is not signalled)
+        if server.upgraded is not None:  # the new master, not our child
             with contextlib.suppress(ProcessLookupError):
-                server.process.terminate()
+                os.kill(server.upgraded, signal.SIGTERM)
 
 
 class Gunicorn:

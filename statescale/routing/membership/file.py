@@ -19,7 +19,8 @@ class FileRegistry:
     """A backends file that an operator (or a configuration tool) keeps. A file has no
     watch of its own without inotify: :meth:`watch` reads it twice a second and compares
     what it holds (an edit that keeps the file's size and time, within the clock's
-    granularity, is still seen; the file is a few lines)."""
+    granularity, is still seen; the file is a few lines). Write it aside and rename it
+    over the old one: a file read half-written lists fewer nodes until the next look."""
 
     INTERVAL = 0.5
 
@@ -68,8 +69,10 @@ class FileRegistry:
         while not stop.is_set():
             text = self._read()
             if text != seen:
+                # A file that does not parse raises: the follower keeps what it had
+                # and watches again.
                 members = self._parse(text)
-                seen = text  # (a file that does not parse is read again next time)
+                seen = text
                 changed(members)
             stop.wait(self.INTERVAL)
 
