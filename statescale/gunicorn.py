@@ -576,10 +576,13 @@ CHANNEL_SHARE = 0.5
 def _answer_passed(server: Any, worker: Any) -> None:
     """A worker that stops gracefully answers the connections the others passed it, so
     that none waits unanswered in its channel when the master stops."""
-    from .routing.router.passing import RoutingListener
-
+    # A worker that routes has imported the module; one that has not, has no channel
+    # (and importing it here, asyncio and all, would cost every stop a tenth of a second).
+    passing = sys.modules.get(f"{__package__}.routing.router.passing")
     listener = worker.sockets[0] if worker.sockets else None
-    if not isinstance(listener, RoutingListener) or not getattr(worker, "booted", False):
+    if passing is None or not isinstance(listener, passing.RoutingListener):
+        return
+    if not getattr(worker, "booted", False):
         return  # a worker that never booted leaves them to its slot's next one
     if getattr(worker, "statescale_hurried", False):
         return  # not a graceful stop: its slot's next worker takes them
@@ -616,10 +619,10 @@ def worker_abort(worker: Any) -> None:
 def worker_exit(server: Any, worker: Any) -> None:
     """In a worker that stops gracefully: answer what the other workers passed it, then
     hand its sessions to its slot's next worker."""
-    from .handoff import stop_all
-
     _answer_passed(server, worker)
-    stop_all()
+    handoff = sys.modules.get(f"{__package__}.handoff")
+    if handoff is not None:  # (not imported: this worker holds nothing to hand over)
+        handoff.stop_all()
 
 
 def _handoff_root(bind: str) -> Path:

@@ -36,3 +36,6 @@ fi
 echo "== installing statescale with its dev extra in .venv"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[dev]'
+# This machine's Python may be told not to write bytecode (PYTHONDONTWRITEBYTECODE):
+# compile the checkout once, or every process the tests start compiles it again.
+.venv/bin/python -m compileall -q statescale benchmarks demo_app >/dev/null
