@@ -11,6 +11,7 @@ pytest). Each takes --help.
   python -m benchmarks.demo      the demo comparison: each mode under gunicorn -w 4
   python -m benchmarks.compare   every mode and the peers side by side: tables and plots
   python -m benchmarks.core      the session routes beside the session-less ceiling
+  python -m benchmarks.floor     each library beside the bare round trips a session needs
   python -m benchmarks.fleet     what one write costs Redis with 4 to 256 processes connected
   python -m benchmarks.registry  how fast a membership change reaches every follower
   python -m benchmarks.outage    time to 503 while Redis is frozen, under concurrent users
