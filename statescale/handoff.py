@@ -45,8 +45,10 @@ next owner's fetch) never replaces a newer one (:meth:`MemoryStore.put`).
 Every message and file carries an HMAC-SHA256 under each signing key, and a process
 that knows any of them opens it (a key rotation does not cut old and new workers off).
 A request also carries its time and a nonce, answered only within ``MAX_AGE`` seconds
-and once, and the answer repeats the nonce: a captured call cannot be replayed to take a session
-again, nor a captured answer passed off for another session. The node-to-node calls are
+and once, and the answer repeats the nonce: a captured call cannot be replayed to take
+a session again, nor a captured answer passed off for another session. Over HTTP a
+call's head is sealed too (``SEAL_HEADER``: its time and length), and a node reads no
+body over ``UNSEALED_HEAD_MAX`` of a call whose head is not. The node-to-node calls are
 plain HTTP, as the Redis traffic is: keep both on a private network.
 """
 
@@ -113,6 +115,12 @@ _NO_CONNECTION, _NO_ANSWER = -1, 0
 
 #: Where a node's middleware answers its ring peers' hand-off calls.
 HANDOFF_PATH = "/.statescale/handoff"
+#: The header of such a call that says, before its body is read, that a key holder
+#: sent it (:meth:`Sealer.head`): a call without it is refused unread, unless its body
+#: is at most ``UNSEALED_HEAD_MAX`` bytes (a node from before the header asking for a
+#: session, during a rolling upgrade: no more than a request's head costs to read).
+SEAL_HEADER = "X-Statescale-Seal"
+UNSEALED_HEAD_MAX = 64 * 1024
 
 _handoffs: list[Handoff] = []  # this process's, for the exit hooks
 #: What every request carries and no answer does.
@@ -166,6 +174,30 @@ class Sealer:
     @staticmethod
     def _mac(key: bytes, body: bytes) -> bytes:
         return hmac.new(key, body, hashlib.sha256).hexdigest().encode()
+
+    def head(self, length: int) -> str:
+        """The ``SEAL_HEADER`` of a call whose sealed body is ``length`` bytes: a MAC of
+        the time and the length, which a node checks before it reads the body."""
+        stamp = f"{int(time.time())}.{length}"
+        return (
+            stamp + "." + ",".join(self._mac(k, stamp.encode())[:32].decode() for k in self._keys)
+        )
+
+    def head_ok(self, head: str | None, length: int) -> bool:
+        """Whether ``head`` came from a key holder lately, for a body of ``length``
+        bytes (the body's own seal is checked once it is read)."""
+        stamp, _, macs = (head or "").rpartition(".")
+        when, _, said = stamp.partition(".")
+        if not (when.isascii() and when.isdigit()) or said != str(length):  # ("²" is a digit)
+            return False
+        if len(when) > 12 or abs(time.time() - int(when)) > MAX_AGE:
+            return False
+        ours = [self._mac(key, stamp.encode())[:32] for key in self._keys]
+        return any(
+            hmac.compare_digest(mac, expected)
+            for mac in macs.encode("ascii", "replace").split(b",")[:8]
+            for expected in ours
+        )
 
     def request(self, **message: Any) -> tuple[bytes, str]:
         """A sealed request and its nonce."""
@@ -1216,7 +1248,8 @@ class RemotePeers:
             conn.close()
             return _NO_CONNECTION, None
         try:
-            conn.request("POST", HANDOFF_PATH, body=request, headers=dict(headers or {}))
+            sent = {**(headers or {}), SEAL_HEADER: sealer.head(len(request))}
+            conn.request("POST", HANDOFF_PATH, body=request, headers=sent)
             response = conn.getresponse()
             body = response.read(MAX_HANDOFF)
         except (OSError, http.client.HTTPException) as exc:

@@ -28,7 +28,7 @@ from werkzeug.wsgi import ClosingIterator
 from .config import DEFAULT_MAX_SIZE, CookieOptions
 from .cookies import CookieWriter, cookie_values
 from .exceptions import ConfigError, StoreError
-from .handoff import HANDOFF_PATH, MAX_HANDOFF
+from .handoff import HANDOFF_PATH, MAX_HANDOFF, SEAL_HEADER, UNSEALED_HEAD_MAX
 from .session import Changes, Record, Session
 from .signing import SessionSigner, new_session_id
 from .stores.base import Store
@@ -43,6 +43,7 @@ events = logging.getLogger("statescale.sessions")
 ENVIRON_KEY = "statescale.session"
 OUTSIDE_KEY = "statescale.outside"  # the session was opened by open_outside
 MAX_CANDIDATES = 8  # values of the session cookie's name checked per request, at most
+_SEAL_ENVIRON = "HTTP_" + SEAL_HEADER.upper().replace("-", "_")
 UNAVAILABLE_BODY = b"503 Service Unavailable: the session store is unavailable; retry shortly.\n"
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
 
@@ -188,13 +189,20 @@ class StateScaleMiddleware:
     def _answer_handoff(
         self, environ: WSGIEnvironment, start_response: StartResponse
     ) -> Iterable[bytes]:
-        """A ring peer's sealed hand-off call; anything else there is a 404."""
+        """A ring peer's sealed hand-off call; anything else there is a 404, and a call
+        with a large body whose head is not sealed is refused before the body is read."""
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             length = -1
         reply, handoff = None, self._handoff
-        if environ.get("REQUEST_METHOD") == "POST" and 0 < length <= MAX_HANDOFF and handoff:
+        head = environ.get(_SEAL_ENVIRON)
+        if (
+            environ.get("REQUEST_METHOD") == "POST"
+            and 0 < length <= MAX_HANDOFF
+            and handoff
+            and (length <= UNSEALED_HEAD_MAX or handoff.sealer.head_ok(head, length))
+        ):
             reply, sent = handoff.answer_over(environ["wsgi.input"].read(length))
         if reply is None:
             start_response("404 Not Found", [("Content-Type", "text/plain")])

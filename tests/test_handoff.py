@@ -144,7 +144,7 @@ def test_after_a_membership_change_a_node_asks_the_previous_owner() -> None:
 def test_the_middleware_answers_sealed_fresh_calls_only(tmp_path: Path) -> None:
     from werkzeug.test import Client
 
-    from statescale.handoff import HANDOFF_PATH, Sealer
+    from statescale.handoff import HANDOFF_PATH, SEAL_HEADER, Sealer
     from statescale.middleware import StateScaleMiddleware
 
     store = worker(tmp_path, "node")
@@ -153,20 +153,68 @@ def test_the_middleware_answers_sealed_fresh_calls_only(tmp_path: Path) -> None:
     def app(environ: object, start_response: object) -> list[bytes]:
         raise AssertionError("the app never sees a hand-off call")
 
+    def post(sealer: Sealer, request: bytes) -> Any:
+        head = {SEAL_HEADER: sealer.head(len(request))}
+        return client.post(HANDOFF_PATH, data=request, headers=head)
+
     client = Client(StateScaleMiddleware(app, store, secret_keys=["k" * 32]))
-    forged, _ = Sealer([b"not-the-key"]).request(give="s")
-    assert client.post(HANDOFF_PATH, data=forged).status_code == 404
+    forger, sealer = Sealer([b"not-the-key"]), Sealer([KEY])
+    forged, _ = forger.request(give="s")
+    assert post(forger, forged).status_code == 404
+    assert post(sealer, forged).status_code == 404  # a sealed head, a forged body
+    assert client.post(HANDOFF_PATH, data=forged).status_code == 404  # no head (small)
     assert store.memory.holds("s")
-    sealer = Sealer([KEY])
     request, nonce = sealer.request(give="s")
-    reply = client.post(HANDOFF_PATH, data=request)
+    reply = post(sealer, request)
     assert reply.status_code == 200
     answer = sealer.open_answer(reply.data, nonce)
     assert answer is not None and answer["id"] == "s" and answer["record"]["f"] == {"n": "1"}
     assert not store.memory.holds("s")
     store.create("s", {"n": b"2"}, replaces="x")
-    assert client.post(HANDOFF_PATH, data=request).status_code == 404  # a replay
+    assert post(sealer, request).status_code == 404  # a replay
     assert store.memory.holds("s")
+
+
+def test_a_call_whose_head_is_not_sealed_is_refused_unread(tmp_path: Path) -> None:
+    # The list of things left: a node read up to 16 MiB of anyone's body, and sealed
+    # it under every key, before it knew the call was forged.
+    from statescale.handoff import HANDOFF_PATH, MAX_HANDOFF, SEAL_HEADER, Sealer
+    from statescale.middleware import StateScaleMiddleware
+
+    class Unread:
+        def read(self, size: int = -1) -> bytes:
+            raise AssertionError("read")
+
+    store = worker(tmp_path, "node")
+    served = StateScaleMiddleware(lambda e, s: [], store, secret_keys=["k" * 32])
+    sealer, statuses = Sealer([KEY]), []
+    heads = [
+        None,  # none
+        Sealer([b"not-the-key"]).head(MAX_HANDOFF),  # sealed by someone else
+        sealer.head(MAX_HANDOFF - 1),  # for another length
+        "0." + sealer.head(MAX_HANDOFF).partition(".")[2],  # long ago
+        "garbage",
+        "1.2.3.4," * 1000,
+        "²." + sealer.head(MAX_HANDOFF).partition(".")[2],  # a digit int() refuses
+        "9" * 5000 + "." + sealer.head(MAX_HANDOFF).partition(".")[2],
+    ]
+
+    def call(head: str | None) -> None:
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": HANDOFF_PATH,
+            "CONTENT_LENGTH": str(MAX_HANDOFF),
+            "wsgi.input": Unread(),
+        }
+        if head is not None:
+            environ["HTTP_" + SEAL_HEADER.upper().replace("-", "_")] = head
+        served(environ, lambda status, headers, exc_info=None: statuses.append(status))
+
+    for head in heads:
+        call(head)
+    assert statuses == ["404 Not Found"] * len(heads)
+    with pytest.raises(AssertionError, match="read"):  # a sealed head: the body is read
+        call(sealer.head(MAX_HANDOFF))
 
 
 def test_a_session_given_stays_if_the_server_could_not_write_the_reply(tmp_path: Path) -> None:
@@ -187,6 +235,7 @@ def test_a_session_given_stays_if_the_server_could_not_write_the_reply(tmp_path:
             "REQUEST_METHOD": "POST",
             "PATH_INFO": HANDOFF_PATH,
             "CONTENT_LENGTH": str(len(request)),
+            "HTTP_X_STATESCALE_SEAL": sealer.head(len(request)),
             "wsgi.input": io.BytesIO(request),
         }
         return served(environ, lambda status, headers, exc_info=None: None)
